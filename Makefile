@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - the whole product on this machine (RabbitMQ, PostgreSQL, S3, simulator, worker)
+#   make test   - lint, type-check and the full test suite against real services
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck services install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+services:
+	scripts/ensure-services.sh
+
+demo: $(STAMP) services
+	$(BIN)/batch-worker demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check worker tests bench examples
+	$(BIN)/ruff format --check worker tests bench examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) services lint typecheck
+	$(BIN)/pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

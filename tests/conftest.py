@@ -1,0 +1,164 @@
+"""Shared fixtures: the real services the integration tests talk to.
+
+Every service fixture skips when the service is unreachable on a developer's machine, and
+fails under CI (``CI`` set): a green CI run never hides a test that did not run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+IN_CI = bool(os.environ.get("CI"))
+
+BROKER_URL = os.environ.get("BATCH_WORKER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+DATABASE_URL = os.environ.get(
+    "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 2
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, url: str, default_port: int) -> None:
+    if _reachable(url, default_port):
+        return
+    message = f"{name} is not reachable at {urlsplit(url).netloc.split('@')[-1]}"
+    if IN_CI:
+        pytest.fail(message + " (CI must provide it: .ci/run starts it)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    require_service("RabbitMQ", BROKER_URL, 5672)
+    return BROKER_URL
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    require_service("PostgreSQL", DATABASE_URL, 5432)
+    return DATABASE_URL
+
+
+@pytest.fixture
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh, empty database per test, dropped afterwards."""
+    import psycopg
+
+    name = f"bw_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(pg_server_url)
+    yield urlunsplit(parts._replace(path=f"/{name}"))
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass(frozen=True)
+class AmqpNames:
+    """Names no other test uses, so tests never see each other's messages."""
+
+    prefix: str
+
+    @property
+    def jobs_queue(self) -> str:
+        return f"{self.prefix}.jobs"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.jobs.dlq"
+
+    @property
+    def events_exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "jobs_queue": self.jobs_queue,
+            "dlq": self.dlq,
+            "events_exchange": self.events_exchange,
+            "fleet_id": self.prefix.replace(".", "-"),
+        }
+
+
+@pytest.fixture
+def amqp_names(broker_url: str) -> Iterator[AmqpNames]:
+    names = AmqpNames(prefix=f"t{uuid.uuid4().hex[:10]}")
+    yield names
+    _delete_topology(broker_url, names)
+
+
+def _delete_topology(broker_url: str, names: AmqpNames) -> None:
+    import pika
+
+    params = pika.URLParameters(broker_url)
+    try:
+        conn = pika.BlockingConnection(params)
+    except Exception:
+        return
+    try:
+        ch = conn.channel()
+        for queue in (names.jobs_queue, names.dlq, f"{names.events_exchange}.unrouted"):
+            ch.queue_delete(queue)
+        for exchange in (names.events_exchange, f"{names.events_exchange}.unrouted"):
+            ch.exchange_delete(exchange)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 HTTP endpoint (moto's server) on loopback, used through boto3."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _AWS_ENV}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="eu-central-1",
+    )
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh bucket in the emulator."""
+    import boto3
+
+    name = f"bucket-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(
+        Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-central-1"}
+    )
+    return name

@@ -1,0 +1,178 @@
+"""One settings object for the whole process, read by pydantic-settings.
+
+Sources, highest priority first: keyword arguments, the environment (prefix
+``BATCH_WORKER_``), an optional ``.env`` file, and a secrets directory (Kubernetes
+mounts a Secret as one file per key: ``/run/secrets/batch-worker/BATCH_WORKER_CLIENT_SECRET``).
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "BATCH_WORKER_"
+DEFAULT_SECRETS_DIR = "/run/secrets/batch-worker"
+
+
+class Deployment(StrEnum):
+    SENTINEL_HUB = "sentinel-hub"
+    SENTINEL_HUB_US_WEST = "sentinel-hub-us-west"
+    CDSE = "cdse"
+
+
+# batch-v2-api.md §1.1: US-West authenticates against the main (EU) token endpoint.
+_SH_AUTH_URL = "https://services.sentinel-hub.com/auth/realms/main/protocol/openid-connect/token"
+PRESETS: dict[Deployment, tuple[str, str]] = {
+    Deployment.SENTINEL_HUB: ("https://services.sentinel-hub.com", _SH_AUTH_URL),
+    Deployment.SENTINEL_HUB_US_WEST: ("https://services-uswest2.sentinel-hub.com", _SH_AUTH_URL),
+    Deployment.CDSE: (
+        "https://sh.dataspace.copernicus.eu",
+        "https://identity.dataspace.copernicus.eu/auth/realms/CDSE/protocol/openid-connect/token",
+    ),
+}
+
+
+class SettingsError(Exception):
+    """Invalid configuration: one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- the API -------------------------------------------------------------------
+    deployment: Deployment = Deployment.SENTINEL_HUB
+    api_url: str = Field(default="", description="API base; batch endpoints under /api/v2/batch")
+    token_url: str = Field(default="", description="OAuth2 client-credentials endpoint")
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    api_budget_per_minute: int = Field(default=300, ge=1, le=100_000)
+    api_timeout: float = Field(default=30.0, gt=0, le=600)
+
+    # --- the fleet and its jobs ----------------------------------------------------
+    fleet_id: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+    poll_interval: float = Field(default=30.0, ge=1, le=3600)
+    max_in_flight: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    # --- the broker ------------------------------------------------------------------
+    broker_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672//")
+    broker_ca_file: Path | None = None
+    broker_cert_file: Path | None = None
+    broker_key_file: Path | None = None
+    jobs_queue: str = "batch.jobs"
+    dlq: str = "batch.jobs.dlq"
+    events_exchange: str = "batch.events"
+    jobs_delivery_limit: int = Field(default=5, ge=1, le=1000)
+    unrouted_max_length: int = Field(default=100_000, ge=1)
+    prefetch: int = Field(default=100, ge=1, le=65_535)
+    heartbeat: int = Field(default=30, ge=0, le=600)
+
+    # --- durable job state ---------------------------------------------------------------
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/postgres")
+
+    # --- the process ---------------------------------------------------------------------
+    grace_period: float = Field(default=20.0, ge=0, le=3600)
+    metrics_port: int = Field(default=9400, ge=0, le=65_535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
+    worker_name: str = Field(
+        default_factory=lambda: os.environ.get("HOSTNAME") or os.uname().nodename
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("api_url", "token_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _pg_url(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql://")
+        return value
+
+    @field_validator("broker_ca_file", "broker_cert_file", "broker_key_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _presets(self) -> Settings:
+        api_url, token_url = PRESETS[self.deployment]
+        if not self.api_url:
+            self.api_url = api_url
+        if not self.token_url:
+            self.token_url = token_url
+        return self
+
+    @property
+    def batch_url(self) -> str:
+        return f"{self.api_url}/api/v2/batch"
+
+    @property
+    def broker_uses_tls(self) -> bool:
+        return self.broker_url.get_secret_value().startswith("amqps://")
+
+
+def _field_env_name(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + "_".join(str(part) for part in loc).upper() if loc else ENV_PREFIX
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, or raise SettingsError with one line per problem.
+
+    Values never appear in the message: a mistyped secret must not be printed.
+    """
+    secrets_dir = os.environ.get(ENV_PREFIX + "SECRETS_DIR", DEFAULT_SECRETS_DIR)
+    kwargs: dict[str, Any] = dict(overrides)
+    if Path(secrets_dir).is_dir():
+        kwargs["_secrets_dir"] = secrets_dir
+    try:
+        return Settings(**kwargs)
+    except ValidationError as exc:
+        problems = [
+            f"{_field_env_name(err['loc'])}: {err['msg']}"
+            for err in exc.errors(include_input=False, include_url=False)
+        ]
+        raise SettingsError(problems) from None
+
+
+def require_credentials(settings: Settings) -> None:
+    """The daemon cannot talk to the API without a client; other commands can."""
+    problems = []
+    if not settings.client_id:
+        problems.append(f"{ENV_PREFIX}CLIENT_ID: required to run the worker")
+    if not settings.client_secret.get_secret_value():
+        problems.append(f"{ENV_PREFIX}CLIENT_SECRET: required to run the worker")
+    if problems:
+        raise SettingsError(problems)
