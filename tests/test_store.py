@@ -1,0 +1,230 @@
+"""The job store against a real PostgreSQL (a fresh database per test)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from psycopg_pool import ConnectionPool
+
+from worker import db, store
+from worker.events import OutboxMessage
+from worker.lifecycle import JobState, Phase
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+LEASE = timedelta(seconds=60)
+FLEET = "f1"
+
+
+@pytest.fixture
+def pool(database_url: str) -> Iterator[ConnectionPool]:
+    pool = db.open_pool(database_url, min_size=1, max_size=4)
+    db.ensure_schema(pool)
+    yield pool
+    pool.close()
+
+
+def job(job_id: str = "j1", **changes: object) -> JobState:
+    fields: dict[str, object] = {
+        "job_id": job_id,
+        "fleet_id": FLEET,
+        "request_hash": "h1",
+        "request": {"description": "x"},
+        "accepted_at": T0,
+    }
+    return JobState.model_validate(fields | changes)
+
+
+def insert(pool: ConnectionPool, state: JobState, at: datetime = T0) -> bool:
+    with pool.connection() as conn:
+        return store.insert_job(conn, state, next_run_at=at)
+
+
+def claim(pool: ConnectionPool, owner: str = "w1", now: datetime = T0, limit: int = 10):  # type: ignore[no-untyped-def]
+    with pool.connection() as conn:
+        return store.claim_due(conn, FLEET, owner, now=now, lease=LEASE, limit=limit)
+
+
+def test_schema_is_idempotent_and_safe_to_apply_concurrently(database_url: str) -> None:
+    import threading
+
+    pools = [db.open_pool(database_url, max_size=1) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def apply(p: ConnectionPool) -> None:
+        try:
+            db.ensure_schema(p)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=apply, args=(p,)) for p in pools]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    db.ensure_schema(pools[0])
+    for p in pools:
+        p.close()
+    assert errors == []
+
+
+def test_insert_then_get_round_trips_state(pool: ConnectionPool) -> None:
+    state = job(deadline=T0 + timedelta(hours=1), max_cost_pu=10.5)
+    assert insert(pool, state)
+    assert not insert(pool, job(request_hash="other"))
+    with pool.connection() as conn:
+        record = store.get_job(conn, FLEET, "j1")
+        assert store.get_job(conn, "other-fleet", "j1") is None
+    assert record is not None
+    assert record.state == state
+    assert record.generation == 0
+    assert record.next_run_at == T0
+
+
+def test_claim_takes_due_jobs_once_and_bumps_generation(pool: ConnectionPool) -> None:
+    insert(pool, job("due"), T0)
+    insert(pool, job("later"), T0 + timedelta(minutes=5))
+    first = claim(pool, "w1")
+    assert [c.state.job_id for c in first] == ["due"]
+    assert first[0].generation == 1
+    # Leased: another worker does not get it, even though it is still due.
+    assert claim(pool, "w2") == []
+    # After the lease expires another worker takes it over with a new generation.
+    second = claim(pool, "w2", now=T0 + LEASE + timedelta(seconds=1))
+    assert [c.state.job_id for c in second] == ["due"]
+    assert second[0].generation == 2
+
+
+def test_save_is_fenced_on_generation(pool: ConnectionPool) -> None:
+    insert(pool, job())
+    (old,) = claim(pool, "w1")
+    (new,) = claim(pool, "w2", now=T0 + LEASE * 2)
+    moved = old.state.model_copy(update={"status": "CREATED", "batch_request_id": "b1"})
+    with pytest.raises(store.LeaseLost), pool.connection() as conn:
+        store.save_step(conn, moved, generation=old.generation, owner="w1")
+    with pool.connection() as conn:
+        assert not store.release(
+            conn, FLEET, "j1", generation=old.generation, owner="w1", next_run_at=T0, now=T0
+        )
+        store.save_step(conn, moved, generation=new.generation, owner="w2")
+        record = store.get_job(conn, FLEET, "j1")
+    assert record is not None
+    assert record.state.batch_request_id == "b1"
+    assert record.lease_owner == "w2"
+
+
+def test_save_writes_outbox_rows_in_the_same_transaction(pool: ConnectionPool) -> None:
+    insert(pool, job())
+    (c,) = claim(pool)
+    event = OutboxMessage(
+        exchange="ex", routing_key="job.created", body=b'{"id": "e1"}', properties={"a": 1}
+    )
+    state = c.state.model_copy(update={"status": "CREATED", "sequence": 1})
+    with pool.connection() as conn:
+        store.save_step(
+            conn, state, generation=c.generation, owner="w1", messages=[event], status_event=event
+        )
+        rows = conn.execute("SELECT count(*) FROM bw_outbox").fetchone()
+        record = store.get_job(conn, FLEET, "j1")
+    assert rows is not None and rows[0] == 1
+    assert record is not None and record.last_status_event == event
+
+
+def test_lost_lease_writes_no_outbox_rows(pool: ConnectionPool) -> None:
+    insert(pool, job())
+    (c,) = claim(pool)
+    claim(pool, "w2", now=T0 + LEASE * 2)
+    event = OutboxMessage(exchange="ex", routing_key="job.created", body=b"{}")
+    with pytest.raises(store.LeaseLost), pool.connection() as conn:
+        store.save_step(conn, c.state, generation=c.generation, owner="w1", messages=[event])
+    with pool.connection() as conn:
+        rows = conn.execute("SELECT count(*) FROM bw_outbox").fetchone()
+    assert rows is not None and rows[0] == 0
+
+
+def test_request_during_lease_wakes_the_job_at_release(pool: ConnectionPool) -> None:
+    insert(pool, job())
+    (c,) = claim(pool)
+    later = T0 + timedelta(minutes=10)
+    with pool.connection() as conn:
+        assert store.request_action(conn, FLEET, "j1", "cancel", now=T0 + timedelta(seconds=1))
+        assert not store.request_action(conn, FLEET, "nope", "cancel", now=T0)
+        store.release(
+            conn, FLEET, "j1", generation=c.generation, owner="w1", next_run_at=later, now=T0
+        )
+        record = store.get_job(conn, FLEET, "j1")
+    assert record is not None
+    assert record.next_run_at == T0  # not `later`: the cancel must be folded in now
+    (again,) = claim(pool, now=T0 + timedelta(seconds=2))
+    assert again.cancel_requested_at == T0 + timedelta(seconds=1)
+    # Folding it in clears it; release then honours the step's wake-up.
+    with pool.connection() as conn:
+        store.save_step(
+            conn,
+            again.state.model_copy(update={"cancel_wanted": True}),
+            generation=again.generation,
+            owner="w1",
+            folded_cancel=again.cancel_requested_at,
+        )
+        store.release(
+            conn, FLEET, "j1", generation=again.generation, owner="w1", next_run_at=later, now=T0
+        )
+        record = store.get_job(conn, FLEET, "j1")
+    assert record is not None
+    assert record.cancel_requested_at is None
+    assert record.next_run_at == later
+
+
+def test_ended_job_is_never_due_again(pool: ConnectionPool) -> None:
+    insert(pool, job())
+    (c,) = claim(pool)
+    ended = c.state.model_copy(
+        update={"phase": Phase.ENDED, "status": "DONE", "ended_at": T0, "batch_request_id": "b"}
+    )
+    with pool.connection() as conn:
+        store.save_step(conn, ended, generation=c.generation, owner="w1")
+        store.release(
+            conn, FLEET, "j1", generation=c.generation, owner="w1", next_run_at=T0, now=T0
+        )
+        store.request_action(conn, FLEET, "j1", "start", now=T0)
+        assert store.count_active_by_status(conn, FLEET) == {}
+        assert store.active_poll_targets(conn, FLEET) == []
+    assert claim(pool, now=T0 + timedelta(days=1)) == []
+
+
+def test_poll_targets_counts_and_bulk_touch(pool: ConnectionPool) -> None:
+    for i in range(3):
+        insert(pool, job(f"j{i}"))
+    insert(pool, job("pending"), T0 + timedelta(hours=1))
+    claims = claim(pool)
+    with pool.connection() as conn:
+        for i, c in enumerate(claims):
+            tracked = c.state.model_copy(
+                update={
+                    "phase": Phase.TRACKING,
+                    "status": "PROCESSING" if i else "CREATED",
+                    "batch_request_id": f"b{i}",
+                    "upstream_created": T0 + timedelta(minutes=i),
+                    "completion": 10.0 * i,
+                    "last_seen_at": T0,
+                }
+            )
+            store.save_step(conn, tracked, generation=c.generation, owner="w1")
+    with pool.connection() as conn:
+        targets = store.active_poll_targets(conn, FLEET)
+        assert [t.batch_request_id for t in targets] == ["b2", "b1", "b0"]
+        assert targets[0].completion == 20.0
+        assert store.count_active_by_status(conn, FLEET) == {
+            "CREATED": 1,
+            "PROCESSING": 2,
+            "PENDING_CREATE": 1,
+        }
+        seen = T0 + timedelta(minutes=3)
+        assert store.touch_seen(conn, FLEET, ["j0", "j1"], seen_at=seen) == 2
+        assert store.oldest_seen(conn, FLEET) == T0  # j2 was not touched
+        store.touch_seen(conn, FLEET, ["j2"], seen_at=seen)
+        assert store.oldest_seen(conn, FLEET) == seen
+        # A save carrying an older last_seen_at never moves the column backwards.
+        record = store.get_job(conn, FLEET, "j0")
+    assert record is not None and record.last_seen_at == seen

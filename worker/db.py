@@ -1,0 +1,53 @@
+"""PostgreSQL connections and the schema every process applies at start."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from worker import outbox, store
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Any constant shared by every batch-worker process: the schema is applied under this
+# advisory lock so that a fleet starting at once does not race on CREATE ... IF NOT EXISTS
+# (which is not safe against concurrent creators in PostgreSQL).
+_SCHEMA_LOCK_KEY = 0x6277_5F73_6368_656D  # "bw_schem"
+
+
+def open_pool(
+    settings_or_url: Settings | str, *, min_size: int = 1, max_size: int = 10
+) -> ConnectionPool:
+    """Open a connection pool and wait until its first connection works."""
+    if isinstance(settings_or_url, Settings):
+        url = settings_or_url.database_url.get_secret_value()
+    else:
+        url = settings_or_url
+    pool = ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        name="batch-worker",
+        # Autocommit off: each `with pool.connection()` block is one transaction.
+        kwargs={"autocommit": False},
+    )
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+def ensure_schema(pool: ConnectionPool) -> None:
+    """Create the job and outbox tables if missing; safe to run from many processes."""
+    with pool.connection() as conn:
+        apply_schema(conn)
+
+
+def apply_schema(conn: psycopg.Connection[object]) -> None:
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+        conn.execute(store.SCHEMA)
+        conn.execute(outbox.SCHEMA)
+    log.debug("database schema in place")

@@ -1,0 +1,432 @@
+"""Job rows in PostgreSQL: durable lifecycle state, leases, and the requests intake leaves.
+
+Every function takes a connection and runs inside the caller's transaction, so intake can
+take a whole batch of messages in one commit and the engine can save a step together with
+its outbox rows. Times are passed in (``now``) rather than read from the database clock so
+the lifecycle, leases and wake-ups all reason with one clock.
+
+Fencing: every claim bumps ``generation``; a save or release only applies where the
+generation and lease owner are still the claimer's. A worker that lost its lease gets
+``LeaseLost`` and must not perform the step's actions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from worker import outbox
+from worker.events import OutboxMessage
+from worker.lifecycle import JobState, Phase
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS bw_jobs (
+    fleet_id            text        NOT NULL,
+    job_id              text        NOT NULL,
+    state               jsonb       NOT NULL,
+    phase               text        NOT NULL,
+    status              text,
+    batch_request_id    text,
+    upstream_created    timestamptz,
+    request_hash        text        NOT NULL,
+    next_run_at         timestamptz,
+    lease_owner         text,
+    lease_until         timestamptz,
+    generation          bigint      NOT NULL DEFAULT 0,
+    cancel_requested_at timestamptz,
+    start_requested_at  timestamptz,
+    last_status_event   jsonb,
+    last_seen_at        timestamptz,
+    accepted_at         timestamptz NOT NULL,
+    ended_at            timestamptz,
+    PRIMARY KEY (fleet_id, job_id)
+);
+CREATE INDEX IF NOT EXISTS bw_jobs_due
+    ON bw_jobs (fleet_id, next_run_at) WHERE next_run_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS bw_jobs_active
+    ON bw_jobs (fleet_id, upstream_created) WHERE ended_at IS NULL;
+"""
+
+Conn = psycopg.Connection[Any]
+
+
+class LeaseLost(Exception):
+    """The job's generation or lease owner changed: another worker owns it now."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this worker holds the lease of, with the requests intake left pending."""
+
+    state: JobState
+    generation: int
+    cancel_requested_at: datetime | None
+    start_requested_at: datetime | None
+    last_status_event: OutboxMessage | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job row as ``batch-worker status`` and intake read it."""
+
+    state: JobState
+    generation: int
+    next_run_at: datetime | None
+    lease_owner: str | None
+    lease_until: datetime | None
+    cancel_requested_at: datetime | None
+    start_requested_at: datetime | None
+    last_status_event: OutboxMessage | None
+    last_seen_at: datetime | None
+
+
+@dataclass(frozen=True)
+class PollTarget:
+    """What the poller needs of an active job: compact, no request payload."""
+
+    job_id: str
+    batch_request_id: str | None
+    upstream_created: datetime | None
+    status: str | None
+    completion: float
+    cost_pu: float | None
+    last_seen_at: datetime | None
+
+
+# ------------------------------------------------------------------------------------------
+# Serialisation
+# ------------------------------------------------------------------------------------------
+
+
+def message_to_json(message: OutboxMessage) -> dict[str, Any]:
+    return {
+        "exchange": message.exchange,
+        "routing_key": message.routing_key,
+        "body": message.body.decode("utf-8"),
+        "properties": message.properties,
+        "headers": message.headers,
+        "mandatory": message.mandatory,
+    }
+
+
+def message_from_json(data: dict[str, Any]) -> OutboxMessage:
+    return OutboxMessage(
+        exchange=data["exchange"],
+        routing_key=data["routing_key"],
+        body=data["body"].encode("utf-8"),
+        properties=dict(data.get("properties") or {}),
+        headers=dict(data.get("headers") or {}),
+        mandatory=bool(data.get("mandatory", False)),
+    )
+
+
+def _state_json(state: JobState) -> Jsonb:
+    return Jsonb(json.loads(state.model_dump_json()))
+
+
+def _columns(state: JobState) -> dict[str, Any]:
+    """The queried columns, always derived from the state they sit next to."""
+    return {
+        "state": _state_json(state),
+        "phase": state.phase.value,
+        "status": state.status,
+        "batch_request_id": state.batch_request_id,
+        "upstream_created": state.upstream_created,
+        "ended_at": state.ended_at,
+        "last_seen_at": state.last_seen_at,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Intake side
+# ------------------------------------------------------------------------------------------
+
+
+def insert_job(conn: Conn, state: JobState, *, next_run_at: datetime) -> bool:
+    """Insert a new job; False when the (fleet, job id) already exists."""
+    cur = conn.execute(
+        """
+        INSERT INTO bw_jobs (fleet_id, job_id, state, phase, status, batch_request_id,
+                             upstream_created, request_hash, next_run_at, accepted_at,
+                             ended_at, last_seen_at)
+        VALUES (%(fleet_id)s, %(job_id)s, %(state)s, %(phase)s, %(status)s,
+                %(batch_request_id)s, %(upstream_created)s, %(request_hash)s,
+                %(next_run_at)s, %(accepted_at)s, %(ended_at)s, %(last_seen_at)s)
+        ON CONFLICT (fleet_id, job_id) DO NOTHING
+        """,
+        {
+            **_columns(state),
+            "fleet_id": state.fleet_id,
+            "job_id": state.job_id,
+            "request_hash": state.request_hash,
+            "next_run_at": next_run_at,
+            "accepted_at": state.accepted_at,
+        },
+    )
+    return cur.rowcount == 1
+
+
+def get_job(
+    conn: Conn, fleet_id: str, job_id: str, *, for_update: bool = False
+) -> JobRecord | None:
+    """Read one job. ``for_update`` locks the row until the transaction ends (intake uses it
+    so two messages for one job in concurrent batches serialise)."""
+    sql = """
+        SELECT state, generation, next_run_at, lease_owner, lease_until, cancel_requested_at,
+               start_requested_at, last_status_event, last_seen_at
+        FROM bw_jobs WHERE fleet_id = %s AND job_id = %s
+    """
+    if for_update:
+        sql += " FOR UPDATE"
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(sql, (fleet_id, job_id)).fetchone()
+    if row is None:
+        return None
+    event = row["last_status_event"]
+    return JobRecord(
+        state=JobState.model_validate(row["state"]),
+        generation=row["generation"],
+        next_run_at=row["next_run_at"],
+        lease_owner=row["lease_owner"],
+        lease_until=row["lease_until"],
+        cancel_requested_at=row["cancel_requested_at"],
+        start_requested_at=row["start_requested_at"],
+        last_status_event=message_from_json(event) if event else None,
+        last_seen_at=row["last_seen_at"],
+    )
+
+
+def request_action(conn: Conn, fleet_id: str, job_id: str, action: str, *, now: datetime) -> bool:
+    """Record a pending ``start`` or ``cancel`` and wake the job; False if no such job.
+
+    The lifecycle state is never touched here: the engine folds the request in under its
+    lease. An ended job keeps its request recorded but is not woken (nothing to do).
+    """
+    column = {"start": "start_requested_at", "cancel": "cancel_requested_at"}[action]
+    cur = conn.execute(
+        f"""
+        UPDATE bw_jobs
+        SET {column} = COALESCE({column}, %(now)s),
+            next_run_at = CASE WHEN ended_at IS NULL THEN %(now)s ELSE next_run_at END
+        WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
+        """,
+        {"now": now, "fleet_id": fleet_id, "job_id": job_id},
+    )
+    return cur.rowcount == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Engine side
+# ------------------------------------------------------------------------------------------
+
+
+def claim_due(
+    conn: Conn,
+    fleet_id: str,
+    owner: str,
+    *,
+    now: datetime,
+    lease: timedelta,
+    limit: int,
+    job_ids: Sequence[str] | None = None,
+) -> list[Claim]:
+    """Lease up to ``limit`` due jobs (or the given ``job_ids`` when free, due or not).
+
+    SKIP LOCKED lets many workers claim at once without waiting on each other's rows.
+    """
+    if job_ids is None:
+        where = "next_run_at <= %(now)s"
+    else:
+        where = "job_id = ANY(%(job_ids)s) AND ended_at IS NULL"
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"""
+            WITH due AS (
+                SELECT fleet_id, job_id FROM bw_jobs
+                WHERE fleet_id = %(fleet_id)s AND {where}
+                  AND (lease_until IS NULL OR lease_until < %(now)s)
+                ORDER BY next_run_at NULLS LAST
+                LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE bw_jobs j
+            SET generation = j.generation + 1, lease_owner = %(owner)s,
+                lease_until = %(lease_until)s
+            FROM due WHERE j.fleet_id = due.fleet_id AND j.job_id = due.job_id
+            RETURNING j.state, j.generation, j.cancel_requested_at, j.start_requested_at,
+                      j.last_status_event
+            """,
+            {
+                "fleet_id": fleet_id,
+                "now": now,
+                "limit": limit,
+                "owner": owner,
+                "lease_until": now + lease,
+                "job_ids": list(job_ids or ()),
+            },
+        ).fetchall()
+    return [
+        Claim(
+            state=JobState.model_validate(row["state"]),
+            generation=row["generation"],
+            cancel_requested_at=row["cancel_requested_at"],
+            start_requested_at=row["start_requested_at"],
+            last_status_event=(
+                message_from_json(row["last_status_event"]) if row["last_status_event"] else None
+            ),
+        )
+        for row in rows
+    ]
+
+
+def save_step(
+    conn: Conn,
+    state: JobState,
+    *,
+    generation: int,
+    owner: str,
+    messages: Sequence[OutboxMessage] = (),
+    status_event: OutboxMessage | None = None,
+    folded_cancel: datetime | None = None,
+    folded_start: datetime | None = None,
+    lease_until: datetime | None = None,
+) -> None:
+    """Save a step's state and its outbox rows, fenced on ``generation`` and ``owner``.
+
+    Raises LeaseLost (the caller's transaction must roll back, and the step's actions must
+    not run). Requests that were folded into this state are cleared, unless a newer one
+    arrived meanwhile. ``lease_until`` extends the lease for a long step.
+    """
+    cur = conn.execute(
+        """
+        UPDATE bw_jobs
+        SET state = %(state)s, phase = %(phase)s, status = %(status)s,
+            batch_request_id = %(batch_request_id)s, upstream_created = %(upstream_created)s,
+            ended_at = %(ended_at)s,
+            last_seen_at = GREATEST(last_seen_at, %(last_seen_at)s),
+            last_status_event = COALESCE(%(status_event)s, last_status_event),
+            cancel_requested_at = CASE WHEN cancel_requested_at = %(folded_cancel)s
+                                       THEN NULL ELSE cancel_requested_at END,
+            start_requested_at = CASE WHEN start_requested_at = %(folded_start)s
+                                      THEN NULL ELSE start_requested_at END,
+            lease_until = COALESCE(%(lease_until)s, lease_until)
+        WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
+          AND generation = %(generation)s AND lease_owner = %(owner)s
+        """,
+        {
+            **_columns(state),
+            "status_event": Jsonb(message_to_json(status_event)) if status_event else None,
+            "folded_cancel": folded_cancel,
+            "folded_start": folded_start,
+            "lease_until": lease_until,
+            "fleet_id": state.fleet_id,
+            "job_id": state.job_id,
+            "generation": generation,
+            "owner": owner,
+        },
+    )
+    if cur.rowcount != 1:
+        raise LeaseLost(f"job {state.job_id}: lease lost before save (generation {generation})")
+    if messages:
+        outbox.enqueue(conn, list(messages))
+
+
+def release(
+    conn: Conn,
+    fleet_id: str,
+    job_id: str,
+    *,
+    generation: int,
+    owner: str,
+    next_run_at: datetime | None,
+    now: datetime,
+) -> bool:
+    """Give the lease back and schedule the next wake-up; False if the lease was lost.
+
+    A request intake recorded while we held the lease wakes the job at once, whatever
+    ``next_run_at`` the step asked for; an ended job sleeps for good.
+    """
+    cur = conn.execute(
+        """
+        UPDATE bw_jobs
+        SET lease_owner = NULL, lease_until = NULL,
+            next_run_at = CASE
+                WHEN ended_at IS NOT NULL THEN NULL
+                WHEN cancel_requested_at IS NOT NULL OR start_requested_at IS NOT NULL
+                    THEN %(now)s
+                ELSE %(next_run_at)s END
+        WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
+          AND generation = %(generation)s AND lease_owner = %(owner)s
+        """,
+        {
+            "now": now,
+            "next_run_at": next_run_at,
+            "fleet_id": fleet_id,
+            "job_id": job_id,
+            "generation": generation,
+            "owner": owner,
+        },
+    )
+    return cur.rowcount == 1
+
+
+def active_poll_targets(conn: Conn, fleet_id: str) -> list[PollTarget]:
+    """Active jobs that have a batch request, newest upstream first."""
+    rows = conn.execute(
+        """
+        SELECT job_id, batch_request_id, upstream_created, status,
+               COALESCE((state->>'completion')::float8, 0), (state->>'cost_pu')::float8,
+               last_seen_at
+        FROM bw_jobs
+        WHERE fleet_id = %s AND ended_at IS NULL AND batch_request_id IS NOT NULL
+        ORDER BY upstream_created DESC NULLS LAST
+        """,
+        (fleet_id,),
+    ).fetchall()
+    return [PollTarget(*row) for row in rows]
+
+
+def touch_seen(conn: Conn, fleet_id: str, job_ids: Iterable[str], *, seen_at: datetime) -> int:
+    """Record that these jobs' statuses were read and had not changed: one statement."""
+    ids = list(job_ids)
+    if not ids:
+        return 0
+    cur = conn.execute(
+        """
+        UPDATE bw_jobs SET last_seen_at = GREATEST(last_seen_at, %s)
+        WHERE fleet_id = %s AND job_id = ANY(%s) AND ended_at IS NULL
+        """,
+        (seen_at, fleet_id, ids),
+    )
+    return cur.rowcount
+
+
+def count_active_by_status(conn: Conn, fleet_id: str) -> dict[str, int]:
+    """Active jobs per status; jobs not yet created upstream count as ``PENDING_CREATE``."""
+    rows = conn.execute(
+        """
+        SELECT COALESCE(status, 'PENDING_CREATE'), count(*) FROM bw_jobs
+        WHERE fleet_id = %s AND ended_at IS NULL GROUP BY 1
+        """,
+        (fleet_id,),
+    ).fetchall()
+    return {status: count for status, count in rows}
+
+
+def oldest_seen(conn: Conn, fleet_id: str) -> datetime | None:
+    """The stalest status held among tracked jobs (for ``status_lag_seconds``)."""
+    row = conn.execute(
+        """
+        SELECT min(COALESCE(last_seen_at, accepted_at)) FROM bw_jobs
+        WHERE fleet_id = %s AND ended_at IS NULL AND phase = %s
+        """,
+        (fleet_id, Phase.TRACKING.value),
+    ).fetchone()
+    return row[0] if row else None
