@@ -1,0 +1,147 @@
+"""``batch-worker``: a thin argparse front over the daemon and the tools around it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from worker import __version__
+from worker.settings import Settings, SettingsError, load_settings, require_credentials
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _settings_or_exit(*, credentials: bool = False) -> Settings:
+    try:
+        settings = load_settings()
+        if credentials:
+            require_credentials(settings)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"batch-worker: configuration: {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    return settings
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit(credentials=True)
+    from worker.daemon import Daemon
+    from worker.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    return Daemon(settings).run()
+
+
+def _submit(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    from worker.submit import submit
+
+    return submit(settings, Path(args.job), wait=args.wait, timeout=args.timeout)
+
+
+def _status(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    from worker.status import print_status
+
+    return print_status(settings, args.job_id, as_json=args.json)
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    from worker import dlq
+
+    if args.dlq_command == "list":
+        return dlq.list_messages(settings, limit=args.limit)
+    if args.dlq_command == "show":
+        return dlq.show_message(settings, args.message)
+    if args.dlq_command == "replay":
+        return dlq.replay(settings, message=args.message, replay_all=args.all)
+    return dlq.purge(settings, confirmed=args.yes)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from worker.logs import setup_logging
+    from worker.simulator import config_from_args, serve
+
+    setup_logging("INFO", "auto")
+    serve(config_from_args(args), host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(speed=args.speed, keep_going=args.keep_running)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batch-worker",
+        description="Drive Sentinel Hub Batch Processing API V2 jobs from RabbitMQ.",
+        epilog="Configuration comes from BATCH_WORKER_* environment variables (see README).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the worker daemon")
+    run.set_defaults(handler=_run)
+
+    submit = commands.add_parser("submit", help="publish a job request")
+    submit.add_argument("job", metavar="JOB.json", help="a job request (see config/examples)")
+    submit.add_argument("--wait", action="store_true", help="show live progress until it ends")
+    submit.add_argument(
+        "--timeout", type=float, default=None, help="give up waiting after this many seconds"
+    )
+    submit.set_defaults(handler=_submit)
+
+    status = commands.add_parser("status", help="a job's latest state, from the durable state")
+    status.add_argument("job_id", metavar="JOB_ID")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.set_defaults(handler=_status)
+
+    dlq = commands.add_parser("dlq", help="look at, replay or drop dead-lettered requests")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_commands.add_parser("list", help="one line per dead-lettered message")
+    dlq_list.add_argument("--limit", type=int, default=100)
+    dlq_show = dlq_commands.add_parser("show", help="one message whole")
+    dlq_show.add_argument("message", help="its message id, or its position in `dlq list`")
+    dlq_replay = dlq_commands.add_parser("replay", help="send messages back to the jobs queue")
+    target = dlq_replay.add_mutually_exclusive_group(required=True)
+    target.add_argument("message", nargs="?", help="its message id, or its position")
+    target.add_argument("--all", action="store_true", help="replay every message")
+    dlq_purge = dlq_commands.add_parser("purge", help="drop every dead-lettered message")
+    dlq_purge.add_argument("--yes", action="store_true", help="really drop them")
+    dlq.set_defaults(handler=_dlq)
+
+    simulate = commands.add_parser("simulate", help="serve the bundled Batch V2 API simulator")
+    _add_simulator_arguments(simulate)
+    simulate.set_defaults(handler=_simulate)
+
+    demo = commands.add_parser("demo", help="simulator + worker + the example jobs, live")
+    demo.add_argument(
+        "--speed", type=float, default=None, help="simulator speed factor (higher is faster)"
+    )
+    demo.add_argument(
+        "--keep-running", action="store_true", help="keep serving after the jobs have ended"
+    )
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
+    from worker.simulator import build_parser_arguments
+
+    build_parser_arguments(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,236 @@
+"""``batch-worker demo``: the whole product on one machine, live.
+
+It brings up a local S3 server (moto) and the Batch V2 simulator, runs the worker daemon
+against them (RabbitMQ and PostgreSQL must be reachable: `make demo` starts local ones when
+none is), publishes the three seed examples as any producer would (pika, confirms,
+`mandatory`), and follows their events with a progress bar per job until every job has ended.
+Everything goes through production code: the same daemon, the same S3 reader, real AMQP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from rich.console import Console
+
+from worker.follow import EventFollower, JobTracker, describe, progress_bars, show, summary
+from worker.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "config" / "examples"
+DEMO_BUCKET = "demo-bucket"
+DEMO_DATABASE = "batch_worker_demo"
+DEFAULT_SPEED = 20.0
+
+
+def _reachable(url: str, port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or port), 2):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def _s3_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="demo",
+        AWS_SECRET_ACCESS_KEY="demo",  # noqa: S106 - the emulator accepts any key
+        AWS_DEFAULT_REGION="eu-central-1",
+    )
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def _prepare_bucket(endpoint: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(
+        Bucket=DEMO_BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-central-1"}
+    )
+    for gpkg in EXAMPLES.glob("*.gpkg"):
+        s3.upload_file(str(gpkg), DEMO_BUCKET, f"inputs/{gpkg.name}")
+
+
+def _fresh_database(server_url: str) -> str:
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{DEMO_DATABASE}"')
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{DEMO_DATABASE}"))
+
+
+def _example_jobs() -> list[dict[str, Any]]:
+    jobs = []
+    for path in sorted(EXAMPLES.glob("*.json")):
+        job = json.loads(path.read_text())
+        if isinstance(job, dict) and "job_id" in job:
+            jobs.append(job)
+    return jobs
+
+
+def _publish(broker_url: str, queue: str, jobs: list[dict[str, Any]]) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for job in jobs:
+            channel.basic_publish(
+                exchange="",
+                routing_key=queue,
+                body=json.dumps(job).encode(),
+                properties=pika.BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=2,
+                    message_id=str(uuid.uuid4()),
+                    correlation_id=job["job_id"],
+                ),
+                mandatory=True,
+            )
+    finally:
+        connection.close()
+
+
+def run_demo(*, speed: float | None = None, keep_going: bool = False) -> int:
+    from worker.logs import setup_logging
+
+    console = Console()
+    base = load_settings()
+    problems = []
+    if not _reachable(base.broker_url.get_secret_value(), 5672):
+        problems.append("RabbitMQ is not reachable (BATCH_WORKER_BROKER_URL)")
+    if not _reachable(base.database_url.get_secret_value(), 5432):
+        problems.append("PostgreSQL is not reachable (BATCH_WORKER_DATABASE_URL)")
+    if problems:
+        for problem in problems:
+            console.print(f"[red]demo: {problem}[/]; `make demo` starts local ones.")
+        return 2
+
+    log_path = Path("demo-output") / "worker.log"
+    log_path.parent.mkdir(exist_ok=True)
+    with log_path.open("w") as log_stream:
+        setup_logging(base.log_level, "json", stream=log_stream)
+        return _run(console, base, speed or DEFAULT_SPEED, keep_going, log_path)
+
+
+def _run(console: Console, base: Settings, speed: float, keep_going: bool, log_path: Path) -> int:
+    from worker.daemon import Daemon
+    from worker.simulator import SimulatorConfig, start_background
+
+    broker_url = base.broker_url.get_secret_value()
+    with _s3_server() as s3_endpoint:
+        _prepare_bucket(s3_endpoint)
+        console.print(f"S3 emulator (moto) at {s3_endpoint}, bucket {DEMO_BUCKET}")
+        simulator_config = SimulatorConfig(
+            speed=speed,
+            client_id="demo-client",
+            client_secret="demo-secret",  # noqa: S106 - the simulator's own demo client
+        )
+        with start_background(simulator_config) as simulator:
+            console.print(f"Batch V2 simulator at {simulator.url}")
+            settings = base.model_copy(
+                update={
+                    "api_url": simulator.url,
+                    "token_url": simulator.token_url,
+                    "client_id": "demo-client",
+                    "client_secret": type(base.client_secret)("demo-secret"),
+                    "database_url": type(base.database_url)(
+                        _fresh_database(base.database_url.get_secret_value())
+                    ),
+                    "fleet_id": "demo",
+                    "poll_interval": 2.0,
+                }
+            )
+            daemon = Daemon(settings)
+            thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
+            thread.start()
+            console.print(
+                f"worker running: metrics on http://127.0.0.1:{settings.metrics_port}/metrics,"
+                f" logs in {log_path}"
+            )
+            try:
+                return _follow(console, settings, broker_url, keep_going)
+            finally:
+                daemon.stop()
+                thread.join(settings.grace_period + 5)
+
+
+def _follow(console: Console, settings: Settings, broker_url: str, keep_going: bool) -> int:
+    jobs = _example_jobs()
+    tracker = JobTracker([job["job_id"] for job in jobs])
+    _wait_for_topology(broker_url, settings)
+    follower = EventFollower(settings, tracker)
+    try:
+        _publish(broker_url, settings.jobs_queue, jobs)
+        console.print(f"published {len(jobs)} job requests to {settings.jobs_queue} (pika)")
+        with progress_bars(console) as progress:
+            bars = {
+                job_id: progress.add_task(describe(view), total=100)
+                for job_id, view in tracker.views.items()
+            }
+            while not all(view.finished for view in tracker.views.values()):
+                follower.drain(0.5)
+                show(progress, bars, tracker)
+        console.print(summary(tracker, "batch-worker demo"))
+        if keep_going:
+            console.print("all jobs ended; serving until Ctrl-C")
+            while True:
+                follower.drain(1.0)
+        return 0
+    finally:
+        follower.close()
+
+
+def _wait_for_topology(broker_url: str, settings: Settings, timeout: float = 60.0) -> None:
+    """The daemon declares its topology as it starts; publish only once it exists."""
+    import pika
+    import pika.exceptions
+
+    deadline = time.monotonic() + timeout
+    while True:
+        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        try:
+            channel = connection.channel()
+            channel.queue_declare(settings.jobs_queue, passive=True)
+            channel.exchange_declare(settings.events_exchange, passive=True)
+            return
+        except pika.exceptions.ChannelClosedByBroker:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+        finally:
+            if connection.is_open:
+                connection.close()

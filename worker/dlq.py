@@ -1,0 +1,159 @@
+"""``batch-worker dlq list|show|replay|purge``: the dead-letter queue, for people.
+
+Every request the worker could not use sits in the DLQ whole (body, properties, headers)
+with the reason in ``x-batch-worker-reason`` / ``x-batch-worker-detail``. Looking is
+non-destructive: messages are fetched without ack and go back when the channel closes.
+Replaying publishes the original message to the jobs queue with a confirm, and only then
+removes it from the DLQ.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from amqp import Channel
+from amqp.basic_message import Message
+
+from worker.broker import connection
+from worker.settings import Settings
+
+REASON = "x-batch-worker-reason"
+DETAIL = "x-batch-worker-detail"
+OUR_HEADERS = (REASON, DETAIL, "x-batch-worker-rejected-at")
+# Headers the broker adds on dead-lettering or redelivery; not part of the original.
+BROKER_HEADERS = (
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-delivery-count",
+)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    position: int
+    message: Message
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        headers = self.message.properties.get("application_headers") or {}
+        return dict(headers)
+
+    @property
+    def message_id(self) -> str:
+        return str(self.message.properties.get("message_id") or "-")
+
+    @property
+    def job_id(self) -> str:
+        try:
+            body = json.loads(self.message.body)
+        except (ValueError, UnicodeDecodeError):
+            return "-"
+        job_id = body.get("job_id") if isinstance(body, dict) else None
+        return str(job_id) if job_id is not None else "-"
+
+    def matches(self, key: str) -> bool:
+        return key in (self.message_id, str(self.position))
+
+
+@contextmanager
+def _dead_letters(settings: Settings, limit: int) -> Iterator[tuple[Channel, list[DeadLetter]]]:
+    """Fetch up to ``limit`` messages unacked; whatever is not acked goes back on exit."""
+    with connection(settings, purpose="dlq") as conn:
+        channel: Channel = conn.channel()
+        letters = []
+        for position in range(1, limit + 1):
+            message = channel.basic_get(queue=settings.dlq, no_ack=False)
+            if message is None:
+                break
+            letters.append(DeadLetter(position, message))
+        try:
+            yield channel, letters
+        finally:
+            channel.close()  # requeues every message not acked
+
+
+def list_messages(settings: Settings, *, limit: int) -> int:
+    with _dead_letters(settings, limit) as (_, letters):
+        if not letters:
+            print(f"{settings.dlq} is empty")
+            return 0
+        print(f"{'#':>4}  {'message id':<36}  {'job id':<30}  {'reason':<26}  bytes")
+        for letter in letters:
+            reason = letter.headers.get(REASON, "-")
+            print(
+                f"{letter.position:>4}  {letter.message_id:<36}  {letter.job_id:<30}  "
+                f"{reason!s:<26}  {len(letter.message.body)}"
+            )
+    return 0
+
+
+def show_message(settings: Settings, key: str, *, limit: int = 10_000) -> int:
+    with _dead_letters(settings, limit) as (_, letters):
+        for letter in letters:
+            if letter.matches(key):
+                properties = {k: v for k, v in letter.message.properties.items()}
+                print(json.dumps(properties, indent=2, default=str))
+                body = letter.message.body
+                sys.stdout.write(
+                    body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+                )
+                sys.stdout.write("\n")
+                return 0
+    print(f"no dead-lettered message {key!r} in {settings.dlq}", file=sys.stderr)
+    return 1
+
+
+def _original_properties(message: Message) -> dict[str, Any]:
+    properties = dict(message.properties)
+    headers = {
+        k: v
+        for k, v in (properties.pop("application_headers", None) or {}).items()
+        if k not in OUR_HEADERS and k not in BROKER_HEADERS
+    }
+    if headers:
+        properties["application_headers"] = headers
+    return properties
+
+
+def replay(
+    settings: Settings, *, message: str | None, replay_all: bool, limit: int = 10_000
+) -> int:
+    replayed = 0
+    with _dead_letters(settings, limit) as (channel, letters):
+        chosen = [ltr for ltr in letters if replay_all or (message and ltr.matches(message))]
+        if not chosen:
+            print(f"nothing to replay in {settings.dlq}", file=sys.stderr)
+            return 1
+        publisher: Channel = channel.connection.channel()
+        try:
+            for letter in chosen:
+                original = Message(letter.message.body, **_original_properties(letter.message))
+                # Waits for the broker's confirm (raises on a nack) before the ack below.
+                publisher.basic_publish_confirm(
+                    original, exchange="", routing_key=settings.jobs_queue, mandatory=True
+                )
+                channel.basic_ack(letter.message.delivery_tag)
+                replayed += 1
+        finally:
+            publisher.close()
+    print(f"replayed {replayed} message(s) to {settings.jobs_queue}")
+    return 0
+
+
+def purge(settings: Settings, *, confirmed: bool) -> int:
+    with connection(settings, purpose="dlq") as conn:
+        channel = conn.channel()
+        _, count, _ = channel.queue_declare(settings.dlq, passive=True)
+        if not confirmed:
+            print(f"{settings.dlq} holds {count} message(s); pass --yes to drop them")
+            return 1
+        dropped = channel.queue_purge(settings.dlq)
+        print(f"dropped {dropped} message(s) from {settings.dlq}")
+    return 0
