@@ -1,0 +1,203 @@
+"""worker.health: probe logic with a fake clock; the server over real loopback HTTP."""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker.health import Health, ProbeServer
+from worker.metrics import Metrics
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def health(clock: FakeClock) -> Health:
+    return Health(clock=clock)
+
+
+# --- liveness --------------------------------------------------------------------------
+
+
+def test_alive_with_no_loops(health: Health) -> None:
+    assert health.liveness()[0] is True
+
+
+def test_registration_counts_as_a_first_beat(health: Health, clock: FakeClock) -> None:
+    health.register("engine", 60)
+    clock.now += 59
+    assert health.liveness()[0] is True
+    clock.now += 2
+    ok, detail = health.liveness()
+    assert ok is False
+    assert "engine" in detail
+
+
+def test_beats_keep_a_loop_alive(health: Health, clock: FakeClock) -> None:
+    health.register("engine", 60)
+    for _ in range(5):
+        clock.now += 50
+        health.beat("engine")
+    assert health.liveness() == (True, "ok: 1 loops alive")
+
+
+def test_only_the_silent_loop_is_named(health: Health, clock: FakeClock) -> None:
+    health.register("engine", 60)
+    health.register("relay", 30)
+    health.register("intake", 30)
+    clock.now += 45
+    health.beat("engine")
+    health.beat("intake")
+    ok, detail = health.liveness()
+    assert ok is False
+    assert "relay" in detail
+    assert "engine" not in detail
+    assert "intake" not in detail
+    assert "45s" in detail
+
+
+def test_unregistered_loop_is_no_longer_watched(health: Health, clock: FakeClock) -> None:
+    health.register("consumer", 10)
+    health.unregister("consumer")
+    health.beat("consumer")  # a late beat of a loop that ended must not re-register it
+    clock.now += 100
+    assert health.liveness()[0] is True
+
+
+def test_broker_outage_does_not_fail_liveness(health: Health) -> None:
+    health.register("engine", 60)
+    health.set_ready(False)
+    assert health.liveness()[0] is True
+    assert health.readiness()[0] is False
+
+
+def test_allowance_must_be_positive(health: Health) -> None:
+    with pytest.raises(ValueError, match="engine"):
+        health.register("engine", 0)
+
+
+# --- readiness -------------------------------------------------------------------------
+
+
+def test_not_ready_until_the_broker_is_up(health: Health) -> None:
+    assert health.readiness() == (False, "broker not connected")
+    health.set_ready(True)
+    assert health.readiness() == (True, "ok")
+    health.set_ready(False)
+    assert health.readiness()[0] is False
+
+
+def test_shutting_down_wins_over_a_connected_broker(health: Health) -> None:
+    health.set_ready(True)
+    health.set_shutting_down()
+    assert health.readiness() == (False, "shutting down")
+    health.set_ready(True)
+    assert health.readiness()[0] is False
+
+
+# --- the server (integration: real HTTP over loopback) -----------------------------------
+
+
+@pytest.fixture
+def served(health: Health) -> Iterator[tuple[Metrics, Health, ProbeServer]]:
+    metrics = Metrics()
+    server = ProbeServer(metrics, health, host="127.0.0.1", port=0)
+    server.start()
+    yield metrics, health, server
+    server.stop()
+
+
+def get(server: ProbeServer, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.integration
+def test_metrics_endpoint_serves_the_registry(
+    served: tuple[Metrics, Health, ProbeServer],
+) -> None:
+    metrics, _, server = served
+    metrics.duplicate_stopped()
+    status, headers, body = get(server, "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    values = {
+        s.name: s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+    assert values["batch_worker_duplicates_stopped_total"] == 1
+
+
+@pytest.mark.integration
+def test_metrics_endpoint_honours_gzip(served: tuple[Metrics, Health, ProbeServer]) -> None:
+    _, _, server = served
+    status, headers, _ = get(server, "/metrics", **{"Accept-Encoding": "gzip"})
+    assert status == 200
+    assert headers.get("Content-Encoding") == "gzip"
+
+
+@pytest.mark.integration
+def test_probes_answer_200_and_503(
+    served: tuple[Metrics, Health, ProbeServer], clock: FakeClock
+) -> None:
+    _, health, server = served
+    health.register("engine", 60)
+
+    assert get(server, "/healthz")[0] == 200
+    status, _, body = get(server, "/readyz")
+    assert (status, body) == (503, b"broker not connected\n")
+
+    health.set_ready(True)
+    assert get(server, "/readyz")[0] == 200
+
+    clock.now += 120
+    status, _, body = get(server, "/healthz")
+    assert status == 503
+    assert b"engine" in body
+
+    health.set_shutting_down()
+    assert get(server, "/readyz")[:3:2] == (503, b"shutting down\n")
+
+
+@pytest.mark.integration
+def test_unknown_path_is_404(served: tuple[Metrics, Health, ProbeServer]) -> None:
+    assert get(served[2], "/")[0] == 404
+
+
+@pytest.mark.integration
+def test_stop_releases_the_port(health: Health) -> None:
+    server = ProbeServer(Metrics(), health, host="127.0.0.1", port=0)
+    server.start()
+    port = server.port
+    server.stop()
+    again = ProbeServer(Metrics(), health, host="127.0.0.1", port=port)
+    again.start()
+    try:
+        assert get(again, "/healthz")[0] == 200
+    finally:
+        again.stop()
+
+
+def test_port_before_start_is_an_error(health: Health) -> None:
+    with pytest.raises(RuntimeError):
+        _ = ProbeServer(Metrics(), health, port=0).port

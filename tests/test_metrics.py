@@ -1,0 +1,202 @@
+"""worker.metrics: names and labels of the contract, and what each method moves."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker.metrics import JOB_DURATION_BUCKETS, Metrics
+
+# CONTRACT.md "Metrics and health": name → (type, labels).
+CONTRACT = {
+    "batch_worker_commands_total": ("counter", {"action", "outcome"}),
+    "batch_worker_jobs_finished_total": ("counter", {"status", "reason"}),
+    "batch_worker_jobs_in_flight": ("gauge", {"status"}),
+    "batch_worker_job_duration_seconds": ("histogram", {"status"}),
+    "batch_worker_tiles_processed_total": ("counter", set()),
+    "batch_worker_tiles_failed_total": ("counter", set()),
+    "batch_worker_api_requests_total": ("counter", {"endpoint", "code"}),
+    "batch_worker_api_request_duration_seconds": ("histogram", {"endpoint"}),
+    "batch_worker_api_budget_wait_seconds_total": ("counter", set()),
+    "batch_worker_status_lag_seconds": ("gauge", set()),
+    "batch_worker_events_published_total": ("counter", {"type"}),
+    "batch_worker_broker_connected": ("gauge", set()),
+    "batch_worker_duplicates_stopped_total": ("counter", set()),
+}
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    value = metrics.registry.get_sample_value(name, labels)
+    return value
+
+
+def exercise(metrics: Metrics) -> None:
+    """Touch every labelled metric once, so every family has samples to look at."""
+    metrics.command("submit", "accepted")
+    metrics.job_finished("DONE", None, 600.0)
+    metrics.api_request("get_task", "200", 0.1)
+    metrics.event_published("batchworker.job.status")
+    metrics.tile_read("manifest", "ok")
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+def families(metrics: Metrics) -> dict[str, tuple[str, set[str]]]:
+    """Exposition-format view: family name (as scraped) → (type, label names)."""
+    text = generate_latest(metrics.registry).decode()
+    found: dict[str, tuple[str, set[str]]] = {}
+    for family in text_string_to_metric_families(text):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels: set[str] = set()
+        for s in family.samples:
+            labels |= set(s.labels) - {"le"}
+        found[name] = (family.type, labels)
+    return found
+
+
+def test_every_contract_metric_is_exposed_with_its_type_and_labels(metrics: Metrics) -> None:
+    exercise(metrics)
+    exposed = families(metrics)
+    for name, (kind, labels) in CONTRACT.items():
+        assert name in exposed, name
+        assert exposed[name] == (kind, labels), name
+
+
+def test_every_worker_metric_carries_the_prefix(metrics: Metrics) -> None:
+    exercise(metrics)
+    names = families(metrics)
+    # The process/platform/GC collectors keep their standard names (every dashboard knows them).
+    standard = re.compile(r"^(process_|python_)")
+    assert all(n.startswith("batch_worker_") or standard.match(n) for n in names), names
+    assert "batch_worker_outbox_pending" in names
+    assert "process_resident_memory_bytes" in names
+
+
+def test_fresh_instances_do_not_share_state() -> None:
+    first, second = Metrics(), Metrics()
+    first.duplicate_stopped()
+    assert sample(first, "batch_worker_duplicates_stopped_total") == 1
+    assert sample(second, "batch_worker_duplicates_stopped_total") == 0
+
+
+def test_series_exist_before_anything_happens(metrics: Metrics) -> None:
+    # Alerts such as "broker down" must see a 0, not an absent series.
+    assert sample(metrics, "batch_worker_broker_connected") == 0
+    assert sample(metrics, "batch_worker_outbox_pending") == 0
+    assert sample(metrics, "batch_worker_jobs_in_flight", status="PROCESSING") == 0
+    assert sample(metrics, "batch_worker_jobs_in_flight", status="PENDING_CREATE") == 0
+
+
+def test_commands_fold_unknown_actions(metrics: Metrics) -> None:
+    metrics.command("submit", "accepted")
+    metrics.command("submit", "accepted")
+    metrics.command("drop-table", "rejected")
+    assert sample(metrics, "batch_worker_commands_total", action="submit", outcome="accepted") == 2
+    assert sample(metrics, "batch_worker_commands_total", action="OTHER", outcome="rejected") == 1
+    assert (
+        sample(metrics, "batch_worker_commands_total", action="drop-table", outcome="rejected")
+        is None
+    )
+
+
+def test_job_finished_counts_and_observes_duration(metrics: Metrics) -> None:
+    metrics.job_finished("STOPPED", "DEADLINE", 7200.0)
+    metrics.job_finished("DONE", None, 900.0)
+    metrics.job_finished("FAILED", "UPSTREAM_NOT_FOUND", None)
+    name = "batch_worker_jobs_finished_total"
+    assert sample(metrics, name, status="STOPPED", reason="DEADLINE") == 1
+    assert sample(metrics, name, status="DONE", reason="") == 1
+    assert sample(metrics, name, status="FAILED", reason="UPSTREAM_NOT_FOUND") == 1
+    hist = "batch_worker_job_duration_seconds"
+    assert sample(metrics, hist + "_count", status="STOPPED") == 1
+    assert sample(metrics, hist + "_sum", status="DONE") == 900.0
+    assert sample(metrics, hist + "_bucket", status="DONE", le="600.0") == 0
+    assert sample(metrics, hist + "_bucket", status="DONE", le="1200.0") == 1
+    # No duration given: counted as finished, not observed.
+    assert sample(metrics, hist + "_count", status="FAILED") is None
+
+
+def test_job_duration_buckets_span_minutes_to_hours() -> None:
+    assert min(JOB_DURATION_BUCKETS) <= 60
+    assert max(JOB_DURATION_BUCKETS) >= 24 * 3600
+    assert list(JOB_DURATION_BUCKETS) == sorted(JOB_DURATION_BUCKETS)
+
+
+def test_free_text_reasons_cannot_explode_labels(metrics: Metrics) -> None:
+    metrics.job_finished("FAILED", "the service said: <html> nope", 1.0)
+    assert sample(metrics, "batch_worker_jobs_finished_total", status="FAILED", reason="OTHER") == 1
+
+
+def test_set_in_flight_replaces_and_zeroes_the_rest(metrics: Metrics) -> None:
+    metrics.set_in_flight({"PROCESSING": 7, "ANALYSING": 2, "SOMETHING_NEW": 1})
+    assert sample(metrics, "batch_worker_jobs_in_flight", status="PROCESSING") == 7
+    assert sample(metrics, "batch_worker_jobs_in_flight", status="SOMETHING_NEW") == 1
+    metrics.set_in_flight({"PROCESSING": 3})
+    assert sample(metrics, "batch_worker_jobs_in_flight", status="PROCESSING") == 3
+    assert sample(metrics, "batch_worker_jobs_in_flight", status="ANALYSING") == 0
+    assert sample(metrics, "batch_worker_jobs_in_flight", status="SOMETHING_NEW") == 0
+
+
+def test_tiles_ignore_negative_deltas(metrics: Metrics) -> None:
+    metrics.tiles(5, 1)
+    metrics.tiles(-3, 0)
+    metrics.tiles(2, -1)
+    assert sample(metrics, "batch_worker_tiles_processed_total") == 7
+    assert sample(metrics, "batch_worker_tiles_failed_total") == 1
+
+
+def test_api_request_and_budget_wait(metrics: Metrics) -> None:
+    metrics.api_request("list_tasks", "200", 0.2)
+    metrics.api_request("list_tasks", "429", 0.05)
+    metrics.api_budget_wait(1.5)
+    metrics.api_budget_wait(0.0)
+    metrics.api_budget_wait(-2.0)
+    name = "batch_worker_api_requests_total"
+    assert sample(metrics, name, endpoint="list_tasks", code="200") == 1
+    assert sample(metrics, name, endpoint="list_tasks", code="429") == 1
+    duration = "batch_worker_api_request_duration_seconds_count"
+    assert sample(metrics, duration, endpoint="list_tasks") == 2
+    assert sample(metrics, "batch_worker_api_budget_wait_seconds_total") == 1.5
+
+
+def test_gauges_and_simple_counters(metrics: Metrics) -> None:
+    metrics.status_lag(42.5)
+    metrics.broker_connected(True)
+    metrics.outbox_pending(12)
+    metrics.event_published("batchworker.job.progress")
+    metrics.event_published("batchworker.job.progress")
+    metrics.duplicate_stopped()
+    assert sample(metrics, "batch_worker_status_lag_seconds") == 42.5
+    assert sample(metrics, "batch_worker_broker_connected") == 1
+    assert sample(metrics, "batch_worker_outbox_pending") == 12
+    assert (
+        sample(metrics, "batch_worker_events_published_total", type="batchworker.job.progress") == 2
+    )
+    assert sample(metrics, "batch_worker_duplicates_stopped_total") == 1
+    metrics.broker_connected(False)
+    metrics.status_lag(-1.0)
+    assert sample(metrics, "batch_worker_broker_connected") == 0
+    assert sample(metrics, "batch_worker_status_lag_seconds") == 0
+
+
+def test_build_info_names_the_version(metrics: Metrics) -> None:
+    from worker import __version__
+
+    assert sample(metrics, "batch_worker_build_info", version=__version__) == 1
+
+
+def test_api_hooks_feed_the_api_metrics(metrics: Metrics) -> None:
+    pytest.importorskip("worker.api.client", reason="worker.api.client has not landed yet")
+    hooks = metrics.api_hooks()
+    hooks.on_request("create_task", "201", 0.3)
+    hooks.on_budget_wait(2.0)
+    assert (
+        sample(metrics, "batch_worker_api_requests_total", endpoint="create_task", code="201") == 1
+    )
+    assert sample(metrics, "batch_worker_api_budget_wait_seconds_total") == 2.0

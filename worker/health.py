@@ -1,0 +1,201 @@
+"""HTTP probes and metrics: ``/metrics``, ``/healthz``, ``/readyz`` on one port.
+
+- ``/healthz`` (liveness) answers whether the process's loops are still turning. Each loop
+  registers with an allowance and calls ``Health.beat`` as it goes round; one silent past
+  its allowance makes the probe fail, naming it, so Kubernetes restarts a wedged process.
+  A broker outage does not fail it: a restart would not bring the broker back
+  (DESIGN-NOTES "Kubernetes"), and loops keep beating while they wait to reconnect.
+- ``/readyz`` (readiness) is 200 only while the broker connection is up and the process is
+  not shutting down.
+
+Served by prometheus-client's WSGI app behind the stdlib's threading WSGI server, in a
+daemon thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from worker.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class Health:
+    """Liveness of the process's loops and readiness of the process. Thread-safe."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._allowances: dict[str, float] = {}
+        self._last_beat: dict[str, float] = {}
+        self._ready = False
+        self._shutting_down = False
+
+    def register(self, name: str, allowance: float) -> None:
+        """Watch loop ``name``: it must beat at least every ``allowance`` seconds.
+
+        Registering counts as a first beat, so a loop has one allowance to get going.
+        """
+        if allowance <= 0:
+            raise ValueError(f"allowance of loop {name!r} must be positive")
+        with self._lock:
+            self._allowances[name] = allowance
+            self._last_beat[name] = self._clock()
+
+    def unregister(self, name: str) -> None:
+        """Stop watching a loop that ended on purpose (shutting down, for one)."""
+        with self._lock:
+            self._allowances.pop(name, None)
+            self._last_beat.pop(name, None)
+
+    def beat(self, name: str) -> None:
+        """Loop ``name`` went round. Beats of loops never registered are ignored."""
+        with self._lock:
+            if name in self._allowances:
+                self._last_beat[name] = self._clock()
+
+    def set_ready(self, ready: bool) -> None:
+        """Whether the broker connection is up."""
+        with self._lock:
+            self._ready = ready
+
+    def set_shutting_down(self) -> None:
+        """From now on the process is not ready, whatever the broker says."""
+        with self._lock:
+            self._shutting_down = True
+
+    def liveness(self) -> tuple[bool, str]:
+        """(alive, a line saying why)."""
+        now = self._clock()
+        with self._lock:
+            silent = sorted(
+                (name, now - self._last_beat[name], allowance)
+                for name, allowance in self._allowances.items()
+                if now - self._last_beat[name] > allowance
+            )
+            watched = len(self._allowances)
+        if silent:
+            return False, "; ".join(
+                f"loop {name} silent for {age:.0f}s (allowance {allowance:g}s)"
+                for name, age, allowance in silent
+            )
+        return True, f"ok: {watched} loops alive"
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, a line saying why)."""
+        with self._lock:
+            if self._shutting_down:
+                return False, "shutting down"
+            if not self._ready:
+                return False, "broker not connected"
+            return True, "ok"
+
+
+def probe_app(metrics: Metrics, health: Health) -> WSGIApplication:
+    """The WSGI application: ``/metrics`` from prometheus-client, the two probes here."""
+    metrics_app = make_wsgi_app(metrics.registry)
+    probes: dict[str, Callable[[], tuple[bool, str]]] = {
+        "/healthz": health.liveness,
+        "/readyz": health.readiness,
+    }
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if path == "/metrics":
+            body: Iterable[bytes] = metrics_app(environ, start_response)
+            return body
+        probe = probes.get(path)
+        if probe is None:
+            return _text(
+                start_response, "404 Not Found", "not found: try /metrics, /healthz, /readyz"
+            )
+        ok, detail = probe()
+        if not ok:
+            # A failing liveness probe precedes a restart: say why. Readiness fails for
+            # the whole of a broker outage, every few seconds; the broker code logs that.
+            log = logger.warning if path == "/healthz" else logger.debug
+            log("%s failing: %s", path, detail)
+        status = "200 OK" if ok else "503 Service Unavailable"
+        return _text(start_response, status, detail)
+
+    return app
+
+
+def _text(start_response: StartResponse, status: str, body: str) -> list[bytes]:
+    data = (body + "\n").encode()
+    start_response(
+        status,
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    return [data]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Probes arrive every few seconds: their access lines go to DEBUG, not stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("probe %s: " + format, self.address_string(), *args)
+
+
+class ProbeServer:
+    """Serves ``probe_app`` on ``host:port`` from a daemon thread."""
+
+    def __init__(
+        self, metrics: Metrics, health: Health, *, host: str = "0.0.0.0", port: int
+    ) -> None:
+        self._app = probe_app(metrics, health)
+        self._host = host
+        self._requested_port = port
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind and serve in a daemon thread. Port 0 picks a free port (see ``port``)."""
+        if self._server is not None:
+            raise RuntimeError("probe server already started")
+        server = make_server(
+            self._host,
+            self._requested_port,
+            self._app,
+            server_class=ThreadingWSGIServer,
+            handler_class=_QuietHandler,
+        )
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="probe-server", daemon=True
+        )
+        self._thread.start()
+        logger.info("serving /metrics, /healthz, /readyz on %s:%d", self._host, self.port)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("probe server not started")
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = None
+        self._thread = None
