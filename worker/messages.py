@@ -1,0 +1,447 @@
+"""The wire formats: the job requests that arrive and the CloudEvents that leave.
+
+``parse_job_request`` turns a message body into a ``JobRequest`` or a ``Rejection`` (never an
+exception); the event models describe what ``worker.events`` publishes. The JSON Schemas in
+``worker/schemas/`` are generated from these models::
+
+    python -m worker.messages --write-schemas
+
+Decisions the contract leaves open (documented in docs/events.md and the schemas):
+
+- ``start`` and ``cancel`` carry only ``job_id``: the submit-only fields (``request``,
+  ``batch_request_id``, ``auto_start``, ``deadline``, ``max_cost_pu``) are ignored on them,
+  not validated, so a cancel is never refused for what it did not need.
+- ``request: null`` and ``batch_request_id: null`` count as absent.
+- ``Rejection.action`` is only ever a known action (or None): it becomes a metric label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
+
+SCHEMA_VERSION = 1
+JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+ACTIONS = ("submit", "start", "cancel")
+SUBMIT_ONLY_FIELDS = ("request", "batch_request_id", "auto_start", "deadline", "max_cost_pu")
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+class RejectCode(StrEnum):
+    MALFORMED_JSON = "MALFORMED_JSON"
+    NOT_AN_OBJECT = "NOT_AN_OBJECT"
+    INVALID_JOB_ID = "INVALID_JOB_ID"
+    UNKNOWN_ACTION = "UNKNOWN_ACTION"
+    MISSING_REQUEST = "MISSING_REQUEST"
+    CONFLICTING_FIELDS = "CONFLICTING_FIELDS"
+    UNSUPPORTED_SCHEMA_VERSION = "UNSUPPORTED_SCHEMA_VERSION"
+    INVALID_FIELD = "INVALID_FIELD"
+    UNSUPPORTED_CONTENT_TYPE = "UNSUPPORTED_CONTENT_TYPE"
+    # raised by intake after looking the job up
+    JOB_CONFLICT = "JOB_CONFLICT"
+    JOB_NOT_FOUND = "JOB_NOT_FOUND"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a message could not be used. ``message`` names the field, never a value."""
+
+    code: str
+    message: str
+    job_id: str | None = None
+    action: str | None = None
+
+
+_SUBMIT_NEEDS_ONE_SOURCE: dict[str, Any] = {
+    # A submit names exactly one of `request` / `batch_request_id` (null counts as absent);
+    # start and cancel ignore both.
+    "if": {
+        "not": {
+            "required": ["action"],
+            "properties": {"action": {"enum": ["start", "cancel"]}},
+        }
+    },
+    "then": {
+        "oneOf": [
+            {"required": ["request"], "properties": {"request": {"type": "object"}}},
+            {
+                "required": ["batch_request_id"],
+                "properties": {"batch_request_id": {"type": "string"}},
+            },
+        ]
+    },
+}
+
+
+class JobRequest(BaseModel):
+    """A job request (CONTRACT.md "Job requests"). Unknown top-level fields are ignored."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        strict=True,
+        frozen=True,
+        title="JobRequest",
+        json_schema_extra=_SUBMIT_NEEDS_ONE_SOURCE,
+    )
+
+    schema_version: int = Field(
+        default=SCHEMA_VERSION,
+        ge=1,
+        le=SCHEMA_VERSION,
+        description="Versions above what the worker knows are rejected.",
+    )
+    job_id: str = Field(
+        pattern=JOB_ID_PATTERN, description="The producer's key for the job within its fleet."
+    )
+    action: Literal["submit", "start", "cancel"] = "submit"
+    request: dict[str, Any] | None = Field(
+        default=None,
+        description="A Batch V2 create payload, as the API takes it.",
+    )
+    batch_request_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="An existing batch request to adopt instead of creating one.",
+    )
+    auto_start: bool = Field(
+        default=True, description="false: the job rests at ANALYSIS_DONE until start/cancel."
+    )
+    deadline: AwareDatetime | None = Field(
+        default=None,
+        strict=False,
+        description="RFC 3339 with a time zone; past it the worker stops the batch request.",
+    )
+    max_cost_pu: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Cap on costPU; above it the worker stops the batch request.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _start_and_cancel_carry_only_job_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("action") in ("start", "cancel"):
+            return {k: v for k, v in data.items() if k not in SUBMIT_ONLY_FIELDS}
+        return data
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _deadline_is_text(cls, value: Any) -> Any:
+        # Lax datetime parsing would take a bare number as Unix time; the contract says RFC 3339.
+        if value is not None and not isinstance(value, str | datetime):
+            raise PydanticCustomError("datetime_type", "must be an RFC 3339 date-time string")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_per_submit(self) -> JobRequest:
+        if self.action != "submit":
+            return self
+        if self.request is not None and self.batch_request_id is not None:
+            raise PydanticCustomError(
+                "conflicting_fields", "give either 'request' or 'batch_request_id', not both"
+            )
+        if self.request is None and self.batch_request_id is None:
+            raise PydanticCustomError(
+                "missing_request", "a submit needs 'request' (or 'batch_request_id')"
+            )
+        return self
+
+
+def parse_job_request(body: bytes, content_type: str | None) -> JobRequest | Rejection:
+    """Read one message body. UTF-8 JSON; ``application/json`` or no content type at all."""
+    try:
+        data = json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError):
+        return Rejection(RejectCode.MALFORMED_JSON, "the body is not UTF-8 JSON")
+    if not isinstance(data, dict):
+        return Rejection(RejectCode.NOT_AN_OBJECT, "the body is JSON but not an object")
+
+    job_id = _readable_job_id(data.get("job_id"))
+    raw_action = data.get("action", "submit")
+    action = raw_action if raw_action in ACTIONS else None
+    if not _is_json_content_type(content_type):
+        return Rejection(
+            RejectCode.UNSUPPORTED_CONTENT_TYPE,
+            "content_type must be application/json (UTF-8) or absent",
+            job_id,
+            action,
+        )
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as exc:
+        code, message = _first_problem(exc)
+        return Rejection(code, message, job_id, action)
+
+
+def request_hash(req: JobRequest) -> str:
+    """SHA-256 (hex) of what makes a submit "the same request" for an idempotent re-submit."""
+    deadline = (
+        req.deadline.astimezone(UTC).isoformat().replace("+00:00", "Z") if req.deadline else None
+    )
+    canonical = {
+        "v": SCHEMA_VERSION,
+        "request": req.request,
+        "batch_request_id": req.batch_request_id,
+        "auto_start": req.auto_start,
+        "deadline": deadline,
+        "max_cost_pu": req.max_cost_pu,
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _readable_job_id(value: Any) -> str | None:
+    """The job id for a rejection, only when it is one: it goes into events and logs."""
+    return value if isinstance(value, str) and _JOB_ID_RE.fullmatch(value) else None
+
+
+def _is_json_content_type(content_type: str | None) -> bool:
+    if not content_type or not content_type.strip():
+        return True
+    mime, *params = (part.strip().lower() for part in content_type.split(";"))
+    if mime != "application/json":
+        return False
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip() == "charset" and value.strip().strip('"') not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+# Pydantic error → rejection code; the first matching rule in this order wins.
+def _first_problem(exc: ValidationError) -> tuple[RejectCode, str]:
+    errors = exc.errors(include_input=False, include_url=False, include_context=False)
+
+    def field(err: Any) -> str:
+        return str(err["loc"][0]) if err["loc"] else ""
+
+    rules: list[tuple[RejectCode, Any]] = [
+        (RejectCode.INVALID_JOB_ID, lambda e: field(e) == "job_id"),
+        (
+            RejectCode.UNSUPPORTED_SCHEMA_VERSION,
+            lambda e: field(e) == "schema_version" and e["type"] == "less_than_equal",
+        ),
+        (RejectCode.UNKNOWN_ACTION, lambda e: field(e) == "action"),
+        (RejectCode.CONFLICTING_FIELDS, lambda e: e["type"] == "conflicting_fields"),
+        (RejectCode.MISSING_REQUEST, lambda e: e["type"] == "missing_request"),
+        (RejectCode.INVALID_FIELD, lambda e: True),
+    ]
+    for code, matches in rules:
+        for err in errors:
+            if matches(err):
+                name = field(err)
+                return code, (f"field '{name}': {err['msg']}" if name else err["msg"])
+    raise AssertionError("a ValidationError without errors")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------------------
+# What leaves: CloudEvents 1.0, structured JSON (CONTRACT.md "Events")
+# ------------------------------------------------------------------------------------------
+
+JOB_STATUS = "batchworker.job.status"
+JOB_PROGRESS = "batchworker.job.progress"
+COMMAND_ACCEPTED = "batchworker.command.accepted"
+COMMAND_REJECTED = "batchworker.command.rejected"
+EVENT_TYPES = (COMMAND_ACCEPTED, COMMAND_REJECTED, JOB_STATUS, JOB_PROGRESS)
+RFC3339_MS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
+
+
+def _omitted_when_absent(schema: dict[str, Any]) -> None:
+    # Such a field is left out of the JSON when unset, never written as null.
+    schema.pop("default", None)
+
+
+class _Wire(BaseModel):
+    # Consumers must tolerate fields added later, so the schemas stay open.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class TilesData(_Wire):
+    """Tile counts from the delivery bucket; the whole object is null when unreadable."""
+
+    total: int | None = Field(description="Distinct features in the feature manifest.")
+    processed: int = Field(ge=0, description="DONE rows of the execution database.")
+    failed: int = Field(ge=0, description="FATAL rows of the execution database.")
+
+
+class ErrorData(_Wire):
+    source: Literal["worker", "api"]
+    http_status: int | None
+    code: str
+    message: str
+
+
+class JobEventData(_Wire):
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    batch_request_id: str | None
+    status: str = Field(
+        pattern=r"^[A-Z][A-Z0-9_]*$",
+        description="The API's batch status; statuses the API adds later pass through.",
+    )
+    sequence: int = Field(
+        ge=1, description="Rises per job; drop an event at or below the last seen."
+    )
+    completion_percentage: float
+    tiles: TilesData | None
+    cost_pu: float | None
+    stopped_reason: str | None = Field(
+        description="With STOPPED: USER_ACTION, OUT_OF_PU, UNHEALTHY, DEADLINE, COST_LIMIT."
+    )
+    error: ErrorData | None
+    worker: str = Field(description="The worker process that published the event.")
+    duplicates_stopped: list[str] = Field(
+        description="Extension: duplicate batch requests of this job the worker stopped."
+    )
+
+
+class CommandEventData(_Wire):
+    job_id: str | None = Field(description="Null when the message had no usable job_id.")
+    action: Literal["submit", "start", "cancel"] | None
+    code: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="Rejections only: why (e.g. MALFORMED_JSON, JOB_CONFLICT).",
+    )
+    message: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="Rejections only: what was wrong, naming the field.",
+    )
+    worker: str
+
+
+class _CloudEvent(_Wire):
+    specversion: Literal["1.0"]
+    id: str = Field(description="Stable for a re-published event: de-duplicate on it.")
+    source: str = Field(pattern=r"^/batch-worker/[A-Za-z0-9][A-Za-z0-9_-]*$")
+    time: str = Field(pattern=RFC3339_MS_PATTERN)
+    datacontenttype: Literal["application/json"]
+    correlationid: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="Extension: the request message's correlation_id.",
+    )
+    causationid: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="Extension: the request message's message_id.",
+    )
+
+
+class JobEvent(_CloudEvent):
+    """batchworker.job.status (routing key job.<status lower>) or .progress (job.progress)."""
+
+    model_config = ConfigDict(title="JobEvent")
+    type: Literal["batchworker.job.status", "batchworker.job.progress"]
+    subject: str = Field(pattern=JOB_ID_PATTERN, description="The job_id.")
+    data: JobEventData
+
+
+class CommandEvent(_CloudEvent):
+    """batchworker.command.accepted / .rejected (routing key command.accepted / .rejected)."""
+
+    model_config = ConfigDict(
+        title="CommandEvent",
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": COMMAND_REJECTED}}},
+            "then": {"properties": {"data": {"required": ["code", "message"]}}},
+        },
+    )
+    type: Literal["batchworker.command.accepted", "batchworker.command.rejected"]
+    subject: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="The job_id, when one could be read.",
+    )
+    data: CommandEventData
+
+
+# ------------------------------------------------------------------------------------------
+# JSON Schemas, generated from the models above
+# ------------------------------------------------------------------------------------------
+
+_SCHEMA_MODELS: dict[str, tuple[type[BaseModel], Literal["validation", "serialization"]]] = {
+    "job-request.schema.json": (JobRequest, "validation"),
+    "job-event.schema.json": (JobEvent, "serialization"),
+    "command-event.schema.json": (CommandEvent, "serialization"),
+}
+
+
+def schema_documents() -> dict[str, str]:
+    """File name → JSON Schema text, exactly as it belongs in ``worker/schemas/``."""
+    documents = {}
+    for name, (model, mode) in _SCHEMA_MODELS.items():
+        schema = {"$schema": JSON_SCHEMA_DIALECT, **model.model_json_schema(mode=mode)}
+        documents[name] = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+    return documents
+
+
+def write_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in schema_documents().items():
+        path = directory / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def stale_schemas(directory: Path = SCHEMA_DIR) -> list[str]:
+    """Names of schema files missing or differing from the models."""
+    stale = []
+    for name, text in schema_documents().items():
+        path = directory / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            stale.append(name)
+    return stale
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.messages", description="The JSON Schemas of the wire formats."
+    )
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write-schemas", action="store_true", help="regenerate the files")
+    group.add_argument("--check-schemas", action="store_true", help="exit 1 when they drift")
+    args = parser.parse_args(argv)
+    if args.write_schemas:
+        for path in write_schemas():
+            print(path)
+        return 0
+    stale = stale_schemas()
+    for name in stale:
+        print(f"{name} differs from the models: run python -m worker.messages --write-schemas")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
