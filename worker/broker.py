@@ -1,0 +1,132 @@
+"""Connections to RabbitMQ, and the topology they declare.
+
+One connection per purpose (``consume``, ``publish``): RabbitMQ applies flow control to
+publishing connections only, so a blocked relay must not stall the consumer's acks or its
+heartbeats. Every connection carries a heartbeat (kombu's default is off, DESIGN-NOTES) and
+names itself in ``client_properties`` so operators can tell them apart in the management UI.
+
+``python -m worker.broker render-definitions [PATH]`` writes the definitions file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+import kombu
+
+from worker.settings import Settings, SettingsError, load_settings
+from worker.topology import (
+    DEFINITIONS_PATH,
+    Topology,
+    declare_on_channel,
+    topology,
+    unrouted_name,
+    write_definitions,
+)
+
+__all__ = [
+    "CONNECT_RETRY",
+    "Topology",
+    "connection",
+    "connection_name",
+    "declare_topology",
+    "ensure_connected",
+    "topology",
+    "unrouted_name",
+]
+
+log = logging.getLogger(__name__)
+
+APP_ID = "batch-worker"
+CONNECT_TIMEOUT = 10.0
+
+# kombu's ensure_connection back-off: 0.5 s, then 1.5, 2.5, ... capped at 5 s. Bounded so
+# that a caller (the consumer's run loop, the relay) gets control back to notice a stop.
+CONNECT_RETRY: dict[str, float] = {
+    "max_retries": 5,
+    "interval_start": 0.5,
+    "interval_step": 1.0,
+    "interval_max": 5.0,
+}
+
+
+def connection_name(settings: Settings, purpose: str) -> str:
+    return f"{APP_ID} {settings.worker_name} {purpose}"
+
+
+def _ssl_options(settings: Settings) -> dict[str, Any] | bool:
+    if not settings.broker_uses_tls:
+        return False
+    options: dict[str, Any] = {
+        "cert_reqs": ssl.CERT_REQUIRED,
+        # None: kombu fills in the URL's host name, so SNI is sent and the host checked.
+        "server_hostname": None,
+    }
+    if settings.broker_ca_file is not None:
+        options["ca_certs"] = str(settings.broker_ca_file)
+    if settings.broker_cert_file is not None:
+        options["certfile"] = str(settings.broker_cert_file)
+    if settings.broker_key_file is not None:
+        options["keyfile"] = str(settings.broker_key_file)
+    return options
+
+
+def connection(settings: Settings, *, purpose: str) -> kombu.Connection:
+    """A (not yet connected) kombu connection for one purpose: ``consume`` or ``publish``."""
+    return kombu.Connection(
+        settings.broker_url.get_secret_value(),
+        heartbeat=settings.heartbeat,
+        ssl=_ssl_options(settings),
+        connect_timeout=CONNECT_TIMEOUT,
+        transport_options={
+            "client_properties": {
+                "connection_name": connection_name(settings, purpose),
+                "application": APP_ID,
+                "worker": settings.worker_name,
+                "purpose": purpose,
+            },
+        },
+    )
+
+
+def ensure_connected(conn: kombu.Connection) -> kombu.Connection:
+    """Connect with bounded retries; raises the last connection error past them."""
+
+    def _on_error(exc: Exception, interval: float) -> None:
+        log.warning("broker unreachable (%s); retrying in %.1f s", type(exc).__name__, interval)
+
+    conn.ensure_connection(_on_error, **CONNECT_RETRY)
+    return conn
+
+
+def declare_topology(conn: kombu.Connection, settings: Settings) -> None:
+    """Declare the whole topology on ``conn`` (idempotent; matches the definitions file)."""
+    declare_on_channel(conn.default_channel, topology(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.broker")
+    commands = parser.add_subparsers(dest="command", required=True)
+    render = commands.add_parser(
+        "render-definitions", help="write the RabbitMQ definitions file for the current settings"
+    )
+    render.add_argument("path", nargs="?", type=Path, default=DEFINITIONS_PATH)
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    path = write_definitions(settings, args.path)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
