@@ -65,8 +65,15 @@ class Settings(BaseSettings):
 
     # --- the fleet and its jobs ----------------------------------------------------
     fleet_id: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-    poll_interval: float = Field(default=30.0, ge=1, le=3600)
+    poll_interval: float = Field(default=30.0, ge=0.1, le=3600)
     max_in_flight: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Advanced timings (seconds). The API's habits (batch-v2-api.md §3.3): a status lags an
+    # action by up to a minute, a new task may answer 404 for a while, the list lags.
+    rest_poll_interval: float = Field(default=600.0, ge=0.1, le=86_400)
+    action_lag: float = Field(default=90.0, ge=0, le=3600)
+    not_found_window: float = Field(default=120.0, ge=0, le=3600)
+    list_lag_window: float = Field(default=60.0, ge=0, le=3600)
+    lease_seconds: float = Field(default=60.0, ge=1, le=3600)
 
     # --- the broker ------------------------------------------------------------------
     broker_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672//")
