@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import kombu
+from kombu.connection import Connection
 
 from worker.settings import Settings, SettingsError, load_settings
 from worker.topology import (
@@ -76,9 +76,9 @@ def _ssl_options(settings: Settings) -> dict[str, Any] | bool:
     return options
 
 
-def connection(settings: Settings, *, purpose: str) -> kombu.Connection:
+def connection(settings: Settings, *, purpose: str) -> Connection:
     """A (not yet connected) kombu connection for one purpose: ``consume`` or ``publish``."""
-    return kombu.Connection(
+    return Connection(  # type: ignore[no-untyped-call]
         settings.broker_url.get_secret_value(),
         heartbeat=settings.heartbeat,
         ssl=_ssl_options(settings),
@@ -94,17 +94,17 @@ def connection(settings: Settings, *, purpose: str) -> kombu.Connection:
     )
 
 
-def ensure_connected(conn: kombu.Connection) -> kombu.Connection:
+def ensure_connected(conn: Connection) -> Connection:
     """Connect with bounded retries; raises the last connection error past them."""
 
     def _on_error(exc: Exception, interval: float) -> None:
         log.warning("broker unreachable (%s); retrying in %.1f s", type(exc).__name__, interval)
 
-    conn.ensure_connection(_on_error, **CONNECT_RETRY)
+    conn.ensure_connection(_on_error, **CONNECT_RETRY)  # type: ignore[no-untyped-call]
     return conn
 
 
-def declare_topology(conn: kombu.Connection, settings: Settings) -> None:
+def declare_topology(conn: Connection, settings: Settings) -> None:
     """Declare the whole topology on ``conn`` (idempotent; matches the definitions file)."""
     declare_on_channel(conn.default_channel, topology(settings))
 
