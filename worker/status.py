@@ -1,0 +1,86 @@
+"""``batch-worker status JOB_ID``: a job's latest state, read from the durable state.
+
+For a late reader that missed the events: what the worker knows now, from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import psycopg
+
+from worker import store
+from worker.redact import redact
+from worker.settings import Settings
+
+
+def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    """The job's state as a reader wants it, or None when the fleet has no such job."""
+    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+        record = store.get_job(conn, settings.fleet_id, job_id)
+    if record is None:
+        return None
+    state = record.state
+    latest_event = (
+        json.loads(record.last_status_event.body) if record.last_status_event is not None else None
+    )
+    status: dict[str, Any] = {
+        "job_id": state.job_id,
+        "fleet_id": state.fleet_id,
+        "phase": state.phase.value,
+        "status": state.status,
+        "batch_request_id": state.batch_request_id,
+        "sequence": state.sequence,
+        "completion_percentage": state.completion,
+        "tiles": state.tiles.model_dump() if state.tiles is not None else None,
+        "cost_pu": state.cost_pu,
+        "stopped_reason": state.stopped_reason,
+        "error": state.error.model_dump() if state.error is not None else None,
+        "auto_start": state.auto_start,
+        "deadline": state.deadline.isoformat() if state.deadline else None,
+        "max_cost_pu": state.max_cost_pu,
+        "accepted_at": state.accepted_at.isoformat(),
+        "last_seen_at": state.last_seen_at.isoformat() if state.last_seen_at else None,
+        "ended_at": state.ended_at.isoformat() if state.ended_at else None,
+        "pending": {
+            "start": record.start_requested_at is not None and state.phase.value != "ENDED",
+            "cancel": record.cancel_requested_at is not None and state.phase.value != "ENDED",
+        },
+        "latest_status_event": latest_event,
+    }
+    result: dict[str, Any] = redact(status)
+    return result
+
+
+def print_status(settings: Settings, job_id: str, *, as_json: bool) -> int:
+    status = job_status(settings, job_id)
+    if status is None:
+        print(f"no job {job_id!r} in fleet {settings.fleet_id!r}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    tiles = status["tiles"] or {}
+    lines = [
+        f"job            {status['job_id']} (fleet {status['fleet_id']})",
+        f"status         {status['status'] or '-'} ({status['phase']})",
+        f"batch request  {status['batch_request_id'] or '-'}",
+        f"completion     {status['completion_percentage']:.1f} %",
+        f"tiles          {tiles.get('processed', '-')} done, {tiles.get('failed', '-')} failed,"
+        f" {tiles.get('total', '-')} total",
+        f"cost           {status['cost_pu'] if status['cost_pu'] is not None else '-'} PU",
+        f"sequence       {status['sequence']}",
+        f"accepted       {status['accepted_at']}",
+        f"last read      {status['last_seen_at'] or '-'}",
+    ]
+    if status["stopped_reason"]:
+        lines.append(f"stopped        {status['stopped_reason']}")
+    if status["error"]:
+        error = status["error"]
+        lines.append(f"error          [{error['source']}] {error['code']}: {error['message']}")
+    if status["ended_at"]:
+        lines.append(f"ended          {status['ended_at']}")
+    print("\n".join(lines))
+    return 0
