@@ -1,14 +1,46 @@
 """CloudEvents 1.0 (structured JSON) for everything the worker publishes, and the
 messages the relay sends: events, copies to ``reply_to``, dead letters.
 
-SKELETON: the types and signatures below are the agreed interface; bodies are filled in
-by the broker/events work.
+Pure: the builders return ``OutboxMessage`` values; the relay publishes them with confirms.
+The wire shapes are the models of ``worker.messages`` (and the JSON Schemas made from them).
 """
 
 from __future__ import annotations
 
+import json
+import re
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from worker.lifecycle import KNOWN_STATUSES, Echo, JobState
+from worker.messages import (
+    COMMAND_ACCEPTED,
+    COMMAND_REJECTED,
+    JOB_PROGRESS,
+    JOB_STATUS,
+    CommandEventData,
+    ErrorData,
+    JobEventData,
+    Rejection,
+    TilesData,
+)
+from worker.redact import redact
+
+APP_ID = "batch-worker"
+CONTENT_TYPE = "application/cloudevents+json"
+PERSISTENT = 2
+
+# Headers a dead letter carries on top of the original message's own.
+REASON_HEADER = "x-batch-worker-reason"
+DETAIL_HEADER = "x-batch-worker-detail"
+REJECTED_AT_HEADER = "x-batch-worker-rejected-at"
+
+# Fixed forever: changing it would change the id of every re-published event.
+_EVENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:batch-worker:events")
+_NOT_A_ROUTING_WORD = re.compile(r"[^a-z0-9_]")
 
 
 @dataclass(frozen=True)
@@ -26,3 +58,216 @@ class OutboxMessage:
     properties: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, Any] = field(default_factory=dict)
     mandatory: bool = False
+
+
+# ------------------------------------------------------------------------------------------
+# Ids, routing keys, time
+# ------------------------------------------------------------------------------------------
+
+
+def event_id(fleet_id: str, job_id: str, sequence: int) -> str:
+    """The id of a job's event number ``sequence``: the same every time it is published."""
+    # Neither a fleet id nor a job id can hold "/", so the name is unambiguous.
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"job/{fleet_id}/{job_id}/{sequence}"))
+
+
+def command_event_id(fleet_id: str, kind: str, message_id: str | None) -> str:
+    """Stable for a redelivered request that carries a ``message_id``; fresh otherwise."""
+    if message_id is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"command/{fleet_id}/{kind}/{message_id}"))
+
+
+def status_routing_key(status: str) -> str:
+    """``job.<status in lower case>``; a status the API adds later stays one routing word."""
+    return "job." + _NOT_A_ROUTING_WORD.sub("_", status.lower())
+
+
+PROGRESS_ROUTING_KEY = "job.progress"
+COMMAND_ROUTING_KEYS = {"accepted": "command.accepted", "rejected": "command.rejected"}
+# Every routing key the worker publishes events with, for the statuses known today.
+ROUTING_KEYS = (
+    *COMMAND_ROUTING_KEYS.values(),
+    *(status_routing_key(status) for status in KNOWN_STATUSES),
+    PROGRESS_ROUTING_KEY,
+)
+
+
+def rfc3339_ms(moment: datetime) -> str:
+    """``2026-11-25T21:30:00.123Z``: UTC, milliseconds."""
+    if moment.tzinfo is None:
+        raise ValueError("a naive datetime has no place in an event")
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+# ------------------------------------------------------------------------------------------
+# Builders
+# ------------------------------------------------------------------------------------------
+
+
+def job_event(
+    state: JobState,
+    kind: Literal["status", "progress"],
+    *,
+    exchange: str,
+    worker: str,
+    now: datetime,
+    sequence: int | None = None,
+) -> list[OutboxMessage]:
+    """The job's event for ``state`` (and its copy for ``reply_to``).
+
+    ``sequence`` defaults to ``state.sequence``; a step that emits two events passes each
+    its own (``Emit.sequence``).
+    """
+    if state.status is None:
+        raise ValueError(f"job {state.job_id}: no status to publish yet")
+    seq = state.sequence if sequence is None else sequence
+    tiles = state.tiles
+    error = state.error
+    data = JobEventData(
+        job_id=state.job_id,
+        batch_request_id=state.batch_request_id,
+        status=state.status,
+        sequence=seq,
+        completion_percentage=state.completion,
+        tiles=None
+        if tiles is None
+        else TilesData(total=tiles.total, processed=tiles.processed, failed=tiles.failed),
+        cost_pu=state.cost_pu,
+        stopped_reason=state.stopped_reason,
+        error=None if error is None else ErrorData(**error.model_dump()),
+        worker=worker,
+        duplicates_stopped=list(state.duplicates_stopped),
+    )
+    if kind == "status":
+        event_type, routing_key = JOB_STATUS, status_routing_key(state.status)
+    else:
+        event_type, routing_key = JOB_PROGRESS, PROGRESS_ROUTING_KEY
+    return _publishes(
+        event_id=event_id(state.fleet_id, state.job_id, seq),
+        event_type=event_type,
+        fleet_id=state.fleet_id,
+        subject=state.job_id,
+        data=data.model_dump(mode="json"),
+        exchange=exchange,
+        routing_key=routing_key,
+        echo=state.echo,
+        now=now,
+    )
+
+
+def command_event(
+    kind: Literal["accepted", "rejected"],
+    *,
+    fleet_id: str,
+    exchange: str,
+    worker: str,
+    now: datetime,
+    job_id: str | None,
+    action: str | None,
+    echo: Echo,
+    rejection: Rejection | None = None,
+) -> list[OutboxMessage]:
+    """``command.accepted`` / ``command.rejected`` for one request message."""
+    if (kind == "rejected") != (rejection is not None):
+        raise ValueError("a rejection goes with, and only with, kind='rejected'")
+    data = CommandEventData(
+        job_id=job_id,
+        action=action if action in ("submit", "start", "cancel") else None,
+        code=None if rejection is None else str(rejection.code),
+        message=None if rejection is None else rejection.message,
+        worker=worker,
+    ).model_dump(mode="json")
+    if rejection is None:
+        del data["code"], data["message"]
+    return _publishes(
+        event_id=command_event_id(fleet_id, kind, echo.message_id),
+        event_type=COMMAND_ACCEPTED if kind == "accepted" else COMMAND_REJECTED,
+        fleet_id=fleet_id,
+        subject=job_id,
+        data=data,
+        exchange=exchange,
+        routing_key=COMMAND_ROUTING_KEYS[kind],
+        echo=echo,
+        now=now,
+    )
+
+
+def dead_letter(
+    message_body: bytes,
+    properties: Mapping[str, Any],
+    headers: Mapping[str, Any],
+    *,
+    dlq: str,
+    rejection: Rejection,
+    now: datetime,
+) -> OutboxMessage:
+    """The rejected message whole, for the DLQ, with why and when in three headers.
+
+    The body is kept byte for byte (secrets included: the DLQ is the producer's own data,
+    guarded like the jobs queue); only the added headers are the worker's words.
+    """
+    kept = dict(properties)
+    # A headers table inside the properties (kombu's ``application_headers``) joins the rest.
+    merged: dict[str, Any] = dict(kept.pop("application_headers", None) or {})
+    merged.update(kept.pop("headers", None) or {})
+    merged.update(headers)
+    merged[REASON_HEADER] = str(rejection.code)
+    merged[DETAIL_HEADER] = rejection.message
+    merged[REJECTED_AT_HEADER] = rfc3339_ms(now)
+    return OutboxMessage(
+        exchange="",
+        routing_key=dlq,
+        body=message_body,
+        properties=kept,
+        headers=merged,
+        mandatory=True,  # a missing DLQ must not swallow the message silently
+    )
+
+
+def _publishes(
+    *,
+    event_id: str,
+    event_type: str,
+    fleet_id: str,
+    subject: str | None,
+    data: dict[str, Any],
+    exchange: str,
+    routing_key: str,
+    echo: Echo,
+    now: datetime,
+) -> list[OutboxMessage]:
+    envelope: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": f"/batch-worker/{fleet_id}",
+        "type": event_type,
+    }
+    if subject is not None:
+        envelope["subject"] = subject
+    envelope["time"] = rfc3339_ms(now)
+    envelope["datacontenttype"] = "application/json"
+    if echo.correlation_id is not None:
+        envelope["correlationid"] = echo.correlation_id
+    if echo.message_id is not None:
+        envelope["causationid"] = echo.message_id
+    envelope["data"] = redact(data)
+    body = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    properties: dict[str, Any] = {
+        "content_type": CONTENT_TYPE,
+        "message_id": event_id,
+        "type": event_type,
+        "app_id": APP_ID,
+        "timestamp": int(now.timestamp()),
+        "delivery_mode": PERSISTENT,
+    }
+    if echo.correlation_id is not None:
+        properties["correlation_id"] = echo.correlation_id
+    published = [OutboxMessage(exchange, routing_key, body, properties)]
+    if echo.reply_to:
+        # The default exchange routes by queue name; mandatory, so a vanished reply
+        # queue comes back as a return instead of vanishing.
+        published.append(OutboxMessage("", echo.reply_to, body, dict(properties), mandatory=True))
+    return published
