@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# How often the server thread checks for stop(): stopping is part of the SIGTERM grace period.
+_SHUTDOWN_POLL = 0.1
+
 
 class Health:
     """Liveness of the process's loops and readiness of the process. Thread-safe."""
@@ -178,7 +181,7 @@ class ProbeServer:
         )
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, name="probe-server", daemon=True
+            target=server.serve_forever, args=(_SHUTDOWN_POLL,), name="probe-server", daemon=True
         )
         self._thread.start()
         logger.info("serving /metrics, /healthz, /readyz on %s:%d", self._host, self.port)
