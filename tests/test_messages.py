@@ -1,0 +1,273 @@
+"""Job-request parsing (CONTRACT.md "Job requests") and the request hash."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.messages import (
+    SCHEMA_VERSION,
+    JobRequest,
+    RejectCode,
+    Rejection,
+    parse_job_request,
+    request_hash,
+)
+
+PAYLOAD = {
+    "processRequest": {"input": {}, "output": {}, "evalscript": "//VERSION=3"},
+    "input": {"type": "tiling-grid", "id": 0, "resolution": 60.0},
+    "output": {
+        "type": "raster",
+        "delivery": {
+            "s3": {
+                "url": "s3://bucket/prefix",
+                "accessKey": "AKIAEXAMPLEKEY",
+                "secretAccessKey": "wJalrXUtnFEMI-very-secret",
+            }
+        },
+    },
+}
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def parse(**fields: Any) -> JobRequest | Rejection:
+    return parse_job_request(body(**fields), "application/json")
+
+
+def accepted(result: JobRequest | Rejection) -> JobRequest:
+    assert isinstance(result, JobRequest), result
+    return result
+
+
+def rejected(result: JobRequest | Rejection) -> Rejection:
+    assert isinstance(result, Rejection), result
+    return result
+
+
+# --- what is taken ---------------------------------------------------------------------------
+
+
+def test_the_contract_example_parses_with_its_values() -> None:
+    req = accepted(
+        parse(
+            schema_version=1,
+            job_id="corsica-ndvi-2019-q2",
+            action="submit",
+            request=PAYLOAD,
+            auto_start=True,
+            deadline="2026-12-01T00:00:00Z",
+            max_cost_pu=5000,
+        )
+    )
+    assert req.job_id == "corsica-ndvi-2019-q2"
+    assert req.request == PAYLOAD
+    assert req.deadline == datetime(2026, 12, 1, tzinfo=UTC)
+    assert req.max_cost_pu == 5000.0
+
+
+def test_defaults_make_a_minimal_submit() -> None:
+    req = accepted(parse(job_id="j", request={}))
+    assert (req.schema_version, req.action, req.auto_start) == (SCHEMA_VERSION, "submit", True)
+    assert (req.batch_request_id, req.deadline, req.max_cost_pu) == (None, None, None)
+
+
+def test_adopting_an_existing_batch_request_needs_no_payload() -> None:
+    req = accepted(parse(job_id="j", batch_request_id="6aa8765a-0000", request=None))
+    assert req.batch_request_id == "6aa8765a-0000"
+    assert req.request is None
+
+
+def test_unknown_top_level_fields_are_ignored() -> None:
+    req = accepted(parse(job_id="j", request={}, priority="high", labels={"a": 1}))
+    assert "priority" not in req.model_dump()
+
+
+@pytest.mark.parametrize("action", ["start", "cancel"])
+def test_start_and_cancel_ignore_submit_fields_even_malformed(action: str) -> None:
+    req = accepted(
+        parse(job_id="j", action=action, request="not an object", max_cost_pu=-1, deadline=3)
+    )
+    assert req.action == action
+    assert (req.request, req.max_cost_pu, req.deadline) == (None, None, None)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "", "application/json", "Application/JSON", "application/json; charset=utf-8"],
+)
+def test_json_content_types_and_none_are_taken(content_type: str | None) -> None:
+    accepted(parse_job_request(body(job_id="j", request={}), content_type))
+
+
+def test_a_utf8_bom_and_non_ascii_text_are_taken() -> None:
+    raw = "\ufeff" + json.dumps({"job_id": "j", "request": {"description": "Île de Beauté"}})
+    req = accepted(parse_job_request(raw.encode("utf-8"), None))
+    assert req.request == {"description": "Île de Beauté"}
+
+
+@pytest.mark.parametrize("job_id", ["a", "A.b_c-d:9", "x" * 128])
+def test_job_id_limits_that_pass(job_id: str) -> None:
+    assert accepted(parse(job_id=job_id, request={})).job_id == job_id
+
+
+# --- what is refused -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"{not json", RejectCode.MALFORMED_JSON),
+        (b"\xff\xfe{}", RejectCode.MALFORMED_JSON),
+        (b'{"job_id": "j", "max_cost_pu": NaN, "request": {}}', RejectCode.MALFORMED_JSON),
+        (b"", RejectCode.MALFORMED_JSON),
+        (b"[]", RejectCode.NOT_AN_OBJECT),
+        (b'"job"', RejectCode.NOT_AN_OBJECT),
+        (b"null", RejectCode.NOT_AN_OBJECT),
+    ],
+)
+def test_bodies_that_are_not_a_json_object(raw: bytes, code: RejectCode) -> None:
+    rejection = rejected(parse_job_request(raw, "application/json"))
+    assert rejection.code == code
+    assert (rejection.job_id, rejection.action) == (None, None)
+
+
+@pytest.mark.parametrize("job_id", [None, "", "x" * 129, "with space", "a/b", "é", 42, ["j"]])
+def test_unusable_job_ids(job_id: Any) -> None:
+    fields = {"request": {}} if job_id is None else {"job_id": job_id, "request": {}}
+    rejection = rejected(parse(**fields))
+    assert rejection.code == RejectCode.INVALID_JOB_ID
+    assert rejection.job_id is None
+    assert "job_id" in rejection.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "names"),
+    [
+        ({"action": "destroy"}, RejectCode.UNKNOWN_ACTION, "action"),
+        ({"action": 1}, RejectCode.UNKNOWN_ACTION, "action"),
+        ({}, RejectCode.MISSING_REQUEST, "request"),
+        ({"request": None}, RejectCode.MISSING_REQUEST, "request"),
+        ({"request": {}, "batch_request_id": "b"}, RejectCode.CONFLICTING_FIELDS, "request"),
+        ({"request": {}, "schema_version": 2}, RejectCode.UNSUPPORTED_SCHEMA_VERSION, "schema"),
+        ({"request": {}, "schema_version": 0}, RejectCode.INVALID_FIELD, "schema_version"),
+        ({"request": {}, "schema_version": "1"}, RejectCode.INVALID_FIELD, "schema_version"),
+        ({"request": []}, RejectCode.INVALID_FIELD, "request"),
+        ({"request": {}, "max_cost_pu": 0}, RejectCode.INVALID_FIELD, "max_cost_pu"),
+        ({"request": {}, "max_cost_pu": True}, RejectCode.INVALID_FIELD, "max_cost_pu"),
+        ({"request": {}, "max_cost_pu": "5000"}, RejectCode.INVALID_FIELD, "max_cost_pu"),
+        ({"request": {}, "deadline": "2026-12-01T00:00:00"}, RejectCode.INVALID_FIELD, "deadline"),
+        ({"request": {}, "deadline": 1_790_000_000}, RejectCode.INVALID_FIELD, "deadline"),
+        ({"request": {}, "deadline": "tomorrow"}, RejectCode.INVALID_FIELD, "deadline"),
+        ({"request": {}, "auto_start": "yes"}, RejectCode.INVALID_FIELD, "auto_start"),
+        ({"batch_request_id": ""}, RejectCode.INVALID_FIELD, "batch_request_id"),
+    ],
+)
+def test_field_problems_have_their_code_and_name_the_field(
+    fields: dict[str, Any], code: RejectCode, names: str
+) -> None:
+    rejection = rejected(parse(job_id="job-1", **fields))
+    assert rejection.code == code
+    assert names in rejection.message
+    assert rejection.job_id == "job-1"
+
+
+def test_a_newer_schema_version_wins_over_other_problems() -> None:
+    rejection = rejected(parse(job_id="j", schema_version=2, action="teleport"))
+    assert rejection.code == RejectCode.UNSUPPORTED_SCHEMA_VERSION
+
+
+def test_rejection_action_is_only_ever_a_known_action() -> None:
+    assert rejected(parse(job_id="j", action="destroy")).action is None
+    assert rejected(parse(job_id="j")).action == "submit"
+    assert rejected(parse(job_id="j", action="start", schema_version=9)).action == "start"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/xml", "application/json; charset=latin-1"]
+)
+def test_other_content_types_are_refused_but_the_job_id_is_read(content_type: str) -> None:
+    rejection = rejected(parse_job_request(body(job_id="j", request={}), content_type))
+    assert rejection.code == RejectCode.UNSUPPORTED_CONTENT_TYPE
+    assert (rejection.job_id, rejection.action) == ("j", "submit")
+
+
+def test_a_rejection_never_echoes_values() -> None:
+    secret = "wJalrXUtnFEMI-very-secret"
+    for fields in (
+        {"request": {}, "max_cost_pu": secret},
+        {"request": {}, "deadline": secret},
+        {"request": secret},
+        {"request": {}, "auto_start": secret},
+        {"request": {}, "batch_request_id": secret},
+    ):
+        rejection = rejected(parse(job_id="j", **fields))
+        assert secret not in rejection.message
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+field_names = st.sampled_from(
+    ["schema_version", "job_id", "action", "request", "batch_request_id", "auto_start",
+     "deadline", "max_cost_pu", "other"]
+)  # fmt: skip
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.dictionaries(field_names, json_values))
+def test_any_json_object_is_parsed_or_rejected_never_raised(fields: dict[str, Any]) -> None:
+    result = parse_job_request(json.dumps(fields).encode(), None)
+    if isinstance(result, Rejection):
+        assert isinstance(result.code, str) and result.message
+        assert result.action in (None, "submit", "start", "cancel")
+    else:
+        assert result.job_id == fields["job_id"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_are_parsed_or_rejected_never_raised(raw: bytes) -> None:
+    assert isinstance(parse_job_request(raw, None), JobRequest | Rejection)
+
+
+# --- the request hash --------------------------------------------------------------------------
+
+
+def test_the_hash_ignores_key_order_offsets_and_fields_that_do_not_define_the_request() -> None:
+    a = accepted(parse(job_id="a", request={"x": 1, "y": [1, 2]}, deadline="2026-12-01T00:00:00Z"))
+    b = accepted(
+        parse_job_request(
+            b'{"deadline": "2026-12-01T01:00:00+01:00", "request": {"y": [1, 2], "x": 1},'
+            b' "job_id": "b", "unknown": 1}',
+            None,
+        )
+    )
+    assert request_hash(a) == request_hash(b)
+    assert len(request_hash(a)) == 64
+    assert set(request_hash(a)) <= set("0123456789abcdef")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"request": {"x": 2}},
+        {"request": None, "batch_request_id": "b"},
+        {"auto_start": False},
+        {"deadline": datetime(2026, 12, 1, tzinfo=timezone(timedelta(hours=1)))},
+        {"max_cost_pu": 10.0},
+    ],
+)
+def test_the_hash_changes_with_each_field_that_defines_the_request(change: dict[str, Any]) -> None:
+    base = JobRequest(job_id="j", request={"x": 1}, deadline=datetime(2026, 12, 1, tzinfo=UTC))
+    assert request_hash(base) != request_hash(base.model_copy(update=change))
