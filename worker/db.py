@@ -12,6 +12,8 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+Pool = ConnectionPool
+
 # Any constant shared by every batch-worker process: the schema is applied under this
 # advisory lock so that a fleet starting at once does not race on CREATE ... IF NOT EXISTS
 # (which is not safe against concurrent creators in PostgreSQL).

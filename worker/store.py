@@ -110,8 +110,9 @@ def message_to_json(message: OutboxMessage) -> dict[str, Any]:
         "exchange": message.exchange,
         "routing_key": message.routing_key,
         "body": message.body.decode("utf-8"),
-        "properties": message.properties,
-        "headers": message.headers,
+        # AMQP tables may hold bytes or datetimes: the outbox's tagged JSON keeps them.
+        "properties": json.loads(outbox.encode_table(message.properties)),
+        "headers": json.loads(outbox.encode_table(message.headers)),
         "mandatory": message.mandatory,
     }
 
@@ -121,8 +122,8 @@ def message_from_json(data: dict[str, Any]) -> OutboxMessage:
         exchange=data["exchange"],
         routing_key=data["routing_key"],
         body=data["body"].encode("utf-8"),
-        properties=dict(data.get("properties") or {}),
-        headers=dict(data.get("headers") or {}),
+        properties=outbox.decode_table(data.get("properties") or {}),
+        headers=outbox.decode_table(data.get("headers") or {}),
         mandatory=bool(data.get("mandatory", False)),
     )
 

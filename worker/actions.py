@@ -1,0 +1,217 @@
+"""Performing the lifecycle's actions against the API and S3, and turning each outcome into
+the observation the machine steps on next.
+
+Every action here is safe to repeat: a GET, an analyse/start/stop on a status that already
+moved (refused harmlessly), and a create that scans for the job's tag first whenever an
+earlier attempt may have happened (docs/design.md "Idempotent creates").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from worker import lifecycle
+from worker.api.errors import ApiError, ClientError, NotFound, PayloadInvalid
+from worker.api.models import Page, Task, validate_create_payload
+from worker.lifecycle import (
+    Action,
+    ActionRefused,
+    Adopt,
+    Analyse,
+    Create,
+    CreateRefused,
+    CreateSucceeded,
+    CreateUncertain,
+    JobError,
+    JobState,
+    NotFoundYet,
+    Observation,
+    Poll,
+    ReadTiles,
+    Start,
+    Stop,
+    StopDuplicate,
+    TaskMissing,
+    TaskSeen,
+    TaskSnapshot,
+    Tiles,
+    TilesSeen,
+)
+
+log = logging.getLogger(__name__)
+
+
+class BatchApi(Protocol):
+    """The part of ``worker.api.BatchClient`` the engine calls."""
+
+    def create(self, payload: dict[str, Any]) -> Task: ...
+    def get(self, task_id: str, *, created_at: datetime | None = None) -> Task: ...
+    def iter_pages(
+        self, *, sort: str = "created:desc", search: str | None = None, count: int | None = None
+    ) -> Iterator[Page]: ...
+    def analyse(self, task_id: str) -> None: ...
+    def start(self, task_id: str) -> None: ...
+    def stop(self, task_id: str) -> None: ...
+
+
+class TileSource(Protocol):
+    def read(
+        self, request: dict[str, Any], request_id: str, *, execution_db: bool
+    ) -> Tiles | None: ...
+
+
+def snapshot(task: Task) -> TaskSnapshot:
+    """The few fields the lifecycle decides on; the task's body is dropped here."""
+    return TaskSnapshot(
+        id=task.id,
+        status=task.status,
+        created=task.created,
+        completion_percentage=task.completion_percentage,
+        cost_pu=task.cost_pu,
+        stopped_reason=task.stopped_status_reason,
+        error=task.error,
+        user_action=task.user_action,
+    )
+
+
+def api_error(exc: ApiError) -> JobError:
+    return JobError(source="api", http_status=exc.http_status, code=exc.code, message=exc.message)
+
+
+class ActionRunner:
+    """Performs one action for one job; answers the observation, or None when there is
+    nothing new to step on (the lifecycle's ``wake_at`` covers retries)."""
+
+    def __init__(
+        self,
+        client: BatchApi,
+        tiles: TileSource,
+        *,
+        on_duplicate_stopped: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._client = client
+        self._tiles = tiles
+        self._on_duplicate_stopped = on_duplicate_stopped
+
+    def perform(self, state: JobState, action: Action, now: datetime) -> Observation | None:
+        match action:
+            case Create():
+                return self._create(state, action, now)
+            case Adopt(batch_request_id=task_id):
+                return self._get(task_id, None)
+            case Poll(batch_request_id=task_id, asap=True):
+                return self._get(task_id, state.upstream_created)
+            case Poll():
+                return None  # the poller reads it with the next list scan or GET round
+            case Analyse(batch_request_id=task_id):
+                return self._command("analyse", self._client.analyse, task_id)
+            case Start(batch_request_id=task_id):
+                return self._command("start", self._client.start, task_id)
+            case Stop(batch_request_id=task_id):
+                return self._command("stop", self._client.stop, task_id)
+            case StopDuplicate(batch_request_id=task_id):
+                self._stop_duplicate(task_id)
+                return None
+            case ReadTiles(batch_request_id=task_id, execution_db=execution_db):
+                return self._read_tiles(state, task_id, execution_db)
+        raise AssertionError(f"unknown action {action!r}")  # pragma: no cover
+
+    # -- create -------------------------------------------------------------------------
+
+    def _create(self, state: JobState, action: Create, now: datetime) -> Observation:
+        tag = lifecycle.tag_for(state.fleet_id, state.job_id)
+        if action.search_since is not None:
+            try:
+                found = self.find_tagged(tag, since=action.search_since)
+            except ApiError as exc:
+                log.warning("job %s: tag scan failed: %s", state.job_id, exc)
+                return NotFoundYet()
+            if found is not None:
+                log.info("job %s: found its batch request %s by tag", state.job_id, found.id)
+                return CreateSucceeded(task=snapshot(found), found=True)
+            if action.create_not_before is not None and now < action.create_not_before:
+                return NotFoundYet()
+        request = dict(state.request or {})
+        description = request.get("description")
+        request["description"] = lifecycle.describe(
+            description if isinstance(description, str) else None, tag
+        )
+        try:
+            payload = validate_create_payload(request)
+        except PayloadInvalid as exc:
+            return CreateRefused(JobError(source="worker", code=exc.code, message=exc.message))
+        try:
+            task = self._client.create(payload)
+        except (NotFound, ClientError) as exc:
+            # The API read the payload and refused it: creating again would not help.
+            return CreateRefused(api_error(exc))
+        except ApiError as exc:
+            log.warning("job %s: create uncertain: %s", state.job_id, exc)
+            return CreateUncertain(detail=str(exc))
+        return CreateSucceeded(task=snapshot(task))
+
+    def find_tagged(self, tag: str, *, since: datetime) -> Task | None:
+        """Scan the list newest first back to ``since`` for a task whose description holds
+        ``tag``. ``search`` narrows the list where the API honours it (batch-v2-api.md §2.1:
+        documented on CDSE only); the description check below decides either way."""
+        for page in self._client.iter_pages(sort="created:desc", search=tag):
+            for task in page.tasks:
+                if task.created is not None and task.created < since:
+                    return None
+                if tag in (task.description or ""):
+                    return task
+            if not page.next_token:
+                return None
+        return None
+
+    # -- the rest ------------------------------------------------------------------------
+
+    def _get(self, task_id: str, created_at: datetime | None) -> Observation | None:
+        try:
+            return TaskSeen(snapshot(self._client.get(task_id, created_at=created_at)))
+        except NotFound:
+            return TaskMissing()
+        except ApiError as exc:
+            log.warning("GET %s failed: %s", task_id, exc)
+            return None
+
+    def _command(
+        self,
+        name: Literal["analyse", "start", "stop"],
+        call: Callable[[str], None],
+        task_id: str,
+    ) -> Observation | None:
+        try:
+            call(task_id)
+        except ClientError as exc:
+            return ActionRefused(action=name, error=api_error(exc))
+        except NotFound:
+            return TaskMissing()
+        except ApiError as exc:
+            log.warning("%s %s failed: %s", name, task_id, exc)
+        return None
+
+    def _stop_duplicate(self, task_id: str) -> None:
+        try:
+            self._client.stop(task_id)
+        except ApiError as exc:
+            log.warning("could not stop duplicate batch request %s: %s", task_id, exc)
+            return
+        log.warning("stopped duplicate batch request %s", task_id)
+        self._on_duplicate_stopped()
+
+    def _read_tiles(self, state: JobState, task_id: str, execution_db: bool) -> Observation | None:
+        request = state.request
+        if request is None:
+            # Adopted: the producer gave no payload; the task carries its delivery location.
+            try:
+                request = self._client.get(task_id).request
+            except ApiError as exc:
+                log.warning("GET %s for its delivery location failed: %s", task_id, exc)
+                return None
+        # The reader answers None itself when the delivery bucket cannot be read.
+        tiles = self._tiles.read(request, task_id, execution_db=execution_db)
+        return TilesSeen(tiles) if tiles is not None else None

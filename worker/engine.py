@@ -1,0 +1,360 @@
+"""The engine: claims due jobs, steps the lifecycle, saves, then performs the actions.
+
+Order per job, always under its lease (docs/design.md "Per-job serialisation"):
+fold pending start/cancel requests → ``step`` → SAVE (state + events, fenced on the
+claim's generation) → perform the actions → their outcomes are observations → step →
+save → … → release with the next wake-up. A lost lease aborts before any action runs.
+
+Jobs run on a bounded thread pool; nothing per job lives in memory between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from psycopg_pool import ConnectionPool
+
+from worker import events, lifecycle, store
+from worker.actions import ActionRunner, BatchApi, TileSource
+from worker.events import OutboxMessage
+from worker.lifecycle import (
+    CancelRequested,
+    JobState,
+    Observation,
+    Phase,
+    Policy,
+    StartRequested,
+    Transition,
+    Wake,
+)
+from worker.poller import Poller, due_targets
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A job stepping more often than this in one claim is looping; hand it back for later.
+MAX_STEPS_PER_CLAIM = 32
+
+
+class EngineMetrics(Protocol):
+    """The ``worker.metrics.Metrics`` methods the engine calls."""
+
+    def job_finished(
+        self, status: str, reason: str | None, duration_seconds: float | None
+    ) -> None: ...
+    def set_in_flight(self, counts: dict[str, int]) -> None: ...
+    def tiles(self, processed_delta: int, failed_delta: int) -> None: ...
+    def duplicate_stopped(self) -> None: ...
+    def status_lag(self, seconds: float) -> None: ...
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def policy_from(settings: Settings) -> Policy:
+    return Policy(
+        poll_interval=timedelta(seconds=settings.poll_interval),
+        rest_poll_interval=timedelta(seconds=settings.rest_poll_interval),
+        action_lag=timedelta(seconds=settings.action_lag),
+        not_found_window=timedelta(seconds=settings.not_found_window),
+        list_lag_window=timedelta(seconds=settings.list_lag_window),
+    )
+
+
+@dataclass
+class _Held:
+    """A claimed job while a worker thread drives it."""
+
+    state: JobState
+    generation: int
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: ConnectionPool,
+        client: BatchApi,
+        *,
+        tiles: TileSource,
+        metrics: EngineMetrics | None = None,
+        policy: Policy | None = None,
+        worker_name: str,
+        clock: Callable[[], datetime] = utc_now,
+        threads: int = 8,
+        claim_batch: int = 64,
+        idle_wait: float = 0.5,
+        gauges_every: float = 10.0,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._fleet = settings.fleet_id
+        self._metrics = metrics
+        self._policy = policy or policy_from(settings)
+        self._owner = worker_name
+        self._clock = clock
+        self._lease = timedelta(seconds=settings.lease_seconds)
+        self._threads = threads
+        self._claim_batch = claim_batch
+        self._idle_wait = idle_wait
+        self._gauges_every = gauges_every
+        self._runner = ActionRunner(
+            client,
+            tiles,
+            on_duplicate_stopped=metrics.duplicate_stopped if metrics else (lambda: None),
+        )
+        self._poller = Poller(client, self._fleet, clock_skew=self._policy.clock_skew)
+        self._stop = threading.Event()
+        self._in_hand: set[Future[None]] = set()
+        self._lock = threading.Lock()
+
+    # -- the loops ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop claiming; steps in hand finish their current action, save and release."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Block until ``request_stop``; every exception is logged and the loop goes on."""
+        poll_thread = threading.Thread(target=self._poll_loop, name="engine-poller", daemon=True)
+        poll_thread.start()
+        next_gauges = 0.0
+        backoff = 0.0
+        with ThreadPoolExecutor(self._threads, thread_name_prefix="engine") as executor:
+            while not self._stop.is_set():
+                try:
+                    claimed = self._claim_and_submit(executor)
+                    if self._clock().timestamp() >= next_gauges:
+                        self._update_gauges()
+                        next_gauges = self._clock().timestamp() + self._gauges_every
+                    backoff = 0.0
+                except Exception as exc:  # noqa: BLE001 - the loop must outlive any error
+                    backoff = min(max(backoff * 2, 0.5), 30.0)
+                    log.error("engine loop error (%s); retrying in %.1fs", exc, backoff)
+                    self._stop.wait(backoff)
+                    continue
+                if not claimed:
+                    self._stop.wait(self._idle_wait)
+        poll_thread.join()
+        log.info("engine stopped")
+
+    def _claim_and_submit(self, executor: ThreadPoolExecutor) -> int:
+        with self._lock:
+            self._in_hand = {f for f in self._in_hand if not f.done()}
+            free = self._threads * 2 - len(self._in_hand)
+        if free <= 0:
+            return 0
+        with self._pool.connection() as conn:
+            claims = store.claim_due(
+                conn,
+                self._fleet,
+                self._owner,
+                now=self._clock(),
+                lease=self._lease,
+                limit=min(free, self._claim_batch),
+            )
+        for claim in claims:
+            self._submit(executor, claim, [])
+        return len(claims)
+
+    def _submit(
+        self, executor: ThreadPoolExecutor, claim: store.Claim, observations: list[Observation]
+    ) -> None:
+        future = executor.submit(self._drive_safely, claim, observations)
+        with self._lock:
+            self._in_hand.add(future)
+
+    def _poll_loop(self) -> None:
+        with ThreadPoolExecutor(self._threads, thread_name_prefix="poll-step") as executor:
+            while not self._stop.is_set():
+                try:
+                    waited = self.poll_once(executor)
+                except Exception as exc:  # noqa: BLE001 - the loop must outlive any error
+                    log.error("poller error (%s)", exc)
+                    waited = 1.0
+                self._stop.wait(waited)
+
+    def poll_once(self, executor: ThreadPoolExecutor | None = None) -> float:
+        """One status round; returns how long to wait before the next one."""
+        now = self._clock()
+        interval = self._policy.poll_interval
+        with self._pool.connection() as conn:
+            targets = store.active_poll_targets(conn, self._fleet)
+        due = due_targets(targets, now=now, interval=interval)
+        if not due:
+            soonest = min(
+                (t.last_seen_at + interval for t in targets if t.last_seen_at is not None),
+                default=now + interval,
+            )
+            return float(max(0.2, min((soonest - now).total_seconds(), interval.total_seconds())))
+        result = self._poller.round(targets, due)
+        with self._pool.connection() as conn:
+            store.touch_seen(conn, self._fleet, result.unchanged, seen_at=now)
+            claims = (
+                store.claim_due(
+                    conn,
+                    self._fleet,
+                    self._owner,
+                    now=self._clock(),
+                    lease=self._lease,
+                    limit=len(result.observations),
+                    job_ids=list(result.observations),
+                )
+                if result.observations
+                else []
+            )
+        log.debug(
+            "status round: %d due, %s, %d requests, %d changed, %d unchanged",
+            len(due),
+            result.method,
+            result.requests,
+            len(result.observations),
+            len(result.unchanged),
+        )
+        for claim in claims:
+            observations = result.observations[claim.state.job_id]
+            if executor is None:
+                self._drive_safely(claim, observations)
+            else:
+                executor.submit(self._drive_safely, claim, observations)
+        return 0.2
+
+    def _update_gauges(self) -> None:
+        if self._metrics is None:
+            return
+        with self._pool.connection() as conn:
+            counts = store.count_active_by_status(conn, self._fleet)
+            oldest = store.oldest_seen(conn, self._fleet)
+        self._metrics.set_in_flight(counts)
+        lag = (self._clock() - oldest).total_seconds() if oldest is not None else 0.0
+        self._metrics.status_lag(max(0.0, lag))
+
+    # -- one job ------------------------------------------------------------------------
+
+    def _drive_safely(self, claim: store.Claim, observations: list[Observation]) -> None:
+        try:
+            self.drive(claim, observations)
+        except store.LeaseLost as exc:
+            log.warning("%s; its actions were not performed", exc)
+        except Exception:
+            # The lease expires and this or another worker resumes from the saved state.
+            log.exception("job %s: step failed", claim.state.job_id)
+
+    def drive(self, claim: store.Claim, observations: list[Observation]) -> None:
+        """Run a claimed job until it asks for nothing more, then release it."""
+        state = claim.state
+        pending: deque[Observation] = deque()
+        folded_cancel = folded_start = None
+        if claim.cancel_requested_at is not None:
+            folded_cancel = claim.cancel_requested_at
+            if not state.cancel_wanted:
+                pending.append(CancelRequested())
+        if claim.start_requested_at is not None:
+            folded_start = claim.start_requested_at
+            if not state.start_wanted:
+                pending.append(StartRequested())
+        pending.extend(observations)
+        if not pending:
+            pending.append(Wake())
+        held = _Held(state, claim.generation)
+        wake_at: datetime | None = None
+        steps = 0
+        while pending and steps < MAX_STEPS_PER_CLAIM:
+            steps += 1
+            now = self._clock()
+            transition = lifecycle.step(held.state, pending.popleft(), now, self._policy)
+            self._save(held, transition, now, folded_cancel, folded_start)
+            folded_cancel = folded_start = None
+            wake_at = transition.wake_at
+            for action in transition.actions:
+                if self._stop.is_set():
+                    break  # stopping: the action in hand finished; take on nothing new
+                outcome = self._runner.perform(held.state, action, self._clock())
+                if outcome is not None:
+                    pending.append(outcome)
+        if pending or self._stop.is_set():
+            # Stopping (another worker takes it at once) or looping: pick it up again now.
+            wake_at = self._clock()
+        self._release(held, wake_at)
+
+    def _save(
+        self,
+        held: _Held,
+        transition: Transition,
+        now: datetime,
+        folded_cancel: datetime | None,
+        folded_start: datetime | None,
+    ) -> None:
+        previous, state = held.state, transition.state
+        messages: list[OutboxMessage] = []
+        status_event: OutboxMessage | None = None
+        for emit in transition.emits:
+            out = events.job_event(
+                state,
+                emit.kind,
+                exchange=self._settings.events_exchange,
+                worker=self._owner,
+                now=now,
+                sequence=emit.sequence,
+            )
+            messages.extend(out)
+            if emit.kind == "status":
+                status_event = next(
+                    (m for m in out if m.exchange == self._settings.events_exchange), None
+                )
+        with self._pool.connection() as conn:
+            store.save_step(
+                conn,
+                state,
+                generation=held.generation,
+                owner=self._owner,
+                messages=messages,
+                status_event=status_event,
+                folded_cancel=folded_cancel,
+                folded_start=folded_start,
+                lease_until=now + self._lease,
+            )
+        held.state = state
+        self._after_commit(previous, state)
+
+    def _after_commit(self, previous: JobState, state: JobState) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        old_tiles, new_tiles = previous.tiles, state.tiles
+        if new_tiles is not None:
+            processed = new_tiles.processed - (old_tiles.processed if old_tiles else 0)
+            failed = new_tiles.failed - (old_tiles.failed if old_tiles else 0)
+            if processed > 0 or failed > 0:
+                metrics.tiles(max(processed, 0), max(failed, 0))
+        if state.phase is Phase.ENDED and previous.phase is not Phase.ENDED:
+            reason = state.stopped_reason or (state.error.code if state.error else None)
+            duration = (
+                (state.ended_at - state.accepted_at).total_seconds() if state.ended_at else None
+            )
+            metrics.job_finished(state.status or "UNKNOWN", reason, duration)
+
+    def _release(self, held: _Held, wake_at: datetime | None) -> None:
+        if wake_at is None and held.state.phase is not Phase.ENDED:
+            # The machine named no wake-up; never leave an active job without one.
+            wake_at = self._clock() + self._policy.rest_poll_interval
+        with self._pool.connection() as conn:
+            released = store.release(
+                conn,
+                self._fleet,
+                held.state.job_id,
+                generation=held.generation,
+                owner=self._owner,
+                next_run_at=wake_at,
+                now=self._clock(),
+            )
+        if not released:
+            log.warning("job %s: lease lost before release", held.state.job_id)

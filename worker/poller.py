@@ -1,0 +1,161 @@
+"""Reading many jobs' statuses per API call (docs/design.md "Reading statuses within a budget").
+
+Each round takes the active jobs whose status is older than the poll interval and reads
+them the cheaper way: list pages sorted ``created:desc`` down to the oldest due job's
+creation, or one GET per due job. The list's page size and how many foreign tasks (other
+clients of the account) sit among ours are unknowns, so both are learned from each scan.
+
+A status that did not change costs one bulk UPDATE of ``last_seen_at``; only changes,
+404s and duplicates become observations the engine steps on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from worker import lifecycle
+from worker.actions import BatchApi, snapshot
+from worker.api.errors import ApiError, NotFound
+from worker.api.models import Task
+from worker.lifecycle import DuplicateFound, Observation, TaskMissing, TaskSeen
+from worker.store import PollTarget
+
+log = logging.getLogger(__name__)
+
+_TAG_WORD = re.compile(r"\bbw[0-9a-f]{30}\b")
+
+
+@dataclass
+class PollResult:
+    """What one round learned: changes to step on, and jobs merely seen unchanged."""
+
+    observations: dict[str, list[Observation]] = field(default_factory=dict)
+    unchanged: list[str] = field(default_factory=list)
+    requests: int = 0
+    method: str = "none"
+
+    def add(self, job_id: str, observation: Observation) -> None:
+        self.observations.setdefault(job_id, []).append(observation)
+
+
+def changed(target: PollTarget, task: Task) -> bool:
+    return (
+        task.status != target.status
+        or task.completion_percentage != target.completion
+        or (target.cost_pu is not None and task.cost_pu != target.cost_pu)
+        or (target.cost_pu is None and task.cost_pu != 0)
+    )
+
+
+def due_targets(
+    targets: list[PollTarget], *, now: datetime, interval: timedelta
+) -> list[PollTarget]:
+    return [t for t in targets if t.last_seen_at is None or t.last_seen_at <= now - interval]
+
+
+class Poller:
+    def __init__(
+        self,
+        client: BatchApi,
+        fleet_id: str,
+        *,
+        clock_skew: timedelta = timedelta(seconds=30),
+        initial_page_size: int = 100,
+    ) -> None:
+        self._client = client
+        self._fleet_id = fleet_id
+        self._skew = clock_skew
+        # Learned from scans: tasks per page, and tasks listed per task of ours (>= 1).
+        self._page_size = float(initial_page_size)
+        self._crowding = 1.0
+
+    def estimate_list_pages(self, targets: list[PollTarget], oldest_due: datetime) -> int:
+        ours = sum(
+            1 for t in targets if t.upstream_created is None or t.upstream_created >= oldest_due
+        )
+        return max(1, math.ceil(ours * self._crowding / self._page_size))
+
+    def round(self, targets: list[PollTarget], due: list[PollTarget]) -> PollResult:
+        """Read the statuses of ``due`` (and whatever else the chosen scan covers)."""
+        result = PollResult()
+        if not due:
+            return result
+        created = [t.upstream_created for t in due if t.upstream_created is not None]
+        if created and len(due) > 1:
+            oldest = min(created)
+            if self.estimate_list_pages(targets, oldest) < len(due):
+                result.method = "list"
+                seen = self._scan(targets, oldest - self._skew, result)
+                # Jobs the scan missed (list lag, or older than it reached) fall back to GET.
+                self._get_each([t for t in due if t.job_id not in seen], result)
+                return result
+        result.method = "get"
+        self._get_each(due, result)
+        return result
+
+    def _scan(
+        self, targets: list[PollTarget], stop_before: datetime, result: PollResult
+    ) -> set[str]:
+        by_id = {t.batch_request_id: t for t in targets if t.batch_request_id}
+        by_tag = {lifecycle.tag_for(self._fleet_id, t.job_id): t for t in targets}
+        seen: set[str] = set()
+        listed = ours = 0
+        try:
+            for page in self._client.iter_pages(sort="created:desc"):
+                result.requests += 1
+                if page.tasks:
+                    self._page_size = max(self._page_size * 0.5 + len(page.tasks) * 0.5, 1.0)
+                reached_end = False
+                for task in page.tasks:
+                    if task.created is not None and task.created < stop_before:
+                        reached_end = True
+                        break
+                    listed += 1
+                    target = by_id.get(task.id)
+                    if target is not None:
+                        ours += 1
+                        seen.add(target.job_id)
+                        self._observe(target, task, result)
+                    self._check_duplicate(task, by_tag, result)
+                if reached_end or not page.next_token:
+                    break
+        except ApiError as exc:
+            log.warning("status list scan failed: %s", exc)
+        if ours:
+            self._crowding = max(1.0, listed / ours)
+        return seen
+
+    def _check_duplicate(
+        self, task: Task, by_tag: dict[str, PollTarget], result: PollResult
+    ) -> None:
+        for tag in _TAG_WORD.findall(task.description or ""):
+            target = by_tag.get(tag)
+            duplicate = target is not None and target.batch_request_id != task.id
+            if duplicate and target is not None and task.status not in lifecycle.TERMINAL:
+                result.add(target.job_id, DuplicateFound(batch_request_id=task.id))
+
+    def _get_each(self, due: list[PollTarget], result: PollResult) -> None:
+        for target in due:
+            if target.batch_request_id is None:
+                continue
+            result.requests += 1
+            try:
+                task = self._client.get(target.batch_request_id, created_at=target.upstream_created)
+            except NotFound:
+                result.add(target.job_id, TaskMissing())
+                continue
+            except ApiError as exc:
+                log.warning("status of %s: %s", target.batch_request_id, exc)
+                continue
+            self._observe(target, task, result)
+
+    @staticmethod
+    def _observe(target: PollTarget, task: Task, result: PollResult) -> None:
+        if changed(target, task):
+            result.add(target.job_id, TaskSeen(snapshot(task)))
+        else:
+            result.unchanged.append(target.job_id)
