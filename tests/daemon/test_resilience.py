@@ -1,0 +1,170 @@
+"""Crashes, signals, restarts and a fleet: every accepted job ends exactly once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.daemon.conftest import Events, Producer, Stack, WorkerProcess
+from worker.lifecycle import tag_for
+
+pytestmark = pytest.mark.integration
+
+StartWorker = Callable[..., WorkerProcess]
+GEOTIFF = "corsica-ndvi-geotiff.json"
+ZARR = "corsica-ndvi-zarr.json"
+
+
+def terminal_ids(events: Events, job_id: str) -> set[str]:
+    return {
+        e["id"]
+        for e in events.received
+        if e.get("subject") == job_id
+        and e["type"] == "batchworker.job.status"
+        and e["data"]["status"] in {"DONE", "FAILED", "STOPPED"}
+    }
+
+
+def assert_no_forks(events: Events) -> None:
+    """Two events with one id (a re-publish) must say the same thing: had two workers stepped
+    one job at once, the same sequence would carry different states."""
+    by_id: dict[str, set[tuple[Any, ...]]] = defaultdict(set)
+    for event in events.received:
+        data = event["data"]
+        by_id[event["id"]].add((data.get("status"), data.get("sequence")))
+    forked = {event_id: seen for event_id, seen in by_id.items() if len(seen) > 1}
+    assert not forked, forked
+
+
+def tagged_requests(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    tag = tag_for(stack.names.settings()["fleet_id"], job_id)
+    return [t for t in stack.upstream_requests() if tag in (t["request"].get("description") or "")]
+
+
+def test_sigterm_exits_zero_within_the_grace_period_and_hands_jobs_back(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    stack.simulator.configure(speed=20.0)
+    worker = start_worker(grace_period=10)
+    job = stack.payload(GEOTIFF)
+    producer.publish(job)
+    events.wait_for(lambda: "PROCESSING" in events.statuses(job["job_id"]), 60, "PROCESSING")
+    worker.signal(signal.SIGTERM)
+    # A bound, not a speed claim: the contract says exit within GRACE_PERIOD.
+    assert worker.wait(timeout=15) == 0
+    stack.simulator.configure(speed=200.0)
+    start_worker()
+    final = events.wait_terminal(job["job_id"], timeout=60)
+    assert final["data"]["status"] == "DONE"
+    assert len(terminal_ids(events, job["job_id"])) == 1
+
+
+def test_sigkill_during_intake_and_processing_loses_nothing(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    stack.simulator.configure(speed=50.0)
+    worker = start_worker()
+    jobs = [stack.payload(GEOTIFF if n % 2 else ZARR) for n in range(12)]
+    for job in jobs[:6]:
+        producer.publish(job)
+    events.wait_for(
+        lambda: any("PROCESSING" in events.statuses(j["job_id"]) for j in jobs[:6]),
+        60,
+        "some job processing",
+    )
+    for job in jobs[6:]:
+        producer.publish(job)
+    worker.kill()  # mid-intake of the second half, mid-processing of the first
+    start_worker()
+    for job in jobs:
+        final = events.wait_terminal(job["job_id"], timeout=120)
+        assert final["data"]["status"] == "DONE", final
+        assert len(terminal_ids(events, job["job_id"])) == 1
+        assert len(tagged_requests(stack, job["job_id"])) == 1
+    assert_no_forks(events)
+
+
+def test_sigkill_right_after_create_while_the_list_lags_still_one_batch_request(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    # The create's answer is held back (latency) and new requests stay out of the list for a
+    # while (list lag): the worker is killed after the API created the request but before the
+    # worker could record its id. The restarted worker must find it, not create another.
+    stack.simulator.configure(latency=3.0, list_lag=4.0)
+    worker = start_worker(list_lag_window=8)
+    job = stack.payload(GEOTIFF)
+    producer.publish(job)
+    deadline = time.monotonic() + 30
+    while not tagged_requests_raw(stack, job["job_id"]):
+        assert time.monotonic() < deadline, "the create never reached the simulator"
+        time.sleep(0.1)
+    worker.kill()
+    stack.simulator.configure(latency=0.0)
+    start_worker(list_lag_window=8)
+    final = events.wait_terminal(job["job_id"], timeout=90)
+    assert final["data"]["status"] == "DONE"
+    assert len(tagged_requests_raw(stack, job["job_id"])) == 1
+
+
+def tagged_requests_raw(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    """Like tagged_requests, but reads the simulator's own state (the list lags on purpose)."""
+    tag = tag_for(stack.names.settings()["fleet_id"], job_id)
+    return [
+        task
+        for task in stack.simulator.tasks()
+        if tag in (task["request"].get("description") or "")
+    ]
+
+
+def test_broker_restart_reconnects_and_finishes(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    stack.simulator.configure(speed=30.0)
+    worker = start_worker()
+    job = stack.payload(GEOTIFF)
+    producer.publish(job)
+    events.wait_for(lambda: "PROCESSING" in events.statuses(job["job_id"]), 60, "PROCESSING")
+    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
+    time.sleep(2)
+    subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=60)
+    # Our own reader lost its connection too: read the job's end from a fresh one.
+    fresh = _fresh_events(stack)
+    producer.publish(job)  # an idempotent re-submit re-publishes the latest status
+    final = fresh.wait_terminal(job["job_id"], timeout=90)
+    assert final["data"]["status"] == "DONE"
+    assert worker.process.poll() is None
+
+
+def _fresh_events(stack: Stack) -> Events:
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(stack.broker_url))
+    channel = conn.channel()
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, stack.names.events_exchange, routing_key="#")
+    reader = Events(conn, queue)
+    channel.basic_consume(queue, reader._on_message, auto_ack=True)
+    return reader
+
+
+def test_two_workers_on_one_queue_never_work_one_job_at_once(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    stack.simulator.configure(speed=100.0)
+    start_worker(worker_name="worker-a")
+    start_worker(worker_name="worker-b")
+    jobs = [stack.payload(GEOTIFF if n % 2 else ZARR) for n in range(16)]
+    for job in jobs:
+        producer.publish(job)
+    for job in jobs:
+        final = events.wait_terminal(job["job_id"], timeout=120)
+        assert final["data"]["status"] == "DONE"
+        assert len(terminal_ids(events, job["job_id"])) == 1
+        assert len(tagged_requests(stack, job["job_id"])) == 1
+    assert_no_forks(events)
