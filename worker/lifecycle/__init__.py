@@ -1,0 +1,110 @@
+"""The job lifecycle: a pure state machine.
+
+``step(state, observation, now, policy) -> Transition(state, actions, emits, wake_at)``
+
+No I/O and no clock: the engine feeds observations (what the API or S3 answered, a command
+that arrived, time passing) and performs the actions; everything here can be tested
+exhaustively. The engine saves the new state and the events of ``emits`` in one
+transaction *before* it performs ``actions`` (so the intent to create is durable before
+the POST, and a ``sequence`` is never reused), then feeds the actions' outcomes back.
+
+The rules, with the reasons behind them, are written up in ``docs/lifecycle.md``.
+"""
+
+from worker.lifecycle.actions import (
+    Action,
+    Adopt,
+    Analyse,
+    Create,
+    Emit,
+    Policy,
+    Poll,
+    ReadTiles,
+    Start,
+    Stop,
+    StopDuplicate,
+    Transition,
+)
+from worker.lifecycle.jobs import TAG_PREFIX, describe, is_active, new_job, tag_for
+from worker.lifecycle.machine import (
+    BATCH_FAILED,
+    CREATE_ATTEMPTS_EXHAUSTED,
+    UPSTREAM_NOT_FOUND,
+    step,
+)
+from worker.lifecycle.observations import (
+    ActionRefused,
+    CancelRequested,
+    CreateRefused,
+    CreateSucceeded,
+    CreateUncertain,
+    DuplicateFound,
+    NotFoundYet,
+    Observation,
+    StartRequested,
+    TaskMissing,
+    TaskSeen,
+    TilesSeen,
+    TilesUnavailable,
+    Wake,
+)
+from worker.lifecycle.state import (
+    KNOWN_STATUSES,
+    STATUS_RANK,
+    TERMINAL,
+    Echo,
+    JobError,
+    JobState,
+    Phase,
+    StoppedReason,
+    TaskSnapshot,
+    Tiles,
+)
+
+__all__ = [
+    "BATCH_FAILED",
+    "CREATE_ATTEMPTS_EXHAUSTED",
+    "KNOWN_STATUSES",
+    "STATUS_RANK",
+    "TAG_PREFIX",
+    "TERMINAL",
+    "UPSTREAM_NOT_FOUND",
+    "Action",
+    "ActionRefused",
+    "Adopt",
+    "Analyse",
+    "CancelRequested",
+    "Create",
+    "CreateRefused",
+    "CreateSucceeded",
+    "CreateUncertain",
+    "DuplicateFound",
+    "Echo",
+    "Emit",
+    "JobError",
+    "JobState",
+    "NotFoundYet",
+    "Observation",
+    "Phase",
+    "Policy",
+    "Poll",
+    "ReadTiles",
+    "Start",
+    "StartRequested",
+    "Stop",
+    "StopDuplicate",
+    "StoppedReason",
+    "TaskMissing",
+    "TaskSeen",
+    "TaskSnapshot",
+    "Tiles",
+    "TilesSeen",
+    "TilesUnavailable",
+    "Transition",
+    "Wake",
+    "describe",
+    "is_active",
+    "new_job",
+    "step",
+    "tag_for",
+]

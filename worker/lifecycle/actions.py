@@ -1,0 +1,97 @@
+"""Actions: what the machine asks the engine to do; and the step's result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from worker.lifecycle.state import JobState
+
+
+@dataclass(frozen=True)
+class Create:
+    """POST the payload (``search_since`` None) or, on a later attempt, first scan the list
+    for the tag back to ``search_since`` and create only when absent and
+    ``now >= create_not_before``; otherwise answer ``NotFoundYet``."""
+
+    search_since: datetime | None = None
+    create_not_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """GET the producer's ``batch_request_id``; answers TaskSeen/TaskMissing."""
+
+    batch_request_id: str
+
+
+@dataclass(frozen=True)
+class Analyse:
+    batch_request_id: str
+
+
+@dataclass(frozen=True)
+class Start:
+    batch_request_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    batch_request_id: str
+
+
+@dataclass(frozen=True)
+class Poll:
+    """Read the task's status: at once (``asap``) or with the next list scan."""
+
+    batch_request_id: str
+    asap: bool = False
+
+
+@dataclass(frozen=True)
+class ReadTiles:
+    """Read the feature manifest (total) and, while processing, the execution database."""
+
+    batch_request_id: str
+    execution_db: bool
+
+
+@dataclass(frozen=True)
+class StopDuplicate:
+    batch_request_id: str
+
+
+Action = Create | Adopt | Analyse | Start | Stop | Poll | ReadTiles | StopDuplicate
+
+
+@dataclass(frozen=True)
+class Emit:
+    """An event the step produces; its sequence is already in the new state."""
+
+    kind: Literal["status", "progress"]
+    sequence: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Timings the machine reasons with (from settings; small in tests)."""
+
+    poll_interval: timedelta = timedelta(seconds=30)
+    rest_poll_interval: timedelta = timedelta(minutes=10)  # resting at ANALYSIS_DONE
+    action_lag: timedelta = timedelta(seconds=90)  # status may lag an action this long
+    not_found_window: timedelta = timedelta(minutes=2)  # transient 404 after create
+    list_lag_window: timedelta = timedelta(seconds=60)
+    clock_skew: timedelta = timedelta(seconds=30)
+    create_retry: timedelta = timedelta(seconds=10)
+    max_create_attempts: int = 20
+    not_found_retry: timedelta = timedelta(seconds=10)  # re-read after a 404 inside the window
+    tiles_wait: timedelta = timedelta(seconds=10)  # hold ANALYSIS_DONE this long for its tiles
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: JobState
+    actions: tuple[Action, ...] = ()
+    emits: tuple[Emit, ...] = ()
+    wake_at: datetime | None = None  # when to step again with Wake() if nothing else comes

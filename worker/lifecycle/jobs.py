@@ -1,0 +1,74 @@
+"""A job's identity upstream (its tag, design.md "Idempotent creates") and its first state."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+
+from worker.lifecycle.state import Echo, JobState, Phase
+
+TAG_PREFIX = "bw"
+
+
+def tag_for(fleet_id: str, job_id: str) -> str:
+    """The job's tag: ``bw`` + 30 hex digits of SHA-256 over (fleet id, job id).
+
+    Letters and digits only, so every search tokeniser keeps it as one word; the fleet is in
+    the hash so fleets sharing an account never find each other's requests.
+    """
+    # NUL cannot occur in either id, so no two (fleet, job) pairs hash the same input.
+    digest = hashlib.sha256(f"{fleet_id}\0{job_id}".encode()).hexdigest()
+    return TAG_PREFIX + digest[:30]
+
+
+def describe(description: str | None, tag: str) -> str:
+    """The producer's description with the tag appended as its own word (idempotent)."""
+    if not description:
+        return tag
+    if tag in description.split():
+        return description
+    return f"{description} {tag}"
+
+
+def new_job(
+    *,
+    job_id: str,
+    fleet_id: str,
+    request: dict[str, Any] | None,
+    adopt_id: str | None,
+    request_hash: str,
+    auto_start: bool,
+    deadline: datetime | None,
+    max_cost_pu: float | None,
+    echo: Echo,
+    now: datetime,
+) -> JobState:
+    """The state of a job just taken in; the engine steps it with ``Wake()`` next.
+
+    The create payload is stored with the tag already in its ``description``, so whatever
+    posts it posts the tagged payload (``describe`` is idempotent should it tag again).
+    A non-string description is left alone: the API refuses it anyway.
+    """
+    payload = request
+    if request is not None:
+        current = request.get("description")
+        if current is None or isinstance(current, str):
+            payload = {**request, "description": describe(current, tag_for(fleet_id, job_id))}
+    return JobState(
+        job_id=job_id,
+        fleet_id=fleet_id,
+        request_hash=request_hash,
+        request=payload,
+        adopt_id=adopt_id,
+        auto_start=auto_start,
+        start_wanted=auto_start,
+        deadline=deadline,
+        max_cost_pu=max_cost_pu,
+        echo=echo,
+        accepted_at=now,
+    )
+
+
+def is_active(state: JobState) -> bool:
+    return state.phase is not Phase.ENDED

@@ -1,0 +1,433 @@
+"""The step: one observation in, the new state, the actions and at most one event out.
+
+The rules, and why, are in ``docs/lifecycle.md``; the sections of batch-v2-api.md cited
+here are where the API behaviour they rely on is documented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from worker.lifecycle.actions import (
+    Action,
+    Adopt,
+    Analyse,
+    Create,
+    Emit,
+    Policy,
+    Poll,
+    ReadTiles,
+    Start,
+    Stop,
+    StopDuplicate,
+    Transition,
+)
+from worker.lifecycle.observations import (
+    ActionRefused,
+    CancelRequested,
+    CreateRefused,
+    CreateSucceeded,
+    DuplicateFound,
+    Observation,
+    StartRequested,
+    TaskMissing,
+    TaskSeen,
+    TilesSeen,
+    Wake,
+)
+from worker.lifecycle.state import (
+    STATUS_RANK,
+    JobError,
+    JobState,
+    Phase,
+    StoppedReason,
+    TaskSnapshot,
+    Tiles,
+)
+
+UPSTREAM_NOT_FOUND = "UPSTREAM_NOT_FOUND"
+BATCH_FAILED = "BATCH_FAILED"
+CREATE_ATTEMPTS_EXHAUSTED = "CREATE_ATTEMPTS_EXHAUSTED"
+
+_SendKind = Literal["analyse", "start", "stop"]
+
+
+@dataclass
+class _Draft:
+    """One step in the making: the state as it changes, and what the step will ask for."""
+
+    before: JobState
+    state: JobState
+    now: datetime
+    policy: Policy
+    actions: list[Action] = field(default_factory=list)
+    wake_hint: datetime | None = None  # wake earlier than the phase's usual interval
+    status_read: bool = False  # a fresh (not stale) task status was read in this step
+    hold_status: bool = False  # don't publish the upstream status yet (waiting for tiles)
+
+    def set(self, **changes: Any) -> None:
+        self.state = self.state.model_copy(update=changes)
+
+    def wake_by(self, when: datetime) -> None:
+        self.wake_hint = when if self.wake_hint is None else min(self.wake_hint, when)
+
+    @property
+    def tracking(self) -> bool:
+        return self.state.phase is Phase.TRACKING
+
+
+DEFAULT_POLICY = Policy()
+
+
+def step(
+    state: JobState, observation: Observation, now: datetime, policy: Policy = DEFAULT_POLICY
+) -> Transition:
+    """Fold one observation into the job's state; say what to do next and what to publish."""
+    draft = _Draft(before=state, state=state, now=now, policy=policy)
+    if state.phase is Phase.ENDED:
+        _after_end(draft, observation)
+    elif state.phase is Phase.PENDING_CREATE:
+        _pending(draft, observation)
+    else:
+        _tracking(draft, observation)
+    return _finish(draft)
+
+
+# -- ENDED -------------------------------------------------------------------------------
+
+
+def _after_end(d: _Draft, obs: Observation) -> None:
+    # A request that turns up after the end (a create found by a late scan, say after a
+    # cancel while a create was uncertain) must still be stopped; nothing else matters.
+    if isinstance(obs, DuplicateFound):
+        _duplicate(d, obs.batch_request_id)
+    elif isinstance(obs, CreateSucceeded):
+        _duplicate(d, obs.task.id)
+
+
+def _duplicate(d: _Draft, batch_request_id: str) -> None:
+    if batch_request_id in (d.state.batch_request_id, d.state.adopt_id):
+        return
+    # Asked again on every report: the state recording the first stop is saved before the
+    # stop is sent, so a crash in between would otherwise leave the duplicate running.
+    d.actions.append(StopDuplicate(batch_request_id))
+    if batch_request_id not in d.state.duplicates_stopped:
+        d.set(duplicates_stopped=(*d.state.duplicates_stopped, batch_request_id))
+
+
+def _end(
+    d: _Draft,
+    status: str,
+    *,
+    stopped_reason: str | None = None,
+    error: JobError | None = None,
+) -> None:
+    d.set(
+        phase=Phase.ENDED,
+        status=status,
+        stopped_reason=stopped_reason,
+        error=error,
+        ended_at=d.now,
+    )
+
+
+# -- PENDING_CREATE ------------------------------------------------------------------------
+
+
+def _pending(d: _Draft, obs: Observation) -> None:
+    adopting = d.state.adopt_id is not None
+    match obs:
+        case CancelRequested():
+            d.set(cancel_wanted=True)
+        case StartRequested():
+            d.set(start_wanted=True)
+        case DuplicateFound(batch_request_id=rid):
+            _duplicate(d, rid)
+        case CreateSucceeded(task=task) if not adopting:
+            _begin_tracking(d, task)
+        case CreateRefused(error=error) if not adopting:
+            _end(d, "FAILED", error=error)
+        case TaskSeen(task=task) if adopting and task.id == d.state.adopt_id:
+            _begin_tracking(d, task)
+        case TaskMissing() if adopting:
+            _end(d, "FAILED", error=_not_found(d.state.adopt_id))
+        case _:
+            pass  # Wake; CreateUncertain and NotFoundYet wait for the next Wake
+    if d.tracking:
+        _drive(d)
+    elif d.state.phase is Phase.PENDING_CREATE and isinstance(obs, Wake):
+        if adopting:
+            # Cancel and deadline wait for the adopted request's status: it may be running.
+            d.actions.append(Adopt(_required(d.state.adopt_id)))
+        else:
+            _create_or_give_up(d)
+
+
+def _create_or_give_up(d: _Draft) -> None:
+    s, now, policy = d.state, d.now, d.policy
+    if s.cancel_wanted:
+        _end(d, "STOPPED", stopped_reason=StoppedReason.USER_ACTION.value)
+        d.set(stop_reason=StoppedReason.USER_ACTION)
+        return
+    if s.deadline is not None and now >= s.deadline:
+        _end(d, "STOPPED", stopped_reason=StoppedReason.DEADLINE.value)
+        d.set(stop_reason=StoppedReason.DEADLINE)
+        return
+    if s.intent_at is None:
+        # Nothing can exist yet: POST at once (the saved intent makes any retry scan first).
+        d.set(intent_at=now, create_attempts=1)
+        d.actions.append(Create())
+        return
+    lag_ends = s.intent_at + policy.list_lag_window
+    since = s.intent_at - policy.clock_skew
+    if now < lag_ends:
+        # The last POST may not be listed yet: scan only (the engine answers NotFoundYet).
+        d.actions.append(Create(search_since=since, create_not_before=lag_ends))
+        return
+    if s.create_attempts >= policy.max_create_attempts:
+        message = f"no batch request could be created in {s.create_attempts} attempts"
+        error = JobError(source="worker", code=CREATE_ATTEMPTS_EXHAUSTED, message=message)
+        _end(d, "FAILED", error=error)
+        return
+    # This action may POST, so the intent moves now, in the state saved before the POST:
+    # the next attempt's lag window is measured from this POST, its scan reaches back past it.
+    d.set(intent_at=now, create_attempts=s.create_attempts + 1)
+    d.actions.append(Create(search_since=since, create_not_before=now))
+
+
+def _begin_tracking(d: _Draft, task: TaskSnapshot) -> None:
+    d.set(phase=Phase.TRACKING, batch_request_id=task.id)
+    _fold_task(d, task)
+
+
+# -- TRACKING -------------------------------------------------------------------------------
+
+
+def _required(batch_request_id: str | None) -> str:
+    assert batch_request_id is not None  # tracking (or adopting) implies a known request
+    return batch_request_id
+
+
+def _tracking(d: _Draft, obs: Observation) -> None:
+    rid = _required(d.state.batch_request_id)
+    match obs:
+        case Wake():
+            d.actions.append(Poll(rid))
+        case StartRequested():
+            d.set(start_wanted=True)
+        case CancelRequested():
+            d.set(cancel_wanted=True)
+        case TaskSeen(task=task) | CreateSucceeded(task=task) if task.id == rid:
+            _fold_task(d, task)
+        case CreateSucceeded(task=task):
+            _duplicate(d, task.id)  # a second request carrying this job's tag
+        case TaskMissing():
+            _missing(d)
+        case ActionRefused():
+            # Usually the status moved already (§3.3): read it now rather than fail.
+            d.actions.append(Poll(rid, asap=True))
+        case TilesSeen(tiles=tiles):
+            d.set(tiles=_merge_tiles(d.state.tiles, tiles))
+        case DuplicateFound(batch_request_id=other):
+            _duplicate(d, other)
+        case _:
+            pass  # create answers are late news once the request is known
+    if d.tracking:
+        _drive(d)
+
+
+def _fold_task(d: _Draft, task: TaskSnapshot) -> None:
+    s = d.state
+    d.set(
+        last_seen_at=d.now,
+        not_found_since=None,
+        upstream_created=s.upstream_created or task.created,
+    )
+    rank = STATUS_RANK.get(task.status)
+    if rank is not None and rank < s.furthest_rank:
+        return  # a stale copy: an older read arriving after a newer one
+    d.status_read = True
+    d.set(
+        upstream_status=task.status,
+        furthest_rank=max(s.furthest_rank, rank or 0),
+        # Neither goes down for one request; a lower figure is an older read.
+        completion=max(s.completion, task.completion_percentage),
+        cost_pu=max(s.cost_pu or 0.0, task.cost_pu),
+    )
+    if task.status == "DONE":
+        _end(d, "DONE")
+    elif task.status == "FAILED":
+        message = task.error or "the batch request failed"
+        _end(d, "FAILED", error=JobError(source="api", code=BATCH_FAILED, message=message))
+    elif task.status == "STOPPED":
+        # The worker's own reason when it asked for the stop, else the API's.
+        reason = s.stop_reason.value if s.stop_reason is not None else task.stopped_reason
+        _end(d, "STOPPED", stopped_reason=reason)
+
+
+def _missing(d: _Draft) -> None:
+    s = d.state
+    d.set(not_found_since=s.not_found_since or d.now)
+    # A request just created may answer 404 for a while (§3.3, eo-grow's retries).
+    created = s.upstream_created or s.intent_at
+    if created is not None and d.now < created + d.policy.not_found_window:
+        d.wake_by(d.now + d.policy.not_found_retry)
+    else:
+        _end(d, "FAILED", error=_not_found(s.batch_request_id))
+
+
+def _not_found(batch_request_id: str | None) -> JobError:
+    return JobError(
+        source="api",
+        http_status=404,
+        code=UPSTREAM_NOT_FOUND,
+        message=f"batch request {batch_request_id} not found",
+    )
+
+
+def _merge_tiles(known: Tiles | None, seen: Tiles) -> Tiles:
+    if known is None:
+        return seen
+    # The execution database is re-uploaded periodically and features only ever leave
+    # PENDING, so an older copy must not move the counts (or the tile metrics) back.
+    return Tiles(
+        total=seen.total if seen.total is not None else known.total,
+        processed=max(known.processed, seen.processed),
+        failed=max(known.failed, seen.failed),
+    )
+
+
+def _wanted_stop(s: JobState, now: datetime) -> StoppedReason | None:
+    if s.stop_reason is not None:
+        return s.stop_reason  # decided once; a later reason does not rename a stop in flight
+    if s.cancel_wanted:
+        return StoppedReason.USER_ACTION
+    if s.deadline is not None and now >= s.deadline:
+        return StoppedReason.DEADLINE
+    if s.max_cost_pu is not None and s.cost_pu is not None and s.cost_pu > s.max_cost_pu:
+        return StoppedReason.COST_LIMIT
+    return None
+
+
+def _drive(d: _Draft) -> None:
+    """Decide what the request needs from its last known status (§3.2)."""
+    s, now, lag = d.state, d.now, d.policy.action_lag
+    status = s.upstream_status
+    reason = _wanted_stop(s, now)
+    if status == "CREATED":
+        if reason is not None:
+            # The API cannot stop a CREATED request, and nothing will run unless the worker
+            # asked; but an analyse/start sent less than action_lag ago may still take
+            # effect behind a lagging status, so stop it too and wait that long.
+            launched = max((t for t in (s.analyse_sent_at, s.start_sent_at) if t), default=None)
+            if launched is None or now >= launched + lag:
+                _end(d, "STOPPED", stopped_reason=reason.value)
+                d.set(stop_reason=reason)
+                return
+            _stop(d, reason)
+            d.wake_by(launched + lag)
+        else:
+            # start on CREATED runs analysis and then processing by itself (§3.2).
+            _send(d, "start" if s.start_wanted else "analyse")
+    elif reason is not None:
+        _stop(d, reason)
+    elif status == "ANALYSIS_DONE" and s.start_wanted:
+        _send(d, "start")
+    if d.status_read:
+        _read_tiles(d)
+
+
+def _read_tiles(d: _Draft) -> None:
+    s, rid = d.state, _required(d.state.batch_request_id)
+    if s.upstream_status == "PROCESSING":
+        d.actions.append(ReadTiles(rid, execution_db=True))
+    elif s.upstream_status == "ANALYSIS_DONE" and (s.tiles is None or s.tiles.total is None):
+        d.actions.append(ReadTiles(rid, execution_db=False))
+        if d.before.upstream_status != "ANALYSIS_DONE":
+            # The engine reads the manifest straight away; hold the status event that
+            # long so it carries the tile count a producer decides `start` on. Whatever
+            # comes next (the tiles, a failure, a Wake) publishes it.
+            d.hold_status = True
+            d.wake_by(d.now + d.policy.tiles_wait)
+
+
+def _stop(d: _Draft, reason: StoppedReason) -> None:
+    if d.state.stop_reason is None:
+        d.set(stop_reason=reason)
+    _send(d, "stop")
+
+
+def _send(d: _Draft, kind: _SendKind) -> None:
+    """Ask for an action unless it was asked less than ``action_lag`` ago (§3.3)."""
+    s, rid = d.state, _required(d.state.batch_request_id)
+    sent = {"analyse": s.analyse_sent_at, "start": s.start_sent_at, "stop": s.stop_sent_at}[kind]
+    if sent is not None and d.now < sent + d.policy.action_lag:
+        return
+    if kind == "analyse":
+        d.actions.append(Analyse(rid))
+        d.set(analyse_sent_at=d.now)
+    elif kind == "start":
+        d.actions.append(Start(rid))
+        d.set(start_sent_at=d.now)
+    else:
+        d.actions.append(Stop(rid))
+        d.set(stop_sent_at=d.now)
+
+
+# -- events and schedule -----------------------------------------------------------------
+
+
+def _finish(d: _Draft) -> Transition:
+    before = d.before
+    if d.tracking and d.state.upstream_status != d.state.status and not d.hold_status:
+        d.set(status=d.state.upstream_status)
+    after = d.state
+    actions: tuple[Action, ...] = tuple(d.actions)
+    if after.phase is Phase.ENDED:
+        actions = tuple(a for a in actions if isinstance(a, StopDuplicate))
+
+    kind: Literal["status", "progress"] | None = None
+    if before.phase is Phase.ENDED:
+        kind = None  # an ended job has published its one terminal event
+    elif after.status != before.status:
+        kind = "status"
+    elif _progressed(before, after):
+        kind = "progress"
+    emits: tuple[Emit, ...] = ()
+    if kind is not None:
+        after = after.model_copy(update={"sequence": before.sequence + 1})
+        emits = (Emit(kind=kind, sequence=after.sequence),)
+
+    return Transition(state=after, actions=actions, emits=emits, wake_at=_wake_at(d, after))
+
+
+def _progressed(before: JobState, after: JobState) -> bool:
+    if after.status is None:
+        return False  # nothing published yet: the first status event will carry it all
+    if after.duplicates_stopped != before.duplicates_stopped:
+        return True
+    if after.status == "PROCESSING" and after.completion != before.completion:
+        return True
+    return after.status in ("ANALYSIS_DONE", "PROCESSING") and after.tiles != before.tiles
+
+
+def _wake_at(d: _Draft, after: JobState) -> datetime | None:
+    now, policy = d.now, d.policy
+    if after.phase is Phase.ENDED:
+        return None
+    if after.phase is Phase.PENDING_CREATE:
+        wake = now + policy.create_retry
+    else:
+        resting = (
+            after.upstream_status == "ANALYSIS_DONE"
+            and not after.start_wanted
+            and _wanted_stop(after, now) is None
+        )
+        wake = now + (policy.rest_poll_interval if resting else policy.poll_interval)
+    if after.deadline is not None and after.deadline > now:
+        wake = min(wake, after.deadline)  # stop on time, not at the next poll
+    if d.wake_hint is not None:
+        wake = min(wake, d.wake_hint)
+    return wake

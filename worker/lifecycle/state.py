@@ -1,0 +1,135 @@
+"""The durable state of one job, and the pieces of the API's answers it keeps."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+TERMINAL = frozenset({"DONE", "FAILED", "STOPPED"})
+# batch-v2-api.md §3.1. Statuses the API may add later are carried through as strings.
+KNOWN_STATUSES = (
+    "CREATED",
+    "ANALYSING",
+    "ANALYSIS_DONE",
+    "PROCESSING",
+    "DONE",
+    "FAILED",
+    "STOPPED",
+)
+# How far along the API's own diagram (§3.2) a status is. A read that ranks below what was
+# already seen is a stale copy (the list endpoint lags a GET) and is ignored. STOPPED can be
+# restarted upstream (to ANALYSIS_DONE), but it ends the job for the worker, so no
+# legitimate read ever moves backwards.
+STATUS_RANK = {
+    "CREATED": 1,
+    "ANALYSING": 2,
+    "ANALYSIS_DONE": 3,
+    "PROCESSING": 4,
+    "DONE": 5,
+    "FAILED": 5,
+    "STOPPED": 5,
+}
+
+
+class Phase(StrEnum):
+    PENDING_CREATE = "PENDING_CREATE"  # accepted; no batch request known yet
+    TRACKING = "TRACKING"  # batch request known; driving and watching it
+    ENDED = "ENDED"  # a terminal status was emitted; nothing more to do
+
+
+class StoppedReason(StrEnum):
+    USER_ACTION = "USER_ACTION"
+    OUT_OF_PU = "OUT_OF_PU"
+    UNHEALTHY = "UNHEALTHY"
+    DEADLINE = "DEADLINE"
+    COST_LIMIT = "COST_LIMIT"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class JobError(_Frozen):
+    """The ``error`` of an event: who refused (``worker`` or ``api``) and what they said."""
+
+    source: Literal["worker", "api"]
+    http_status: int | None = None
+    code: str
+    message: str
+
+
+class Tiles(_Frozen):
+    total: int | None = None
+    processed: int = 0
+    failed: int = 0
+
+
+class Echo(_Frozen):
+    """What an answering event carries back from the request message."""
+
+    message_id: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+
+
+class TaskSnapshot(_Frozen):
+    """The few fields of a batch task the lifecycle decides on (never the whole body)."""
+
+    id: str
+    status: str
+    created: datetime | None = None
+    completion_percentage: float = 0.0
+    cost_pu: float = 0.0
+    stopped_reason: str | None = None
+    error: str | None = None
+    user_action: str | None = None
+
+
+class JobState(_Frozen):
+    """Compact, durable state of one job. Saved as JSON in the job row."""
+
+    job_id: str
+    fleet_id: str
+    phase: Phase = Phase.PENDING_CREATE
+    request_hash: str
+    request: dict[str, Any] | None = None  # the create payload; None when adopting
+    adopt_id: str | None = None  # batch_request_id given by the producer
+    auto_start: bool = True
+    deadline: datetime | None = None
+    max_cost_pu: float | None = None
+    echo: Echo = Echo()
+    accepted_at: datetime
+
+    # creating
+    intent_at: datetime | None = None  # saved before every create attempt
+    create_attempts: int = 0
+
+    # tracking
+    batch_request_id: str | None = None
+    upstream_created: datetime | None = None  # the task's `created`
+    status: str | None = None  # the last status published in an event
+    upstream_status: str | None = None  # the last status read from the API (may be unpublished)
+    furthest_rank: int = 0  # the highest STATUS_RANK read so far; lower reads are stale
+    completion: float = 0.0
+    cost_pu: float | None = None
+    tiles: Tiles | None = None
+    start_wanted: bool = True  # auto_start, or a `start` command arrived
+    cancel_wanted: bool = False
+    analyse_sent_at: datetime | None = None
+    start_sent_at: datetime | None = None
+    stop_sent_at: datetime | None = None
+    stop_reason: StoppedReason | None = None  # why the worker asked for a stop
+    not_found_since: datetime | None = None  # first 404 of the current run of 404s
+    last_seen_at: datetime | None = None  # when the task's status was last read
+    duplicates_stopped: tuple[str, ...] = ()
+
+    # outcome
+    stopped_reason: str | None = None
+    error: JobError | None = None
+    ended_at: datetime | None = None
+
+    # events
+    sequence: int = 0  # the sequence of the last event emitted
