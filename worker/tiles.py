@@ -1,0 +1,311 @@
+"""Tile counts of a batch request, read from its delivery bucket (batch-v2-api.md §8).
+
+The API's task carries no tile counts (§2: V2 dropped the tiles endpoints). Two files the
+service writes next to the outputs hold them:
+
+- the feature manifest ``featureManifest-<id>.gpkg`` (§8.2), written by the analysis: a
+  GeoPackage with one ``feature_<crs>`` table per CRS and one row per feature *and output*,
+  so ``total`` counts distinct ``identifier`` values across all those tables;
+- the execution database ``execution-<id>.sqlite`` (§8.3), re-uploaded while processing:
+  table ``features`` with a ``status`` per feature; ``DONE`` rows are processed, ``FATAL``
+  rows failed for good.
+
+Both are SQLite files: each is downloaded to a temporary file and opened read-only with the
+standard library. Reading is best effort: whatever goes wrong (no bucket, access denied, a
+file not written yet, a corrupt or oversized file) makes the part unknown, is logged once
+per request, and never raises into the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import tempfile
+import threading
+from collections import OrderedDict
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from urllib.parse import quote
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from worker.api.artifacts import artifact_keys, delivery_url
+from worker.lifecycle import Tiles
+
+if TYPE_CHECKING:
+    from worker.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest"
+EXECUTION_DB = "execution_db"
+
+_CHUNK = 1 << 20
+# Codes S3 (and S3-compatible stores) answer for a key that is not there (yet).
+_ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Bounded(Generic[K, V]):
+    """A small least-recently-used map: per-request memory must not grow with history."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
+class _Absent(Exception):
+    """The object does not exist (yet)."""
+
+
+class _NotModified(Exception):
+    """The object still has the ETag we read last time."""
+
+
+class _Unreadable(Exception):
+    """Anything else: access, network, size, format. The message says which."""
+
+
+@dataclass(frozen=True)
+class _ExecutionCounts:
+    etag: str | None
+    processed: int
+    failed: int
+
+
+class TileReader:
+    """Reads (and caches) tile counts of batch requests. Safe to share between threads."""
+
+    def __init__(
+        self,
+        *,
+        s3_client: Any | None = None,
+        max_bytes: int = 512 * 2**20,
+        metrics: Metrics | None = None,
+        cache_size: int = 4096,
+    ) -> None:
+        self._client = s3_client
+        self._client_lock = threading.Lock()
+        self._max_bytes = max_bytes
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        # The manifest never changes once written: its total is read once per request.
+        self._totals: _Bounded[str, int] = _Bounded(cache_size)
+        # The execution database changes every upload: remember its ETag to skip re-reads.
+        self._executions: _Bounded[str, _ExecutionCounts] = _Bounded(cache_size)
+        self._reported: _Bounded[tuple[str, str], bool] = _Bounded(cache_size)
+
+    def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Tiles | None:
+        """Tile counts of batch request ``request_id`` (``request``: its create payload).
+
+        ``None`` when nothing can be known: the manifest cannot be read, or
+        ``execution_db`` is asked for and that file exists but cannot be read (counts are
+        never made up, so the tile counters never double-count). Before processing has
+        written an execution database, processed and failed are 0.
+        """
+        url = delivery_url(request)
+        if url is None:
+            self._report(request_id, MANIFEST, "the request has no output.delivery.s3.url")
+            return None
+        try:
+            bucket, manifest_key, execution_key = artifact_keys(url, request_id)
+        except ValueError:
+            self._report(request_id, MANIFEST, "the delivery url is not an s3:// url")
+            return None
+
+        total = self._manifest_total(bucket, manifest_key, request_id)
+        if total is None or not execution_db:
+            return None if total is None else Tiles(total=total)
+        counts = self._execution_counts(bucket, execution_key, request_id)
+        if counts is None:
+            return None
+        return Tiles(total=total, processed=counts.processed, failed=counts.failed)
+
+    # --- the two files -------------------------------------------------------------------
+
+    def _manifest_total(self, bucket: str, key: str, request_id: str) -> int | None:
+        with self._lock:
+            cached = self._totals.get(request_id)
+        if cached is not None:
+            return cached
+        try:
+            with tempfile.TemporaryDirectory(prefix="batch-worker-tiles-") as tmp:
+                path = Path(tmp) / "manifest.gpkg"
+                self._download(bucket, key, path, etag=None)
+                total = _count_features(path)
+        except (_Absent, _Unreadable) as exc:
+            absent = isinstance(exc, _Absent)
+            self._count(MANIFEST, "absent" if absent else "unreadable")
+            reason = "not written yet" if absent else str(exc)
+            self._report(request_id, MANIFEST, f"s3://{bucket}/{key}: {reason}")
+            return None
+        self._count(MANIFEST, "ok")
+        with self._lock:
+            self._totals.put(request_id, total)
+        return total
+
+    def _execution_counts(self, bucket: str, key: str, request_id: str) -> _ExecutionCounts | None:
+        with self._lock:
+            previous = self._executions.get(request_id)
+        try:
+            with tempfile.TemporaryDirectory(prefix="batch-worker-tiles-") as tmp:
+                path = Path(tmp) / "execution.sqlite"
+                etag = self._download(bucket, key, path, etag=previous.etag if previous else None)
+                processed, failed = _count_statuses(path)
+        except _NotModified:
+            self._count(EXECUTION_DB, "not_modified")
+            return previous
+        except _Absent:
+            # Processing has not uploaded its first database yet (§8.3).
+            self._count(EXECUTION_DB, "absent")
+            return _ExecutionCounts(etag=None, processed=0, failed=0)
+        except _Unreadable as exc:
+            self._count(EXECUTION_DB, "unreadable")
+            self._report(request_id, EXECUTION_DB, f"s3://{bucket}/{key}: {exc}")
+            return None
+        self._count(EXECUTION_DB, "ok")
+        counts = _ExecutionCounts(etag=etag, processed=processed, failed=failed)
+        with self._lock:
+            self._executions.put(request_id, counts)
+        return counts
+
+    # --- S3 --------------------------------------------------------------------------------
+
+    def _s3(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                # The standard chain: AWS_ENDPOINT_URL, keys, profile, or the pod's IAM role.
+                # Retries are few and short: the next poll is the real retry.
+                self._client = boto3.client(
+                    "s3",
+                    config=Config(
+                        connect_timeout=5,
+                        read_timeout=30,
+                        retries={"mode": "standard", "max_attempts": 3},
+                    ),
+                )
+            return self._client
+
+    def _download(self, bucket: str, key: str, dest: Path, *, etag: str | None) -> str | None:
+        """Save the object to ``dest``; its ETag. Raises _Absent, _NotModified, _Unreadable."""
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if etag:
+            params["IfNoneMatch"] = etag
+        try:
+            response = self._s3().get_object(**params)
+            body = response["Body"]
+            try:
+                length = response.get("ContentLength")
+                if isinstance(length, int) and length > self._max_bytes:
+                    raise _Unreadable(f"{length} bytes, more than the {self._max_bytes} allowed")
+                written = 0
+                with dest.open("wb") as out:
+                    for chunk in body.iter_chunks(_CHUNK):
+                        written += len(chunk)
+                        if written > self._max_bytes:
+                            raise _Unreadable(f"more than the {self._max_bytes} bytes allowed")
+                        out.write(chunk)
+            finally:
+                body.close()
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 304 or code == "304":
+                raise _NotModified from None
+            if code in _ABSENT_CODES:
+                raise _Absent from None
+            # The code only (AccessDenied, NoSuchBucket, ...): messages may quote the request.
+            raise _Unreadable(code or f"HTTP {status}") from None
+        except (BotoCoreError, OSError) as exc:
+            raise _Unreadable(type(exc).__name__) from None
+        tag = response.get("ETag")
+        return tag if isinstance(tag, str) else None
+
+    # --- bookkeeping -----------------------------------------------------------------------
+
+    def _count(self, file: str, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.tile_read(file, outcome)
+
+    def _report(self, request_id: str, file: str, reason: str) -> None:
+        """Log why a part is unknown, once per request and file (the engine asks every poll)."""
+        with self._lock:
+            if self._reported.get((request_id, file)):
+                return
+            self._reported.put((request_id, file), True)
+        logger.info(
+            "tile counts unknown: cannot read the %s: %s",
+            file.replace("_", " "),
+            reason,
+            extra={"batch_request_id": request_id},
+        )
+
+
+# --- SQLite ------------------------------------------------------------------------------------
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    # immutable=1: the file is a private snapshot; SQLite need not lock it or look for a
+    # journal, and nothing is ever written next to it.
+    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True)
+
+
+def _quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _count_features(path: Path) -> int:
+    """Distinct feature identifiers across every ``feature_*`` table of a manifest."""
+    try:
+        with closing(_open_read_only(path)) as conn:
+            tables = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' "
+                    "AND name LIKE 'feature\\_%' ESCAPE '\\'"
+                )
+            ]
+            if not tables:
+                raise _Unreadable("no feature_* tables: not a feature manifest")
+            union = " UNION ".join(
+                f"SELECT identifier FROM {_quote_identifier(t)} WHERE identifier IS NOT NULL"
+                for t in tables
+            )
+            (count,) = conn.execute(f"SELECT COUNT(*) FROM ({union})").fetchone()
+    except sqlite3.Error as exc:
+        raise _Unreadable(f"not a readable GeoPackage ({exc})") from None
+    return int(count)
+
+
+def _count_statuses(path: Path) -> tuple[int, int]:
+    """(DONE rows, FATAL rows) of the execution database's ``features`` table."""
+    try:
+        with closing(_open_read_only(path)) as conn:
+            rows = conn.execute(
+                "SELECT status, COUNT(*) FROM features "
+                "WHERE status IN ('DONE', 'FATAL') GROUP BY status"
+            ).fetchall()
+    except sqlite3.Error as exc:
+        raise _Unreadable(f"not a readable execution database ({exc})") from None
+    counts = {str(status): int(n) for status, n in rows}
+    return counts.get("DONE", 0), counts.get("FATAL", 0)
