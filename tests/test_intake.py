@@ -1,0 +1,213 @@
+"""Intake against a real PostgreSQL: what each message leaves in the job table and outbox."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from psycopg_pool import ConnectionPool
+
+from worker import db, store
+from worker.consumer import InboundMessage
+from worker.intake import Intake
+from worker.settings import Settings
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+FLEET = "fleet-a"
+PAYLOAD = {
+    "processRequest": {"input": {"data": [{"type": "sentinel-2-l2a"}]}, "evalscript": "x"},
+    "input": {"type": "tiling-grid", "id": 1, "resolution": 10},
+    "output": {"type": "raster", "delivery": {"s3": {"url": "s3://b/out"}}},
+    "description": "corsica",
+}
+
+
+@pytest.fixture
+def pool(database_url: str) -> Iterator[ConnectionPool]:
+    pool = db.open_pool(database_url, max_size=4)
+    db.ensure_schema(pool)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def intake(pool: ConnectionPool) -> Intake:
+    settings = Settings(fleet_id=FLEET, worker_name="w-test", dlq="t.dlq", events_exchange="t.ev")
+    return Intake(settings, pool, metrics=Recorder(), clock=lambda: T0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, str]] = []
+
+    def command(self, action: str, outcome: str) -> None:
+        self.commands.append((action, outcome))
+
+
+def msg(body: Any, *, message_id: str = "m1", reply_to: str | None = None) -> InboundMessage:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    props: dict[str, Any] = {"message_id": message_id, "correlation_id": "c-" + message_id}
+    if reply_to:
+        props["reply_to"] = reply_to
+    return InboundMessage(
+        body=raw,
+        content_type="application/json",
+        properties=props,
+        headers={"x-producer": "p"},
+        delivery_tag=1,
+        redelivered=False,
+    )
+
+
+def submit(job_id: str = "j1", **extra: Any) -> dict[str, Any]:
+    return {"job_id": job_id, "request": PAYLOAD, **extra}
+
+
+def outbox_rows(pool: ConnectionPool) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT exchange, routing_key, body, headers FROM bw_outbox ORDER BY id"
+        ).fetchall()
+    out = []
+    for exchange, key, body, headers in rows:
+        try:
+            parsed = json.loads(bytes(body))
+        except ValueError:
+            parsed = {"raw": bytes(body).decode("utf-8", "replace")}
+        out.append((exchange, key, parsed, headers))
+    return out
+
+
+def routing_keys(pool: ConnectionPool) -> list[str]:
+    return [key for _, key, _, _ in outbox_rows(pool)]
+
+
+def get(pool: ConnectionPool, job_id: str) -> store.JobRecord | None:
+    with pool.connection() as conn:
+        return store.get_job(conn, FLEET, job_id)
+
+
+def test_new_submit_inserts_a_due_job_and_accepts(intake: Intake, pool: ConnectionPool) -> None:
+    intake.handle_batch([msg(submit(auto_start=False, max_cost_pu=50))])
+    record = get(pool, "j1")
+    assert record is not None
+    assert record.next_run_at == T0
+    assert record.state.auto_start is False
+    assert record.state.max_cost_pu == 50
+    assert record.state.echo.message_id == "m1"
+    ((exchange, key, event, _),) = outbox_rows(pool)
+    assert (exchange, key) == ("t.ev", "command.accepted")
+    assert event["data"]["job_id"] == "j1"
+
+
+def test_garbage_is_rejected_and_dead_lettered_whole(intake: Intake, pool: ConnectionPool) -> None:
+    intake.handle_batch([msg(b"\xff not json")])
+    (rejected, dead) = outbox_rows(pool)
+    assert rejected[1] == "command.rejected"
+    assert dead[0] == "" and dead[1] == "t.dlq"
+    assert dead[2] == {"raw": "\ufffd not json"}
+    assert dead[3]["x-producer"] == "p"
+    assert any("MALFORMED" in str(v) for v in dead[3].values())
+    assert intake._metrics.commands == [("", "rejected")]  # type: ignore[union-attr]
+
+
+def test_resubmit_same_request_is_idempotent_and_republishes_last_status(
+    intake: Intake, pool: ConnectionPool
+) -> None:
+    intake.handle_batch([msg(submit())])
+    # Give the job a last status event, as the engine would after its first step.
+    with pool.connection() as conn:
+        (claim,) = store.claim_due(conn, FLEET, "w", now=T0, lease=timedelta(seconds=30), limit=1)
+        from worker.events import OutboxMessage
+
+        event = OutboxMessage(exchange="t.ev", routing_key="job.created", body=b'{"id":"e7"}')
+        store.save_step(
+            conn, claim.state, generation=claim.generation, owner="w", status_event=event
+        )
+    before = len(outbox_rows(pool))
+    intake.handle_batch([msg(submit(), message_id="m2", reply_to="my.replies")])
+    new = outbox_rows(pool)[before:]
+    assert [(e, k) for e, k, _, _ in new] == [
+        ("t.ev", "command.accepted"),
+        ("", "my.replies"),  # the accepted event's copy for the new reply_to
+        ("t.ev", "job.created"),
+        ("", "my.replies"),
+    ]
+    assert new[2][2] == {"id": "e7"}
+    with pool.connection() as conn:
+        count = conn.execute("SELECT count(*) FROM bw_jobs").fetchone()
+    assert count is not None and count[0] == 1
+
+
+def test_resubmit_with_other_request_conflicts(intake: Intake, pool: ConnectionPool) -> None:
+    other = {**PAYLOAD, "description": "different"}
+    intake.handle_batch([msg(submit()), msg({"job_id": "j1", "request": other}, message_id="m2")])
+    keys = routing_keys(pool)
+    assert keys == ["command.accepted", "command.rejected", "t.dlq"]
+    (_, _, rejected, _) = outbox_rows(pool)[1]
+    assert rejected["data"]["code"] == "JOB_CONFLICT"
+    record = get(pool, "j1")
+    assert record is not None and record.state.request is not None
+    assert record.state.request["description"].startswith("corsica ")  # tagged, kept
+
+
+def test_two_submits_in_one_batch_behave_sequentially(intake: Intake, pool: ConnectionPool) -> None:
+    intake.handle_batch([msg(submit()), msg(submit(), message_id="m2")])
+    assert routing_keys(pool) == ["command.accepted", "command.accepted"]
+
+
+def test_cancel_and_start_set_requests_without_touching_state(
+    intake: Intake, pool: ConnectionPool
+) -> None:
+    intake.handle_batch([msg(submit(auto_start=False))])
+    before = get(pool, "j1")
+    intake.handle_batch(
+        [
+            msg({"job_id": "j1", "action": "start"}, message_id="m2"),
+            msg({"job_id": "j1", "action": "cancel"}, message_id="m3"),
+            msg({"job_id": "ghost", "action": "cancel"}, message_id="m4"),
+        ]
+    )
+    after = get(pool, "j1")
+    assert before is not None and after is not None
+    assert after.state == before.state
+    assert after.start_requested_at == T0 and after.cancel_requested_at == T0
+    assert routing_keys(pool)[1:] == [
+        "command.accepted",
+        "command.accepted",
+        "command.rejected",
+        "t.dlq",
+    ]
+    (_, _, rejected, _) = outbox_rows(pool)[3]
+    assert rejected["data"]["code"] == "JOB_NOT_FOUND"
+    assert intake._metrics.commands[-3:] == [  # type: ignore[union-attr]
+        ("start", "accepted"),
+        ("cancel", "accepted"),
+        ("cancel", "rejected"),
+    ]
+
+
+def test_an_error_on_one_message_rejects_only_that_message(
+    intake: Intake, pool: ConnectionPool
+) -> None:
+    class Boom(Exception):
+        pass
+
+    def explode(*args: Any, **kwargs: Any) -> bool:
+        raise Boom
+
+    intake.handle_batch([msg(submit("j0"))])
+    original = store.request_action
+    store.request_action = explode  # type: ignore[assignment]
+    try:
+        # An unexpected error on one message rejects that message only.
+        intake.handle_batch(
+            [msg(submit("j2"), message_id="m2"), msg({"job_id": "j0", "action": "cancel"})]
+        )
+    finally:
+        store.request_action = original
+    assert get(pool, "j2") is not None
+    assert routing_keys(pool)[-2:] == ["command.rejected", "t.dlq"]
