@@ -318,8 +318,10 @@ class JobEventData(_Wire):
     )
     error: ErrorData | None
     worker: str = Field(description="The worker process that published the event.")
+    # Always sent; optional in the schema because the contract's v1 example predates it.
     duplicates_stopped: list[str] = Field(
-        description="Extension: duplicate batch requests of this job the worker stopped."
+        default_factory=list,
+        description="Extension: duplicate batch requests of this job the worker stopped.",
     )
 
 
