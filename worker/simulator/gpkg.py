@@ -1,0 +1,180 @@
+"""GeoPackage files with the standard library's sqlite3 (OGC 12-128r18).
+
+Enough of the spec for the service's artifacts and inputs: the required metadata tables
+(``gpkg_spatial_ref_sys``, ``gpkg_contents``, ``gpkg_geometry_columns``), feature tables,
+and geometries as a GeoPackage binary header followed by little-endian WKB polygons.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_APPLICATION_ID = 0x47504B47  # "GPKG"
+_USER_VERSION = 10300  # GeoPackage 1.3
+_WKB_POLYGON = 3
+
+# Spatial reference systems the spec requires in every GeoPackage.
+_REQUIRED_SRS = [
+    (
+        "WGS 84 geodetic",
+        4326,
+        "EPSG",
+        4326,
+        'GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
+        'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]]',
+        "longitude/latitude coordinates in decimal degrees on the WGS 84 spheroid",
+    ),
+    ("Undefined cartesian SRS", -1, "NONE", -1, "undefined", "undefined cartesian coordinate"),
+    ("Undefined geographic SRS", 0, "NONE", 0, "undefined", "undefined geographic coordinate"),
+]
+
+Ring = Sequence[tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql_type: str  # INTEGER | TEXT | REAL | BOOLEAN
+
+
+def create(path: Path) -> sqlite3.Connection:
+    """A new, empty GeoPackage at ``path`` (replacing any file there)."""
+    path.unlink(missing_ok=True)
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+    conn.execute(f"PRAGMA user_version = {_USER_VERSION}")
+    conn.executescript(
+        """
+        CREATE TABLE gpkg_spatial_ref_sys (
+            srs_name TEXT NOT NULL, srs_id INTEGER PRIMARY KEY, organization TEXT NOT NULL,
+            organization_coordsys_id INTEGER NOT NULL, definition TEXT NOT NULL,
+            description TEXT);
+        CREATE TABLE gpkg_contents (
+            table_name TEXT NOT NULL PRIMARY KEY, data_type TEXT NOT NULL,
+            identifier TEXT UNIQUE, description TEXT DEFAULT '',
+            last_change DATETIME NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+            min_x DOUBLE, min_y DOUBLE, max_x DOUBLE, max_y DOUBLE,
+            srs_id INTEGER REFERENCES gpkg_spatial_ref_sys(srs_id));
+        CREATE TABLE gpkg_geometry_columns (
+            table_name TEXT NOT NULL, column_name TEXT NOT NULL,
+            geometry_type_name TEXT NOT NULL, srs_id INTEGER NOT NULL, z TINYINT NOT NULL,
+            m TINYINT NOT NULL, PRIMARY KEY (table_name, column_name));
+        """
+    )
+    conn.executemany("INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, ?, ?, ?, ?)", _REQUIRED_SRS)
+    return conn
+
+
+def add_feature_table(
+    conn: sqlite3.Connection,
+    table: str,
+    epsg: int,
+    columns: Sequence[Column],
+    rows: Iterable[tuple[Ring, Sequence[Any]]],
+) -> None:
+    """A polygon feature table ``table`` in EPSG:``epsg``; each row is (ring, values)."""
+    if epsg not in {-1, 0, 4326}:
+        conn.execute(
+            "INSERT OR IGNORE INTO gpkg_spatial_ref_sys VALUES (?, ?, 'EPSG', ?, 'undefined', '')",
+            (f"EPSG:{epsg}", epsg, epsg),
+        )
+    columns_sql = "".join(f', "{c.name}" {c.sql_type}' for c in columns)
+    conn.execute(
+        f'CREATE TABLE "{table}" (fid INTEGER PRIMARY KEY AUTOINCREMENT, geom POLYGON{columns_sql})'
+    )
+    names = ", ".join(f'"{c.name}"' for c in columns)
+    marks = ", ".join("?" for _ in columns)
+    extent = [float("inf"), float("inf"), float("-inf"), float("-inf")]
+    values: list[tuple[Any, ...]] = []
+    for ring, row in rows:
+        xs = [x for x, _ in ring]
+        ys = [y for _, y in ring]
+        extent = [
+            min(extent[0], *xs),
+            min(extent[1], *ys),
+            max(extent[2], *xs),
+            max(extent[3], *ys),
+        ]
+        values.append((encode_polygon(ring, epsg), *row))
+    conn.executemany(f'INSERT INTO "{table}" (geom, {names}) VALUES (?, {marks})', values)
+    conn.execute(
+        "INSERT INTO gpkg_contents (table_name, data_type, identifier, min_x, min_y, max_x,"
+        " max_y, srs_id) VALUES (?, 'features', ?, ?, ?, ?, ?, ?)",
+        (table, table, *(extent if values else [None] * 4), epsg),
+    )
+    conn.execute(
+        "INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', 'POLYGON', ?, 0, 0)", (table, epsg)
+    )
+
+
+def encode_polygon(ring: Ring, srs_id: int) -> bytes:
+    """GeoPackage geometry blob: header with an xy envelope, then WKB (little endian)."""
+    closed = list(ring) if ring[0] == ring[-1] else [*ring, ring[0]]
+    xs = [x for x, _ in closed]
+    ys = [y for _, y in closed]
+    # Flags: bit 0 = little endian, bits 1-3 = envelope type 1 (minx, maxx, miny, maxy).
+    header = b"GP" + struct.pack(
+        "<BBi4d", 0, 0b0000_0011, srs_id, min(xs), max(xs), min(ys), max(ys)
+    )
+    wkb = struct.pack("<BII", 1, _WKB_POLYGON, 1) + struct.pack("<I", len(closed))
+    wkb += b"".join(struct.pack("<2d", x, y) for x, y in closed)
+    return header + wkb
+
+
+def rectangle(extent: tuple[float, float, float, float]) -> Ring:
+    min_x, min_y, max_x, max_y = extent
+    return [(min_x, min_y), (max_x, min_y), (max_x, max_y), (min_x, max_y), (min_x, min_y)]
+
+
+@dataclass(frozen=True)
+class InputFeature:
+    identifier: str
+    epsg: int
+    extent: tuple[float, float, float, float]
+
+
+def read_features(path: Path) -> list[InputFeature]:
+    """The features of every table registered in ``gpkg_geometry_columns`` (§5.2 rules).
+
+    Raises ``ValueError`` with a user-facing message when the file breaks the rules.
+    """
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise ValueError(f"The GeoPackage cannot be opened: {exc}") from exc
+    try:
+        tables = conn.execute(
+            "SELECT table_name, column_name, srs_id FROM gpkg_geometry_columns ORDER BY table_name"
+        ).fetchall()
+        features: list[InputFeature] = []
+        for table, column, srs_id in tables:
+            rows = conn.execute(f'SELECT identifier, "{column}" FROM "{table}" ORDER BY fid')
+            for identifier, blob in rows:
+                if identifier is None:
+                    raise ValueError(f"Table {table} has a feature without an identifier.")
+                features.append(InputFeature(str(identifier), int(srs_id), _envelope(blob)))
+    except sqlite3.Error as exc:
+        raise ValueError(f"The GeoPackage is not valid: {exc}") from exc
+    finally:
+        conn.close()
+    if not features:
+        raise ValueError("The GeoPackage holds no features.")
+    if len({f.identifier for f in features}) != len(features):
+        raise ValueError("Feature identifiers in the GeoPackage are not unique.")
+    return features
+
+
+def _envelope(blob: bytes) -> tuple[float, float, float, float]:
+    if not isinstance(blob, bytes) or blob[:2] != b"GP":
+        raise ValueError("A geometry is not a GeoPackage geometry blob.")
+    flags = blob[3]
+    endian = "<" if flags & 1 else ">"
+    if (flags >> 1) & 0b111 == 0:
+        return (0.0, 0.0, 0.0, 0.0)
+    min_x, max_x, min_y, max_y = struct.unpack_from(f"{endian}4d", blob, 8)
+    return (min_x, min_y, max_x, max_y)
