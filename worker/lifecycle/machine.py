@@ -157,24 +157,25 @@ def _pending(d: _Draft, obs: Observation) -> None:
             pass  # Wake; CreateUncertain and NotFoundYet wait for the next Wake
     if d.tracking:
         _drive(d)
-    elif d.state.phase is Phase.PENDING_CREATE and isinstance(obs, Wake):
-        if adopting:
-            # Cancel and deadline wait for the adopted request's status: it may be running.
+    elif d.state.phase is not Phase.PENDING_CREATE:
+        return
+    elif adopting:
+        # Cancel and deadline wait for the adopted request's status: it may be running.
+        if isinstance(obs, Wake):
             d.actions.append(Adopt(_required(d.state.adopt_id)))
-        else:
-            _create_or_give_up(d)
+    else:
+        reason = _wanted_stop(d.state, d.now)
+        if reason is not None:
+            # Nothing upstream to stop. Should an uncertain create have made a request after
+            # all, a later scan reports it as a duplicate and it is stopped then.
+            _end(d, "STOPPED", stopped_reason=reason.value)
+            d.set(stop_reason=reason)
+        elif isinstance(obs, Wake):
+            _create(d)
 
 
-def _create_or_give_up(d: _Draft) -> None:
+def _create(d: _Draft) -> None:
     s, now, policy = d.state, d.now, d.policy
-    if s.cancel_wanted:
-        _end(d, "STOPPED", stopped_reason=StoppedReason.USER_ACTION.value)
-        d.set(stop_reason=StoppedReason.USER_ACTION)
-        return
-    if s.deadline is not None and now >= s.deadline:
-        _end(d, "STOPPED", stopped_reason=StoppedReason.DEADLINE.value)
-        d.set(stop_reason=StoppedReason.DEADLINE)
-        return
     if s.intent_at is None:
         # Nothing can exist yet: POST at once (the saved intent makes any retry scan first).
         d.set(intent_at=now, create_attempts=1)

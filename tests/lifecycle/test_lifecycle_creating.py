@@ -1,0 +1,196 @@
+"""Before a batch request is known: tags, intent-first creates, adopt, early cancel/deadline."""
+
+from __future__ import annotations
+
+import re
+
+from lifecycle_support import POLICY, RID, T0, Run, at, job, task
+
+from worker.lifecycle import (
+    CREATE_ATTEMPTS_EXHAUSTED,
+    UPSTREAM_NOT_FOUND,
+    Adopt,
+    CancelRequested,
+    Create,
+    CreateRefused,
+    CreateSucceeded,
+    CreateUncertain,
+    JobError,
+    NotFoundYet,
+    Phase,
+    Start,
+    Stop,
+    TaskMissing,
+    TaskSeen,
+    Wake,
+    describe,
+    is_active,
+    tag_for,
+)
+
+# -- tags ------------------------------------------------------------------------------------
+
+
+def test_tag_is_bw_and_30_hex_digits_and_depends_on_fleet_and_job() -> None:
+    tag = tag_for("default", "corsica-ndvi")
+    assert re.fullmatch(r"bw[0-9a-f]{30}", tag)
+    assert tag == tag_for("default", "corsica-ndvi")
+    assert tag != tag_for("other-fleet", "corsica-ndvi")
+    assert tag != tag_for("default", "corsica-ndvi-2")
+    # The separator keeps ("ab", "c") and ("a", "bc") apart.
+    assert tag_for("ab", "c") != tag_for("a", "bc")
+
+
+def test_describe_appends_the_tag_once_and_never_replaces_the_description() -> None:
+    tag = tag_for("default", "j")
+    assert describe(None, tag) == tag
+    assert describe("", tag) == tag
+    assert describe("Max NDVI", tag) == f"Max NDVI {tag}"
+    assert describe(describe("Max NDVI", tag), tag) == f"Max NDVI {tag}"
+    # A tag glued into another word is not the tag as a word: append it.
+    assert describe(f"x{tag}", tag) == f"x{tag} {tag}"
+
+
+def test_new_job_tags_the_payload_and_waits_to_create() -> None:
+    state = job(auto_start=False, request={"description": "Corsica", "input": {}})
+    assert state.request == {
+        "description": f"Corsica {tag_for('default', 'corsica-ndvi')}",
+        "input": {},
+    }
+    assert state.phase is Phase.PENDING_CREATE
+    assert state.start_wanted is False
+    assert state.accepted_at == T0
+    assert state.sequence == 0
+    assert is_active(state)
+
+
+def test_new_job_leaves_a_non_string_description_for_the_api_to_refuse() -> None:
+    assert job(request={"description": 42}).request == {"description": 42}
+
+
+# -- creating --------------------------------------------------------------------------------
+
+
+def test_first_wake_saves_the_intent_and_posts_at_once() -> None:
+    run = Run(job())
+    t = run.feed(Wake(), at(0))
+    assert t.actions == (Create(),)
+    assert t.state.intent_at == at(0)
+    assert t.state.create_attempts == 1
+    assert t.emits == ()
+    assert t.wake_at == at(0) + POLICY.create_retry
+
+
+def test_after_an_uncertain_create_scan_first_and_post_again_only_after_the_lag_window() -> None:
+    run = Run(job())
+    run.feed(Wake(), at(0))
+    run.feed(CreateUncertain("read timeout"), at(30))
+    # Inside the lag window: scan only, and the intent stays where the last POST was.
+    t = run.feed(Wake(), at(40))
+    assert t.actions == (
+        Create(
+            search_since=at(0) - POLICY.clock_skew, create_not_before=at(0) + POLICY.list_lag_window
+        ),
+    )
+    assert t.state.intent_at == at(0)
+    assert t.state.create_attempts == 1
+    t = run.feed(NotFoundYet(), at(41))
+    assert t.actions == ()
+    assert t.wake_at == at(41) + POLICY.create_retry
+    # Past the window the action may POST, so the intent moves in the state saved before it.
+    t = run.feed(Wake(), at(61))
+    assert t.actions == (Create(search_since=at(0) - POLICY.clock_skew, create_not_before=at(61)),)
+    assert t.state.intent_at == at(61)
+    assert t.state.create_attempts == 2
+
+
+def test_a_scan_that_finds_the_tag_tracks_that_request() -> None:
+    run = Run(job())
+    run.feed(Wake(), at(0))
+    run.feed(CreateUncertain("connection reset"), at(1))
+    run.feed(Wake(), at(11))
+    t = run.feed(CreateSucceeded(task("CREATED"), found=True), at(12))
+    assert t.state.phase is Phase.TRACKING
+    assert t.state.batch_request_id == RID
+    assert t.actions == (Start(RID),)
+    assert run.emitted == [("status", "CREATED")]
+
+
+def test_too_many_create_attempts_fail_the_job_with_a_worker_error() -> None:
+    run = Run(job())
+    now = 0.0
+    run.feed(Wake(), at(now))
+    while run.state.phase is Phase.PENDING_CREATE:
+        run.feed(CreateUncertain("503"), at(now))
+        now += POLICY.list_lag_window.total_seconds()
+        run.feed(Wake(), at(now))
+    assert run.state.create_attempts == POLICY.max_create_attempts
+    assert run.state.status == "FAILED"
+    assert run.state.error is not None
+    assert run.state.error.source == "worker"
+    assert run.state.error.code == CREATE_ATTEMPTS_EXHAUSTED
+    assert run.emitted == [("status", "FAILED")]
+
+
+def test_a_refused_create_fails_the_job_with_the_refusal() -> None:
+    error = JobError(source="api", http_status=400, code="COMMON_BAD_PAYLOAD", message="bad grid")
+    run = Run(job())
+    run.feed(Wake(), at(0))
+    t = run.feed(CreateRefused(error), at(1))
+    assert t.state.phase is Phase.ENDED
+    assert (t.state.status, t.state.error) == ("FAILED", error)
+    assert t.wake_at is None
+    assert run.emitted == [("status", "FAILED")]
+
+
+def test_cancel_before_any_request_is_known_stops_at_once_without_creating() -> None:
+    run = Run(job())
+    run.feed(Wake(), at(0))
+    run.feed(CreateUncertain("timeout"), at(30))
+    t = run.feed(CancelRequested(), at(31))
+    assert (t.actions, t.wake_at) == ((), None)
+    assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "USER_ACTION")
+    assert run.emitted == [("status", "STOPPED")]
+
+
+def test_deadline_before_any_request_exists_stops_directly() -> None:
+    run = Run(job(deadline=at(5)))
+    run.feed(Wake(), at(0))
+    t = run.feed(CreateUncertain("timeout"), at(2))
+    assert t.wake_at == at(5)  # the deadline, not the usual retry
+    t = run.feed(Wake(), at(5))
+    assert t.actions == ()
+    assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "DEADLINE")
+
+
+# -- adopting --------------------------------------------------------------------------------
+
+
+def test_adopt_reads_the_request_then_tracks_it() -> None:
+    run = Run(job(adopt_id=RID))
+    t = run.feed(Wake(), at(0))
+    assert t.actions == (Adopt(RID),)
+    assert t.state.intent_at is None
+    t = run.feed(TaskSeen(task("PROCESSING", completion_percentage=10.0)), at(1))
+    assert t.state.phase is Phase.TRACKING
+    assert t.state.batch_request_id == RID
+    assert run.emitted == [("status", "PROCESSING")]
+
+
+def test_adopting_a_request_that_does_not_exist_fails_upstream_not_found() -> None:
+    run = Run(job(adopt_id=RID))
+    run.feed(Wake(), at(0))
+    t = run.feed(TaskMissing(), at(1))
+    assert t.state.status == "FAILED"
+    assert t.state.error is not None
+    assert (t.state.error.code, t.state.error.http_status) == (UPSTREAM_NOT_FOUND, 404)
+
+
+def test_cancel_while_adopting_waits_to_see_the_request_and_stops_it() -> None:
+    run = Run(job(adopt_id=RID))
+    run.feed(CancelRequested(), at(0))
+    t = run.feed(Wake(), at(0))
+    assert t.actions == (Adopt(RID),)
+    t = run.feed(TaskSeen(task("PROCESSING")), at(1))
+    assert Stop(RID) in t.actions
+    assert t.state.stop_reason == "USER_ACTION"

@@ -1,0 +1,280 @@
+"""A known batch request: driving it through the API's statuses to exactly one end."""
+
+from __future__ import annotations
+
+from lifecycle_support import POLICY, RID, Run, at, job, task
+
+from worker.lifecycle import (
+    BATCH_FAILED,
+    UPSTREAM_NOT_FOUND,
+    ActionRefused,
+    Analyse,
+    CancelRequested,
+    CreateSucceeded,
+    DuplicateFound,
+    JobError,
+    JobState,
+    Phase,
+    Poll,
+    ReadTiles,
+    Start,
+    StartRequested,
+    Stop,
+    StopDuplicate,
+    TaskMissing,
+    TaskSeen,
+    Tiles,
+    TilesSeen,
+    TilesUnavailable,
+    Wake,
+)
+
+
+def created(state: JobState) -> Run:
+    """A run whose create POSTed at 0 and answered 201 at 1."""
+    run = Run(state)
+    run.feed(Wake(), at(0))
+    run.feed(CreateSucceeded(task("CREATED")), at(1))
+    return run
+
+
+def processing(**kwargs: object) -> Run:
+    run = created(job(**kwargs))  # type: ignore[arg-type]
+    run.feed(TaskSeen(task("PROCESSING")), at(200))
+    return run
+
+
+# -- CREATED ---------------------------------------------------------------------------------
+
+
+def test_auto_start_sends_start_on_created_and_resends_only_after_the_action_lag() -> None:
+    run = created(job())
+    assert run.transitions[-1].actions == (Start(RID),)
+    lag = POLICY.action_lag.total_seconds()
+    # The status lags the action (§3.3): no second start inside the lag.
+    assert run.feed(TaskSeen(task("CREATED")), at(1 + lag - 1)).actions == ()
+    assert run.feed(TaskSeen(task("CREATED")), at(1 + lag)).actions == (Start(RID),)
+
+
+def test_without_auto_start_the_job_analyses_rests_with_its_tiles_then_starts() -> None:
+    run = created(job(auto_start=False))
+    assert run.transitions[-1].actions == (Analyse(RID),)
+    run.feed(TaskSeen(task("ANALYSING")), at(60))
+    # ANALYSIS_DONE: read the manifest and hold the status event until the count is in.
+    t = run.feed(TaskSeen(task("ANALYSIS_DONE")), at(120))
+    assert t.actions == (ReadTiles(RID, execution_db=False),)
+    assert t.emits == ()
+    assert t.wake_at == at(120) + POLICY.tiles_wait
+    t = run.feed(TilesSeen(Tiles(total=120)), at(121))
+    assert t.state.status == "ANALYSIS_DONE"
+    assert t.state.tiles == Tiles(total=120)
+    assert t.actions == ()
+    # A job resting after analysis has not ended: it polls, slowly.
+    assert t.state.phase is Phase.TRACKING
+    assert t.wake_at == at(121) + POLICY.rest_poll_interval
+    assert run.feed(TaskSeen(task("ANALYSIS_DONE")), at(721)).actions == ()
+    t = run.feed(StartRequested(), at(800))
+    assert t.actions == (Start(RID),)
+    run.feed(TaskSeen(task("PROCESSING", completion_percentage=50.0, cost_pu=20.0)), at(900))
+    t = run.feed(TaskSeen(task("DONE", completion_percentage=100.0, cost_pu=40.0)), at(960))
+    assert (t.state.status, t.state.cost_pu) == ("DONE", 40.0)
+    assert run.emitted == [
+        ("status", "CREATED"),
+        ("status", "ANALYSING"),
+        ("status", "ANALYSIS_DONE"),
+        ("status", "PROCESSING"),
+        ("status", "DONE"),
+    ]
+    assert [e.sequence for t in run.transitions for e in t.emits] == [1, 2, 3, 4, 5]
+
+
+def test_an_unreadable_manifest_publishes_analysis_done_without_tiles() -> None:
+    run = created(job(auto_start=False))
+    run.feed(TaskSeen(task("ANALYSIS_DONE")), at(120))
+    t = run.feed(TilesUnavailable("AccessDenied"), at(121))
+    assert (t.state.status, t.state.tiles) == ("ANALYSIS_DONE", None)
+    # Without any answer, the next wake-up publishes it too.
+    run = created(job(auto_start=False))
+    run.feed(TaskSeen(task("ANALYSIS_DONE")), at(120))
+    t = run.feed(Wake(), at(130))
+    assert t.state.status == "ANALYSIS_DONE"
+    assert t.emits != ()
+
+
+def test_cancel_while_created_ends_stopped_without_analysing_or_starting() -> None:
+    run = created(job(auto_start=False))
+    lag = POLICY.action_lag.total_seconds()
+    # The analyse sent at creation may still take effect behind a lagging status: stop it.
+    t = run.feed(CancelRequested(), at(2))
+    assert t.actions == (Stop(RID),)
+    assert t.state.phase is Phase.TRACKING
+    # The stop is refused (CREATED cannot be stopped); still CREATED after the lag: end.
+    t = run.feed(ActionRefused("stop", JobError(source="api", code="BAD", message="m")), at(3))
+    assert t.actions == (Poll(RID, asap=True),)
+    t = run.feed(TaskSeen(task("CREATED")), at(4))
+    assert (t.actions, t.state.phase) == ((), Phase.TRACKING)
+    assert t.wake_at == at(4) + POLICY.poll_interval
+    t = run.feed(Wake(), at(1 + lag))
+    assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "USER_ACTION")
+    actions = [a for t in run.transitions[2:] for a in t.actions]
+    assert not any(isinstance(a, (Analyse, Start)) for a in actions)
+
+
+def test_deadline_while_created_ends_stopped_deadline_directly() -> None:
+    run = created(job(auto_start=False, deadline=at(500)))
+    run.feed(TaskSeen(task("CREATED")), at(200))  # the analyse did not take (past the lag)
+    t = run.feed(Wake(), at(500))
+    assert t.actions == ()
+    assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "DEADLINE")
+
+
+# -- PROCESSING ------------------------------------------------------------------------------
+
+
+def test_processing_reads_tiles_each_poll_and_publishes_progress_when_it_moves() -> None:
+    run = processing()
+    assert run.transitions[-1].actions == (ReadTiles(RID, execution_db=True),)
+    t = run.feed(TaskSeen(task("PROCESSING", completion_percentage=40.0)), at(230))
+    assert [e.kind for e in t.emits] == ["progress"]
+    t = run.feed(TilesSeen(Tiles(total=10, processed=4, failed=1)), at(231))
+    assert [e.kind for e in t.emits] == ["progress"]
+    # Nothing moved: no event.
+    assert run.feed(TaskSeen(task("PROCESSING", completion_percentage=40.0)), at(260)).emits == ()
+    # An older copy of the execution database does not move the counts back.
+    t = run.feed(TilesSeen(Tiles(total=None, processed=2, failed=0)), at(261))
+    assert (t.state.tiles, t.emits) == (Tiles(total=10, processed=4, failed=1), ())
+
+
+def test_completion_at_100_stays_processing_until_the_status_says_done() -> None:
+    run = processing()
+    t = run.feed(TaskSeen(task("PROCESSING", completion_percentage=100.0)), at(230))
+    assert t.state.phase is Phase.TRACKING
+    assert t.state.status == "PROCESSING"
+    t = run.feed(TaskSeen(task("DONE", completion_percentage=100.0)), at(260))
+    assert (t.state.phase, t.state.status, t.wake_at) == (Phase.ENDED, "DONE", None)
+
+
+def test_deadline_stops_the_request_and_the_job_ends_stopped_deadline() -> None:
+    run = processing(deadline=at(300))
+    assert run.transitions[-1].wake_at == at(230)  # poll interval comes first
+    run.feed(Wake(), at(230))
+    assert run.transitions[-1].wake_at == at(260)
+    run.feed(TaskSeen(task("PROCESSING")), at(290))
+    assert run.transitions[-1].wake_at == at(300)  # the deadline comes before the poll
+    t = run.feed(Wake(), at(300))
+    assert Stop(RID) in t.actions
+    # Waiting for STOPPED: the stop is not repeated inside the lag.
+    assert Stop(RID) not in run.feed(TaskSeen(task("PROCESSING")), at(330)).actions
+    t = run.feed(TaskSeen(task("STOPPED", stopped_reason="USER_ACTION")), at(360))
+    assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "DEADLINE")
+
+
+def test_cost_above_the_cap_stops_with_cost_limit() -> None:
+    run = processing(max_cost_pu=100.0)
+    assert Stop(RID) not in run.feed(TaskSeen(task("PROCESSING", cost_pu=100.0)), at(230)).actions
+    t = run.feed(TaskSeen(task("PROCESSING", cost_pu=100.5)), at(260))
+    assert Stop(RID) in t.actions
+    assert t.state.stop_reason == "COST_LIMIT"
+    t = run.feed(TaskSeen(task("STOPPED", stopped_reason="USER_ACTION", cost_pu=101.0)), at(290))
+    assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "COST_LIMIT")
+
+
+def test_cancel_while_processing_stops_with_user_action() -> None:
+    run = processing()
+    t = run.feed(CancelRequested(), at(230))
+    assert t.actions == (Stop(RID),)
+    t = run.feed(TaskSeen(task("STOPPED", stopped_reason="USER_ACTION")), at(260))
+    assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "USER_ACTION")
+
+
+def test_a_stop_by_the_api_carries_the_apis_reason() -> None:
+    t = processing().feed(TaskSeen(task("STOPPED", stopped_reason="OUT_OF_PU")), at(230))
+    assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "OUT_OF_PU")
+
+
+def test_a_failed_request_ends_failed_with_the_tasks_error() -> None:
+    t = processing().feed(TaskSeen(task("FAILED", error="Evalscript error")), at(230))
+    assert t.state.error == JobError(source="api", code=BATCH_FAILED, message="Evalscript error")
+    assert [e.kind for e in t.emits] == ["status"]
+
+
+# -- odd answers -----------------------------------------------------------------------------
+
+
+def test_a_404_inside_the_window_after_creation_is_read_again_soon() -> None:
+    run = created(job())
+    t = run.feed(TaskMissing(), at(30))
+    assert t.state.phase is Phase.TRACKING
+    assert t.wake_at == at(30) + POLICY.not_found_retry
+    t = run.feed(TaskSeen(task("ANALYSING")), at(40))
+    assert t.state.not_found_since is None
+
+
+def test_a_404_past_the_window_fails_upstream_not_found() -> None:
+    run = created(job())
+    window = POLICY.not_found_window.total_seconds()
+    t = run.feed(TaskMissing(), at(window))  # `created` is 0
+    assert t.state.status == "FAILED"
+    assert t.state.error == JobError(
+        source="api",
+        http_status=404,
+        code=UPSTREAM_NOT_FOUND,
+        message=f"batch request {RID} not found",
+    )
+
+
+def test_a_refused_action_reads_the_status_at_once_instead_of_failing() -> None:
+    run = processing()
+    error = JobError(source="api", http_status=400, code="COMMON_BAD_PAYLOAD", message="x")
+    t = run.feed(ActionRefused("start", error), at(230))
+    assert t.actions == (Poll(RID, asap=True),)
+    assert t.state.phase is Phase.TRACKING
+
+
+def test_a_status_the_api_adds_later_is_published_and_polled() -> None:
+    run = processing()
+    t = run.feed(TaskSeen(task("QUEUED")), at(230))
+    assert t.state.status == "QUEUED"
+    assert [e.kind for e in t.emits] == ["status"]
+    assert t.wake_at == at(230) + POLICY.poll_interval
+
+
+def test_a_stale_read_of_an_earlier_status_is_ignored() -> None:
+    run = processing()
+    t = run.feed(TaskSeen(task("ANALYSING")), at(230))
+    assert (t.state.status, t.emits, t.actions) == ("PROCESSING", (), ())
+
+
+def test_a_duplicate_is_stopped_recorded_once_and_reported() -> None:
+    run = processing()
+    t = run.feed(DuplicateFound("dup-1"), at(230))
+    assert t.actions == (StopDuplicate("dup-1"),)
+    assert t.state.duplicates_stopped == ("dup-1",)
+    assert [e.kind for e in t.emits] == ["progress"]
+    # Reported again (the first stop may have been lost to a crash): stop again, no event.
+    t = run.feed(DuplicateFound("dup-1"), at(260))
+    assert (t.actions, t.state.duplicates_stopped, t.emits) == (
+        (StopDuplicate("dup-1"),),
+        ("dup-1",),
+        (),
+    )
+    # The job's own request is never a duplicate.
+    assert run.feed(DuplicateFound(RID), at(290)).actions == ()
+
+
+def test_after_the_end_only_duplicates_are_stopped() -> None:
+    run = processing()
+    run.feed(TaskSeen(task("DONE")), at(230))
+    ended = run.state
+    for obs in (
+        Wake(),
+        CancelRequested(),
+        StartRequested(),
+        TaskSeen(task("PROCESSING")),
+        TaskMissing(),
+    ):
+        t = run.feed(obs, at(300))
+        assert (t.state, t.actions, t.emits, t.wake_at) == (ended, (), (), None)
+    t = run.feed(DuplicateFound("dup-2"), at(400))
+    assert (t.actions, t.emits, t.wake_at) == ((StopDuplicate("dup-2"),), (), None)
+    assert t.state.duplicates_stopped == ("dup-2",)
