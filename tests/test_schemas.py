@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from worker.events import OutboxMessage, command_event, job_event
+from worker.events import ROUTING_KEYS, OutboxMessage, command_event, job_event
 from worker.lifecycle import KNOWN_STATUSES, Echo, JobError, JobState, Tiles
 from worker.messages import (
+    EVENT_TYPES,
     SCHEMA_DIR,
     RejectCode,
     Rejection,
@@ -25,6 +27,8 @@ from worker.messages import (
     stale_schemas,
     write_schemas,
 )
+from worker.settings import Settings
+from worker.topology import topology
 
 CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "contract.md"
 NOW = datetime(2026, 11, 25, 21, 30, 0, 123_000, tzinfo=UTC)
@@ -141,7 +145,7 @@ states = st.builds(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(states, st.sampled_from(["status", "progress"]))
 def test_every_job_event_validates(state: JobState, kind: Any) -> None:
     for message in job_event(state, kind, exchange="e", worker="w", now=NOW):
@@ -189,3 +193,76 @@ def test_the_event_schemas_refuse_what_the_worker_never_sends() -> None:
     rejected_without_code = event_of(accepted) | {"type": "batchworker.command.rejected"}
     assert COMMAND_EVENT.is_valid(event_of(accepted))
     assert not COMMAND_EVENT.is_valid(rejected_without_code)
+
+
+# --- the AsyncAPI document ---------------------------------------------------------------------
+
+ASYNCAPI_PATH = CONTRACT.parent / "asyncapi.yaml"
+
+
+def asyncapi() -> dict[str, Any]:
+    document = yaml.safe_load(ASYNCAPI_PATH.read_text(encoding="utf-8"))
+    assert isinstance(document, dict)
+    return document
+
+
+def refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in refs(value)]
+    if isinstance(node, list):
+        return [ref for item in node for ref in refs(item)]
+    return []
+
+
+def resolve(document: dict[str, Any], pointer: str) -> Any:
+    node: Any = document
+    for part in pointer.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def test_asyncapi_names_every_routing_key_the_worker_publishes() -> None:
+    addresses: set[str] = set()
+    for channel in asyncapi()["channels"].values():
+        address = channel["address"]
+        params = re.findall(r"\{(\w+)\}", address)
+        if len(params) == 1 and "enum" in channel["parameters"][params[0]]:
+            for value in channel["parameters"][params[0]]["enum"]:
+                addresses.add(address.replace("{" + params[0] + "}", value))
+        else:
+            addresses.add(address)
+    assert set(ROUTING_KEYS) <= addresses
+    assert {"batch.jobs", "batch.jobs.dlq", "batch.events.unrouted", "{replyTo}"} <= addresses
+
+
+def test_asyncapi_names_every_event_type_as_a_message() -> None:
+    messages = asyncapi()["components"]["messages"].values()
+    types = {m["bindings"]["amqp"]["messageType"] for m in messages if "bindings" in m}
+    assert types >= set(EVENT_TYPES)
+    assert {message["name"] for message in messages} >= set(EVENT_TYPES)
+
+
+def test_asyncapi_references_resolve_and_payloads_are_the_schema_files() -> None:
+    document = asyncapi()
+    files = set()
+    for ref in refs(document):
+        if ref.startswith("#/"):
+            resolve(document, ref)
+        else:
+            path = (ASYNCAPI_PATH.parent / ref).resolve()
+            assert path.is_file(), ref
+            files.add(path.name)
+    assert files == set(schema_documents())
+
+
+def test_asyncapi_bindings_match_the_declared_topology() -> None:
+    topo = topology(Settings())
+    channels = asyncapi()["channels"]
+    declared = {queue.name: queue.arguments for queue in topo.queues}
+    for channel in ("jobs", "deadLetters", "unroutedEvents"):
+        queue = channels[channel]["bindings"]["amqp"]["queue"]
+        assert queue["x-arguments"] == declared[queue["name"]], channel
+    events = asyncapi()["components"]["channelBindings"]["eventsExchange"]["amqp"]["exchange"]
+    exchange = next(e for e in topo.exchanges if e.name == events["name"])
+    assert (events["type"], events["x-arguments"]) == (exchange.type, exchange.arguments)
