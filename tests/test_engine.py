@@ -1,0 +1,382 @@
+"""The engine against a real PostgreSQL and a small scripted Batch API fake.
+
+The fake answers like the API (batch-v2-api.md §3.2 transitions) but moves a task one
+status per read, so a job runs through its whole lifecycle in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from psycopg_pool import ConnectionPool
+
+from worker import db, lifecycle, store
+from worker.api.errors import ClientError, NotFound, TransportError
+from worker.api.models import Page, Task
+from worker.engine import Engine
+from worker.lifecycle import Phase, Policy, Tiles
+from worker.settings import Settings
+
+FLEET = "fleet-e"
+PAYLOAD: dict[str, Any] = {
+    "processRequest": {
+        "input": {
+            "bounds": {"bbox": [8.44, 41.31, 9.66, 43.1]},
+            "data": [{"type": "sentinel-2-l2a"}],
+        },
+        "output": {"responses": [{"identifier": "default", "format": {"type": "image/tiff"}}]},
+        "evalscript": "//VERSION=3\nfunction setup() {}",
+    },
+    "input": {"type": "tiling-grid", "id": 0, "resolution": 60.0},
+    "output": {
+        "type": "raster",
+        "delivery": {"s3": {"url": "s3://bucket/out", "iamRoleARN": "arn:aws:iam::1:role/r"}},
+    },
+    "description": "Max NDVI over Corsica",
+}
+FAST = Policy(
+    poll_interval=timedelta(milliseconds=100),
+    rest_poll_interval=timedelta(milliseconds=300),
+    action_lag=timedelta(milliseconds=300),
+    not_found_window=timedelta(milliseconds=300),
+    list_lag_window=timedelta(milliseconds=200),
+    clock_skew=timedelta(seconds=1),
+    create_retry=timedelta(milliseconds=50),
+    not_found_retry=timedelta(milliseconds=50),
+    tiles_wait=timedelta(milliseconds=50),
+)
+NEXT = {"ANALYSING": "ANALYSIS_DONE", "PROCESSING": "DONE"}
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.tasks: dict[str, Task] = {}
+        self.calls: list[str] = []
+        self.refuse_create = False
+        self.create_times_out = False
+        self.lock = threading.Lock()
+
+    def _put(self, task: Task, **changes: Any) -> Task:
+        updated = task.model_copy(update=changes)
+        self.tasks[task.id] = updated
+        return updated
+
+    def create(self, payload: dict[str, Any]) -> Task:
+        with self.lock:
+            self.calls.append("create")
+            if self.refuse_create:
+                raise ClientError("bad grid", http_status=400, code="COMMON_BAD_PAYLOAD")
+            task = Task(
+                id=str(uuid.uuid4()),
+                request=payload,
+                status="CREATED",
+                created=datetime.now(UTC),
+            )
+            self.tasks[task.id] = task
+            if self.create_times_out:
+                self.create_times_out = False
+                raise TransportError("read timed out", ambiguous=True)
+            return task
+
+    def get(self, task_id: str, *, created_at: datetime | None = None) -> Task:
+        with self.lock:
+            self.calls.append("get")
+            task = self.tasks.get(task_id)
+            if task is None:
+                raise NotFound("no such task", http_status=404)
+            return self._advance(task)
+
+    def _advance(self, task: Task) -> Task:
+        """Each read finds a running task one status further on."""
+        if task.status not in NEXT:
+            return task
+        done = NEXT[task.status] == "DONE"
+        return self._put(
+            task,
+            status=NEXT[task.status],
+            completion_percentage=100.0 if done else 0.0,
+            cost_pu=100.0 if done else 0.0,
+        )
+
+    def iter_pages(
+        self, *, sort: str = "created:desc", search: str | None = None, count: int | None = None
+    ) -> Iterator[Page]:
+        with self.lock:
+            self.calls.append("list")
+            tasks = [self._advance(t) for t in list(self.tasks.values())]
+            tasks.sort(key=lambda t: t.created or datetime.min)
+        yield Page(tasks=list(reversed(tasks)))
+
+    def analyse(self, task_id: str) -> None:
+        self._action("analyse", task_id, {"CREATED": "ANALYSING"})
+
+    def start(self, task_id: str) -> None:
+        self._action("start", task_id, {"CREATED": "ANALYSING", "ANALYSIS_DONE": "PROCESSING"})
+
+    def stop(self, task_id: str) -> None:
+        moves = {s: "STOPPED" for s in ("ANALYSING", "ANALYSIS_DONE", "PROCESSING")}
+        self._action("stop", task_id, moves)
+        with self.lock:
+            if self.tasks[task_id].status == "STOPPED":
+                self._put(self.tasks[task_id], stopped_status_reason="USER_ACTION")
+
+    def _action(self, name: str, task_id: str, moves: dict[str, str]) -> None:
+        with self.lock:
+            self.calls.append(name)
+            task = self.tasks.get(task_id)
+            if task is None:
+                raise NotFound("no such task", http_status=404)
+            if task.status not in moves:
+                raise ClientError(f"cannot {name}", http_status=400, code="COMMON_BAD_PAYLOAD")
+            self._put(task, status=moves[task.status])
+
+
+class NoTiles:
+    def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Tiles | None:
+        return Tiles(total=4, processed=4 if execution_db else 0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.finished: list[tuple[str, str | None]] = []
+        self.tile_deltas: list[tuple[int, int]] = []
+        self.duplicates = 0
+        self.lag: list[float] = []
+        self.in_flight: list[dict[str, int]] = []
+
+    def job_finished(self, status: str, reason: str | None, duration_seconds: float | None) -> None:
+        self.finished.append((status, reason))
+
+    def set_in_flight(self, counts: dict[str, int]) -> None:
+        self.in_flight.append(dict(counts))
+
+    def tiles(self, processed_delta: int, failed_delta: int) -> None:
+        self.tile_deltas.append((processed_delta, failed_delta))
+
+    def duplicate_stopped(self) -> None:
+        self.duplicates += 1
+
+    def status_lag(self, seconds: float) -> None:
+        self.lag.append(seconds)
+
+
+@pytest.fixture
+def pool(database_url: str) -> Iterator[ConnectionPool]:
+    pool = db.open_pool(database_url, max_size=12)
+    db.ensure_schema(pool)
+    yield pool
+    pool.close()
+
+
+SETTINGS = Settings(fleet_id=FLEET, events_exchange="ev", lease_seconds=30)
+
+
+def make_engine(pool: ConnectionPool, api: FakeApi, name: str = "w1", **kw: Any) -> Engine:
+    return Engine(
+        SETTINGS,
+        pool,
+        api,
+        tiles=NoTiles(),
+        metrics=kw.pop("metrics", None),
+        policy=FAST,
+        worker_name=name,
+        threads=4,
+        idle_wait=0.02,
+        gauges_every=0.1,
+        **kw,
+    )
+
+
+def add_job(pool: ConnectionPool, job_id: str = "j1", **fields: Any) -> None:
+    now = datetime.now(UTC)
+    args: dict[str, Any] = {
+        "request": PAYLOAD,
+        "adopt_id": None,
+        "auto_start": True,
+        "deadline": None,
+        "max_cost_pu": None,
+        "echo": lifecycle.Echo(),
+    }
+    args.update(fields)
+    state = lifecycle.new_job(job_id=job_id, fleet_id=FLEET, request_hash="h", now=now, **args)
+    with pool.connection() as conn:
+        store.insert_job(conn, state, next_run_at=now)
+
+
+def record(pool: ConnectionPool, job_id: str = "j1") -> store.JobRecord:
+    with pool.connection() as conn:
+        found = store.get_job(conn, FLEET, job_id)
+    assert found is not None
+    return found
+
+
+def statuses(pool: ConnectionPool, job_id: str = "j1") -> list[tuple[int, str]]:
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT body FROM bw_outbox WHERE exchange = 'ev' ORDER BY id"
+        ).fetchall()
+    out = []
+    for (body,) in rows:
+        event = json.loads(bytes(body))
+        if event["type"] == "batchworker.job.status" and event["subject"] == job_id:
+            out.append((event["data"]["sequence"], event["data"]["status"]))
+    return out
+
+
+def run_until_ended(pool: ConnectionPool, engine: Engine, *job_ids: str) -> None:
+    """Runs the engine until the jobs end. The one place these tests wait: the engine is
+    a loop; 20 s is a hang guard, not an expected duration (a run takes well under 2 s)."""
+    thread = threading.Thread(target=engine.run)
+    thread.start()
+    ended = threading.Event()
+    try:
+        for _ in range(400):
+            if all(record(pool, j).state.phase is Phase.ENDED for j in job_ids or ("j1",)):
+                ended.set()
+                break
+            ended.wait(0.05)
+    finally:
+        engine.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert ended.is_set(), [record(pool, j).state.status for j in job_ids or ("j1",)]
+
+
+def test_submitted_job_runs_to_done_with_events_in_order(pool: ConnectionPool) -> None:
+    api, metrics = FakeApi(), Recorder()
+    add_job(pool)
+    run_until_ended(pool, make_engine(pool, api, metrics=metrics))
+    seen = statuses(pool)
+    assert seen[-1][1] == "DONE"
+    assert [s for s, _ in seen] == sorted(s for s, _ in seen)  # sequence only rises
+    assert seen[0][1] == "CREATED"
+    assert api.calls.count("create") == 1
+    assert metrics.finished == [("DONE", None)]
+    assert record(pool).last_status_event is not None
+    assert record(pool).next_run_at is None
+
+
+def test_payload_refused_by_the_worker_fails_with_source_worker(pool: ConnectionPool) -> None:
+    api = FakeApi()
+    add_job(pool, request={**PAYLOAD, "input": {"type": "no-such-input"}})
+    run_until_ended(pool, make_engine(pool, api))
+    state = record(pool).state
+    assert state.status == "FAILED"
+    assert state.error is not None and state.error.source == "worker"
+    assert api.calls == []
+
+
+def test_payload_refused_by_the_api_fails_with_its_code(pool: ConnectionPool) -> None:
+    api = FakeApi()
+    api.refuse_create = True
+    add_job(pool)
+    run_until_ended(pool, make_engine(pool, api))
+    state = record(pool).state
+    assert state.status == "FAILED"
+    assert state.error is not None
+    assert (state.error.source, state.error.http_status, state.error.code) == (
+        "api",
+        400,
+        "COMMON_BAD_PAYLOAD",
+    )
+
+
+def test_uncertain_create_is_found_by_tag_not_created_twice(pool: ConnectionPool) -> None:
+    api = FakeApi()
+    api.create_times_out = True
+    add_job(pool)
+    run_until_ended(pool, make_engine(pool, api))
+    assert api.calls.count("create") == 1
+    assert "list" in api.calls
+    assert len(api.tasks) == 1
+    assert record(pool).state.batch_request_id == next(iter(api.tasks))
+    assert record(pool).state.status == "DONE"
+
+
+def test_adopting_an_unknown_request_fails_upstream_not_found(pool: ConnectionPool) -> None:
+    add_job(pool, request=None, adopt_id=str(uuid.uuid4()))
+    run_until_ended(pool, make_engine(pool, FakeApi()))
+    state = record(pool).state
+    assert state.status == "FAILED"
+    assert state.error is not None and state.error.code == lifecycle.UPSTREAM_NOT_FOUND
+
+
+def test_cancel_before_create_never_analyses(pool: ConnectionPool) -> None:
+    api = FakeApi()
+    add_job(pool)
+    with pool.connection() as conn:
+        store.request_action(conn, FLEET, "j1", "cancel", now=datetime.now(UTC))
+    run_until_ended(pool, make_engine(pool, api))
+    state = record(pool).state
+    assert state.status == "STOPPED" and state.stopped_reason == "USER_ACTION"
+    assert "analyse" not in api.calls and "start" not in api.calls
+
+
+def test_lost_lease_means_no_action_runs(pool: ConnectionPool) -> None:
+    api = FakeApi()
+    add_job(pool)
+    now = datetime.now(UTC)
+    with pool.connection() as conn:
+        (stale,) = store.claim_due(conn, FLEET, "w1", now=now, lease=timedelta(seconds=1), limit=1)
+        # The lease runs out (w1 paused) and w2 takes the job over.
+        (fresh,) = store.claim_due(
+            conn, FLEET, "w2", now=now + timedelta(seconds=5), lease=timedelta(seconds=30), limit=1
+        )
+    assert fresh.generation == stale.generation + 1
+    engine = make_engine(pool, api, name="w1")
+    with pytest.raises(store.LeaseLost):
+        engine.drive(stale, [])
+    assert api.calls == []
+    assert record(pool).state == stale.state
+    assert record(pool).lease_owner == "w2"
+
+
+def test_two_engines_never_hold_one_job_at_once(pool: ConnectionPool) -> None:
+    api = FakeApi()
+    jobs = [f"j{i}" for i in range(12)]
+    for job_id in jobs:
+        add_job(pool, job_id)
+    first, second = make_engine(pool, api, "w1"), make_engine(pool, api, "w2")
+    other = threading.Thread(target=second.run)
+    other.start()
+    try:
+        run_until_ended(pool, first, *jobs)
+    finally:
+        second.request_stop()
+        other.join(10)
+    # Every job ran exactly one batch request; generations only ever rose (fenced saves).
+    assert api.calls.count("create") == len(jobs)
+    for job_id in jobs:
+        events = statuses(pool, job_id)
+        assert events[-1][1] == "DONE"
+        assert len({s for s, _ in events}) == len(events)  # no sequence written twice
+
+
+def test_request_stop_hands_jobs_back_at_once(pool: ConnectionPool) -> None:
+    api = FakeApi()
+    add_job(pool, auto_start=False)
+    engine = make_engine(pool, api)
+    thread = threading.Thread(target=engine.run)
+    thread.start()
+    try:
+        for _ in range(200):
+            if record(pool).state.status == "ANALYSIS_DONE":
+                break
+            threading.Event().wait(0.05)
+    finally:
+        engine.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert record(pool).lease_owner is None
+    assert record(pool).state.status == "ANALYSIS_DONE"
+    # Start it now; another engine carries it to the end.
+    with pool.connection() as conn:
+        store.request_action(conn, FLEET, "j1", "start", now=datetime.now(UTC))
+    run_until_ended(pool, make_engine(pool, api, "w2"))
+    assert record(pool).state.status == "DONE"
