@@ -76,16 +76,24 @@ def add_feature_table(
     epsg: int,
     columns: Sequence[Column],
     rows: Iterable[tuple[Ring, Sequence[Any]]],
+    *,
+    primary_key: str = "fid",
+    srs_definition: str = "undefined",
 ) -> None:
-    """A polygon feature table ``table`` in EPSG:``epsg``; each row is (ring, values)."""
+    """A polygon feature table ``table`` in EPSG:``epsg``; each row is (ring, values).
+
+    ``srs_definition`` is the CRS's WKT, when known (the spec asks for it; readers that
+    only need the EPSG code, like the service's, do without).
+    """
     if epsg not in {-1, 0, 4326}:
         conn.execute(
-            "INSERT OR IGNORE INTO gpkg_spatial_ref_sys VALUES (?, ?, 'EPSG', ?, 'undefined', '')",
-            (f"EPSG:{epsg}", epsg, epsg),
+            "INSERT OR IGNORE INTO gpkg_spatial_ref_sys VALUES (?, ?, 'EPSG', ?, ?, '')",
+            (f"EPSG:{epsg}", epsg, epsg, srs_definition),
         )
     columns_sql = "".join(f', "{c.name}" {c.sql_type}' for c in columns)
     conn.execute(
-        f'CREATE TABLE "{table}" (fid INTEGER PRIMARY KEY AUTOINCREMENT, geom POLYGON{columns_sql})'
+        f'CREATE TABLE "{table}" ("{primary_key}" INTEGER PRIMARY KEY AUTOINCREMENT,'
+        f" geom POLYGON{columns_sql})"
     )
     names = ", ".join(f'"{c.name}"' for c in columns)
     marks = ", ".join("?" for _ in columns)
@@ -153,7 +161,7 @@ def read_features(path: Path) -> list[InputFeature]:
         ).fetchall()
         features: list[InputFeature] = []
         for table, column, srs_id in tables:
-            rows = conn.execute(f'SELECT identifier, "{column}" FROM "{table}" ORDER BY fid')
+            rows = conn.execute(f'SELECT identifier, "{column}" FROM "{table}" ORDER BY rowid')
             for identifier, blob in rows:
                 if identifier is None:
                     raise ValueError(f"Table {table} has a feature without an identifier.")
