@@ -1,0 +1,111 @@
+"""The poller's choice between list pages and GETs, and what a round observes (unit tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from worker import lifecycle
+from worker.api.errors import NotFound
+from worker.api.models import Page, Task
+from worker.lifecycle import DuplicateFound, TaskMissing, TaskSeen
+from worker.poller import Poller, due_targets
+from worker.store import PollTarget
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+FLEET = "f"
+
+
+class ListingApi:
+    def __init__(self, tasks: list[Task], page_size: int) -> None:
+        self.tasks = sorted(tasks, key=lambda t: t.created or T0, reverse=True)
+        self.page_size = page_size
+        self.pages = 0
+        self.gets = 0
+
+    def iter_pages(
+        self, *, sort: str = "created:desc", search: str | None = None, count: int | None = None
+    ) -> Iterator[Page]:
+        for start in range(0, len(self.tasks), self.page_size):
+            self.pages += 1
+            more = start + self.page_size < len(self.tasks)
+            yield Page(
+                tasks=self.tasks[start : start + self.page_size],
+                next_token="t" if more else None,
+            )
+
+    def get(self, task_id: str, *, created_at: datetime | None = None) -> Task:
+        self.gets += 1
+        for task in self.tasks:
+            if task.id == task_id:
+                return task
+        raise NotFound("gone", http_status=404)
+
+
+def target(i: int, status: str = "PROCESSING", seen: datetime | None = None) -> PollTarget:
+    return PollTarget(
+        job_id=f"j{i}",
+        batch_request_id=f"b{i}",
+        upstream_created=T0 + timedelta(seconds=i),
+        status=status,
+        completion=0.0,
+        cost_pu=None,
+        last_seen_at=seen,
+    )
+
+
+def task(i: int, status: str = "PROCESSING", description: str = "") -> Task:
+    return Task(
+        id=f"b{i}",
+        status=status,
+        created=T0 + timedelta(seconds=i),
+        request={"description": description},
+    )
+
+
+def test_many_due_jobs_are_read_from_list_pages() -> None:
+    targets = [target(i) for i in range(50)]
+    tasks = [task(i, "DONE" if i == 7 else "PROCESSING") for i in range(50)]
+    api = ListingApi(tasks, page_size=20)
+    result = Poller(api, FLEET, initial_page_size=20).round(targets, targets)
+    assert result.method == "list"
+    assert (api.pages, api.gets) == (3, 0)
+    assert list(result.observations) == ["j7"]
+    assert isinstance(result.observations["j7"][0], TaskSeen)
+    assert len(result.unchanged) == 49
+
+
+def test_one_old_job_due_is_cheaper_with_a_get() -> None:
+    targets = [target(i, seen=T0) for i in range(50)]
+    due = [target(0)]
+    api = ListingApi([task(i) for i in range(50)], page_size=20)
+    result = Poller(api, FLEET, initial_page_size=20).round(targets, due)
+    assert result.method == "get"
+    assert (api.pages, api.gets) == (0, 1)
+    assert result.unchanged == ["j0"]
+
+
+def test_missing_task_and_duplicates_become_observations() -> None:
+    targets = [target(i) for i in range(10)]
+    tag = lifecycle.tag_for(FLEET, "j3")
+    tasks = [task(i) for i in range(10) if i != 5]
+    tasks.append(
+        Task(
+            id="dup",
+            status="ANALYSING",
+            created=T0 + timedelta(seconds=9),
+            request={"description": f"same job {tag}"},
+        )
+    )
+    api = ListingApi(tasks, page_size=100)
+    result = Poller(api, FLEET, initial_page_size=100).round(targets, targets)
+    assert result.observations["j3"] == [DuplicateFound(batch_request_id="dup")]
+    # j5 was not in the list: the poller falls back to a GET, which answers 404.
+    assert result.observations["j5"] == [TaskMissing()]
+    assert api.gets == 1
+
+
+def test_due_targets_are_the_stale_ones() -> None:
+    fresh, stale, never = target(1, seen=T0), target(2, seen=T0 - timedelta(minutes=1)), target(3)
+    due = due_targets([fresh, stale, never], now=T0, interval=timedelta(seconds=30))
+    assert due == [stale, never]
