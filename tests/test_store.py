@@ -46,29 +46,6 @@ def claim(pool: ConnectionPool, owner: str = "w1", now: datetime = T0, limit: in
         return store.claim_due(conn, FLEET, owner, now=now, lease=LEASE, limit=limit)
 
 
-def test_schema_is_idempotent_and_safe_to_apply_concurrently(database_url: str) -> None:
-    import threading
-
-    pools = [db.open_pool(database_url, max_size=1) for _ in range(4)]
-    errors: list[BaseException] = []
-
-    def apply(p: ConnectionPool) -> None:
-        try:
-            db.ensure_schema(p)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=apply, args=(p,)) for p in pools]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    db.ensure_schema(pools[0])
-    for p in pools:
-        p.close()
-    assert errors == []
-
-
 def test_insert_then_get_round_trips_state(pool: ConnectionPool) -> None:
     state = job(deadline=T0 + timedelta(hours=1), max_cost_pu=10.5)
     assert insert(pool, state)

@@ -1,0 +1,48 @@
+"""Pool and schema against a real PostgreSQL."""
+
+from __future__ import annotations
+
+from psycopg_pool import ConnectionPool
+
+from worker import db
+
+
+def test_schema_is_idempotent_and_safe_to_apply_concurrently(database_url: str) -> None:
+    import threading
+
+    pools = [db.open_pool(database_url, max_size=1) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def apply(p: ConnectionPool) -> None:
+        try:
+            db.ensure_schema(p)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=apply, args=(p,)) for p in pools]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    db.ensure_schema(pools[0])
+    for p in pools:
+        p.close()
+    assert errors == []
+
+
+def test_pool_from_settings_opens_and_reads_the_schema(database_url: str) -> None:
+    from worker.settings import Settings
+
+    pool = db.open_pool(Settings(database_url=database_url), max_size=1)
+    try:
+        db.ensure_schema(pool)
+        with pool.connection() as conn:
+            tables = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                ).fetchall()
+            }
+    finally:
+        pool.close()
+    assert {"bw_jobs", "bw_outbox"} <= tables
