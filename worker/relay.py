@@ -148,8 +148,12 @@ class Relay:
                 if moved < self._batch_size:
                     self._wait_for_work()
         finally:
-            self._drop_channel()
-            self._close_listener()
+            self.close()
+
+    def close(self) -> None:
+        """Close the relay's connections (``run`` does it on return)."""
+        self._drop_channel()
+        self._close_listener()
 
     # -- one round ------------------------------------------------------------------
 

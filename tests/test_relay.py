@@ -1,0 +1,223 @@
+"""The relay against real PostgreSQL and RabbitMQ; what it published is read back with pika."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pika
+import pytest
+from psycopg_pool import ConnectionPool
+
+from worker import outbox, relay
+from worker.events import OutboxMessage
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def pika_params(broker_url: str) -> pika.URLParameters:
+    """pika reads the ``//`` of kombu-style URLs as an empty vhost name; it means ``/``."""
+    return pika.URLParameters(broker_url[:-1] if broker_url.endswith("//") else broker_url)
+
+
+@pytest.fixture
+def pool(database_url: str) -> Iterator[ConnectionPool]:
+    with ConnectionPool(database_url, min_size=1, max_size=4, open=True) as p:
+        with p.connection() as conn:
+            outbox.ensure_schema(conn)
+        yield p
+
+
+@pytest.fixture
+def settings(broker_url: str, database_url: str, amqp_names) -> Settings:
+    return Settings(**amqp_names.settings(), broker_url=broker_url, database_url=database_url)
+
+
+@pytest.fixture
+def reader(
+    broker_url: str,
+) -> Iterator[tuple[pika.adapters.blocking_connection.BlockingChannel, str]]:
+    """A pika channel and an exclusive queue to publish to (stands in for a reply_to queue)."""
+    conn = pika.BlockingConnection(pika_params(broker_url))
+    channel = conn.channel()
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    yield channel, queue
+    conn.close()
+
+
+def _event(queue: str, n: int, **extra) -> OutboxMessage:
+    return OutboxMessage(
+        exchange="",
+        routing_key=queue,
+        body=b"\x00event\xff" + str(n).encode(),
+        properties={
+            "content_type": "application/cloudevents+json",
+            "message_id": f"id-{n}",
+            "correlation_id": f"corr-{n}",
+            "type": "batchworker.job.status",
+            "app_id": "batch-worker",
+            "timestamp": 1_700_000_000 + n,
+            "delivery_mode": 2,
+        },
+        headers={"attempt": n, "note": "é"},
+        **extra,
+    )
+
+
+def _enqueue(pool: ConnectionPool, messages: list[OutboxMessage]) -> None:
+    with pool.connection() as conn, conn.transaction():
+        outbox.enqueue(conn, messages)
+
+
+def _pending(pool: ConnectionPool) -> int:
+    with pool.connection() as conn:
+        return outbox.pending_count(conn)
+
+
+def _drain(channel, queue: str, expect: int, timeout: float = 10.0) -> list[tuple]:
+    got: list[tuple] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < expect and time.monotonic() < deadline:
+        method, props, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            time.sleep(0.02)
+            continue
+        got.append((props, body))
+    # Anything beyond what was expected would be a duplicate.
+    time.sleep(0.2)
+    method, _props, _body = channel.basic_get(queue, auto_ack=True)
+    assert method is None, "more messages than were enqueued"
+    return got
+
+
+def test_publishes_properties_headers_and_body_in_order_once(settings, pool, reader) -> None:
+    channel, queue = reader
+    sent = [_event(queue, n) for n in range(50)]
+    _enqueue(pool, sent)
+    published: list[OutboxMessage] = []
+    worker = relay.Relay(settings, pool, on_published=published.append, batch_size=16)
+    try:
+        while worker.relay_once():
+            pass
+    finally:
+        worker.close()
+    got = _drain(channel, queue, 50)
+    assert [body for _p, body in got] == [m.body for m in sent]
+    props, _body = got[7]
+    assert props.content_type == "application/cloudevents+json"
+    assert props.message_id == "id-7"
+    assert props.correlation_id == "corr-7"
+    assert props.type == "batchworker.job.status"
+    assert props.app_id == "batch-worker"
+    assert props.timestamp == 1_700_000_007
+    assert props.delivery_mode == 2
+    assert props.headers == {"attempt": 7, "note": "é"}
+    assert published == sent
+    assert _pending(pool) == 0
+
+
+def test_unroutable_mandatory_message_is_dropped_not_retried(settings, pool, reader) -> None:
+    channel, queue = reader
+    lost = OutboxMessage("", "no-such-reply-queue", b"lost", {"message_id": "x"}, mandatory=True)
+    _enqueue(pool, [_event(queue, 1), lost, _event(queue, 2)])
+    published: list[OutboxMessage] = []
+    worker = relay.Relay(settings, pool, on_published=published.append)
+    try:
+        assert worker.relay_once() == 3
+        assert worker.relay_once() == 0
+    finally:
+        worker.close()
+    assert [body for _p, body in _drain(channel, queue, 2)] == [
+        _event(queue, 1).body,
+        _event(queue, 2).body,
+    ]
+    assert lost not in published
+    assert _pending(pool) == 0
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing in the relay catches it."""
+
+
+def test_relay_killed_mid_round_republishes_only_that_round(
+    settings, pool, reader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    channel, queue = reader
+    sent = [_event(queue, n) for n in range(15)]
+    _enqueue(pool, sent)
+    real_delete = outbox.delete
+    calls = 0
+
+    def dying_delete(conn, ids):
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the second round's publishes are confirmed, its delete never commits
+            raise _Killed
+        real_delete(conn, ids)
+
+    monkeypatch.setattr(relay.outbox, "delete", dying_delete)
+    first = relay.Relay(settings, pool, batch_size=5)
+    try:
+        assert first.relay_once() == 5
+        with pytest.raises(_Killed):
+            first.relay_once()
+    finally:
+        first.close()
+    monkeypatch.setattr(relay.outbox, "delete", real_delete)
+
+    second = relay.Relay(settings, pool, batch_size=5)
+    try:
+        while second.relay_once():
+            pass
+    finally:
+        second.close()
+    bodies = [body for _p, body in _drain(channel, queue, 20)]
+    counts = {m.body: bodies.count(m.body) for m in sent}
+    assert [counts[m.body] for m in sent] == [1] * 5 + [2] * 5 + [1] * 5
+    assert _pending(pool) == 0
+
+
+def test_running_relays_wake_on_notify_and_share_one_outbox(settings, pool, reader) -> None:
+    channel, queue = reader
+    relays = [relay.Relay(settings, pool, batch_size=7) for _ in range(2)]
+    changes: list[bool] = []
+    relays[0]._on_connection_change = changes.append
+    threads = [threading.Thread(target=r.run) for r in relays]
+    for thread in threads:
+        thread.start()
+    try:
+        sent = [_event(queue, n) for n in range(60)]
+        for start in range(0, 60, 10):
+            _enqueue(pool, sent[start : start + 10])
+        got = _drain(channel, queue, 60)
+    finally:
+        for r in relays:
+            r.request_stop()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads)
+    assert [body for _p, body in got] == [m.body for m in sent]  # one order, no duplicates
+    assert changes == [True, False]
+    assert _pending(pool) == 0
+
+
+def test_relay_connection_has_heartbeat_and_confirms(settings, pool) -> None:
+    worker = relay.Relay(settings, pool)
+    try:
+        channel = worker._ensure_channel()
+        assert channel.connection.heartbeat == settings.heartbeat
+        assert channel.connection.client_properties["purpose"] == "publish"
+    finally:
+        worker.close()
+
+
+def test_timestamp_given_as_datetime_is_sent_as_seconds() -> None:
+    from datetime import UTC, datetime
+
+    message = relay.amqp_message(
+        OutboxMessage("", "q", b"", {"timestamp": datetime(2026, 1, 1, tzinfo=UTC)})
+    )
+    assert message.properties["timestamp"] == int(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
+    assert "application_headers" not in message.properties
