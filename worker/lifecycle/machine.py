@@ -143,8 +143,8 @@ def _pending(d: _Draft, obs: Observation) -> None:
             d.set(cancel_wanted=True)
         case StartRequested():
             d.set(start_wanted=True)
-        case DuplicateFound(batch_request_id=rid):
-            _duplicate(d, rid)
+        # No DuplicateFound here: before the job knows its request, a tagged request IS
+        # its request, and the next create's scan takes it up (CreateSucceeded found=True).
         case CreateSucceeded(task=task) if not adopting:
             _begin_tracking(d, task)
         case CreateRefused(error=error) if not adopting:

@@ -1,0 +1,202 @@
+"""Property tests: random (valid and nonsense) observation sequences keep every invariant."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lifecycle_support import RID, T0, Run, job
+
+from worker.lifecycle import (
+    KNOWN_STATUSES,
+    TERMINAL,
+    ActionRefused,
+    Analyse,
+    CancelRequested,
+    Create,
+    CreateRefused,
+    CreateSucceeded,
+    CreateUncertain,
+    DuplicateFound,
+    JobError,
+    JobState,
+    NotFoundYet,
+    Observation,
+    Phase,
+    Policy,
+    Start,
+    StartRequested,
+    StopDuplicate,
+    TaskMissing,
+    TaskSeen,
+    TaskSnapshot,
+    Tiles,
+    TilesSeen,
+    TilesUnavailable,
+    Wake,
+    is_active,
+    step,
+)
+
+# Small timings, so random delays cross every window (lag, 404 window, deadline) often.
+POLICY = Policy(
+    poll_interval=timedelta(seconds=5),
+    rest_poll_interval=timedelta(seconds=20),
+    action_lag=timedelta(seconds=8),
+    not_found_window=timedelta(seconds=12),
+    list_lag_window=timedelta(seconds=6),
+    clock_skew=timedelta(seconds=2),
+    create_retry=timedelta(seconds=2),
+    max_create_attempts=4,
+    not_found_retry=timedelta(seconds=1),
+    tiles_wait=timedelta(seconds=1),
+)
+IDS = st.sampled_from([RID, RID, RID, "dup-1", "dup-2"])
+STATUSES = st.sampled_from([*KNOWN_STATUSES, "QUEUED"])
+ERROR = JobError(source="api", http_status=400, code="COMMON_BAD_PAYLOAD", message="no")
+
+tasks = st.builds(
+    TaskSnapshot,
+    id=IDS,
+    status=STATUSES,
+    created=st.sampled_from([None, T0]),
+    completion_percentage=st.floats(0, 100),
+    cost_pu=st.floats(0, 500),
+    stopped_reason=st.sampled_from([None, "USER_ACTION", "OUT_OF_PU", "UNHEALTHY"]),
+    error=st.sampled_from([None, "Evalscript error"]),
+)
+tiles = st.builds(
+    Tiles,
+    total=st.none() | st.integers(0, 50),
+    processed=st.integers(0, 50),
+    failed=st.integers(0, 50),
+)
+observations: st.SearchStrategy[Observation] = st.one_of(
+    st.just(Wake()),
+    st.just(Wake()),
+    st.just(StartRequested()),
+    st.just(CancelRequested()),
+    st.builds(CreateSucceeded, task=tasks, found=st.booleans()),
+    st.just(CreateRefused(ERROR)),
+    st.just(CreateUncertain("timeout")),
+    st.just(NotFoundYet()),
+    st.builds(TaskSeen, task=tasks),
+    st.builds(TaskSeen, task=tasks),
+    st.just(TaskMissing()),
+    st.builds(
+        ActionRefused, action=st.sampled_from(["analyse", "start", "stop"]), error=st.just(ERROR)
+    ),
+    st.builds(TilesSeen, tiles=tiles),
+    st.just(TilesUnavailable("denied")),
+    st.builds(DuplicateFound, batch_request_id=IDS),
+)
+delays = st.integers(0, 15).map(lambda s: timedelta(seconds=s))
+jobs = st.builds(
+    job,
+    auto_start=st.booleans(),
+    adopt_id=st.sampled_from([None, None, RID]),
+    deadline=st.none() | st.integers(0, 120).map(lambda s: T0 + timedelta(seconds=s)),
+    max_cost_pu=st.none() | st.floats(0, 400),
+)
+histories = st.lists(st.tuples(delays, observations), max_size=60)
+
+
+def _without_duplicates(state: JobState) -> JobState:
+    return state.model_copy(update={"duplicates_stopped": ()})
+
+
+@settings(max_examples=600, deadline=None)
+@given(start=jobs, history=histories)
+def test_every_history_keeps_the_invariants(start: JobState, history: list) -> None:  # type: ignore[type-arg]
+    run = Run(start, policy=POLICY)
+    now = T0
+    terminal_events = 0
+    start_asked_for = start.auto_start
+    for delay, observation in history:
+        now += delay
+        before = run.state
+        if isinstance(observation, StartRequested):
+            start_asked_for = True
+        t = run.feed(observation, now)
+        after = t.state
+
+        # One event at most, numbered one above the last.
+        assert len(t.emits) <= 1
+        if t.emits:
+            assert t.emits[0].sequence == after.sequence == before.sequence + 1
+            if t.emits[0].kind == "status":
+                assert after.status != before.status
+            if after.status in TERMINAL:
+                terminal_events += 1
+        else:
+            assert after.sequence == before.sequence
+        assert terminal_events <= 1
+
+        # Nothing happens after the end but duplicate stops.
+        if before.phase is Phase.ENDED:
+            assert t.emits == ()
+            assert all(isinstance(a, StopDuplicate) for a in t.actions)
+            assert _without_duplicates(after) == _without_duplicates(before)
+
+        # A create that may POST at once has its intent saved in this very state.
+        for action in t.actions:
+            if isinstance(action, Create):
+                assert after.intent_at is not None
+                if action.create_not_before is None or action.create_not_before <= now:
+                    assert after.intent_at == now
+                assert action.search_since is None or action.search_since < after.intent_at
+
+        # Never analyse or start what is to be cancelled; never start what no one started.
+        kinds = {type(a) for a in t.actions}
+        if after.cancel_wanted:
+            assert not kinds & {Analyse, Start}
+        if Start in kinds:
+            assert start_asked_for
+
+        # An ended job's status is terminal and it is never woken; a live one always is.
+        if after.phase is Phase.ENDED:
+            assert after.status in TERMINAL
+            assert t.wake_at is None
+        else:
+            assert after.status not in TERMINAL
+            assert t.wake_at is not None
+            assert t.wake_at > now
+        assert is_active(after) == (after.phase is not Phase.ENDED)
+
+        # Duplicates: never the job's own request, each recorded once.
+        assert after.batch_request_id not in after.duplicates_stopped
+        assert len(set(after.duplicates_stopped)) == len(after.duplicates_stopped)
+        assert (
+            before.duplicates_stopped == after.duplicates_stopped[: len(before.duplicates_stopped)]
+        )
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=jobs, history=histories)
+def test_a_stop_is_asked_only_for_a_reason(start: JobState, history: list) -> None:  # type: ignore[type-arg]
+    run = Run(start, policy=POLICY)
+    now = T0
+    for delay, observation in history:
+        now += delay
+        t = run.feed(observation, now)
+        if t.state.stop_sent_at == now and run.state.phase is Phase.TRACKING:
+            assert t.state.stop_reason is not None
+        if t.state.stopped_reason in ("DEADLINE",):
+            assert start.deadline is not None and now >= start.deadline
+        if t.state.stopped_reason == "COST_LIMIT":
+            assert start.max_cost_pu is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=jobs, history=histories)
+def test_the_step_is_a_pure_function(start: JobState, history: list) -> None:  # type: ignore[type-arg]
+    now = T0
+    state = start
+    for delay, observation in history:
+        now += delay
+        first = step(state, observation, now, POLICY)
+        assert step(state, observation, now, POLICY) == first
+        # The state survives the JSON round trip the store puts it through.
+        assert JobState.model_validate_json(first.state.model_dump_json()) == first.state
+        state = first.state
