@@ -63,6 +63,8 @@ class RejectCode(StrEnum):
     # raised by intake after looking the job up
     JOB_CONFLICT = "JOB_CONFLICT"
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
+    # intake's last resort: the message provoked a bug; it is dead-lettered, not retried
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 @dataclass(frozen=True)
