@@ -99,6 +99,7 @@ jobs = st.builds(
     deadline=st.none() | st.integers(0, 120).map(lambda s: T0 + timedelta(seconds=s)),
     max_cost_pu=st.none() | st.floats(0, 400),
 )
+History = list[tuple[timedelta, Observation]]
 histories = st.lists(st.tuples(delays, observations), max_size=60)
 
 
@@ -108,7 +109,7 @@ def _without_duplicates(state: JobState) -> JobState:
 
 @settings(max_examples=600, deadline=None)
 @given(start=jobs, history=histories)
-def test_every_history_keeps_the_invariants(start: JobState, history: list) -> None:  # type: ignore[type-arg]
+def test_every_history_keeps_the_invariants(start: JobState, history: History) -> None:
     run = Run(start, policy=POLICY)
     now = T0
     terminal_events = 0
@@ -174,7 +175,7 @@ def test_every_history_keeps_the_invariants(start: JobState, history: list) -> N
 
 @settings(max_examples=200, deadline=None)
 @given(start=jobs, history=histories)
-def test_a_stop_is_asked_only_for_a_reason(start: JobState, history: list) -> None:  # type: ignore[type-arg]
+def test_a_stop_is_asked_only_for_a_reason(start: JobState, history: History) -> None:
     run = Run(start, policy=POLICY)
     now = T0
     for delay, observation in history:
@@ -190,7 +191,7 @@ def test_a_stop_is_asked_only_for_a_reason(start: JobState, history: list) -> No
 
 @settings(max_examples=200, deadline=None)
 @given(start=jobs, history=histories)
-def test_the_step_is_a_pure_function(start: JobState, history: list) -> None:  # type: ignore[type-arg]
+def test_the_step_is_a_pure_function(start: JobState, history: History) -> None:
     now = T0
     state = start
     for delay, observation in history:
