@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.api.client import ApiHooks, RetryPolicy
+from worker.api.client import ApiHooks, BatchClient, RetryPolicy
 
 DATA = Path(__file__).parent / "data"
 SEEDS = ("seed_tiff_tiling_grid", "seed_zarr_tiling_grid", "seed_tiff_geopackage")
+
+MakeClient = Callable[..., BatchClient]
 
 # Small waits keep the suite fast; the behaviour under test is the same.
 FAST = RetryPolicy(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from api_support import FAST, Recorder
+from api_support import FAST, MakeClient, Recorder
 from scripted_server import ScriptedServer
 
 from worker.api.client import BatchClient
@@ -22,9 +22,6 @@ def server() -> Iterator[ScriptedServer]:
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
-
-
-MakeClient = Callable[..., BatchClient]
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from api_support import Recorder, seed
+from api_support import MakeClient, Recorder, seed
 from scripted_server import Reply, ScriptedServer, error_body, task_body
 
 from worker.api.client import BatchClient
@@ -189,12 +189,12 @@ def test_every_request_is_reported_to_the_hook(
 
 
 def test_a_budget_wait_is_reported(
-    make_client: object, server: ScriptedServer, recorder: Recorder
+    make_client: MakeClient, server: ScriptedServer, recorder: Recorder
 ) -> None:
     from worker.api.budget import RequestBudget
 
     budget = RequestBudget(per_minute=600, burst=1)  # one request now, then one per 0.1 s
-    client = make_client(budget=budget)  # type: ignore[operator]
+    client = make_client(budget=budget)
     server.on("POST", f"/process/{RID}/start", Reply(204), Reply(204))
 
     client.start(RID)
