@@ -100,10 +100,17 @@ def _example_jobs() -> list[dict[str, Any]]:
     return jobs
 
 
+def _pika_parameters(url: str) -> Any:
+    """pika reads kombu's ``//`` (the default vhost) as vhost ``""``: spell it ``/%2F``."""
+    import pika
+
+    return pika.URLParameters(url[:-2] + "/%2F" if url.endswith("//") else url)
+
+
 def _publish(broker_url: str, queue: str, jobs: list[dict[str, Any]]) -> None:
     import pika
 
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    connection = pika.BlockingConnection(_pika_parameters(broker_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -221,7 +228,7 @@ def _wait_for_topology(broker_url: str, settings: Settings, timeout: float = 60.
 
     deadline = time.monotonic() + timeout
     while True:
-        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        connection = pika.BlockingConnection(_pika_parameters(broker_url))
         try:
             channel = connection.channel()
             channel.queue_declare(settings.jobs_queue, passive=True)

@@ -24,7 +24,7 @@ import boto3
 import pika
 import pytest
 
-from tests.conftest import AmqpNames
+from tests.conftest import AmqpNames, pika_parameters
 from worker.broker import connection, declare_topology
 from worker.settings import Settings
 from worker.simulator import Running, SimulatorConfig, start_background
@@ -276,7 +276,7 @@ class Events:
 
 @pytest.fixture
 def events(stack: Stack) -> Iterator[Events]:
-    conn = pika.BlockingConnection(pika.URLParameters(stack.broker_url))
+    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
     channel = conn.channel()
     queue = channel.queue_declare("", exclusive=True).method.queue
     channel.queue_bind(queue, stack.names.events_exchange, routing_key="#")
@@ -309,7 +309,7 @@ class Producer:
             headers=headers,
             **properties,
         )
-        conn = pika.BlockingConnection(pika.URLParameters(self.broker_url))
+        conn = pika.BlockingConnection(pika_parameters(self.broker_url))
         try:
             channel = conn.channel()
             channel.confirm_delivery()
@@ -326,7 +326,7 @@ def producer(stack: Stack) -> Producer:
 
 def dlq_messages(stack: Stack) -> list[tuple[Any, bytes]]:
     """Every message in the DLQ (taken off it)."""
-    conn = pika.BlockingConnection(pika.URLParameters(stack.broker_url))
+    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
     try:
         channel = conn.channel()
         found = []

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import pika_parameters
 from tests.daemon.conftest import Events, Producer, Stack, WorkerProcess
 from worker.lifecycle import tag_for
 
@@ -144,7 +145,7 @@ def test_broker_restart_reconnects_and_finishes(
 def _fresh_events(stack: Stack) -> Events:
     import pika
 
-    conn = pika.BlockingConnection(pika.URLParameters(stack.broker_url))
+    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
     channel = conn.channel()
     queue = channel.queue_declare("", exclusive=True).method.queue
     channel.queue_bind(queue, stack.names.events_exchange, routing_key="#")
