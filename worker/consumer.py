@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from amqp import spec as amqp_spec
 from kombu.exceptions import OperationalError
 from kombu.messaging import Consumer, Queue
 from kombu.mixins import ConsumerMixin
@@ -86,6 +87,14 @@ class InboundMessage:
         )
 
 
+def _requeue_up_to(channel: Any, delivery_tag: int) -> None:
+    """basic.nack(multiple, requeue): every unsettled delivery up to ``delivery_tag``.
+
+    py-amqp has no ``basic_nack`` for consumers; the frame is RabbitMQ's extension.
+    """
+    channel.send_method(amqp_spec.Basic.Nack, "Lbb", (delivery_tag, True, True))
+
+
 class JobsConsumer(ConsumerMixin):
     def __init__(
         self,
@@ -138,10 +147,15 @@ class JobsConsumer(ConsumerMixin):
                 for _ in self.consume():
                     pass
             except errors as exc:
-                self._set_connected(False)
                 log.warning("jobs consumer lost the broker (%s); reconnecting", type(exc).__name__)
-                self._pending.clear()  # unacked: the broker requeued them with the connection
-                self._stop.wait(1.0)
+            except Exception:
+                # A bug must not end consumption for good; the connection is gone with it.
+                log.exception("jobs consumer failed; reconnecting")
+            else:
+                continue
+            self._set_connected(False)
+            self._pending.clear()  # unacked: the broker requeued them with the connection
+            self._stop.wait(1.0)
         self._set_connected(False)
 
     # -- kombu hooks ------------------------------------------------------------------
@@ -236,7 +250,7 @@ class JobsConsumer(ConsumerMixin):
         elif stopping:
             # Nothing more to try before exit: hand back whatever is still pending.
             if self._pending:
-                channel.basic_nack(self._pending[-1].delivery_tag, multiple=True, requeue=True)
+                _requeue_up_to(channel, self._pending[-1].delivery_tag)
                 self._pending.clear()
         else:
             log.warning("intake failed; pausing %.0f s before the next batch", self._backoff)
@@ -255,7 +269,7 @@ class JobsConsumer(ConsumerMixin):
             failures_in_a_row += 1
             if failures_in_a_row >= 2 and not taken:
                 # Not one poison message: everything fails. Give the rest back at once.
-                channel.basic_nack(batch[-1].delivery_tag, multiple=True, requeue=True)
+                _requeue_up_to(channel, batch[-1].delivery_tag)
                 return taken
             # Requeued alone: if it is poison, the delivery limit dead-letters it.
             channel.basic_reject(message.delivery_tag, requeue=True)

@@ -1,0 +1,228 @@
+"""The jobs consumer against a real RabbitMQ; producers publish with pika."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pika
+import pytest
+
+from worker.broker import connection, connection_name, declare_topology, ensure_connected
+from worker.consumer import InboundMessage, JobsConsumer
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def pika_params(broker_url: str) -> pika.URLParameters:
+    """pika reads the ``//`` of kombu-style URLs as an empty vhost name; it means ``/``."""
+    return pika.URLParameters(broker_url[:-1] if broker_url.endswith("//") else broker_url)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def settings(broker_url: str, amqp_names) -> Settings:
+    return Settings(
+        **amqp_names.settings(),
+        broker_url=broker_url,
+        jobs_delivery_limit=2,
+        prefetch=20,
+        worker_name=f"test-{amqp_names.prefix}",
+    )
+
+
+class Running:
+    """A consumer on its own thread, stopped and joined at the end of the test."""
+
+    def __init__(self, settings: Settings, handle: Callable[[list[InboundMessage]], None]):
+        self.changes: list[bool] = []
+        self.consumer = JobsConsumer(
+            settings, handle, on_connection_change=self.changes.append, batch_wait=0.02
+        )
+        self.thread = threading.Thread(target=self.consumer.run)
+        self.thread.start()
+        wait_for(lambda: self.changes[-1:] == [True])
+
+    def stop(self) -> None:
+        self.consumer.request_stop()
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def run_consumer(settings: Settings) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(handle: Callable[[list[InboundMessage]], None]) -> Running:
+        running = Running(settings, handle)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.thread.is_alive():
+            running.stop()
+
+
+@pytest.fixture
+def producer(broker_url: str) -> Iterator[Any]:
+    conn = pika.BlockingConnection(pika_params(broker_url))
+    channel = conn.channel()
+    channel.confirm_delivery()
+    yield channel
+    conn.close()
+
+
+def _publish(channel: Any, queue: str, bodies: list[bytes]) -> None:
+    for n, body in enumerate(bodies):
+        channel.basic_publish(
+            "",
+            queue,
+            body,
+            pika.BasicProperties(
+                content_type="application/json",
+                message_id=f"m-{n}",
+                correlation_id=f"c-{n}",
+                reply_to="replies",
+                timestamp=1_700_000_000,
+                delivery_mode=2,
+                headers={"n": n, "who": "test"},
+            ),
+            mandatory=True,
+        )
+
+
+def _ready(channel: Any, queue: str) -> int:
+    return channel.queue_declare(queue, passive=True).method.message_count
+
+
+def test_batches_reach_intake_whole_and_are_acked_after(
+    run_consumer, producer, settings: Settings
+) -> None:
+    bodies = [b'{"job_id": "j%d"}\xff' % n for n in range(45)]
+    batches: list[list[InboundMessage]] = []
+    running = run_consumer(batches.append)
+    _publish(producer, settings.jobs_queue, bodies)
+    wait_for(lambda: sum(map(len, batches)) >= 45)
+    running.stop()
+
+    got = [message for batch in batches for message in batch]
+    assert [m.body for m in got] == bodies
+    assert max(map(len, batches)) <= settings.prefetch
+    first = got[0]
+    assert first.content_type == "application/json"
+    assert (first.message_id, first.correlation_id, first.reply_to) == ("m-0", "c-0", "replies")
+    assert first.properties["timestamp"] == 1_700_000_000
+    assert first.properties["delivery_mode"] == 2
+    assert "application_headers" not in first.properties
+    assert first.headers == {"n": 0, "who": "test"}
+    assert not first.redelivered
+    assert _ready(producer, settings.jobs_queue) == 0  # acked: nothing came back on close
+
+
+def test_failing_intake_leaves_messages_in_the_queue(
+    run_consumer, producer, settings: Settings
+) -> None:
+    calls: list[int] = []
+
+    def failing(batch: list[InboundMessage]) -> None:
+        calls.append(len(batch))
+        raise RuntimeError("database down")
+
+    running = run_consumer(failing)
+    _publish(producer, settings.jobs_queue, [b"a", b"b", b"c"])
+    wait_for(lambda: len(calls) >= 3)  # the batch, then two alone: an outage, back off
+    running.stop()
+    # Nothing acked; back in the queue (unless past the delivery limit, in the DLQ).
+    wait_for(lambda: _ready(producer, settings.jobs_queue) + _ready(producer, settings.dlq) == 3)
+
+
+def test_requeued_batch_is_taken_in_on_redelivery(
+    run_consumer, producer, settings: Settings
+) -> None:
+    seen: list[InboundMessage] = []
+    failed = threading.Event()
+
+    def flaky(batch: list[InboundMessage]) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("transient")
+        seen.extend(batch)
+
+    running = run_consumer(flaky)
+    _publish(producer, settings.jobs_queue, [b"x", b"y"])
+    wait_for(lambda: {m.body for m in seen} == {b"x", b"y"})
+    running.stop()
+    assert _ready(producer, settings.jobs_queue) == 0
+
+
+def test_poison_message_goes_to_dlq_and_spares_its_batch(
+    run_consumer, producer, settings: Settings
+) -> None:
+    taken: list[bytes] = []
+
+    def intake(batch: list[InboundMessage]) -> None:
+        if any(m.body == b"poison" for m in batch):
+            raise ValueError("bug triggered by one message")
+        taken.extend(m.body for m in batch)
+
+    bodies = [b"g1", b"g2", b"poison", b"g3", b"g4"]
+    conn = ensure_connected(connection(settings, purpose="test"))
+    try:
+        declare_topology(conn, settings)
+    finally:
+        conn.release()
+    _publish(producer, settings.jobs_queue, bodies)  # already queued: one batch
+    running = run_consumer(intake)
+    wait_for(lambda: sorted(taken) == [b"g1", b"g2", b"g3", b"g4"])
+
+    def dead_lettered() -> bool:
+        method, _props, body = producer.basic_get(settings.dlq, auto_ack=True)
+        return method is not None and body == b"poison"
+
+    wait_for(dead_lettered)  # past the delivery limit (2) after its back-offs
+    running.stop()
+    assert _ready(producer, settings.jobs_queue) == 0
+
+
+def test_reconnects_after_the_broker_closes_the_connection(
+    run_consumer, producer, settings: Settings
+) -> None:
+    bodies: list[bytes] = []
+    running = run_consumer(lambda batch: bodies.extend(m.body for m in batch))
+    _publish(producer, settings.jobs_queue, [b"before"])
+    wait_for(lambda: bodies == [b"before"])
+
+    name = connection_name(settings, "consume")
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    pids = [line.split("\t")[0] for line in listed.splitlines() if name in line]
+    assert len(pids) == 1
+    # Only this test's connection: other tests share the broker.
+    subprocess.run(["rabbitmqctl", "close_connection", pids[0], "test"], check=True)
+
+    wait_for(lambda: running.changes[-2:] == [False, True])
+    _publish(producer, settings.jobs_queue, [b"after"])
+    wait_for(lambda: bodies == [b"before", b"after"])
+    running.stop()
+    assert running.changes[-1] is False
+
+
+def test_consumer_connection_carries_heartbeat_and_prefetch(settings: Settings) -> None:
+    consumer = JobsConsumer(settings, lambda batch: None)
+    assert consumer.connection.heartbeat == settings.heartbeat
+    assert consumer._batch_max == settings.prefetch  # a batch never exceeds the window
