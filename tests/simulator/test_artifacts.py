@@ -1,0 +1,134 @@
+"""Artifacts in the delivery bucket (batch-v2-api.md §8), written through boto3 to moto's S3."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.simulator.conftest import EXAMPLES, FAST, Api, example_request
+from worker.api.artifacts import artifact_keys
+from worker.simulator import Running, SimulatorConfig, start_background
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def s3_sim(s3_bucket: str) -> Iterator[Running]:
+    config = SimulatorConfig(**{**FAST, "write_artifacts": True, "speed": 1000.0})
+    with start_background(config) as running:
+        yield running
+
+
+def in_bucket(request: dict[str, Any], bucket: str) -> dict[str, Any]:
+    request["output"]["delivery"]["s3"]["url"] = request["output"]["delivery"]["s3"]["url"].replace(
+        "demo-bucket", bucket
+    )
+    if request["input"]["type"] == "geopackage":
+        request["input"]["features"]["s3"]["url"] = f"s3://{bucket}/inputs/corsica-fields.gpkg"
+    return request
+
+
+def run_to(api: Api, job_id: str, statuses: set[str]) -> dict[str, Any]:
+    deadline = time.monotonic() + 20  # a bound on the wait, not a speed assertion
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = api.get(f"/process/{job_id}").json()
+        if body["status"] in statuses:
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id} never reached {statuses}")
+
+
+def fetch(bucket: str, key: str, tmp_path: Path) -> sqlite3.Connection:
+    local = tmp_path / key.replace("/", "_")
+    boto3.client("s3").download_file(bucket, key, str(local))
+    return sqlite3.connect(local)
+
+
+def test_zarr_manifest_has_a_row_per_feature_and_output(
+    s3_sim: Running, s3_bucket: str, tmp_path: Path
+) -> None:
+    api = Api(s3_sim)
+    task = api.create(in_bucket(example_request("max-ndvi-zarr.json"), s3_bucket))
+    api.post(f"/process/{task['id']}/analyse")
+    run_to(api, task["id"], {"ANALYSIS_DONE"})
+    # The manifest is up before the status says ANALYSIS_DONE (no wait here).
+    url = task["request"]["output"]["delivery"]["s3"]["url"]
+    bucket, manifest_key, _ = artifact_keys(url, task["id"])
+    assert manifest_key == f"{task['id']}/featureManifest-{task['id']}.gpkg"
+    db = fetch(bucket, manifest_key, tmp_path)
+    tables = [r[0] for r in db.execute("SELECT table_name FROM gpkg_contents")]
+    assert tables == ["feature_3035"]
+    rows = db.execute("SELECT outputId, identifier, path FROM feature_3035").fetchall()
+    features = {identifier for _, identifier, _ in rows}
+    assert len(rows) == 3 * len(features) and len(features) == 6
+    assert {output for output, _, _ in rows} == {"band04", "band08", "maxNDVI"}
+    assert rows[0][2] == f"s3://{s3_bucket}/{task['id']}"
+
+
+def test_execution_db_ends_with_done_and_fatal_rows(
+    s3_sim: Running, s3_bucket: str, tmp_path: Path
+) -> None:
+    api = Api(s3_sim)
+    request = in_bucket(example_request("max-ndvi-geotiff.json"), s3_bucket)
+    request["description"] += " [sim:fatal=3]"
+    task = api.create(request)
+    api.post(f"/process/{task['id']}/start")
+    done = run_to(api, task["id"], {"DONE"})
+    assert done["completionPercentage"] == 100.0
+    _, manifest_key, execution_key = artifact_keys(f"s3://{s3_bucket}", task["id"])
+    manifest = fetch(s3_bucket, manifest_key, tmp_path)
+    features = manifest.execute("SELECT COUNT(DISTINCT identifier) FROM feature_32632").fetchone()
+    db = fetch(s3_bucket, execution_key, tmp_path)
+    counts = dict(db.execute("SELECT status, COUNT(*) FROM features GROUP BY status").fetchall())
+    assert counts == {"DONE": features[0] - 3, "FATAL": 3}
+    assert db.execute("SELECT error FROM features WHERE status = 'FATAL'").fetchone()[0]
+
+
+def test_geopackage_input_is_read_for_its_features(
+    s3_sim: Running, s3_bucket: str, tmp_path: Path
+) -> None:
+    boto3.client("s3").upload_file(
+        str(EXAMPLES / "corsica-fields.gpkg"), s3_bucket, "inputs/corsica-fields.gpkg"
+    )
+    api = Api(s3_sim)
+    task = api.create(in_bucket(example_request("geopackage-fields.json"), s3_bucket))
+    api.post(f"/process/{task['id']}/analyse")
+    run_to(api, task["id"], {"ANALYSIS_DONE"})
+    _, manifest_key, _ = artifact_keys(f"s3://{s3_bucket}", task["id"])
+    db = fetch(s3_bucket, manifest_key, tmp_path)
+    names = {r[0] for r in db.execute("SELECT identifier FROM feature_32632")}
+    assert len(names) == 6 and "bastia-marana" in names
+
+
+def test_unreadable_geopackage_fails_the_analysis(s3_sim: Running, s3_bucket: str) -> None:
+    api = Api(s3_sim)
+    task = api.create(in_bucket(example_request("geopackage-fields.json"), s3_bucket))
+    api.post(f"/process/{task['id']}/analyse")
+    failed = run_to(api, task["id"], {"FAILED", "ANALYSIS_DONE"})
+    assert failed["status"] == "FAILED" and "GeoPackage" in failed["error"]
+
+
+def test_stopped_job_leaves_pending_rows(s3_sim: Running, s3_bucket: str, tmp_path: Path) -> None:
+    s3_sim.configure(speed=100.0)
+    api = Api(s3_sim)
+    task = api.create(in_bucket(example_request("max-ndvi-geotiff.json"), s3_bucket))
+    api.post(f"/process/{task['id']}/start")
+    run_to(api, task["id"], {"PROCESSING"})
+    api.post(f"/process/{task['id']}/stop")
+    stopped = run_to(api, task["id"], {"STOPPED"})
+    assert stopped["stoppedStatusReason"] == "USER_ACTION"
+    _, _, execution_key = artifact_keys(f"s3://{s3_bucket}", task["id"])
+    deadline = time.monotonic() + 5  # the last upload follows the stop
+    while True:
+        db = fetch(s3_bucket, execution_key, tmp_path)
+        statuses = {r[0] for r in db.execute("SELECT status FROM features")}
+        if "PENDING" in statuses or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert "PENDING" in statuses
