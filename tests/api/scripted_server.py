@@ -70,6 +70,7 @@ def task_body(task_id: str, status: str = "CREATED", **extra: Any) -> dict[str, 
 class ScriptedServer:
     def __init__(self, *, token_lifetime: float = 3600.0) -> None:
         self.token_lifetime = token_lifetime
+        self.token_delay = 0.0  # seconds the token endpoint takes to answer
         self.client_id = "client-id"
         self.client_secret = "sEcReT-Value-42"
         self.requests: list[Seen] = []
@@ -163,6 +164,7 @@ class ScriptedServer:
         return Reply(
             200,
             {"access_token": token, "expires_in": self.token_lifetime, "token_type": "Bearer"},
+            delay=self.token_delay,
         )
 
 

@@ -19,6 +19,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 
+from worker.api.auth import ENDPOINT as TOKEN_ENDPOINT
 from worker.api.auth import TokenSource, retry_after_seconds
 from worker.api.budget import RequestBudget
 from worker.api.errors import (
@@ -344,6 +345,8 @@ class BatchClient:
 
     def _execute(self, call: _Call) -> requests.Response:
         def should_retry(exc: ApiError) -> bool:
+            if exc.endpoint == TOKEN_ENDPOINT:
+                return False  # the token source has already retried what it could
             if isinstance(exc, RateLimited):
                 return True  # refused before it was processed
             if isinstance(exc, NotFound):
