@@ -15,6 +15,8 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from pydantic import ValidationError
 
+from worker.api.errors import PayloadInvalid
+from worker.api.models import validate_create_payload
 from worker.simulator.grids import GRIDS
 from worker.simulator.jobs import Conflict, IllegalAction
 from worker.simulator.service import Simulator
@@ -159,7 +161,12 @@ async def create(request: web.Request) -> web.Response:
     sim = request.app[SIMULATOR]
     try:
         payload, in_part = await _create_payload(request)
+        # The shared payload rules first (worker.api.models), then the service-side checks
+        # a client cannot make (grids and their resolutions, credentials).
+        validate_create_payload(payload)
         validate_create(payload, evalscript_in_part=in_part)
+    except PayloadInvalid as exc:
+        return error(400, exc.message, "COMMON_BAD_PAYLOAD")
     except PayloadError as exc:
         return error(400, str(exc), "COMMON_BAD_PAYLOAD")
     job = sim.create(payload, time.time())
