@@ -62,6 +62,12 @@ _KEY_VALUE = re.compile(
     """
 )
 # Greedy up to the last "@" before the path: a password may itself contain "@".
+# "secretAccessKey wJalr..." in prose: only a credential-looking value (long, no spaces)
+# is masked, so "accessKey and secretAccessKey go together" stays readable.
+_KEY_PROSE = re.compile(
+    r"(?i)(?<![A-Za-z0-9])(?P<key>" + _KEY_NAMES + r")(?P<sep>\s+)[A-Za-z0-9/+=._~-]{16,}"
+)
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*:)[^\s/'\"]*(?=@)")
 _AUTH_SCHEME = re.compile(r"(?i)\b(?P<scheme>Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
@@ -127,6 +133,8 @@ def redact_text(text: str) -> str:
     text = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m.group('scheme')} {REDACTED}", text)
     text = _JWT.sub(REDACTED, text)
+    text = _AWS_KEY_ID.sub(REDACTED, text)
+    text = _KEY_PROSE.sub(lambda m: m.group("key") + m.group("sep") + REDACTED, text)
     return _KEY_VALUE.sub(_mask_key_value, text)
 
 
