@@ -1,0 +1,166 @@
+"""worker.settings: presets, env prefix, .env, secrets directory, one line per problem."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from worker.settings import (
+    ENV_PREFIX,
+    Deployment,
+    SettingsError,
+    load_settings,
+    require_credentials,
+)
+
+SECRET = "cl13nt-s3cr3t-value"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """No BATCH_WORKER_* from the outside, no .env from the repo, no real secrets dir."""
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv(ENV_PREFIX + "SECRETS_DIR", str(tmp_path / "no-secrets-here"))
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+
+
+@pytest.mark.parametrize(
+    ("deployment", "api_url", "token_host"),
+    [
+        ("sentinel-hub", "https://services.sentinel-hub.com", "services.sentinel-hub.com"),
+        (
+            "sentinel-hub-us-west",
+            "https://services-uswest2.sentinel-hub.com",
+            "services.sentinel-hub.com",
+        ),
+        ("cdse", "https://sh.dataspace.copernicus.eu", "identity.dataspace.copernicus.eu"),
+    ],
+)
+def test_presets_fill_both_urls(
+    monkeypatch: pytest.MonkeyPatch, deployment: str, api_url: str, token_host: str
+) -> None:
+    monkeypatch.setenv("BATCH_WORKER_DEPLOYMENT", deployment)
+
+    settings = load_settings()
+
+    assert settings.deployment == Deployment(deployment)
+    assert settings.api_url == api_url
+    assert settings.batch_url == api_url + "/api/v2/batch"
+    assert settings.token_url.startswith(f"https://{token_host}/auth/realms/")
+    assert settings.token_url.endswith("/protocol/openid-connect/token")
+
+
+def test_the_default_deployment_is_sentinel_hub() -> None:
+    assert load_settings().deployment == Deployment.SENTINEL_HUB
+
+
+def test_an_explicit_url_beats_the_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_WORKER_DEPLOYMENT", "cdse")
+    monkeypatch.setenv("BATCH_WORKER_API_URL", "http://127.0.0.1:8080/")
+
+    settings = load_settings()
+
+    assert settings.batch_url == "http://127.0.0.1:8080/api/v2/batch"
+    assert "dataspace" in settings.token_url
+
+
+def test_only_prefixed_variables_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POLL_INTERVAL", "5")
+    monkeypatch.setenv("BATCH_WORKER_API_BUDGET_PER_MINUTE", "120")
+    monkeypatch.setenv("BATCH_WORKER_LOG_LEVEL", "debug")
+
+    settings = load_settings()
+
+    assert settings.poll_interval == 30
+    assert settings.api_budget_per_minute == 120
+    assert settings.log_level == "DEBUG"
+
+
+def test_a_dot_env_file_is_read_and_the_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, clean_environment: Path
+) -> None:
+    (clean_environment / ".env").write_text(
+        "BATCH_WORKER_FLEET_ID=from-dotenv\nBATCH_WORKER_POLL_INTERVAL=12\n"
+    )
+    monkeypatch.setenv("BATCH_WORKER_POLL_INTERVAL", "7")
+
+    settings = load_settings()
+
+    assert settings.fleet_id == "from-dotenv"
+    assert settings.poll_interval == 7
+
+
+def test_the_secrets_directory_supplies_the_client_secret(
+    monkeypatch: pytest.MonkeyPatch, clean_environment: Path
+) -> None:
+    secrets = clean_environment / "secrets"
+    secrets.mkdir()
+    (secrets / "BATCH_WORKER_CLIENT_SECRET").write_text(SECRET)
+    monkeypatch.setenv("BATCH_WORKER_SECRETS_DIR", str(secrets))
+    monkeypatch.setenv("BATCH_WORKER_CLIENT_ID", "cid")
+
+    settings = load_settings()
+
+    assert settings.client_secret.get_secret_value() == SECRET
+    require_credentials(settings)  # complete: does not raise
+
+
+def test_every_problem_gets_one_line_naming_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_WORKER_POLL_INTERVAL", "soon")
+    monkeypatch.setenv("BATCH_WORKER_DEPLOYMENT", "mars")
+    monkeypatch.setenv("BATCH_WORKER_API_URL", "ftp://x")
+    monkeypatch.setenv("BATCH_WORKER_FLEET_ID", "no spaces allowed")
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+
+    problems = caught.value.problems
+    assert len(problems) == 4
+    assert str(caught.value).splitlines() == problems
+    named = sorted(line.split(":", 1)[0] for line in problems)
+    assert named == [
+        "BATCH_WORKER_API_URL",
+        "BATCH_WORKER_DEPLOYMENT",
+        "BATCH_WORKER_FLEET_ID",
+        "BATCH_WORKER_POLL_INTERVAL",
+    ]
+
+
+def test_missing_credentials_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingsError) as caught:
+        require_credentials(load_settings())
+
+    assert [p.split(":")[0] for p in caught.value.problems] == [
+        "BATCH_WORKER_CLIENT_ID",
+        "BATCH_WORKER_CLIENT_SECRET",
+    ]
+
+
+def test_secrets_are_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_WORKER_CLIENT_SECRET", SECRET)
+    monkeypatch.setenv("BATCH_WORKER_BROKER_URL", "amqp://worker:brokerpw123@rabbit//")
+    monkeypatch.setenv("BATCH_WORKER_DATABASE_URL", "postgresql://pg:dbpw456@db/jobs")
+
+    settings = load_settings()
+
+    for text in (repr(settings), str(settings), repr(settings.model_dump())):
+        for secret in (SECRET, "brokerpw123", "dbpw456"):
+            assert secret not in text
+
+
+def test_a_rejected_value_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_WORKER_BROKER_URL", "http://worker:brokerpw123@rabbit//")
+    monkeypatch.setenv("BATCH_WORKER_DATABASE_URL", "mysql://pg:dbpw456@db/jobs")
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+
+    text = str(caught.value)
+    assert "BATCH_WORKER_BROKER_URL" in text and "BATCH_WORKER_DATABASE_URL" in text
+    assert "brokerpw123" not in text and "dbpw456" not in text
