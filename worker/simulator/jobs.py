@@ -9,6 +9,7 @@ action leads to, not at the lagging one a GET shows.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -96,6 +97,8 @@ class SimJob:
     stopped_at: float | None = None
     # When the last action's first phase shows (statuses before it are stale).
     pending_from: float = 0.0
+    # The request's JSON, made once: list pages repeat it many times a second.
+    request_json: str | None = field(default=None, repr=False, compare=False)
     # While set, time stands still just before it: the status does not move past an
     # artifact the service must upload first (the manifest before ANALYSIS_DONE, §3.2).
     barrier: float | None = None
@@ -232,6 +235,7 @@ class SimJob:
                 " processing or waiting to be processed."
             )
         self.request["description"] = description
+        self.request_json = None
 
     # --- timeline building -------------------------------------------------------------
     def _act(self, action: str, now: float) -> None:
@@ -310,10 +314,19 @@ class SimJob:
 
     # --- the wire format (§4) -----------------------------------------------------------------
     def to_api(self, now: float) -> dict[str, Any]:
+        body = self._fields(now)
+        return {"id": self.id, "request": self.request, **body}
+
+    def to_api_json(self, now: float) -> str:
+        """``to_api`` as JSON, reusing the request's serialisation."""
+        if self.request_json is None:
+            self.request_json = json.dumps(self.request)
+        rest = json.dumps(self._fields(now))
+        return f'{{"id": "{self.id}", "request": {self.request_json}, {rest[1:]}'
+
+    def _fields(self, now: float) -> dict[str, Any]:
         view = self.view(now)
         body: dict[str, Any] = {
-            "id": self.id,
-            "request": self.request,
             "domainAccountId": self.account_id,
             "projectId": self.project_id,
             "status": view.status,

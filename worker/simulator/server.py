@@ -245,7 +245,7 @@ async def get_request(request: web.Request) -> web.Response:
     job = sim.visible(request.match_info["id"], now)
     if job is None:
         return _not_found(request.match_info["id"])
-    return web.json_response(job.to_api(now))
+    return web.Response(text=job.to_api_json(now), content_type="application/json")
 
 
 async def update_request(request: web.Request) -> web.Response:
