@@ -27,6 +27,7 @@ from worker.lifecycle import (
     Policy,
     Start,
     StartRequested,
+    Stop,
     StopDuplicate,
     TaskMissing,
     TaskSeen,
@@ -155,14 +156,25 @@ def test_every_history_keeps_the_invariants(start: JobState, history: History) -
         if Start in kinds:
             assert start_asked_for
 
-        # An ended job's status is terminal and it is never woken; a live one always is.
+        # An ended job's status is terminal and it is never woken. A job creating is always
+        # woken; a tracked one only for what time decides (the poller reads its status),
+        # and never later than its deadline, an action to re-send, or a held event.
         if after.phase is Phase.ENDED:
             assert after.status in TERMINAL
             assert t.wake_at is None
         else:
             assert after.status not in TERMINAL
-            assert t.wake_at is not None
-            assert t.wake_at > now
+            if after.phase is Phase.PENDING_CREATE:
+                assert t.wake_at is not None
+            assert t.wake_at is None or t.wake_at > now
+            stopping = after.stop_reason is not None  # a stop in flight: its lag rules
+            if after.deadline is not None and after.deadline > now and not stopping:
+                assert t.wake_at is not None and t.wake_at <= after.deadline
+            if after.ending_since is not None:
+                assert t.wake_at == after.ending_since + POLICY.tiles_wait
+            sent = [a for a in t.actions if isinstance(a, (Analyse, Start, Stop))]
+            if sent and after.phase is Phase.TRACKING:
+                assert t.wake_at is not None and t.wake_at <= now + POLICY.action_lag
         assert is_active(after) == (after.phase is not Phase.ENDED)
 
         # Duplicates: never the job's own request, each recorded once.

@@ -23,9 +23,11 @@ from worker.lifecycle import (
     StopDuplicate,
     TaskMissing,
     TaskSeen,
+    TaskSnapshot,
     Tiles,
     TilesSeen,
     TilesUnavailable,
+    Transition,
     Wake,
 )
 
@@ -42,6 +44,14 @@ def processing(**kwargs: object) -> Run:
     run = created(job(**kwargs))  # type: ignore[arg-type]
     run.feed(TaskSeen(task("PROCESSING")), at(200))
     return run
+
+
+def ends(run: Run, terminal: TaskSnapshot, seconds: float) -> Transition:
+    """Feed a terminal status read after processing began, then its final tile read."""
+    held = run.feed(TaskSeen(terminal), at(seconds))
+    assert held.actions == (ReadTiles(RID, execution_db=True),)
+    assert (held.state.phase, held.emits) == (Phase.TRACKING, ())
+    return run.feed(TilesUnavailable(), at(seconds + 1))
 
 
 # -- CREATED ---------------------------------------------------------------------------------
@@ -69,14 +79,14 @@ def test_without_auto_start_the_job_analyses_rests_with_its_tiles_then_starts() 
     assert t.state.status == "ANALYSIS_DONE"
     assert t.state.tiles == Tiles(total=120)
     assert t.actions == ()
-    # A job resting after analysis has not ended: it polls, slowly.
+    # A job resting after analysis has not ended; nothing timed: the poller reads it.
     assert t.state.phase is Phase.TRACKING
-    assert t.wake_at == at(121) + POLICY.rest_poll_interval
+    assert t.wake_at is None
     assert run.feed(TaskSeen(task("ANALYSIS_DONE")), at(721)).actions == ()
     t = run.feed(StartRequested(), at(800))
     assert t.actions == (Start(RID),)
     run.feed(TaskSeen(task("PROCESSING", completion_percentage=50.0, cost_pu=20.0)), at(900))
-    t = run.feed(TaskSeen(task("DONE", completion_percentage=100.0, cost_pu=40.0)), at(960))
+    t = ends(run, task("DONE", completion_percentage=100.0, cost_pu=40.0), 960)
     assert (t.state.status, t.state.cost_pu) == ("DONE", 40.0)
     assert run.emitted == [
         ("status", "CREATED"),
@@ -113,7 +123,7 @@ def test_cancel_while_created_ends_stopped_without_analysing_or_starting() -> No
     assert t.actions == (Poll(RID, asap=True),)
     t = run.feed(TaskSeen(task("CREATED")), at(4))
     assert (t.actions, t.state.phase) == ((), Phase.TRACKING)
-    assert t.wake_at == at(4) + POLICY.poll_interval
+    assert t.wake_at == at(1) + POLICY.action_lag  # when the analyse can no longer take
     t = run.feed(Wake(), at(1 + lag))
     assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "USER_ACTION")
     actions = [a for t in run.transitions[2:] for a in t.actions]
@@ -150,22 +160,21 @@ def test_completion_at_100_stays_processing_until_the_status_says_done() -> None
     t = run.feed(TaskSeen(task("PROCESSING", completion_percentage=100.0)), at(230))
     assert t.state.phase is Phase.TRACKING
     assert t.state.status == "PROCESSING"
-    t = run.feed(TaskSeen(task("DONE", completion_percentage=100.0)), at(260))
+    t = ends(run, task("DONE", completion_percentage=100.0), 260)
     assert (t.state.phase, t.state.status, t.wake_at) == (Phase.ENDED, "DONE", None)
 
 
 def test_deadline_stops_the_request_and_the_job_ends_stopped_deadline() -> None:
     run = processing(deadline=at(300))
-    assert run.transitions[-1].wake_at == at(230)  # poll interval comes first
-    run.feed(Wake(), at(230))
-    assert run.transitions[-1].wake_at == at(260)
-    run.feed(TaskSeen(task("PROCESSING")), at(290))
-    assert run.transitions[-1].wake_at == at(300)  # the deadline comes before the poll
+    assert run.transitions[-1].wake_at == at(300)  # the poller reads it until then
+    run.feed(TaskSeen(task("PROCESSING", completion_percentage=10.0)), at(290))
+    assert run.transitions[-1].wake_at == at(300)
     t = run.feed(Wake(), at(300))
     assert Stop(RID) in t.actions
+    assert t.wake_at == at(300) + POLICY.action_lag  # sent again if nothing shows by then
     # Waiting for STOPPED: the stop is not repeated inside the lag.
     assert Stop(RID) not in run.feed(TaskSeen(task("PROCESSING")), at(330)).actions
-    t = run.feed(TaskSeen(task("STOPPED", stopped_reason="USER_ACTION")), at(360))
+    t = ends(run, task("STOPPED", stopped_reason="USER_ACTION"), 360)
     assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "DEADLINE")
 
 
@@ -175,7 +184,7 @@ def test_cost_above_the_cap_stops_with_cost_limit() -> None:
     t = run.feed(TaskSeen(task("PROCESSING", cost_pu=100.5)), at(260))
     assert Stop(RID) in t.actions
     assert t.state.stop_reason == "COST_LIMIT"
-    t = run.feed(TaskSeen(task("STOPPED", stopped_reason="USER_ACTION", cost_pu=101.0)), at(290))
+    t = ends(run, task("STOPPED", stopped_reason="USER_ACTION", cost_pu=101.0), 290)
     assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "COST_LIMIT")
 
 
@@ -183,17 +192,17 @@ def test_cancel_while_processing_stops_with_user_action() -> None:
     run = processing()
     t = run.feed(CancelRequested(), at(230))
     assert t.actions == (Stop(RID),)
-    t = run.feed(TaskSeen(task("STOPPED", stopped_reason="USER_ACTION")), at(260))
+    t = ends(run, task("STOPPED", stopped_reason="USER_ACTION"), 260)
     assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "USER_ACTION")
 
 
 def test_a_stop_by_the_api_carries_the_apis_reason() -> None:
-    t = processing().feed(TaskSeen(task("STOPPED", stopped_reason="OUT_OF_PU")), at(230))
+    t = ends(processing(), task("STOPPED", stopped_reason="OUT_OF_PU"), 230)
     assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "OUT_OF_PU")
 
 
 def test_a_failed_request_ends_failed_with_the_tasks_error() -> None:
-    t = processing().feed(TaskSeen(task("FAILED", error="Evalscript error")), at(230))
+    t = ends(processing(), task("FAILED", error="Evalscript error"), 230)
     assert t.state.error == JobError(source="api", code=BATCH_FAILED, message="Evalscript error")
     assert [e.kind for e in t.emits] == ["status"]
 
@@ -236,7 +245,7 @@ def test_a_status_the_api_adds_later_is_published_and_polled() -> None:
     t = run.feed(TaskSeen(task("QUEUED")), at(230))
     assert t.state.status == "QUEUED"
     assert [e.kind for e in t.emits] == ["status"]
-    assert t.wake_at == at(230) + POLICY.poll_interval
+    assert t.wake_at is None  # the poller reads it like any other
 
 
 def test_a_stale_read_of_an_earlier_status_is_ignored() -> None:
@@ -264,7 +273,7 @@ def test_a_duplicate_is_stopped_recorded_once_and_reported() -> None:
 
 def test_after_the_end_only_duplicates_are_stopped() -> None:
     run = processing()
-    run.feed(TaskSeen(task("DONE")), at(230))
+    ends(run, task("DONE"), 230)
     ended = run.state
     for obs in (
         Wake(),
@@ -278,3 +287,44 @@ def test_after_the_end_only_duplicates_are_stopped() -> None:
     t = run.feed(DuplicateFound("dup-2"), at(400))
     assert (t.actions, t.emits, t.wake_at) == ((StopDuplicate("dup-2"),), (), None)
     assert t.state.duplicates_stopped == ("dup-2",)
+
+
+# -- the final tile counts ----------------------------------------------------------------
+
+
+def test_the_terminal_event_is_held_for_one_last_tile_read_and_carries_its_counts() -> None:
+    run = processing()
+    run.feed(TilesSeen(Tiles(total=66, processed=64)), at(201))
+    held = run.feed(TaskSeen(task("DONE", completion_percentage=100.0)), at(230))
+    assert held.actions == (ReadTiles(RID, execution_db=True),)
+    assert held.emits == ()  # not even the completion's progress: the end carries it
+    assert held.wake_at == at(230) + POLICY.tiles_wait
+    t = run.feed(TilesSeen(Tiles(total=66, processed=65, failed=1)), at(231))
+    assert (t.state.phase, t.state.status) == (Phase.ENDED, "DONE")
+    assert t.state.tiles == Tiles(total=66, processed=65, failed=1)
+    assert [e.kind for e in t.emits] == ["status"]
+
+
+def test_a_held_end_is_published_at_the_wait_and_asks_again_before_it() -> None:
+    run = processing()
+    run.feed(TaskSeen(task("STOPPED", stopped_reason="OUT_OF_PU")), at(230))
+    # The read was lost (the worker handed the job over): the next owner asks again.
+    t = run.feed(TaskSeen(task("STOPPED", stopped_reason="OUT_OF_PU")), at(232))
+    assert (t.actions, t.emits) == ((ReadTiles(RID, execution_db=True),), ())
+    wait = POLICY.tiles_wait.total_seconds()
+    t = run.feed(Wake(), at(230 + wait))
+    assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "OUT_OF_PU")
+    assert [e.kind for e in t.emits] == ["status"]
+
+
+def test_an_end_before_processing_is_not_held() -> None:
+    run = created(job())
+    t = run.feed(TaskSeen(task("FAILED", error="bad evalscript")), at(60))
+    assert (t.state.status, t.actions) == ("FAILED", ())
+
+
+def test_wake_up_for_a_resend_only_while_the_action_has_not_shown() -> None:
+    run = created(job())  # Start sent at 1
+    assert run.transitions[-1].wake_at == at(1) + POLICY.action_lag
+    t = run.feed(TaskSeen(task("ANALYSING")), at(30))
+    assert t.wake_at is None

@@ -35,10 +35,12 @@ from worker.lifecycle.observations import (
     TaskMissing,
     TaskSeen,
     TilesSeen,
+    TilesUnavailable,
     Wake,
 )
 from worker.lifecycle.state import (
     STATUS_RANK,
+    TERMINAL,
     JobError,
     JobState,
     Phase,
@@ -213,9 +215,14 @@ def _required(batch_request_id: str | None) -> str:
 
 def _tracking(d: _Draft, obs: Observation) -> None:
     rid = _required(d.state.batch_request_id)
+    if d.state.ending_since is not None:
+        _ending(d, obs)
+        return
     match obs:
         case Wake():
-            d.actions.append(Poll(rid))
+            # Timed wakes only (deadline, a resend, a 404 retry, a hold): the status poller
+            # reads the rest. A 404 retry needs its own read; the others ride on the poller.
+            d.actions.append(Poll(rid, asap=d.state.not_found_since is not None))
         case StartRequested():
             d.set(start_wanted=True)
         case CancelRequested():
@@ -257,15 +264,47 @@ def _fold_task(d: _Draft, task: TaskSnapshot) -> None:
         completion=max(s.completion, task.completion_percentage),
         cost_pu=max(s.cost_pu or 0.0, task.cost_pu),
     )
-    if task.status == "DONE":
-        _end(d, "DONE")
-    elif task.status == "FAILED":
+    if task.status not in TERMINAL:
+        return
+    error: JobError | None = None
+    reason: str | None = None
+    if task.status == "FAILED":
         message = task.error or "the batch request failed"
-        _end(d, "FAILED", error=JobError(source="api", code=BATCH_FAILED, message=message))
+        error = JobError(source="api", code=BATCH_FAILED, message=message)
     elif task.status == "STOPPED":
         # The worker's own reason when it asked for the stop, else the API's.
         reason = s.stop_reason.value if s.stop_reason is not None else task.stopped_reason
-        _end(d, "STOPPED", stopped_reason=reason)
+    if task.status == "DONE" or s.furthest_rank >= STATUS_RANK["PROCESSING"]:
+        # The execution database is re-read only with a status read, so the counts held
+        # are one poll old: read them once more and hold the terminal event for that read.
+        d.set(ending_since=d.now, stopped_reason=reason, error=error)
+        _hold_for_final_tiles(d)
+    else:
+        _end(d, task.status, stopped_reason=reason, error=error)
+
+
+def _hold_for_final_tiles(d: _Draft) -> None:
+    since = d.state.ending_since
+    assert since is not None
+    d.actions.append(ReadTiles(_required(d.state.batch_request_id), execution_db=True))
+    d.hold_status = True
+    d.wake_by(since + d.policy.tiles_wait)
+
+
+def _ending(d: _Draft, obs: Observation) -> None:
+    """A terminal status is known; its event waits for the final tile counts."""
+    s = d.state
+    assert s.ending_since is not None and s.upstream_status is not None
+    if isinstance(obs, DuplicateFound):
+        _duplicate(d, obs.batch_request_id)
+    if isinstance(obs, TilesSeen):
+        d.set(tiles=_merge_tiles(s.tiles, obs.tiles))
+    final = isinstance(obs, TilesSeen | TilesUnavailable)
+    if final or d.now >= s.ending_since + d.policy.tiles_wait:
+        _end(d, s.upstream_status, stopped_reason=s.stopped_reason, error=s.error)
+    else:
+        # The read was lost (a crash, a hand-over): ask again, still within the wait.
+        _hold_for_final_tiles(d)
 
 
 def _missing(d: _Draft) -> None:
@@ -361,11 +400,17 @@ def _stop(d: _Draft, reason: StoppedReason) -> None:
 
 
 def _send(d: _Draft, kind: _SendKind) -> None:
-    """Ask for an action unless it was asked less than ``action_lag`` ago (§3.3)."""
+    """Ask for an action unless it was asked less than ``action_lag`` ago (§3.3).
+
+    Either way, wake when the lag is over: should the status still not show the action's
+    effect then (the poller saw no change to step on), the action is sent again.
+    """
     s, rid = d.state, _required(d.state.batch_request_id)
     sent = {"analyse": s.analyse_sent_at, "start": s.start_sent_at, "stop": s.stop_sent_at}[kind]
     if sent is not None and d.now < sent + d.policy.action_lag:
+        d.wake_by(sent + d.policy.action_lag)
         return
+    d.wake_by(d.now + d.policy.action_lag)
     if kind == "analyse":
         d.actions.append(Analyse(rid))
         d.set(analyse_sent_at=d.now)
@@ -394,8 +439,8 @@ def _finish(d: _Draft) -> Transition:
         kind = None  # an ended job has published its one terminal event
     elif after.status != before.status:
         kind = "status"
-    elif _progressed(before, after):
-        kind = "progress"
+    elif after.ending_since is None and _progressed(before, after):
+        kind = "progress"  # (while the end is held, the terminal event carries it all)
     emits: tuple[Emit, ...] = ()
     if kind is not None:
         after = after.model_copy(update={"sequence": before.sequence + 1})
@@ -415,20 +460,20 @@ def _progressed(before: JobState, after: JobState) -> bool:
 
 
 def _wake_at(d: _Draft, after: JobState) -> datetime | None:
-    now, policy = d.now, d.policy
+    """When to step again with ``Wake`` whatever the API says; None: no timed need.
+
+    A tracked job has no wake of its own: the status poller reads it (every
+    ``poll_interval``, ``rest_poll_interval`` while resting) and steps it only when
+    something changed. It wakes for what time alone decides: its deadline, an action to
+    re-send after the lag, a 404 retry, a held event.
+    """
+    candidates: list[datetime] = []
     if after.phase is Phase.ENDED:
         return None
     if after.phase is Phase.PENDING_CREATE:
-        wake = now + policy.create_retry
-    else:
-        resting = (
-            after.upstream_status == "ANALYSIS_DONE"
-            and not after.start_wanted
-            and _wanted_stop(after, now) is None
-        )
-        wake = now + (policy.rest_poll_interval if resting else policy.poll_interval)
-    if after.deadline is not None and after.deadline > now:
-        wake = min(wake, after.deadline)  # stop on time, not at the next poll
+        candidates.append(d.now + d.policy.create_retry)
+    if after.deadline is not None and after.deadline > d.now and after.stop_reason is None:
+        candidates.append(after.deadline)  # stop on time, not at the next poll
     if d.wake_hint is not None:
-        wake = min(wake, d.wake_hint)
-    return wake
+        candidates.append(d.wake_hint)
+    return min(candidates, default=None)

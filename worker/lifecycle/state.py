@@ -125,6 +125,10 @@ class JobState(_Frozen):
     not_found_since: datetime | None = None  # first 404 of the current run of 404s
     last_seen_at: datetime | None = None  # when the task's status was last read
     duplicates_stopped: tuple[str, ...] = ()
+    # A terminal status read after processing began, held until one last tile read (or
+    # ``tiles_wait``) so the terminal event carries the final counts; outcome fields below
+    # are already filled in.
+    ending_since: datetime | None = None
 
     # outcome
     stopped_reason: str | None = None
