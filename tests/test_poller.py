@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from worker import lifecycle
@@ -105,7 +106,57 @@ def test_missing_task_and_duplicates_become_observations() -> None:
     assert api.gets == 1
 
 
-def test_due_targets_are_the_stale_ones() -> None:
+def test_due_targets_are_the_stale_ones_stalest_first() -> None:
     fresh, stale, never = target(1, seen=T0), target(2, seen=T0 - timedelta(minutes=1)), target(3)
-    due = due_targets([fresh, stale, never], now=T0, interval=timedelta(seconds=30))
-    assert due == [stale, never]
+    staler = target(4, seen=T0 - timedelta(minutes=2))
+    due = due_targets([fresh, stale, never, staler], now=T0, interval=timedelta(seconds=30))
+    assert due == [never, staler, stale]
+
+
+def test_a_resting_job_is_due_only_after_the_rest_interval() -> None:
+    seen = T0 - timedelta(minutes=1)
+    resting = replace(target(1, "ANALYSIS_DONE", seen=seen), resting=True)
+    working = target(2, seen=seen)
+    due = due_targets(
+        [resting, working],
+        now=T0,
+        interval=timedelta(seconds=30),
+        rest_interval=timedelta(minutes=10),
+    )
+    assert due == [working]
+
+
+def test_a_round_spends_no_more_than_its_requests_stalest_first() -> None:
+    targets = [target(i, seen=T0 - timedelta(seconds=100 - i)) for i in range(10)]
+    api = ListingApi([task(i) for i in range(10)], page_size=1)
+    result = Poller(api, FLEET, initial_page_size=1).round(targets, targets, max_requests=3)
+    assert (result.method, result.requests, api.gets) == ("get", 3, 3)
+    assert result.unchanged == ["j0", "j1", "j2"]
+
+
+def test_a_list_scan_stops_at_the_request_limit() -> None:
+    targets = [target(i) for i in range(50)]
+    api = ListingApi([task(i) for i in range(50)], page_size=10)
+    result = Poller(api, FLEET, initial_page_size=10).round(targets, targets, max_requests=2)
+    assert (result.method, api.pages, api.gets, result.requests) == ("list", 2, 0, 2)
+    assert len(result.unchanged) == 20
+
+
+def test_only_duplicates_that_can_still_run_are_reported() -> None:
+    targets = [target(i) for i in range(5)]
+    tag = lifecycle.tag_for(FLEET, "j0")
+    extra = [
+        Task(
+            id=f"dup-{status}",
+            status=status,
+            created=T0 + timedelta(seconds=1),
+            request={"description": f"x {tag}"},
+        )
+        for status in ("CREATED", "ANALYSING", "ANALYSIS_DONE", "PROCESSING", "DONE", "STOPPED")
+    ]
+    api = ListingApi([*(task(i) for i in range(5)), *extra], page_size=100)
+    result = Poller(api, FLEET).round(targets, targets)
+    assert result.observations["j0"] == [
+        DuplicateFound(batch_request_id=f"dup-{s}")
+        for s in ("ANALYSING", "ANALYSIS_DONE", "PROCESSING")
+    ]

@@ -39,6 +39,7 @@ from worker.lifecycle import (
     TaskSnapshot,
     Tiles,
     TilesSeen,
+    TilesUnavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,10 @@ class ActionRunner:
                 request = self._client.get(task_id).request
             except ApiError as exc:
                 log.warning("GET %s for its delivery location failed: %s", task_id, exc)
-                return None
-        # The reader answers None itself when the delivery bucket cannot be read.
+                return TilesUnavailable("the request's delivery location could not be read")
+        # The reader answers None when the delivery bucket cannot be read (it logs why);
+        # the machine must hear it, or an event held for the tiles waits out its bound.
         tiles = self._tiles.read(request, task_id, execution_db=execution_db)
-        return TilesSeen(tiles) if tiles is not None else None
+        if tiles is None:
+            return TilesUnavailable("the delivery bucket could not be read")
+        return TilesSeen(tiles)

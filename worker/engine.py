@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 # A job stepping more often than this in one claim is looping; hand it back for later.
 MAX_STEPS_PER_CLAIM = 32
+# Status reads may spend this share of the request budget; creates and actions get the rest.
+STATUS_BUDGET_SHARE = 0.75
+# The shortest retry the derived timings go down to.
+_FLOOR = timedelta(milliseconds=100)
 
 
 class EngineMetrics(Protocol):
@@ -60,12 +64,25 @@ def utc_now() -> datetime:
 
 
 def policy_from(settings: Settings) -> Policy:
+    """The lifecycle's timings from the settings; the finer ones follow the coarse ones, so
+    a deployment (or a test) that shortens the coarse ones gets a consistent whole."""
+    default = Policy()
+    poll = timedelta(seconds=settings.poll_interval)
+    lease = timedelta(seconds=settings.lease_seconds)
+    not_found = timedelta(seconds=settings.not_found_window)
+    list_lag = timedelta(seconds=settings.list_lag_window)
     return Policy(
-        poll_interval=timedelta(seconds=settings.poll_interval),
+        poll_interval=poll,
         rest_poll_interval=timedelta(seconds=settings.rest_poll_interval),
         action_lag=timedelta(seconds=settings.action_lag),
-        not_found_window=timedelta(seconds=settings.not_found_window),
-        list_lag_window=timedelta(seconds=settings.list_lag_window),
+        not_found_window=not_found,
+        list_lag_window=list_lag,
+        # A few re-reads inside the 404 window; a few scans inside the list lag.
+        not_found_retry=min(default.not_found_retry, max(not_found / 4, _FLOOR)),
+        create_retry=min(default.create_retry, max(list_lag / 4, _FLOOR)),
+        # An event held for tiles waits at most one poll, and well inside the lease that
+        # holds it, so the worker that asked for the read is the one to publish it.
+        tiles_wait=min(default.tiles_wait, poll, lease / 4),
     )
 
 
@@ -112,6 +129,10 @@ class Engine:
             on_duplicate_stopped=metrics.duplicate_stopped if metrics else (lambda: None),
         )
         self._poller = Poller(client, self._fleet, clock_skew=self._policy.clock_skew)
+        poll_seconds = self._policy.poll_interval.total_seconds()
+        self._round_requests = max(
+            1, int(settings.api_budget_per_minute * poll_seconds / 60 * STATUS_BUDGET_SHARE)
+        )
         self._stop = threading.Event()
         self._in_hand: set[Future[None]] = set()
         self._lock = threading.Lock()
@@ -183,19 +204,28 @@ class Engine:
                 self._stop.wait(waited)
 
     def poll_once(self, executor: ThreadPoolExecutor | None = None) -> float:
-        """One status round; returns how long to wait before the next one."""
+        """One status round; returns how long to wait before the next one.
+
+        Changed jobs are claimed and stepped with what was read; unchanged ones only get
+        ``last_seen_at`` touched (no claim, no step): tracked jobs cost nothing between
+        changes but this one bulk UPDATE.
+        """
         now = self._clock()
-        interval = self._policy.poll_interval
+        interval, rest = self._policy.poll_interval, self._policy.rest_poll_interval
         with self._pool.connection() as conn:
             targets = store.active_poll_targets(conn, self._fleet)
-        due = due_targets(targets, now=now, interval=interval)
+        due = due_targets(targets, now=now, interval=interval, rest_interval=rest)
         if not due:
             soonest = min(
-                (t.last_seen_at + interval for t in targets if t.last_seen_at is not None),
+                (
+                    t.last_seen_at + (rest if t.resting else interval)
+                    for t in targets
+                    if t.last_seen_at is not None
+                ),
                 default=now + interval,
             )
             return float(max(0.2, min((soonest - now).total_seconds(), interval.total_seconds())))
-        result = self._poller.round(targets, due)
+        result = self._poller.round(targets, due, max_requests=self._round_requests)
         with self._pool.connection() as conn:
             store.touch_seen(conn, self._fleet, result.unchanged, seen_at=now)
             claims = (
@@ -277,7 +307,8 @@ class Engine:
             for action in transition.actions:
                 if self._stop.is_set():
                     break  # stopping: the action in hand finished; take on nothing new
-                outcome = self._runner.perform(held.state, action, self._clock())
+                # The step's own `now`: a create's `create_not_before` was decided with it.
+                outcome = self._runner.perform(held.state, action, now)
                 if outcome is not None:
                     pending.append(outcome)
         if pending or self._stop.is_set():
@@ -343,9 +374,10 @@ class Engine:
             metrics.job_finished(state.status or "UNKNOWN", reason, duration)
 
     def _release(self, held: _Held, wake_at: datetime | None) -> None:
-        if wake_at is None and held.state.phase is not Phase.ENDED:
-            # The machine named no wake-up; never leave an active job without one.
-            wake_at = self._clock() + self._policy.rest_poll_interval
+        if wake_at is None and held.state.phase is Phase.PENDING_CREATE:
+            # Nothing polls a job without a request: never leave one without a wake-up.
+            wake_at = self._clock() + self._policy.create_retry
+        # A tracked job without a wake-up is the status poller's (it reads every one).
         with self._pool.connection() as conn:
             released = store.release(
                 conn,

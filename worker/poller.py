@@ -6,7 +6,13 @@ creation, or one GET per due job. The list's page size and how many foreign task
 clients of the account) sit among ours are unknowns, so both are learned from each scan.
 
 A status that did not change costs one bulk UPDATE of ``last_seen_at``; only changes,
-404s and duplicates become observations the engine steps on.
+404s and duplicates become observations the engine steps on. Tracked jobs have no timed
+wake-up of their own (docs/lifecycle.md "Events and schedule"): these rounds are what
+keeps them moving.
+
+The request budget wins over freshness: a round spends at most ``max_requests`` (the
+budget's share for one poll interval), stalest jobs first; what it cannot read stays due
+and ``batch_worker_status_lag_seconds`` shows the debt.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from worker.store import PollTarget
 log = logging.getLogger(__name__)
 
 _TAG_WORD = re.compile(r"\bbw[0-9a-f]{30}\b")
+# A duplicate is worth reporting only while a stop can still reach it and it can still
+# spend processing units (§3.2): CREATED costs nothing and cannot be stopped, and nobody
+# will start it; the final statuses are over.
+_STOPPABLE = frozenset({"ANALYSING", "ANALYSIS_DONE", "PROCESSING"})
 
 
 @dataclass
@@ -52,9 +62,21 @@ def changed(target: PollTarget, task: Task) -> bool:
 
 
 def due_targets(
-    targets: list[PollTarget], *, now: datetime, interval: timedelta
+    targets: list[PollTarget],
+    *,
+    now: datetime,
+    interval: timedelta,
+    rest_interval: timedelta | None = None,
 ) -> list[PollTarget]:
-    return [t for t in targets if t.last_seen_at is None or t.last_seen_at <= now - interval]
+    """Targets whose status is older than their interval, stalest first."""
+    rest = rest_interval if rest_interval is not None else interval
+    due = [
+        t
+        for t in targets
+        if t.last_seen_at is None or t.last_seen_at <= now - (rest if t.resting else interval)
+    ]
+    due.sort(key=lambda t: (t.last_seen_at is not None, t.last_seen_at or now))
+    return due
 
 
 class Poller:
@@ -79,26 +101,31 @@ class Poller:
         )
         return max(1, math.ceil(ours * self._crowding / self._page_size))
 
-    def round(self, targets: list[PollTarget], due: list[PollTarget]) -> PollResult:
-        """Read the statuses of ``due`` (and whatever else the chosen scan covers)."""
+    def round(
+        self, targets: list[PollTarget], due: list[PollTarget], *, max_requests: int | None = None
+    ) -> PollResult:
+        """Read the statuses of ``due`` (and whatever else the chosen scan covers), in at
+        most ``max_requests`` API requests; ``due`` stalest first."""
         result = PollResult()
-        if not due:
+        limit = max_requests if max_requests is not None else len(due) + 1_000_000
+        if not due or limit < 1:
             return result
         created = [t.upstream_created for t in due if t.upstream_created is not None]
         if created and len(due) > 1:
             oldest = min(created)
             if self.estimate_list_pages(targets, oldest) < len(due):
                 result.method = "list"
-                seen = self._scan(targets, oldest - self._skew, result)
+                seen = self._scan(targets, oldest - self._skew, result, limit)
                 # Jobs the scan missed (list lag, or older than it reached) fall back to GET.
-                self._get_each([t for t in due if t.job_id not in seen], result)
+                missed = [t for t in due if t.job_id not in seen]
+                self._get_each(missed[: max(0, limit - result.requests)], result)
                 return result
         result.method = "get"
-        self._get_each(due, result)
+        self._get_each(due[:limit], result)
         return result
 
     def _scan(
-        self, targets: list[PollTarget], stop_before: datetime, result: PollResult
+        self, targets: list[PollTarget], stop_before: datetime, result: PollResult, limit: int
     ) -> set[str]:
         by_id = {t.batch_request_id: t for t in targets if t.batch_request_id}
         by_tag = {lifecycle.tag_for(self._fleet_id, t.job_id): t for t in targets}
@@ -121,7 +148,7 @@ class Poller:
                         seen.add(target.job_id)
                         self._observe(target, task, result)
                     self._check_duplicate(task, by_tag, result)
-                if reached_end or not page.next_token:
+                if reached_end or not page.next_token or result.requests >= limit:
                     break
         except ApiError as exc:
             log.warning("status list scan failed: %s", exc)
@@ -135,7 +162,7 @@ class Poller:
         for tag in _TAG_WORD.findall(task.description or ""):
             target = by_tag.get(tag)
             duplicate = target is not None and target.batch_request_id != task.id
-            if duplicate and target is not None and task.status not in lifecycle.TERMINAL:
+            if duplicate and target is not None and task.status in _STOPPABLE:
                 result.add(target.job_id, DuplicateFound(batch_request_id=task.id))
 
     def _get_each(self, due: list[PollTarget], result: PollResult) -> None:

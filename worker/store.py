@@ -98,6 +98,7 @@ class PollTarget:
     completion: float
     cost_pu: float | None
     last_seen_at: datetime | None
+    resting: bool = False  # at ANALYSIS_DONE waiting for a `start`: read less often
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,6 +242,8 @@ def claim_due(
     """Lease up to ``limit`` due jobs (or the given ``job_ids`` when free, due or not).
 
     SKIP LOCKED lets many workers claim at once without waiting on each other's rows.
+    A claimed job is due again when its lease runs out: should this worker die mid-step,
+    the next owner resumes it then, even if it is a tracked job with no timed wake-up.
     """
     if job_ids is None:
         where = "next_run_at <= %(now)s"
@@ -259,7 +262,7 @@ def claim_due(
             )
             UPDATE bw_jobs j
             SET generation = j.generation + 1, lease_owner = %(owner)s,
-                lease_until = %(lease_until)s
+                lease_until = %(lease_until)s, next_run_at = %(lease_until)s
             FROM due WHERE j.fleet_id = due.fleet_id AND j.job_id = due.job_id
             RETURNING j.state, j.generation, j.cancel_requested_at, j.start_requested_at,
                       j.last_status_event
@@ -317,7 +320,8 @@ def save_step(
                                        THEN NULL ELSE cancel_requested_at END,
             start_requested_at = CASE WHEN start_requested_at = %(folded_start)s
                                       THEN NULL ELSE start_requested_at END,
-            lease_until = COALESCE(%(lease_until)s, lease_until)
+            lease_until = COALESCE(%(lease_until)s, lease_until),
+            next_run_at = COALESCE(%(lease_until)s, next_run_at)
         WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
           AND generation = %(generation)s AND lease_owner = %(owner)s
         """,
@@ -351,6 +355,7 @@ def release(
 ) -> bool:
     """Give the lease back and schedule the next wake-up; False if the lease was lost.
 
+    ``next_run_at`` None leaves a tracked job to the status poller (no timed wake-up).
     A request intake recorded while we held the lease wakes the job at once, whatever
     ``next_run_at`` the step asked for; an ended job sleeps for good.
     """
@@ -379,12 +384,20 @@ def release(
 
 
 def active_poll_targets(conn: Conn, fleet_id: str) -> list[PollTarget]:
-    """Active jobs that have a batch request, newest upstream first."""
+    """Active jobs that have a batch request, newest upstream first.
+
+    The status compared is the last one *read* (an event may be held back for tiles), so a
+    held status is not mistaken for a change.
+    """
     rows = conn.execute(
         """
-        SELECT job_id, batch_request_id, upstream_created, status,
+        SELECT job_id, batch_request_id, upstream_created,
+               COALESCE(state->>'upstream_status', status),
                COALESCE((state->>'completion')::float8, 0), (state->>'cost_pu')::float8,
-               last_seen_at
+               last_seen_at,
+               COALESCE(state->>'upstream_status', status) = 'ANALYSIS_DONE'
+                   AND NOT COALESCE((state->>'start_wanted')::boolean, true)
+                   AND NOT COALESCE((state->>'cancel_wanted')::boolean, false)
         FROM bw_jobs
         WHERE fleet_id = %s AND ended_at IS NULL AND batch_request_id IS NOT NULL
         ORDER BY upstream_created DESC NULLS LAST
