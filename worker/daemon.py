@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from types import FrameType
 from urllib.parse import urlsplit
 
-from worker import db
+import psycopg
+from psycopg_pool import PoolTimeout
+
+from worker import db, outbox
 from worker.api.client import BatchClient
 from worker.consumer import JobsConsumer
 from worker.engine import Engine
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 # A loop thread is alive if it has not exited; the supervisor beats for it this often.
 _SUPERVISE_EVERY = 1.0
 _LIVENESS_ALLOWANCE = 10.0
+_GAUGES_EVERY = 5.0
 
 
 @dataclass
@@ -123,7 +127,7 @@ class Daemon:
             settings,
             pool,
             client,
-            tiles=TileReader(),
+            tiles=TileReader(metrics=self.metrics),
             metrics=self.metrics,
             worker_name=settings.worker_name,
         )
@@ -139,15 +143,33 @@ class Daemon:
             self.health.register(loop.name, _LIVENESS_ALLOWANCE)
             loop.thread = threading.Thread(target=self._guard(loop), name=loop.name, daemon=True)
             loop.thread.start()
+        failed = False
+        next_gauges = 0.0
         try:
             while not self._stopping.wait(_SUPERVISE_EVERY):
                 for loop in loops:
                     if loop.thread is not None and loop.thread.is_alive():
                         self.health.beat(loop.name)
+                    else:
+                        # Fail fast: the durable state makes a restart lose nothing, and a
+                        # half-alive worker would hold leases it cannot serve.
+                        log.error("loop %s stopped unexpectedly; shutting down", loop.name)
+                        failed = True
+                        self.stop()
+                if time.monotonic() >= next_gauges:
+                    next_gauges = time.monotonic() + _GAUGES_EVERY
+                    self._sample_outbox(pool)
         finally:
             self._shutdown(loops)
             client.close()
-        return 0
+        return 1 if failed else 0
+
+    def _sample_outbox(self, pool: db.Pool) -> None:
+        try:
+            with pool.connection(timeout=2) as conn:
+                self.metrics.outbox_pending(outbox.pending_count(conn))
+        except (psycopg.Error, PoolTimeout) as exc:  # the relay reports DB trouble itself
+            log.debug("could not sample the outbox (%s)", type(exc).__name__)
 
     def _guard(self, loop: _Loop) -> Callable[[], None]:
         def target() -> None:

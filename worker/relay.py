@@ -126,6 +126,9 @@ class Relay:
             while not self._stop.is_set():
                 try:
                     moved = self.relay_once()
+                    if moved < self._batch_size:
+                        # Waiting reads the connection too: a broker gone away shows here.
+                        self._wait_for_work()
                 except _AMQP_ERRORS as exc:
                     log.warning("relay round failed (%s); retrying", type(exc).__name__)
                     self._drop_channel()
@@ -145,8 +148,6 @@ class Relay:
                     self._stop.wait(BACKOFF_MAX)
                     continue
                 backoff = BACKOFF_FIRST
-                if moved < self._batch_size:
-                    self._wait_for_work()
         finally:
             self.close()
 

@@ -7,6 +7,7 @@ AMQP client must interoperate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 import boto3
 import pika
+import pika.exceptions
 import pytest
 
 from tests.conftest import AmqpNames, pika_parameters
@@ -99,11 +101,15 @@ class Stack:
             **self.names.settings(),
         )
 
-    def payload(self, name: str) -> dict[str, Any]:
-        """An example job request, pointed at this test's bucket."""
+    def payload(self, name: str, *, features: int | None = None) -> dict[str, Any]:
+        """An example job request, pointed at this test's bucket; ``features`` pins the
+        simulator's feature count (and so the job's duration) with a description marker."""
         text = (EXAMPLES / name).read_text().replace("demo-bucket", self.bucket)
         job: dict[str, Any] = json.loads(text)
         job["job_id"] = f"{job['job_id']}-{uuid.uuid4().hex[:6]}"
+        if features is not None:
+            request = job["request"]
+            request["description"] = f"{request.get('description', '')} [sim:features={features}]"
         return job
 
     def upstream_requests(self) -> list[dict[str, Any]]:
@@ -283,7 +289,9 @@ def events(stack: Stack) -> Iterator[Events]:
     reader = Events(conn, queue)
     channel.basic_consume(queue, reader._on_message, auto_ack=True)
     yield reader
-    conn.close()
+    if conn.is_open:  # a broker restart in the test may have taken it already
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            conn.close()
 
 
 @dataclass

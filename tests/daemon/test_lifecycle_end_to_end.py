@@ -23,7 +23,7 @@ StartWorker = Callable[..., WorkerProcess]
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = ("corsica-ndvi-geotiff.json", "corsica-ndvi-zarr.json", "corsica-fields-geopackage.json")
+EXAMPLES = ("max-ndvi-geotiff.json", "max-ndvi-zarr.json", "geopackage-fields.json")
 
 
 def assert_well_ordered(events: Events, job_id: str) -> None:
