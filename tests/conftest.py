@@ -6,6 +6,7 @@ fails under CI (``CI`` set): a green CI run never hides a test that did not run.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -132,6 +133,9 @@ def _delete_topology(broker_url: str, names: AmqpNames) -> None:
 def s3_endpoint() -> Iterator[str]:
     """A real S3 HTTP endpoint (moto's server) on loopback, used through boto3."""
     from moto.server import ThreadedMotoServer
+
+    # The emulator logs every request at INFO; that drowns a failing test's own log.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

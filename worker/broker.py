@@ -78,7 +78,7 @@ def _ssl_options(settings: Settings) -> dict[str, Any] | bool:
 
 def connection(settings: Settings, *, purpose: str) -> Connection:
     """A (not yet connected) kombu connection for one purpose: ``consume`` or ``publish``."""
-    return Connection(  # type: ignore[no-untyped-call]
+    return Connection(
         settings.broker_url.get_secret_value(),
         heartbeat=settings.heartbeat,
         ssl=_ssl_options(settings),
@@ -100,7 +100,7 @@ def ensure_connected(conn: Connection) -> Connection:
     def _on_error(exc: Exception, interval: float) -> None:
         log.warning("broker unreachable (%s); retrying in %.1f s", type(exc).__name__, interval)
 
-    conn.ensure_connection(_on_error, **CONNECT_RETRY)  # type: ignore[no-untyped-call]
+    conn.ensure_connection(_on_error, **CONNECT_RETRY)
     return conn
 
 

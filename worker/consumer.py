@@ -167,7 +167,7 @@ class JobsConsumer(ConsumerMixin):
             yield conn
 
     def get_consumers(self, consumer_class: Any, channel: Any) -> list[Any]:
-        queue = Queue(self.settings.jobs_queue, no_declare=True)  # type: ignore[no-untyped-call]
+        queue = Queue(self.settings.jobs_queue, no_declare=True)
         return [
             consumer_class(
                 queues=[queue],
