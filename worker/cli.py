@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,18 +23,37 @@ def _settings_or_exit(*, credentials: bool = False) -> Settings:
             require_credentials(settings)
     except SettingsError as exc:
         for problem in exc.problems:
-            print(f"batch-worker: configuration: {problem}", file=sys.stderr)
+            _problem(f"configuration: {problem}")
         raise SystemExit(EXIT_CONFIG) from None
     return settings
 
 
+def _problem(text: str) -> None:
+    print(f"batch-worker: {text}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(credentials=True)
+    from psycopg_pool import PoolTimeout
+
     from worker.daemon import Daemon
     from worker.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
-    return Daemon(settings).run()
+    try:
+        return Daemon(settings).run()
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # The probe server binds first; a taken port is a configuration problem.
+        _problem(
+            f"configuration: BATCH_WORKER_METRICS_PORT: port {settings.metrics_port} is in use"
+        )
+        return EXIT_CONFIG
+    except PoolTimeout:
+        # The pool's own message says nothing useful; the URL's password must not be shown.
+        _problem("cannot reach PostgreSQL (BATCH_WORKER_DATABASE_URL); giving up")
+        return EXIT_FAILURE
 
 
 def _submit(args: argparse.Namespace) -> int:

@@ -1,0 +1,155 @@
+"""``python -m worker``: argument handling, and ``run`` refusing bad configuration the way
+the contract says (CONTRACT.md "Configuration": one line per problem, exit 2, no traceback,
+never a secret)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.cli_support import REPO, clean_env, run_cli
+from worker.cli import build_parser
+
+SECRET = "s3cr3t-Zq81-never-printed"
+
+
+def _assert_config_failure(result: subprocess.CompletedProcess[str], *variables: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == len(variables), lines
+    for line, variable in zip(lines, variables, strict=True):
+        assert line.startswith("batch-worker: configuration: "), line
+        assert variable in line, line
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("values", "variables"),
+    [
+        ({"POLL_INTERVAL": "abc"}, ["BATCH_WORKER_POLL_INTERVAL"]),
+        ({"BROKER_URL": "http://x"}, ["BATCH_WORKER_BROKER_URL"]),
+        ({"LOG_LEVEL": "chatty"}, ["BATCH_WORKER_LOG_LEVEL"]),
+        (
+            {"POLL_INTERVAL": "abc", "PREFETCH": "0", "DEPLOYMENT": "mars"},
+            ["BATCH_WORKER_DEPLOYMENT", "BATCH_WORKER_POLL_INTERVAL", "BATCH_WORKER_PREFETCH"],
+        ),
+    ],
+)
+def test_run_with_invalid_settings_prints_one_line_per_problem_and_exits_2(
+    values: dict[str, str], variables: list[str]
+) -> None:
+    env = clean_env(CLIENT_ID="client", CLIENT_SECRET=SECRET, **values)
+    result = run_cli("run", env=env)
+    _assert_config_failure(result, *variables)
+
+
+def test_run_without_credentials_names_both_variables() -> None:
+    result = run_cli("run", env=clean_env())
+    _assert_config_failure(result, "BATCH_WORKER_CLIENT_ID", "BATCH_WORKER_CLIENT_SECRET")
+
+
+@pytest.mark.parametrize(
+    ("variable", "bad_value"),
+    [
+        # The bad value is itself the secret, or carries one.
+        ("BROKER_URL", f"http://guest:{SECRET}@rabbit:5672//"),
+        ("DATABASE_URL", f"mysql://root:{SECRET}@db/jobs"),
+        ("API_BUDGET_PER_MINUTE", SECRET),
+    ],
+)
+def test_run_never_prints_a_secret_even_in_the_bad_value(variable: str, bad_value: str) -> None:
+    env = clean_env(CLIENT_ID="client", CLIENT_SECRET=SECRET, **{variable: bad_value})
+    result = run_cli("run", env=env)
+    _assert_config_failure(result, f"BATCH_WORKER_{variable}")
+    assert SECRET not in result.stderr
+
+
+def test_run_reports_a_taken_metrics_port_as_configuration() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))  # as the probe server does
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(
+            CLIENT_ID="client", CLIENT_SECRET=SECRET, METRICS_PORT=port, LOG_FORMAT="json"
+        )
+        result = run_cli("run", env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip() == (
+        f"batch-worker: configuration: BATCH_WORKER_METRICS_PORT: port {port} is in use"
+    )
+
+
+def test_every_command_has_help() -> None:
+    parser = build_parser()
+    commands = ["run", "submit", "status", "dlq", "simulate", "demo"]
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_missing_command_is_a_usage_error() -> None:
+    result = run_cli(env=clean_env())
+    assert result.returncode == 2
+    assert "usage: batch-worker" in result.stderr
+
+
+def test_dlq_replay_needs_a_message_or_all() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["dlq", "replay"])
+    assert exit_info.value.code == 2
+    args = build_parser().parse_args(["dlq", "replay", "--all"])
+    assert args.all and args.message is None
+
+
+def test_simulate_help_lists_the_simulator_settings() -> None:
+    result = run_cli("simulate", "--help", env=clean_env())
+    assert result.returncode == 0
+    for option in ("--host", "--port", "--speed", "--rate-429"):
+        assert option in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_simulate_serves_the_batch_api_until_sigterm() -> None:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "simulate", "--port", str(port), "--speed", "100"],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/api/v2/batch/process"
+        # The one wait here: the process needs a moment to import and bind.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+            except urllib.error.HTTPError as answer:
+                status = answer.code  # no token: the API answers 401, so it is serving
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        assert status == 401
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=20)
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
