@@ -124,7 +124,10 @@ def test_cancel_while_created_ends_stopped_without_analysing_or_starting() -> No
     t = run.feed(TaskSeen(task("CREATED")), at(4))
     assert (t.actions, t.state.phase) == ((), Phase.TRACKING)
     assert t.wake_at == at(1) + POLICY.action_lag  # when the analyse can no longer take
+    # Woken when the lag is over: read the status first, then decide on what it says.
     t = run.feed(Wake(), at(1 + lag))
+    assert (t.actions, t.state.phase) == ((Poll(RID, asap=True),), Phase.TRACKING)
+    t = run.feed(TaskSeen(task("CREATED")), at(2 + lag))
     assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "USER_ACTION")
     actions = [a for t in run.transitions[2:] for a in t.actions]
     assert not any(isinstance(a, (Analyse, Start)) for a in actions)
@@ -328,3 +331,14 @@ def test_wake_up_for_a_resend_only_while_the_action_has_not_shown() -> None:
     assert run.transitions[-1].wake_at == at(1) + POLICY.action_lag
     t = run.feed(TaskSeen(task("ANALYSING")), at(30))
     assert t.wake_at is None
+
+
+def test_a_wake_for_a_resend_reads_the_status_before_sending_again() -> None:
+    run = created(job())  # Start sent at 1
+    lag = POLICY.action_lag.total_seconds()
+    t = run.feed(Wake(), at(1 + lag))
+    assert t.actions == (Poll(RID, asap=True),)  # not a second Start on a stale status
+    assert run.feed(TaskSeen(task("ANALYSING")), at(2 + lag)).actions == ()
+    run = created(job())
+    run.feed(Wake(), at(1 + lag))
+    assert run.feed(TaskSeen(task("CREATED")), at(2 + lag)).actions == (Start(RID),)

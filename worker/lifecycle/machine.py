@@ -219,10 +219,14 @@ def _tracking(d: _Draft, obs: Observation) -> None:
         _ending(d, obs)
         return
     match obs:
+        case Wake() if _stop_to_decide(d.state, d.now):
+            d.actions.append(Poll(rid))  # a deadline: stop now (the read rides on the poller)
         case Wake():
-            # Timed wakes only (deadline, a resend, a 404 retry, a hold): the status poller
-            # reads the rest. A 404 retry needs its own read; the others ride on the poller.
-            d.actions.append(Poll(rid, asap=d.state.not_found_since is not None))
+            # A resend, a 404 retry, a hold: the status held may be a poll old, so read it
+            # first and decide on what it says (one GET instead of a refused resend).
+            d.actions.append(Poll(rid, asap=True))
+            d.wake_by(d.now + d.policy.poll_interval)  # should that read fail
+            return
         case StartRequested():
             d.set(start_wanted=True)
         case CancelRequested():
@@ -337,6 +341,11 @@ def _merge_tiles(known: Tiles | None, seen: Tiles) -> Tiles:
         processed=max(known.processed, seen.processed),
         failed=max(known.failed, seen.failed),
     )
+
+
+def _stop_to_decide(s: JobState, now: datetime) -> bool:
+    """A stop is wanted that was never asked for."""
+    return s.stop_sent_at is None and _wanted_stop(s, now) is not None
 
 
 def _wanted_stop(s: JobState, now: datetime) -> StoppedReason | None:

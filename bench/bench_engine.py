@@ -1,0 +1,318 @@
+"""One Engine driving N jobs against the simulator (a separate process), within a budget.
+
+Prints: peak RSS of this process (the engine, its pools and threads; the simulator runs
+apart), API requests per job, status change -> event latency (the simulator's transition
+time against the event's ``time``), and the requests per job the official SDK's monitoring
+would make at its defaults for the same job timelines (``monitor_batch_process_job``:
+a GET every 10 s while CREATED/ANALYSING, every 120 s after; plus create and start).
+
+    PYTHONPATH=. python bench/bench_engine.py --jobs 1000 [--speed 1] [--budget 600]
+
+Jobs go in through the store (as intake writes them) in one transaction. Every lifecycle
+timing scales with ``--speed`` like the simulator's job durations (poll 30 s / speed, and
+so on), so at speed 1 the figures are the production ones; the request budget does not
+scale (it is the account's, per real minute). Tile reads are off (no S3 here): the figures
+are the API's. Needs PostgreSQL at BATCH_WORKER_TEST_DATABASE_URL (a scratch database is
+created and dropped). No pass/fail: it prints figures (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from worker import db, lifecycle, store
+from worker.api.budget import RequestBudget
+from worker.api.client import ApiHooks, BatchClient
+from worker.engine import Engine
+from worker.lifecycle import Tiles
+from worker.settings import Settings
+from worker.simulator.server import TOKEN_PATH
+
+PG_URL = os.environ.get(
+    "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+FLEET = "bench"
+# A small Corsica tile: one or two features of the 60 m grid, so analysis is about 61 API s
+# and processing about 140-160 API s (the simulator's duration model).
+PAYLOAD: dict[str, Any] = {
+    "processRequest": {
+        "input": {
+            "bounds": {"bbox": [9.0, 42.0, 9.05, 42.05]},
+            "data": [{"type": "sentinel-2-l2a"}],
+        },
+        "output": {"responses": [{"identifier": "default", "format": {"type": "image/tiff"}}]},
+        "evalscript": "//VERSION=3\nfunction setup() {}\nfunction evaluatePixel(s) {}",
+    },
+    "input": {"type": "tiling-grid", "id": 0, "resolution": 60.0},
+    "output": {
+        "type": "raster",
+        "delivery": {"s3": {"url": "s3://bench-bucket/out", "iamRoleARN": "arn:aws:iam::1:role/r"}},
+    },
+    "description": "bench job",
+}
+SDK_ANALYSIS_SLEEP, SDK_SLEEP = 10.0, 120.0
+
+
+class NoTiles:
+    def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Tiles | None:
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def scratch_database() -> tuple[str, str]:
+    name = f"bw_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(PG_URL)
+    return name, urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def start_simulator(port: int, speed: float, state_file: Path) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "worker",
+        "simulate",
+        "--port",
+        str(port),
+        "--speed",
+        str(speed),
+        "--requests-per-minute",
+        "0",
+        "--history",
+        "0",
+        "--no-write-artifacts",
+        "--state-file",
+        str(state_file),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("the simulator did not start")
+
+
+def insert_jobs(pool: db.Pool, n: int) -> None:
+    now = datetime.now(UTC)
+    with pool.connection() as conn, conn.transaction():
+        for i in range(n):
+            state = lifecycle.new_job(
+                job_id=f"bench-{i:05d}",  # the report finds them by these ids
+                fleet_id=FLEET,
+                request=PAYLOAD,
+                adopt_id=None,
+                request_hash="bench",
+                auto_start=True,
+                deadline=None,
+                max_cost_pu=None,
+                echo=lifecycle.Echo(),
+                now=now,
+            )
+            store.insert_job(conn, state, next_run_at=now)
+
+
+def active_jobs(pool: db.Pool) -> int:
+    with pool.connection() as conn:
+        return sum(store.count_active_by_status(conn, FLEET).values())
+
+
+def status_events(pool: db.Pool) -> dict[str, dict[str, datetime]]:
+    """job id -> status -> time of its status event."""
+    found: dict[str, dict[str, datetime]] = {}
+    with pool.connection() as conn:
+        for (body,) in conn.execute("SELECT body FROM bw_outbox ORDER BY id"):
+            event = json.loads(bytes(body))
+            if event.get("type") != "batchworker.job.status":
+                continue
+            at = datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
+            found.setdefault(event["subject"], {})[event["data"]["status"]] = at
+    return found
+
+
+def sdk_requests(phases: list[dict[str, Any]], created: float, speed: float) -> int:
+    """Requests of create + start + monitor_batch_process_job at its defaults (API seconds)."""
+
+    def status_at(api_seconds: float) -> str:
+        current = "CREATED"
+        for phase in phases:
+            if (phase["at"] - created) * speed <= api_seconds:
+                current = phase["status"]
+        return current
+
+    t, gets = 0.0, 1
+    while status_at(t) in ("CREATED", "ANALYSING"):
+        t, gets = t + SDK_ANALYSIS_SLEEP, gets + 1
+    while status_at(t) in ("ANALYSIS_DONE", "PROCESSING"):
+        t, gets = t + SDK_SLEEP, gets + 1
+    return 2 + gets
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--speed", type=float, default=1.0, help="simulator speed factor")
+    parser.add_argument("--budget", type=int, default=600, help="API requests per minute")
+    parser.add_argument("--threads", type=int, default=8, help="engine step threads")
+    parser.add_argument("--timeout", type=float, default=7200.0, help="give up after (s)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+
+    speed = args.speed
+    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    state_file = tmp / "simulator.json"
+    port = free_port()
+    db_name, db_url = scratch_database()
+    simulator = start_simulator(port, speed, state_file)
+    requests: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def on_request(endpoint: str, code: str, seconds: float) -> None:
+        with lock:
+            requests[endpoint] += 1
+
+    settings = Settings(
+        fleet_id=FLEET,
+        events_exchange="bench.events",
+        poll_interval=30.0 / speed,
+        rest_poll_interval=600.0 / speed,
+        action_lag=90.0 / speed,
+        not_found_window=120.0 / speed,
+        list_lag_window=60.0 / speed,
+        lease_seconds=60.0,
+        api_budget_per_minute=args.budget,
+    )
+    client = BatchClient(
+        batch_url=f"http://127.0.0.1:{port}/api/v2/batch",
+        token_url=f"http://127.0.0.1:{port}{TOKEN_PATH}",
+        client_id="bench",
+        client_secret="bench-secret",
+        budget=RequestBudget(args.budget),
+        hooks=ApiHooks(on_request=on_request),
+    )
+    pool = db.open_pool(db_url, max_size=args.threads * 2 + 4)
+    try:
+        db.ensure_schema(pool)
+        started = time.monotonic()
+        insert_jobs(pool, args.jobs)
+        print(f"{args.jobs} jobs inserted in {time.monotonic() - started:.1f} s", flush=True)
+        engine = Engine(
+            settings,
+            pool,
+            client,
+            tiles=NoTiles(),
+            worker_name="bench",
+            threads=args.threads,
+        )
+        thread = threading.Thread(target=engine.run, name="engine")
+        started = time.monotonic()
+        thread.start()
+        remaining = args.jobs
+        while remaining and time.monotonic() - started < args.timeout:
+            time.sleep(10)
+            remaining = active_jobs(pool)
+            with lock:
+                sent = sum(requests.values())
+            elapsed = time.monotonic() - started
+            print(f"  {elapsed:6.0f} s: {remaining} active, {sent} API requests", flush=True)
+        elapsed = time.monotonic() - started
+        engine.request_stop()
+        thread.join()
+        events = status_events(pool)
+        with pool.connection() as conn:
+            outcomes = Counter(
+                status for (status,) in conn.execute("SELECT status FROM bw_jobs").fetchall()
+            )
+    finally:
+        pool.close()
+        client.close()
+        simulator.send_signal(signal.SIGTERM)
+        simulator.wait(60)
+        drop_database(db_name)
+
+    sim_jobs = json.loads(state_file.read_text())["jobs"]
+    tag_to_job = {
+        lifecycle.tag_for(FLEET, f"bench-{i:05d}"): f"bench-{i:05d}" for i in range(args.jobs)
+    }
+    latencies: list[float] = []
+    sdk: list[int] = []
+    for job in sim_jobs:
+        words = (job["request"].get("description") or "").split()
+        job_id = next((tag_to_job[w] for w in words if w in tag_to_job), None)
+        if job_id is None:
+            continue
+        sdk.append(sdk_requests(job["phases"], job["created"], speed))
+        seen = events.get(job_id, {})
+        for phase in job["phases"]:
+            at = seen.get(phase["status"])
+            if at is not None:
+                latencies.append(at.timestamp() - phase["at"])
+    ended = args.jobs - remaining
+    total = sum(requests.values()) - requests["token"]
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ours = total / args.jobs
+    baseline = statistics.mean(sdk) if sdk else float("nan")
+    print()
+    print(
+        f"jobs: {args.jobs} ({ended} ended: {dict(outcomes)}) in {elapsed:.0f} s; "
+        f"speed x{speed:g}, "
+        f"budget {args.budget}/min, poll {settings.poll_interval:g} s"
+    )
+    print(f"peak RSS of the engine process: {rss_mb:.0f} MB")
+    print(f"API requests: {total} ({dict(requests)}), {ours:.2f} per job")
+    if latencies:
+        print(
+            "status change -> event latency: "
+            f"p50 {statistics.median(latencies):.1f} s, p95 {percentile(latencies, 0.95):.1f} s "
+            f"(x{speed:g} = API seconds: p50 {statistics.median(latencies) * speed:.0f} s, "
+            f"p95 {percentile(latencies, 0.95) * speed:.0f} s; {len(latencies)} transitions)"
+        )
+    print(
+        f"SDK monitoring at its defaults, same timelines: {baseline:.2f} requests per job; "
+        f"ratio ours/SDK {ours / baseline:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
