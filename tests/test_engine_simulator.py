@@ -196,13 +196,7 @@ def tagged(running: Running, job_id: str) -> list[Task]:
     "name",
     [
         "max-ndvi-geotiff.json",
-        pytest.param(
-            "max-ndvi-zarr.json",
-            # worker/tiles.py counts the rows of a manifest with one feature_* table, not
-            # its distinct identifiers (no UNION to de-duplicate): 18 for 6 features with
-            # three outputs. Strict, so the fix there turns this into a failure to remove.
-            marks=pytest.mark.xfail(strict=True, reason="tiles.py: total counts rows"),
-        ),
+        "max-ndvi-zarr.json",
         "geopackage-fields.json",
     ],
 )

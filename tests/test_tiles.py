@@ -105,6 +105,13 @@ def test_total_counts_distinct_identifiers_across_tables_and_outputs(bucket: Buc
     assert tiles == Tiles(total=7, processed=0, failed=0)
 
 
+def test_total_counts_distinct_identifiers_in_a_single_table(bucket: Bucket) -> None:
+    # One CRS, three outputs (the Zarr example): 3 rows per feature, 4 features.
+    bucket.put_manifest({"feature_3035": MANIFEST_TABLES["feature_32633"]})
+    tiles = TileReader().read(bucket.request, bucket.request_id, execution_db=False)
+    assert tiles == Tiles(total=4, processed=0, failed=0)
+
+
 def test_processed_and_failed_from_the_execution_db(bucket: Bucket) -> None:
     bucket.put_manifest()
     bucket.put_execution()

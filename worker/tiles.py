@@ -287,11 +287,12 @@ def _count_features(path: Path) -> int:
             ]
             if not tables:
                 raise _Unreadable("no feature_* tables: not a feature manifest")
-            union = " UNION ".join(
+            # One row per feature *and output*: only DISTINCT de-duplicates within a table.
+            rows = " UNION ALL ".join(
                 f"SELECT identifier FROM {_quote_identifier(t)} WHERE identifier IS NOT NULL"
                 for t in tables
             )
-            (count,) = conn.execute(f"SELECT COUNT(*) FROM ({union})").fetchone()
+            (count,) = conn.execute(f"SELECT COUNT(DISTINCT identifier) FROM ({rows})").fetchone()
     except sqlite3.Error as exc:
         raise _Unreadable(f"not a readable GeoPackage ({exc})") from None
     return int(count)
