@@ -1,8 +1,8 @@
 """Running ``python -m worker ...`` as a user would, against the daemon tests' stack.
 
 The stack fixtures (simulator, RabbitMQ names, PostgreSQL, moto S3, worker processes, an
-event reader, a pika producer) are the e2e harness's own; they are re-exported here so each
-CLI test module takes them with one import.
+event reader, a pika producer) are the e2e harness's own; a CLI test module takes them with
+``pytest_plugins = ("tests.cli_support",)``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.daemon.conftest import (  # noqa: F401 - fixtures, used by name
+from tests.daemon.conftest import (  # noqa: F401 - fixtures, found by pytest
     REPO,
     Events,
     Producer,

@@ -13,8 +13,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from kombu import Connection, Consumer, Exchange, Queue
+import amqp.exceptions
+import kombu.exceptions
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
 from kombu.message import Message
+from kombu.messaging import Consumer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -22,6 +26,14 @@ from worker.broker import connection
 from worker.settings import Settings
 
 TERMINAL = frozenset({"DONE", "FAILED", "STOPPED"})
+
+# What a command-line client of the broker may meet: refused or lost connections (OSError,
+# kombu's OperationalError after retries) and the broker's own refusals (no such exchange).
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    amqp.exceptions.AMQPError,
+    kombu.exceptions.KombuError,
+)
 
 
 @dataclass
@@ -98,6 +110,13 @@ class EventFollower:
     def __init__(self, settings: Settings, tracker: JobTracker) -> None:
         self.tracker = tracker
         self._connection: Connection = connection(settings, purpose="follow")
+        try:
+            self._subscribe(settings)
+        except BaseException:
+            self._connection.release()
+            raise
+
+    def _subscribe(self, settings: Settings) -> None:
         self._channel = self._connection.channel()
         exchange = Exchange(settings.events_exchange, type="topic", durable=True, passive=True)
         self._queue = Queue(

@@ -1,68 +1,99 @@
 """``batch-worker submit JOB.json [--wait]``: publish a job request like any producer would,
-and optionally follow it live until it ends."""
+and optionally follow it live until it ends.
+
+Progress and notes go to standard error; the final summary (the result) to standard output.
+Exit codes: 0 DONE (or resting after analysis when ``auto_start`` is false), 1 FAILED,
+STOPPED, rejected or not published, 2 an unusable job file, 3 gave up waiting.
+"""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 import uuid
 from pathlib import Path
 
-from kombu import Producer
+from kombu.messaging import Producer
 from rich.console import Console
 
 from worker.broker import connection
-from worker.follow import EventFollower, JobTracker, describe, progress_bars, show, summary
+from worker.follow import (
+    BROKER_ERRORS,
+    EventFollower,
+    JobTracker,
+    JobView,
+    describe,
+    progress_bars,
+    show,
+    summary,
+)
 from worker.messages import Rejection, parse_job_request
+from worker.redact import redact
 from worker.settings import Settings
 
 EXIT_DONE = 0
-EXIT_NOT_DONE = 1  # FAILED, STOPPED or rejected
+EXIT_NOT_DONE = 1  # FAILED, STOPPED, rejected, or never published
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 
 # publish(retry=True) retries forever unless bounded (DESIGN-NOTES).
-_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5}
+_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 3}
 
 
 def submit(settings: Settings, path: Path, *, wait: bool, timeout: float | None) -> int:
-    console = Console(stderr=True)
+    notes = Console(stderr=True)
     try:
         body = path.read_bytes()
     except OSError as exc:
-        console.print(f"[red]submit: cannot read {path}: {exc.strerror}[/]")
+        notes.print(f"submit: cannot read {path}: {exc.strerror}", markup=False)
         return EXIT_USAGE
     parsed = parse_job_request(body, "application/json")
     if isinstance(parsed, Rejection):
         # The worker would dead-letter it; say why now instead.
-        console.print(f"[red]submit: {path} is not a valid job request: {parsed.message}[/]")
+        notes.print(
+            f"submit: {path} is not a valid job request ({parsed.code}): {parsed.message}",
+            markup=False,
+        )
         return EXIT_USAGE
     tracker = JobTracker([parsed.job_id])
-    # Bind before publishing, so not even the first event can be missed.
-    follower = EventFollower(settings, tracker) if wait else None
+    follower: EventFollower | None = None
     try:
+        # Bind before publishing, so not even the first event can be missed.
+        follower = EventFollower(settings, tracker) if wait else None
         message_id = _publish(settings, body)
-        console.print(f"published {parsed.action} of job {parsed.job_id} (message {message_id})")
-        if follower is None:
-            return EXIT_DONE
-        rest_ends_wait = parsed.action == "submit" and not parsed.auto_start
-        return _wait(
-            console,
-            follower,
-            tracker,
-            parsed.job_id,
-            timeout=timeout,
-            rest_ends_wait=rest_ends_wait,
-        )
-    finally:
+    except BROKER_ERRORS as exc:
+        notes.print(f"submit: not published: {_broker_problem(settings, exc)}", markup=False)
         if follower is not None:
             follower.close()
+        return EXIT_NOT_DONE
+    notes.print(
+        f"published {parsed.action} of job {parsed.job_id} to {settings.jobs_queue}"
+        f" (message {message_id})",
+        markup=False,
+    )
+    if follower is None:
+        return EXIT_DONE
+    try:
+        rest_ends_wait = parsed.action == "submit" and not parsed.auto_start
+        return _wait(notes, follower, tracker.views[parsed.job_id], timeout, rest_ends_wait)
+    finally:
+        follower.close()
+
+
+def _broker_problem(settings: Settings, exc: BaseException) -> str:
+    text = str(redact(str(exc))) or type(exc).__name__
+    if "NO_ROUTE" in text:
+        return f"no queue {settings.jobs_queue!r} (has a worker declared the topology?)"
+    if "NOT_FOUND" in text:
+        return f"{text} (has a worker declared the topology?)"
+    return text
 
 
 def _publish(settings: Settings, body: bytes) -> str:
     message_id = str(uuid.uuid4())
     with connection(settings, purpose="submit") as conn:
+        # Read when the connection opens: its channels are in confirm mode, so publish()
+        # returns once the broker has the message (and raises if it could not route it).
         conn.transport_options["confirm_publish"] = True
         producer = Producer(conn.channel())
         producer.publish(
@@ -81,30 +112,31 @@ def _publish(settings: Settings, body: bytes) -> str:
 
 
 def _wait(
-    console: Console,
+    notes: Console,
     follower: EventFollower,
-    tracker: JobTracker,
-    job_id: str,
-    *,
+    view: JobView,
     timeout: float | None,
     rest_ends_wait: bool,
 ) -> int:
-    view = tracker.views[job_id]
     deadline = None if timeout is None else time.monotonic() + timeout
-    with progress_bars(console) as progress:
-        bars = {job_id: progress.add_task(describe(view), total=100)}
-        while not view.finished:
+    tracker = follower.tracker
+    timed_out = False
+    with progress_bars(notes) as progress:
+        bars = {view.job_id: progress.add_task(describe(view), total=100)}
+        while not view.finished and not (rest_ends_wait and view.resting):
             follower.drain(0.5)
             show(progress, bars, tracker)
-            if rest_ends_wait and view.resting:
-                break
             if deadline is not None and time.monotonic() > deadline:
-                console.print(f"[yellow]gave up waiting after {timeout:g} s[/]")
-                return EXIT_TIMEOUT
-    console.print(summary(tracker, f"job {job_id}"))
-    if rest_ends_wait and view.resting:
-        console.print("resting after analysis: publish a `start` (or `cancel`) for this job")
-        return EXIT_DONE
+                timed_out = True
+                break
+    Console().print(summary(tracker, f"job {view.job_id}"))
+    if timed_out:
+        notes.print(f"gave up waiting after {timeout:g} s; the job goes on", markup=False)
+        return EXIT_TIMEOUT
     if view.rejected:
-        print(json.dumps(view.rejected, indent=2), file=sys.stderr)
+        notes.print(json.dumps(view.rejected, indent=2), markup=False)
+        return EXIT_NOT_DONE
+    if view.resting:
+        notes.print("resting after analysis: publish a `start` (or `cancel`) for this job")
+        return EXIT_DONE
     return EXIT_DONE if view.status == "DONE" else EXIT_NOT_DONE
