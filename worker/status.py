@@ -55,7 +55,15 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:
 
 
 def print_status(settings: Settings, job_id: str, *, as_json: bool) -> int:
-    status = job_status(settings, job_id)
+    """Print the job's state (text or JSON) on stdout; 1 when there is no such job."""
+    try:
+        status = job_status(settings, job_id)
+    except psycopg.errors.UndefinedTable:
+        status = None  # no worker of this database has ever started: it holds no job
+    except psycopg.OperationalError:
+        # psycopg's message may quote the connection string; say only what failed.
+        print("cannot reach PostgreSQL (BATCH_WORKER_DATABASE_URL)", file=sys.stderr)
+        return 1
     if status is None:
         print(f"no job {job_id!r} in fleet {settings.fleet_id!r}", file=sys.stderr)
         return 1
