@@ -73,14 +73,21 @@ def _status(args: argparse.Namespace) -> int:
 def _dlq(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     from worker import dlq
+    from worker.follow import BROKER_ERRORS
+    from worker.redact import redact_text
 
-    if args.dlq_command == "list":
-        return dlq.list_messages(settings, limit=args.limit)
-    if args.dlq_command == "show":
-        return dlq.show_message(settings, args.message)
-    if args.dlq_command == "replay":
-        return dlq.replay(settings, message=args.message, replay_all=args.all)
-    return dlq.purge(settings, confirmed=args.yes)
+    try:
+        if args.dlq_command == "list":
+            return dlq.list_messages(settings, limit=args.limit)
+        if args.dlq_command == "show":
+            return dlq.show_message(settings, args.message)
+        if args.dlq_command == "replay":
+            return dlq.replay(settings, message=args.message, replay_all=args.all)
+        return dlq.purge(settings, confirmed=args.yes)
+    except BROKER_ERRORS as exc:
+        # Whatever was fetched and not acked goes back to the DLQ with the channel.
+        _problem(f"dlq {args.dlq_command}: {redact_text(str(exc)) or type(exc).__name__}")
+        return EXIT_FAILURE
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -20,17 +20,19 @@ from amqp import Channel
 from amqp.basic_message import Message
 
 from worker.broker import connection
+from worker.events import DETAIL_HEADER, REASON_HEADER, REJECTED_AT_HEADER
 from worker.settings import Settings
 
-REASON = "x-batch-worker-reason"
-DETAIL = "x-batch-worker-detail"
-OUR_HEADERS = (REASON, DETAIL, "x-batch-worker-rejected-at")
+OUR_HEADERS = (REASON_HEADER, DETAIL_HEADER, REJECTED_AT_HEADER)
 # Headers the broker adds on dead-lettering or redelivery; not part of the original.
 BROKER_HEADERS = (
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",
     "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
     "x-delivery-count",
 )
 
@@ -58,6 +60,16 @@ class DeadLetter:
         job_id = body.get("job_id") if isinstance(body, dict) else None
         return str(job_id) if job_id is not None else "-"
 
+    @property
+    def reason(self) -> str:
+        """The worker's rejection code, or the broker's reason when the broker dead-lettered
+        it (a request redelivered past ``JOBS_DELIVERY_LIMIT``)."""
+        headers = self.headers
+        if REASON_HEADER in headers:
+            return str(headers[REASON_HEADER])
+        broker_reason = headers.get("x-first-death-reason")
+        return f"broker: {broker_reason}" if broker_reason else "-"
+
     def matches(self, key: str) -> bool:
         return key in (self.message_id, str(self.position))
 
@@ -80,17 +92,21 @@ def _dead_letters(settings: Settings, limit: int) -> Iterator[tuple[Channel, lis
 
 
 def list_messages(settings: Settings, *, limit: int) -> int:
-    with _dead_letters(settings, limit) as (_, letters):
+    """One line per message, oldest first: position, message id, job id, reason, size."""
+    with _dead_letters(settings, limit) as (channel, letters):
+        _, count, _ = channel.queue_declare(settings.dlq, passive=True)
         if not letters:
             print(f"{settings.dlq} is empty")
             return 0
         print(f"{'#':>4}  {'message id':<36}  {'job id':<30}  {'reason':<26}  bytes")
         for letter in letters:
-            reason = letter.headers.get(REASON, "-")
             print(
                 f"{letter.position:>4}  {letter.message_id:<36}  {letter.job_id:<30}  "
-                f"{reason!s:<26}  {len(letter.message.body)}"
+                f"{letter.reason:<26}  {len(letter.message.body)}"
             )
+        # The ones fetched are unacked, so the ready count is what lies beyond them.
+        if count:
+            print(f"... and {count} more (--limit)")
     return 0
 
 

@@ -28,7 +28,7 @@ from worker.follow import (
     summary,
 )
 from worker.messages import Rejection, parse_job_request
-from worker.redact import redact
+from worker.redact import redact_text
 from worker.settings import Settings
 
 EXIT_DONE = 0
@@ -81,7 +81,7 @@ def submit(settings: Settings, path: Path, *, wait: bool, timeout: float | None)
 
 
 def _broker_problem(settings: Settings, exc: BaseException) -> str:
-    text = str(redact(str(exc))) or type(exc).__name__
+    text = redact_text(str(exc)) or type(exc).__name__
     if "NO_ROUTE" in text:
         return f"no queue {settings.jobs_queue!r} (has a worker declared the topology?)"
     if "NOT_FOUND" in text:

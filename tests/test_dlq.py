@@ -1,0 +1,217 @@
+"""``python -m worker dlq list|show|replay|purge`` against the real DLQ (a quorum queue)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pytest
+
+pytest.register_assert_rewrite("tests.cli_support")
+
+from tests.cli_support import Producer, Stack, WorkerProcess, run_cli  # noqa: E402
+from tests.conftest import pika_parameters  # noqa: E402
+
+# The e2e harness's fixtures (stack, start_worker, producer), through cli_support.
+pytest_plugins = ("tests.cli_support",)
+pytestmark = pytest.mark.integration
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+def _ready(stack: Stack, queue: str) -> int:
+    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
+    try:
+        count: int = conn.channel().queue_declare(queue, passive=True).method.message_count
+        return count
+    finally:
+        conn.close()
+
+
+def _wait_ready(stack: Stack, queue: str, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while _ready(stack, queue) != count:
+        assert time.monotonic() < deadline, f"{queue} never held {count} message(s)"
+        time.sleep(0.2)
+
+
+def _take_all(stack: Stack, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
+    try:
+        channel = conn.channel()
+        found = []
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return found
+            found.append((properties, body))
+    finally:
+        conn.close()
+
+
+def _without_delivery_count(headers: dict[str, Any] | None) -> dict[str, Any]:
+    """A quorum queue stamps ``x-delivery-count`` on every delivery of its own."""
+    return {k: v for k, v in (headers or {}).items() if k != "x-delivery-count"}
+
+
+def _shown(stdout: str) -> tuple[dict[str, Any], bytes]:
+    """``dlq show`` output: the properties as JSON, then the body on its own line."""
+    properties_text, _, body = stdout.rstrip("\n").rpartition("\n")
+    properties: dict[str, Any] = json.loads(properties_text)
+    properties["application_headers"] = _without_delivery_count(
+        properties.get("application_headers")
+    )
+    return properties, body.encode()
+
+
+def _rows(listing: str) -> list[list[str]]:
+    return [line.split() for line in listing.splitlines()[1:]]
+
+
+@pytest.fixture
+def rejected(
+    stack: Stack, start_worker: StartWorker, producer: Producer
+) -> list[tuple[str, dict[str, Any]]]:
+    """Two requests the worker dead-lettered (message id, what was published), with the
+    worker stopped again so that nothing consumes a replay."""
+    worker = start_worker()
+    published = [
+        (b"{not json", {"headers": {"team": "ndvi"}, "correlation_id": "c-1"}),
+        (
+            json.dumps({"job_id": "j-explode", "action": "explode"}).encode(),
+            {"headers": {"team": "zarr", "attempt": 3}, "correlation_id": "c-2"},
+        ),
+    ]
+    sent = []
+    for body, properties in published:
+        message_id = f"m-{uuid.uuid4().hex[:8]}"
+        producer.publish(body, message_id=message_id, **properties)
+        sent.append((message_id, {"body": body, **properties}))
+    _wait_ready(stack, stack.names.dlq, 2)
+    worker.stop()
+    return sent
+
+
+def test_list_shows_reason_and_job_id_and_twice_the_same(
+    stack: Stack, rejected: list[tuple[str, dict[str, Any]]]
+) -> None:
+    first = run_cli("dlq", "list", env=stack.env())
+    second = run_cli("dlq", "list", env=stack.env())
+    assert first.returncode == 0, first.stderr
+    # Looking is not taking: the quorum queue got both back, in the same order.
+    assert first.stdout == second.stdout
+    assert _ready(stack, stack.names.dlq) == 2
+    rows = _rows(first.stdout)
+    assert [row[:5] for row in rows] == [
+        ["1", rejected[0][0], "-", "MALFORMED_JSON", str(len(rejected[0][1]["body"]))],
+        ["2", rejected[1][0], "j-explode", "UNKNOWN_ACTION", str(len(rejected[1][1]["body"]))],
+    ]
+
+    limited = run_cli("dlq", "list", "--limit", "1", env=stack.env())
+    assert len(_rows(limited.stdout)) == 2
+    assert limited.stdout.splitlines()[-1] == "... and 1 more (--limit)"
+
+
+def test_show_prints_the_message_whole(
+    stack: Stack, rejected: list[tuple[str, dict[str, Any]]]
+) -> None:
+    message_id, sent = rejected[1]
+    by_id = run_cli("dlq", "show", message_id, env=stack.env())
+    by_position = run_cli("dlq", "show", "2", env=stack.env())
+    assert by_id.returncode == 0, by_id.stderr
+    assert _shown(by_id.stdout) == _shown(by_position.stdout)
+    properties, body = _shown(by_id.stdout)
+    assert body == sent["body"]
+    assert properties["message_id"] == message_id
+    assert properties["correlation_id"] == "c-2"
+    headers = properties["application_headers"]
+    assert headers["team"] == "zarr" and headers["attempt"] == 3
+    assert headers["x-batch-worker-reason"] == "UNKNOWN_ACTION"
+    assert "action" in headers["x-batch-worker-detail"]
+
+    missing = run_cli("dlq", "show", "no-such-message", env=stack.env())
+    assert missing.returncode == 1
+    assert "no dead-lettered message 'no-such-message'" in missing.stderr
+    assert _ready(stack, stack.names.dlq) == 2
+
+
+def test_replay_sends_the_original_back_and_only_then_drops_it(
+    stack: Stack, rejected: list[tuple[str, dict[str, Any]]]
+) -> None:
+    run_cli("dlq", "list", env=stack.env())  # a redelivery: the DLQ copy gains x-delivery-count
+    message_id, sent = rejected[1]
+    result = run_cli("dlq", "replay", message_id, env=stack.env())
+    assert result.returncode == 0, result.stderr
+    assert f"replayed 1 message(s) to {stack.names.jobs_queue}" in result.stdout
+
+    [(properties, body)] = _take_all(stack, stack.names.jobs_queue)
+    assert body == sent["body"]
+    assert properties.message_id == message_id
+    assert properties.correlation_id == "c-2"
+    assert properties.content_type == "application/json"
+    assert properties.delivery_mode == 2
+    # The producer's headers only: not the worker's reason, not the broker's bookkeeping.
+    assert _without_delivery_count(properties.headers) == {"team": "zarr", "attempt": 3}
+    remaining = _rows(run_cli("dlq", "list", env=stack.env()).stdout)
+    assert [row[1] for row in remaining] == [rejected[0][0]]
+
+
+def test_replay_strips_the_brokers_dead_letter_headers(stack: Stack) -> None:
+    """A request the broker itself dead-lettered (redelivered past the delivery limit)."""
+    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        body = json.dumps({"job_id": "j-poison", "request": {}}).encode()
+        channel.basic_publish(
+            "", stack.names.jobs_queue, body, pika.BasicProperties(delivery_mode=2)
+        )
+        # Requeue until the quorum queue's delivery limit dead-letters it.
+        while (got := channel.basic_get(stack.names.jobs_queue))[0] is not None:
+            channel.basic_nack(got[0].delivery_tag, requeue=True)
+    finally:
+        conn.close()
+    _wait_ready(stack, stack.names.dlq, 1)
+
+    listing = run_cli("dlq", "list", env=stack.env())
+    [row] = _rows(listing.stdout)
+    assert row[2:5] == ["j-poison", "broker:", "delivery_limit"]
+    shown, _ = _shown(run_cli("dlq", "show", "1", env=stack.env()).stdout)
+    assert "x-death" in shown["application_headers"]
+
+    assert run_cli("dlq", "replay", "--all", env=stack.env()).returncode == 0
+    [(properties, replayed)] = _take_all(stack, stack.names.jobs_queue)
+    assert replayed == body
+    assert _without_delivery_count(properties.headers) == {}
+    assert _ready(stack, stack.names.dlq) == 0
+
+
+def test_replay_of_nothing_exits_1(stack: Stack) -> None:
+    result = run_cli("dlq", "replay", "--all", env=stack.env())
+    assert result.returncode == 1
+    assert "nothing to replay" in result.stderr
+
+
+def test_purge_needs_yes(stack: Stack, rejected: list[tuple[str, dict[str, Any]]]) -> None:
+    refused = run_cli("dlq", "purge", env=stack.env())
+    assert refused.returncode == 1
+    assert "holds 2 message(s); pass --yes" in refused.stdout
+    assert _ready(stack, stack.names.dlq) == 2
+
+    purged = run_cli("dlq", "purge", "--yes", env=stack.env())
+    assert purged.returncode == 0, purged.stderr
+    assert "dropped 2 message(s)" in purged.stdout
+    assert _ready(stack, stack.names.dlq) == 0
+    assert run_cli("dlq", "list", env=stack.env()).stdout.strip().endswith("is empty")
+
+
+def test_a_missing_dlq_is_one_line_and_exit_1(stack: Stack) -> None:
+    result = run_cli("dlq", "list", env=stack.env(dlq=f"absent-{uuid.uuid4().hex[:6]}"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("batch-worker: dlq list: ")
+    assert "NOT_FOUND" in result.stderr
+    assert "Traceback" not in result.stderr
