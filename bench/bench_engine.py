@@ -259,6 +259,8 @@ def main() -> None:
         elapsed = time.monotonic() - started
         engine.request_stop()
         thread.join()
+        # Before the report reads every event into memory: the engine's peak, not ours.
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         events = status_events(pool)
         with pool.connection() as conn:
             outcomes = Counter(
@@ -290,7 +292,6 @@ def main() -> None:
                 latencies.append(at.timestamp() - phase["at"])
     ended = args.jobs - remaining
     total = sum(requests.values()) - requests["token"]
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ours = total / args.jobs
     baseline = statistics.mean(sdk) if sdk else float("nan")
     print()

@@ -342,3 +342,12 @@ def test_a_wake_for_a_resend_reads_the_status_before_sending_again() -> None:
     run = created(job())
     run.feed(Wake(), at(1 + lag))
     assert run.feed(TaskSeen(task("CREATED")), at(2 + lag)).actions == (Start(RID),)
+
+
+def test_a_start_sent_before_analysis_ended_is_not_resent_when_analysis_done_shows() -> None:
+    run = created(job())  # Start sent at 1; the API rolls it into processing by itself
+    lag = POLICY.action_lag.total_seconds()
+    t = run.feed(TaskSeen(task("ANALYSIS_DONE")), at(1 + lag + 5))
+    assert Start(RID) not in t.actions
+    t = run.feed(TaskSeen(task("ANALYSIS_DONE")), at(1 + 2 * lag + 5))
+    assert Start(RID) in t.actions  # still resting a whole lag later: send it again

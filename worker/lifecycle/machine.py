@@ -261,6 +261,8 @@ def _fold_task(d: _Draft, task: TaskSnapshot) -> None:
     if rank is not None and rank < s.furthest_rank:
         return  # a stale copy: an older read arriving after a newer one
     d.status_read = True
+    if task.status == "ANALYSIS_DONE" and s.analysis_done_at is None:
+        d.set(analysis_done_at=d.now)
     d.set(
         upstream_status=task.status,
         furthest_rank=max(s.furthest_rank, rank or 0),
@@ -416,6 +418,11 @@ def _send(d: _Draft, kind: _SendKind) -> None:
     """
     s, rid = d.state, _required(d.state.batch_request_id)
     sent = {"analyse": s.analyse_sent_at, "start": s.start_sent_at, "stop": s.stop_sent_at}[kind]
+    if kind == "start" and sent is not None and s.analysis_done_at is not None:
+        # A start sent before the analysis ended rolls into processing by itself (§3.2),
+        # after the status lag: ANALYSIS_DONE shows for a while first. Count the lag from
+        # when it showed, or nearly every auto-started job gets a refused second start.
+        sent = max(sent, s.analysis_done_at)
     if sent is not None and d.now < sent + d.policy.action_lag:
         d.wake_by(sent + d.policy.action_lag)
         return

@@ -121,6 +121,7 @@ class JobState(_Frozen):
     analyse_sent_at: datetime | None = None
     start_sent_at: datetime | None = None
     stop_sent_at: datetime | None = None
+    analysis_done_at: datetime | None = None  # when ANALYSIS_DONE was first read
     stop_reason: StoppedReason | None = None  # why the worker asked for a stop
     not_found_since: datetime | None = None  # first 404 of the current run of 404s
     last_seen_at: datetime | None = None  # when the task's status was last read
