@@ -100,9 +100,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
     from worker.demo import run_demo
 
-    return run_demo(speed=args.speed, keep_going=args.keep_running)
+    return run_demo(settings, speed=args.speed, keep_going=args.keep_running)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="simulator + worker + the example jobs, live")
     demo.add_argument(
-        "--speed", type=float, default=None, help="simulator speed factor (higher is faster)"
+        "--speed",
+        type=float,
+        default=None,
+        help="simulator speed factor, higher is faster (default: the demo takes about a minute)",
     )
     demo.add_argument(
         "--keep-running", action="store_true", help="keep serving after the jobs have ended"

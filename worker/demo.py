@@ -25,14 +25,16 @@ from urllib.parse import urlsplit, urlunsplit
 from rich.console import Console
 
 from worker.follow import EventFollower, JobTracker, describe, progress_bars, show, summary
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "config" / "examples"
 DEMO_BUCKET = "demo-bucket"
 DEMO_DATABASE = "batch_worker_demo"
-DEFAULT_SPEED = 20.0
+# The longest example (66 features) takes about 1,600 API seconds: under a minute at x30.
+DEFAULT_SPEED = 30.0
+EXIT_INTERRUPTED = 130
 
 
 def _reachable(url: str, port: int) -> bool:
@@ -51,6 +53,23 @@ def _free_port() -> int:
         return port
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))  # as the probe server binds
+        except OSError:
+            return False
+        return True
+
+
+_AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+)
+
+
 @contextmanager
 def _s3_server() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
@@ -59,6 +78,7 @@ def _s3_server() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    saved = {name: os.environ.get(name) for name in _AWS_VARIABLES}
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="demo",
@@ -69,6 +89,11 @@ def _s3_server() -> Iterator[str]:
         yield endpoint
     finally:
         server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _prepare_bucket(endpoint: str) -> None:
@@ -131,11 +156,12 @@ def _publish(broker_url: str, queue: str, jobs: list[dict[str, Any]]) -> None:
         connection.close()
 
 
-def run_demo(*, speed: float | None = None, keep_going: bool = False) -> int:
+def run_demo(base: Settings, *, speed: float | None = None, keep_going: bool = False) -> int:
+    """Run the demo to its end: 0 when every example job has ended, 2 when RabbitMQ or
+    PostgreSQL is not reachable, 130 on Ctrl-C (everything it started is stopped)."""
     from worker.logs import setup_logging
 
     console = Console()
-    base = load_settings()
     problems = []
     if not _reachable(base.broker_url.get_secret_value(), 5672):
         problems.append("RabbitMQ is not reachable (BATCH_WORKER_BROKER_URL)")
@@ -148,9 +174,30 @@ def run_demo(*, speed: float | None = None, keep_going: bool = False) -> int:
 
     log_path = Path("demo-output") / "worker.log"
     log_path.parent.mkdir(exist_ok=True)
-    with log_path.open("w") as log_stream:
-        setup_logging(base.log_level, "json", stream=log_stream)
-        return _run(console, base, speed or DEFAULT_SPEED, keep_going, log_path)
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    try:
+        with log_path.open("w") as log_stream:
+            setup_logging(base.log_level, "json", stream=log_stream)
+            return _run(console, base, speed or DEFAULT_SPEED, keep_going, log_path)
+    except KeyboardInterrupt:
+        console.print("demo: interrupted; everything it started has stopped")
+        return EXIT_INTERRUPTED
+    finally:
+        # The log file is closed: give the caller its logging back.
+        for handler in list(root.handlers):
+            if handler not in saved_handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(saved_level)
+
+
+def _metrics_port(console: Console, wanted: int) -> int:
+    if _port_is_free(wanted):
+        return wanted
+    port = _free_port()
+    console.print(f"port {wanted} is taken: metrics on port {port} instead")
+    return port
 
 
 def _run(console: Console, base: Settings, speed: float, keep_going: bool, log_path: Path) -> int:
@@ -179,6 +226,7 @@ def _run(console: Console, base: Settings, speed: float, keep_going: bool, log_p
                     ),
                     "fleet_id": "demo",
                     "poll_interval": 2.0,
+                    "metrics_port": _metrics_port(console, base.metrics_port),
                 }
             )
             daemon = Daemon(settings)
@@ -214,8 +262,11 @@ def _follow(console: Console, settings: Settings, broker_url: str, keep_going: b
         console.print(summary(tracker, "batch-worker demo"))
         if keep_going:
             console.print("all jobs ended; serving until Ctrl-C")
-            while True:
-                follower.drain(1.0)
+            try:
+                while True:
+                    follower.drain(1.0)
+            except KeyboardInterrupt:
+                return 0
         return 0
     finally:
         follower.close()

@@ -1,0 +1,115 @@
+"""``python -m worker demo``: the whole product on one machine, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.cli_support import REPO, clean_env, run_cli
+from tests.conftest import AmqpNames
+from worker.demo import DEMO_DATABASE, EXAMPLES, run_demo
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def demo_env(
+    broker_url: str, pg_server_url: str, amqp_names: AmqpNames, tmp_path: Path
+) -> Iterator[dict[str, str]]:
+    """The demo's environment: this test's own AMQP names (deleted afterwards), run from
+    ``tmp_path`` so its log lands there."""
+    env = clean_env(broker_url=broker_url, database_url=pg_server_url, **amqp_names.settings())
+    env["PYTHONPATH"] = str(REPO)
+    yield env
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)')
+
+
+def _example_job_ids() -> list[str]:
+    return sorted(json.loads(path.read_text())["job_id"] for path in EXAMPLES.glob("*.json"))
+
+
+def test_demo_runs_the_three_examples_to_done_and_moves_off_a_taken_port(
+    demo_env: dict[str, str], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))  # as the probe server binds
+        taken.listen()
+        port = taken.getsockname()[1]
+        demo_env["BATCH_WORKER_METRICS_PORT"] = str(port)
+        # Waits for the three jobs at x300: the longest takes a few seconds.
+        result = run_cli("demo", "--speed", "300", env=demo_env, cwd=tmp_path, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"port {port} is taken: metrics on port " in result.stdout
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[3].strip()
+        for line in result.stdout.splitlines()
+        if line.startswith("│")
+    }
+    assert sorted(rows) == _example_job_ids()
+    assert set(rows.values()) == {"DONE"}
+    log = (tmp_path / "demo-output" / "worker.log").read_text()
+    assert '"logger": "worker.daemon"' in log
+
+
+def test_ctrl_c_ends_the_demo_cleanly(demo_env: dict[str, str], tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "demo"],
+        cwd=tmp_path,
+        env=demo_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if line.startswith("published "):
+                break
+        assert seen and seen[-1].startswith("published "), "".join(seen)
+        process.send_signal(signal.SIGINT)
+        rest, errors = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, errors
+    assert "demo: interrupted; everything it started has stopped" in rest
+    assert "Traceback" not in errors
+
+
+def test_the_demo_leaves_no_thread_or_server_behind(
+    broker_url: str,
+    pg_server_url: str,
+    amqp_names: AmqpNames,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    aws_before = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    settings = Settings(
+        broker_url=broker_url, database_url=pg_server_url, metrics_port=0, **amqp_names.settings()
+    )
+    before = set(threading.enumerate())
+    try:
+        assert run_demo(settings, speed=300) == 0
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)')
+    assert {k: v for k, v in os.environ.items() if k.startswith("AWS_")} == aws_before
+    left = [thread.name for thread in set(threading.enumerate()) - before if thread.is_alive()]
+    assert left == []
