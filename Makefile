@@ -29,8 +29,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Most tests wait on I/O (jobs running in the simulator), so four processes share two cores
+# well; the few that restart the shared broker run alone afterwards.
 test: $(STAMP) services lint typecheck
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n 4 -m "not serial"
+	$(BIN)/pytest -q -p no:cacheprovider -m serial
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -123,6 +123,7 @@ def tagged_requests_raw(stack: Stack, job_id: str) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.serial  # restarts the shared broker: nothing else may run meanwhile
 def test_broker_restart_reconnects_and_finishes(
     stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
 ) -> None:
