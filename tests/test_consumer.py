@@ -12,7 +12,7 @@ import pika
 import pytest
 
 from worker.broker import connection, connection_name, declare_topology, ensure_connected
-from worker.consumer import InboundMessage, JobsConsumer
+from worker.consumer import InboundMessage, IntakeUnavailable, JobsConsumer
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -164,6 +164,29 @@ def test_requeued_batch_is_taken_in_on_redelivery(
     wait_for(lambda: {m.body for m in seen} == {b"x", b"y"})
     running.stop()
     assert _ready(producer, settings.jobs_queue) == 0
+
+
+def test_an_unavailable_intake_costs_no_delivery_attempt(
+    run_consumer, producer, settings: Settings
+) -> None:
+    # Three outages in a row, more than the delivery limit (2): requeueing each time would
+    # dead-letter good requests. The batch is held instead and taken in once intake is back.
+    attempts: list[list[InboundMessage]] = []
+
+    def down_then_up(batch: list[InboundMessage]) -> None:
+        attempts.append(batch)
+        if len(attempts) <= 3:
+            raise IntakeUnavailable("database down")
+
+    running = run_consumer(down_then_up)
+    _publish(producer, settings.jobs_queue, [b"p", b"q"])
+    wait_for(lambda: len(attempts) >= 4, timeout=30)  # back-offs of 1, 2 and 4 s
+    running.stop()
+    taken = attempts[-1]
+    assert [m.body for m in taken] == [b"p", b"q"]
+    assert not any(m.redelivered for m in taken)  # held, never handed back
+    assert _ready(producer, settings.jobs_queue) == 0
+    assert _ready(producer, settings.dlq) == 0
 
 
 def test_poison_message_goes_to_dlq_and_spares_its_batch(

@@ -9,10 +9,13 @@ When ``handle_batch`` raises, nothing was committed; the messages go back to the
 (``basic.reject``/``basic.nack`` with requeue). So that one poison message cannot fail its
 whole batch forever, a failed batch is retried one message at a time: the poison one is
 requeued alone (the quorum queue's delivery limit then dead-letters it) while the others
-are taken in. Two failures in a row with no success look like an outage (the database is
-down) rather than poison: the rest of the batch is requeued at once and intake is left
-alone for a growing back-off, so an outage costs each message one delivery attempt per
-back-off round, not one per message tried.
+are taken in. Two failures in a row with no success look like an outage rather than poison:
+the rest of the batch is requeued at once and intake is left alone for a growing back-off.
+
+An outage intake can name (it raises ``IntakeUnavailable``: the database is down) costs no
+delivery attempt at all: the batch stays in hand, unacked, and is tried again after a
+growing back-off. Requeueing it instead would spend the quorum queue's delivery limit and
+send good requests to the DLQ during a long outage.
 """
 
 from __future__ import annotations
@@ -37,8 +40,13 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 IDLE_DRAIN_SECONDS = 1.0
+_TAKEN, _FAILED, _UNAVAILABLE = "taken", "failed", "unavailable"
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
+
+
+class IntakeUnavailable(Exception):
+    """Raised by ``handle_batch`` when its store is unreachable: the batch is fine, try later."""
 
 
 @dataclass(frozen=True)
@@ -238,34 +246,57 @@ class JobsConsumer(ConsumerMixin):
         del self._pending[: len(batch)]
         if self._pending:
             self._first_pending_at = time.monotonic()
-        if self._try(batch):
+        outcome = self._try(batch)
+        if outcome == _TAKEN:
             self._ack(channel, batch)
             self._backoff = BACKOFF_FIRST
             return
-        taken = self._one_by_one(channel, batch) if len(batch) > 1 else 0
+        if outcome == _UNAVAILABLE:
+            self._hold(channel, batch, stopping=stopping)
+            return
+        taken = self._one_by_one(channel, batch, stopping=stopping) if len(batch) > 1 else 0
         if len(batch) == 1:
             channel.basic_reject(batch[0].delivery_tag, requeue=True)
         if taken:
             self._backoff = BACKOFF_FIRST
         elif stopping:
             # Nothing more to try before exit: hand back whatever is still pending.
-            if self._pending:
-                _requeue_up_to(channel, self._pending[-1].delivery_tag)
-                self._pending.clear()
+            self._give_back(channel)
         else:
-            log.warning("intake failed; pausing %.0f s before the next batch", self._backoff)
-            self._resume_at = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            self._pause("intake failed")
 
-    def _one_by_one(self, channel: Any, batch: list[InboundMessage]) -> int:
+    def _hold(self, channel: Any, batch: list[InboundMessage], *, stopping: bool) -> None:
+        """Keep ``batch`` in hand (unacked, no delivery attempt spent) and pause."""
+        self._pending[:0] = batch
+        self._first_pending_at = time.monotonic()
+        if stopping:
+            self._give_back(channel)
+        else:
+            self._pause("intake unavailable")
+
+    def _give_back(self, channel: Any) -> None:
+        if self._pending:
+            _requeue_up_to(channel, self._pending[-1].delivery_tag)
+            self._pending.clear()
+
+    def _pause(self, why: str) -> None:
+        log.warning("%s; pausing %.0f s before the next batch", why, self._backoff)
+        self._resume_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+
+    def _one_by_one(self, channel: Any, batch: list[InboundMessage], *, stopping: bool) -> int:
         """Settle ``batch`` message by message (in delivery order); return how many were taken."""
         taken = failures_in_a_row = 0
-        for message in batch:
-            if self._try([message]):
+        for index, message in enumerate(batch):
+            outcome = self._try([message])
+            if outcome == _TAKEN:
                 self._ack(channel, [message])
                 taken += 1
                 failures_in_a_row = 0
                 continue
+            if outcome == _UNAVAILABLE:
+                self._hold(channel, batch[index:], stopping=stopping)
+                return taken
             failures_in_a_row += 1
             if failures_in_a_row >= 2 and not taken:
                 # Not one poison message: everything fails. Give the rest back at once.
@@ -275,13 +306,16 @@ class JobsConsumer(ConsumerMixin):
             channel.basic_reject(message.delivery_tag, requeue=True)
         return taken
 
-    def _try(self, batch: list[InboundMessage]) -> bool:
+    def _try(self, batch: list[InboundMessage]) -> str:
         try:
             self._handle_batch(batch)
+        except IntakeUnavailable as exc:
+            log.warning("intake unavailable (%s)", exc)
+            return _UNAVAILABLE
         except Exception:
             log.exception("intake failed on a batch of %d message(s)", len(batch))
-            return False
-        return True
+            return _FAILED
+        return _TAKEN
 
     @staticmethod
     def _ack(channel: Any, batch: list[InboundMessage]) -> None:

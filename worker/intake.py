@@ -14,10 +14,10 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from worker import events, lifecycle, messages, outbox, store
-from worker.consumer import InboundMessage
+from worker.consumer import InboundMessage, IntakeUnavailable
 from worker.events import OutboxMessage
 from worker.lifecycle import Echo
 from worker.messages import JobRequest, Rejection
@@ -61,16 +61,21 @@ class Intake:
     def handle_batch(self, batch: list[InboundMessage]) -> None:
         """Take a batch in, in one transaction; return after it commits.
 
-        Database trouble propagates (nothing is acked, the broker redelivers); anything a
-        single message provokes is contained to that message, which is rejected.
+        An unreachable database raises IntakeUnavailable (nothing is acked; the consumer
+        holds the batch and retries); anything a single message provokes is contained to
+        that message, which is rejected.
         """
         if not batch:
             return
         now = self._clock()
         outcomes: list[_Outcome] = []
-        with self._pool.connection() as conn, conn.transaction():
-            for message in batch:
-                outcomes.append(self._take_one(conn, message, now))
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                for message in batch:
+                    outcomes.append(self._take_one(conn, message, now))
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            # Nothing was committed; the consumer keeps the batch and tries it again.
+            raise IntakeUnavailable(f"the database is unavailable ({type(exc).__name__})") from exc
         if self._metrics is not None:
             for outcome in outcomes:
                 self._metrics.command(
