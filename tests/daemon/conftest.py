@@ -280,18 +280,24 @@ class Events:
         ]
 
 
-@pytest.fixture
-def events(stack: Stack) -> Iterator[Events]:
+def read_events(stack: Stack) -> Events:
+    """A private queue bound to every routing key of the events exchange."""
     conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
     channel = conn.channel()
     queue = channel.queue_declare("", exclusive=True).method.queue
     channel.queue_bind(queue, stack.names.events_exchange, routing_key="#")
     reader = Events(conn, queue)
     channel.basic_consume(queue, reader._on_message, auto_ack=True)
+    return reader
+
+
+@pytest.fixture
+def events(stack: Stack) -> Iterator[Events]:
+    reader = read_events(stack)
     yield reader
-    if conn.is_open:  # a broker restart in the test may have taken it already
+    if reader.connection.is_open:  # a broker restart in the test may have taken it already
         with contextlib.suppress(pika.exceptions.AMQPError):
-            conn.close()
+            reader.connection.close()
 
 
 @dataclass

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import pika_parameters
-from tests.daemon.conftest import Events, Producer, Stack, WorkerProcess
+from tests.daemon.conftest import Events, Producer, Stack, WorkerProcess, read_events
 from worker.lifecycle import tag_for
 
 pytestmark = pytest.mark.integration
@@ -136,23 +135,11 @@ def test_broker_restart_reconnects_and_finishes(
     time.sleep(2)
     subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=60)
     # Our own reader lost its connection too: read the job's end from a fresh one.
-    fresh = _fresh_events(stack)
+    fresh = read_events(stack)
     producer.publish(job)  # an idempotent re-submit re-publishes the latest status
     final = fresh.wait_terminal(job["job_id"], timeout=90)
     assert final["data"]["status"] == "DONE"
     assert worker.process.poll() is None
-
-
-def _fresh_events(stack: Stack) -> Events:
-    import pika
-
-    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
-    channel = conn.channel()
-    queue = channel.queue_declare("", exclusive=True).method.queue
-    channel.queue_bind(queue, stack.names.events_exchange, routing_key="#")
-    reader = Events(conn, queue)
-    channel.basic_consume(queue, reader._on_message, auto_ack=True)
-    return reader
 
 
 def test_two_workers_on_one_queue_never_work_one_job_at_once(
