@@ -189,6 +189,31 @@ def test_an_unavailable_intake_costs_no_delivery_attempt(
     assert _ready(producer, settings.dlq) == 0
 
 
+def test_deferred_messages_are_held_while_the_rest_is_acked(
+    run_consumer, producer, settings: Settings
+) -> None:
+    # Intake at capacity defers new jobs: they stay in hand (no delivery attempt spent)
+    # while the rest of their batch is acked, and are offered again after a pause.
+    offers: list[bytes] = []
+    taken: list[InboundMessage] = []
+
+    def at_capacity_once(batch: list[InboundMessage]) -> list[InboundMessage]:
+        deferred = [m for m in batch if m.body.startswith(b"new") and m.body not in offers]
+        offers.extend(m.body for m in batch)
+        taken.extend(m for m in batch if m not in deferred)
+        return deferred
+
+    running = run_consumer(at_capacity_once)
+    _publish(producer, settings.jobs_queue, [b"cancel-1", b"new-1", b"new-2"])
+    wait_for(lambda: len(taken) == 3, timeout=15)
+    running.stop()
+    assert offers.count(b"cancel-1") == 1
+    assert offers.count(b"new-1") == offers.count(b"new-2") == 2  # deferred once, then taken
+    assert not any(m.redelivered for m in taken)  # held in hand, never handed back
+    assert _ready(producer, settings.jobs_queue) == 0
+    assert _ready(producer, settings.dlq) == 0
+
+
 def test_poison_message_goes_to_dlq_and_spares_its_batch(
     run_consumer, producer, settings: Settings
 ) -> None:

@@ -211,3 +211,24 @@ def test_an_error_on_one_message_rejects_only_that_message(
         store.request_action = original
     assert get(pool, "j2") is not None
     assert routing_keys(pool)[-2:] == ["command.rejected", "t.dlq"]
+
+
+def test_new_jobs_beyond_max_in_flight_are_deferred_but_commands_are_not(
+    pool: ConnectionPool,
+) -> None:
+    settings = Settings(
+        fleet_id=FLEET, worker_name="w-test", dlq="t.dlq", events_exchange="t.ev", max_in_flight=2
+    )
+    intake = Intake(settings, pool, clock=lambda: T0)
+    first = [msg(submit("j1"), message_id="a"), msg(submit("j2"), message_id="b")]
+    assert intake.handle_batch(first) == []
+    extra = msg(submit("j3"), message_id="c")
+    resubmit = msg(submit("j1"), message_id="d")
+    cancel = msg({"job_id": "j2", "action": "cancel"}, message_id="e")
+    deferred = intake.handle_batch([extra, resubmit, cancel])
+    assert deferred == [extra]
+    with pool.connection() as conn:
+        assert store.get_job(conn, FLEET, "j3") is None
+        assert store.count_active(conn, FLEET) == 2
+        j2 = store.get_job(conn, FLEET, "j2")
+    assert j2 is not None and j2.cancel_requested_at == T0  # the cancel went through

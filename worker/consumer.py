@@ -107,7 +107,7 @@ class JobsConsumer(ConsumerMixin):
     def __init__(
         self,
         settings: Settings,
-        handle_batch: Callable[[list[InboundMessage]], None],
+        handle_batch: Callable[[list[InboundMessage]], list[InboundMessage] | None],
         *,
         on_connection_change: Callable[[bool], None] | None = None,
         batch_max: int = 100,
@@ -125,6 +125,7 @@ class JobsConsumer(ConsumerMixin):
         self._first_pending_at = 0.0
         self._resume_at = 0.0
         self._backoff = BACKOFF_FIRST
+        self._deferred: list[InboundMessage] = []
         self._connected: bool | None = None
 
     # -- lifecycle ------------------------------------------------------------------
@@ -247,6 +248,9 @@ class JobsConsumer(ConsumerMixin):
         if self._pending:
             self._first_pending_at = time.monotonic()
         outcome = self._try(batch)
+        if outcome == _TAKEN and self._deferred:
+            self._settle_all_but_deferred(channel, batch, stopping=stopping)
+            return
         if outcome == _TAKEN:
             self._ack(channel, batch)
             self._backoff = BACKOFF_FIRST
@@ -265,14 +269,33 @@ class JobsConsumer(ConsumerMixin):
         else:
             self._pause("intake failed")
 
-    def _hold(self, channel: Any, batch: list[InboundMessage], *, stopping: bool) -> None:
+    def _settle_all_but_deferred(
+        self, channel: Any, batch: list[InboundMessage], *, stopping: bool
+    ) -> None:
+        """Intake is at capacity (MAX_IN_FLIGHT): ack what it took, hold what it deferred."""
+        deferred_tags = {m.delivery_tag for m in self._deferred}
+        for message in batch:
+            if message.delivery_tag not in deferred_tags:
+                channel.basic_ack(message.delivery_tag)
+        held = [m for m in batch if m.delivery_tag in deferred_tags]
+        self._deferred = []
+        self._hold(channel, held, stopping=stopping, why="at capacity (MAX_IN_FLIGHT)")
+
+    def _hold(
+        self,
+        channel: Any,
+        batch: list[InboundMessage],
+        *,
+        stopping: bool,
+        why: str = "intake unavailable",
+    ) -> None:
         """Keep ``batch`` in hand (unacked, no delivery attempt spent) and pause."""
         self._pending[:0] = batch
         self._first_pending_at = time.monotonic()
         if stopping:
             self._give_back(channel)
         else:
-            self._pause("intake unavailable")
+            self._pause(why)
 
     def _give_back(self, channel: Any) -> None:
         if self._pending:
@@ -289,6 +312,10 @@ class JobsConsumer(ConsumerMixin):
         taken = failures_in_a_row = 0
         for index, message in enumerate(batch):
             outcome = self._try([message])
+            if outcome == _TAKEN and self._deferred:
+                self._deferred = []
+                self._hold(channel, batch[index:], stopping=stopping, why="at capacity")
+                return taken
             if outcome == _TAKEN:
                 self._ack(channel, [message])
                 taken += 1
@@ -308,13 +335,14 @@ class JobsConsumer(ConsumerMixin):
 
     def _try(self, batch: list[InboundMessage]) -> str:
         try:
-            self._handle_batch(batch)
+            deferred = self._handle_batch(batch) or []
         except IntakeUnavailable as exc:
             log.warning("intake unavailable (%s)", exc)
             return _UNAVAILABLE
         except Exception:
             log.exception("intake failed on a batch of %d message(s)", len(batch))
             return _FAILED
+        self._deferred = deferred
         return _TAKEN
 
     @staticmethod

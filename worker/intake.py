@@ -42,6 +42,7 @@ def utc_now() -> datetime:
 class _Outcome:
     action: str
     accepted: bool
+    deferred: bool = False  # a new job while the fleet is at MAX_IN_FLIGHT: try again later
 
 
 class Intake:
@@ -57,20 +58,27 @@ class Intake:
         self._pool = pool
         self._metrics = metrics
         self._clock = clock
+        self._room = 0  # new jobs the batch in hand may still take on
 
-    def handle_batch(self, batch: list[InboundMessage]) -> None:
+    def handle_batch(self, batch: list[InboundMessage]) -> list[InboundMessage]:
         """Take a batch in, in one transaction; return after it commits.
 
+        Returns the messages deferred: new jobs beyond ``MAX_IN_FLIGHT`` active jobs, which
+        the consumer holds (unacked, no delivery attempt spent) and offers again later.
+        Commands for existing jobs (re-submits, start, cancel) are never deferred.
         An unreachable database raises IntakeUnavailable (nothing is acked; the consumer
         holds the batch and retries); anything a single message provokes is contained to
         that message, which is rejected.
         """
         if not batch:
-            return
+            return []
         now = self._clock()
         outcomes: list[_Outcome] = []
         try:
             with self._pool.connection() as conn, conn.transaction():
+                self._room = self._settings.max_in_flight - store.count_active(
+                    conn, self._settings.fleet_id
+                )
                 for message in batch:
                     outcomes.append(self._take_one(conn, message, now))
         except (psycopg.OperationalError, PoolTimeout) as exc:
@@ -78,9 +86,11 @@ class Intake:
             raise IntakeUnavailable(f"the database is unavailable ({type(exc).__name__})") from exc
         if self._metrics is not None:
             for outcome in outcomes:
-                self._metrics.command(
-                    outcome.action, "accepted" if outcome.accepted else "rejected"
-                )
+                if not outcome.deferred:
+                    self._metrics.command(
+                        outcome.action, "accepted" if outcome.accepted else "rejected"
+                    )
+        return [m for m, o in zip(batch, outcomes, strict=True) if o.deferred]
 
     # -- one message ------------------------------------------------------------------
 
@@ -147,6 +157,8 @@ class Intake:
         fleet = self._settings.fleet_id
         digest = messages.request_hash(req)
         existing = store.get_job(conn, fleet, req.job_id, for_update=True)
+        if existing is None and self._room <= 0:
+            return _Outcome("submit", accepted=False, deferred=True)
         if existing is None:
             state = lifecycle.new_job(
                 job_id=req.job_id,
@@ -161,6 +173,7 @@ class Intake:
                 now=now,
             )
             if store.insert_job(conn, state, next_run_at=now):
+                self._room -= 1
                 self._accept(conn, req, echo, now)
                 return _Outcome("submit", accepted=True)
             # Another worker's intake inserted it since we looked; its row is committed.

@@ -422,6 +422,14 @@ def touch_seen(conn: Conn, fleet_id: str, job_ids: Iterable[str], *, seen_at: da
     return cur.rowcount
 
 
+def count_active(conn: Conn, fleet_id: str) -> int:
+    """Jobs of the fleet that have not ended (what ``MAX_IN_FLIGHT`` caps)."""
+    row = conn.execute(
+        "SELECT count(*) FROM bw_jobs WHERE fleet_id = %s AND ended_at IS NULL", (fleet_id,)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def count_active_by_status(conn: Conn, fleet_id: str) -> dict[str, int]:
     """Active jobs per status; jobs not yet created upstream count as ``PENDING_CREATE``."""
     rows = conn.execute(
