@@ -12,8 +12,10 @@ import urllib.request
 
 import pytest
 
-from tests.cli_support import REPO, clean_env, run_cli
-from worker.cli import build_parser
+pytest.register_assert_rewrite("tests.cli_support")
+
+from tests.cli_support import REPO, clean_env, run_cli  # noqa: E402
+from worker.cli import build_parser  # noqa: E402
 
 SECRET = "s3cr3t-Zq81-never-printed"
 

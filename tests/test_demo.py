@@ -15,10 +15,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.cli_support import REPO, clean_env, run_cli
-from tests.conftest import AmqpNames
-from worker.demo import DEMO_DATABASE, EXAMPLES, run_demo
-from worker.settings import Settings
+pytest.register_assert_rewrite("tests.cli_support")
+
+from tests.cli_support import REPO, clean_env, run_cli  # noqa: E402
+from tests.conftest import AmqpNames  # noqa: E402
+from worker.demo import DEMO_DATABASE, EXAMPLES, run_demo  # noqa: E402
+from worker.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
