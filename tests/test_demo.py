@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -19,7 +19,7 @@ pytest.register_assert_rewrite("tests.cli_support")
 
 from tests.cli_support import REPO, clean_env, run_cli  # noqa: E402
 from tests.conftest import AmqpNames  # noqa: E402
-from worker.demo import DEMO_DATABASE, EXAMPLES, run_demo  # noqa: E402
+from worker.demo import DEMO_DATABASE_PREFIX, EXAMPLES, run_demo  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -28,14 +28,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def demo_env(
     broker_url: str, pg_server_url: str, amqp_names: AmqpNames, tmp_path: Path
-) -> Iterator[dict[str, str]]:
+) -> dict[str, str]:
     """The demo's environment: this test's own AMQP names (deleted afterwards), run from
     ``tmp_path`` so its log lands there."""
     env = clean_env(broker_url=broker_url, database_url=pg_server_url, **amqp_names.settings())
     env["PYTHONPATH"] = str(REPO)
-    yield env
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)')
+    return env
 
 
 def _example_job_ids() -> list[str]:
@@ -100,6 +98,7 @@ def test_the_demo_leaves_no_thread_or_server_behind(
     amqp_names: AmqpNames,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     aws_before = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
@@ -107,11 +106,12 @@ def test_the_demo_leaves_no_thread_or_server_behind(
         broker_url=broker_url, database_url=pg_server_url, metrics_port=0, **amqp_names.settings()
     )
     before = set(threading.enumerate())
-    try:
-        assert run_demo(settings, speed=300) == 0
-    finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)')
+    assert run_demo(settings, speed=300) == 0
+    # Its own database is gone with it.
+    [database] = re.findall(rf"database ({DEMO_DATABASE_PREFIX}\w+)", capsys.readouterr().out)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+        assert found.fetchone() is None
     assert {k: v for k, v in os.environ.items() if k.startswith("AWS_")} == aws_before
     left = [thread.name for thread in set(threading.enumerate()) - before if thread.is_alive()]
     assert left == []

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "config" / "examples"
 DEMO_BUCKET = "demo-bucket"
-DEMO_DATABASE = "batch_worker_demo"
+# One database per run (dropped at its end), so demos on one server never share job state.
+DEMO_DATABASE_PREFIX = "batch_worker_demo_"
 # The longest example (66 features) takes about 1,600 API seconds: under a minute at x30.
 DEFAULT_SPEED = 30.0
 EXIT_INTERRUPTED = 130
@@ -107,13 +108,19 @@ def _prepare_bucket(endpoint: str) -> None:
         s3.upload_file(str(gpkg), DEMO_BUCKET, f"inputs/{gpkg.name}")
 
 
-def _fresh_database(server_url: str) -> str:
+@contextmanager
+def _demo_database(server_url: str) -> Iterator[str]:
+    """A new database for this run's job state; dropped when the demo ends."""
     import psycopg
 
+    name = f"{DEMO_DATABASE_PREFIX}{uuid.uuid4().hex[:10]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{DEMO_DATABASE}"')
-    return urlunsplit(urlsplit(server_url)._replace(path=f"/{DEMO_DATABASE}"))
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _example_jobs() -> list[dict[str, Any]]:
@@ -213,17 +220,20 @@ def _run(console: Console, base: Settings, speed: float, keep_going: bool, log_p
             client_id="demo-client",
             client_secret="demo-secret",  # noqa: S106 - the simulator's own demo client
         )
-        with start_background(simulator_config) as simulator:
+        with (
+            start_background(simulator_config) as simulator,
+            _demo_database(base.database_url.get_secret_value()) as database_url,
+        ):
             console.print(f"Batch V2 simulator at {simulator.url}")
+            database = urlsplit(database_url).path.lstrip("/")
+            console.print(f"job state in PostgreSQL database {database} (dropped at the end)")
             settings = base.model_copy(
                 update={
                     "api_url": simulator.url,
                     "token_url": simulator.token_url,
                     "client_id": "demo-client",
                     "client_secret": type(base.client_secret)("demo-secret"),
-                    "database_url": type(base.database_url)(
-                        _fresh_database(base.database_url.get_secret_value())
-                    ),
+                    "database_url": type(base.database_url)(database_url),
                     "fleet_id": "demo",
                     "poll_interval": 2.0,
                     "metrics_port": _metrics_port(console, base.metrics_port),
