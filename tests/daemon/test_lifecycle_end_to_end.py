@@ -145,3 +145,87 @@ def test_event_bodies_are_cloudevents(
         assert event["datacontenttype"] == "application/json"
         assert event["time"].endswith("Z")
         json.dumps(event)  # plain JSON all the way down
+
+
+def test_reply_to_receives_a_copy_of_every_event_of_the_job(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    import pika
+
+    from tests.conftest import pika_parameters
+
+    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
+    channel = conn.channel()
+    replies = channel.queue_declare("", exclusive=True).method.queue
+    start_worker()
+    job = stack.payload(EXAMPLES[0], features=2)
+    producer.publish(job, reply_to=replies, correlation_id="corr-reply")
+    events.wait_terminal(job["job_id"], timeout=60)
+    events.pump(1.0)
+    copies = []
+    while True:
+        method, props, body = channel.basic_get(replies, auto_ack=True)
+        if method is None:
+            break
+        copies.append((props, json.loads(body)))
+    conn.close()
+    published = {e["id"] for e in events.received if e.get("subject") == job["job_id"]}
+    assert {event["id"] for _, event in copies} == published
+    assert all(props.correlation_id == "corr-reply" for props, _ in copies)
+
+
+def test_a_duplicate_batch_request_is_stopped_and_reported(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    from worker.api.client import BatchClient
+
+    stack.simulator.configure(speed=20.0)  # long enough for the scan to meet the duplicate
+    port = free_port()
+    start_worker(metrics_port=port)
+    job = stack.payload(EXAMPLES[0], features=6)
+    producer.publish(job)
+    events.wait_for(lambda: "PROCESSING" in events.statuses(job["job_id"]), 60, "PROCESSING")
+    # Someone (a lagging list, a crash at the worst moment) made a second request with the
+    # job's tag: the worker must stop it and say so.
+    tag = tag_for(stack.names.settings()["fleet_id"], job["job_id"])
+    duplicate_payload = dict(job["request"], description=f"copy {tag}")
+    with BatchClient(
+        batch_url=stack.simulator.url + "/api/v2/batch",
+        token_url=stack.simulator.token_url,
+        client_id="test-client",
+        client_secret=CLIENT_SECRET,
+    ) as client:
+        duplicate = client.create(duplicate_payload)
+        client.start(duplicate.id)
+    final = events.wait_terminal(job["job_id"], timeout=90)
+    assert final["data"]["status"] == "DONE"
+    reported = [
+        e
+        for e in events.for_job(job["job_id"])
+        if duplicate.id in e["data"].get("duplicates_stopped", [])
+    ]
+    assert reported
+    assert final["data"]["batch_request_id"] != duplicate.id
+    events.wait_for(
+        lambda: _metric(port, "batch_worker_duplicates_stopped_total") >= 1, 30, "the metric"
+    )
+    stopped = next(t for t in stack.upstream_requests() if t["id"] == duplicate.id)
+    assert stopped["userAction"] == "STOP"
+
+
+def test_credentials_inside_a_request_never_leave_the_worker(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    secret_key = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    worker = start_worker()
+    job = stack.payload(EXAMPLES[0], features=2)
+    job["request"]["output"]["delivery"]["s3"] = {
+        "url": job["request"]["output"]["delivery"]["s3"]["url"],
+        "accessKey": "AKIAIOSFODNN7EXAMPLE",
+        "secretAccessKey": secret_key,
+    }
+    producer.publish(job)
+    events.wait_terminal(job["job_id"], timeout=60)
+    everything = json.dumps(events.received) + worker.log()
+    assert secret_key not in everything
+    assert "AKIAIOSFODNN7EXAMPLE" not in everything
