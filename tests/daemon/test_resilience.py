@@ -5,13 +5,22 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.daemon.conftest import Events, Producer, Stack, WorkerProcess, read_events
+from tests.daemon.conftest import (
+    Events,
+    Producer,
+    Stack,
+    WorkerProcess,
+    free_port,
+    read_events,
+)
 from worker.lifecycle import tag_for
 
 pytestmark = pytest.mark.integration
@@ -127,19 +136,42 @@ def test_broker_restart_reconnects_and_finishes(
     stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
 ) -> None:
     stack.simulator.configure(speed=20.0)
-    worker = start_worker()
+    port = free_port()
+    worker = start_worker(metrics_port=port)
     job = stack.payload(GEOTIFF, features=4)
     producer.publish(job)
     events.wait_for(lambda: "PROCESSING" in events.statuses(job["job_id"]), 60, "PROCESSING")
+    assert probe(port, "/readyz") == 200
     subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
-    time.sleep(2)
-    subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=60)
+    try:
+        # Not ready while the broker is away, but alive: a restart would not bring it back.
+        wait_until(lambda: probe(port, "/readyz") == 503, 30, "/readyz to turn 503")
+        assert probe(port, "/healthz") == 200
+    finally:
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=60)
+    wait_until(lambda: probe(port, "/readyz") == 200, 60, "/readyz to recover")
     # Our own reader lost its connection too: read the job's end from a fresh one.
     fresh = read_events(stack)
     producer.publish(job)  # an idempotent re-submit re-publishes the latest status
     final = fresh.wait_terminal(job["job_id"], timeout=90)
     assert final["data"]["status"] == "DONE"
     assert worker.process.poll() is None
+
+
+def probe(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
 
 
 def test_two_workers_on_one_queue_never_work_one_job_at_once(
