@@ -32,7 +32,7 @@ def _ready(stack: Stack, queue: str) -> int:
         conn.close()
 
 
-def _wait_ready(stack: Stack, queue: str, count: int, timeout: float = 30) -> None:
+def _wait_ready(stack: Stack, queue: str, count: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while _ready(stack, queue) != count:
         assert time.monotonic() < deadline, f"{queue} never held {count} message(s)"
