@@ -168,7 +168,7 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**kwargs)
     except ValidationError as exc:
         problems = [
-            f"{_field_env_name(err['loc'])}: {err['msg']}"
+            f"{_field_env_name(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors(include_input=False, include_url=False)
         ]
         raise SettingsError(problems) from None
