@@ -13,7 +13,7 @@ generation and lease owner are still the claimer's. A worker that lost its lease
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -62,6 +62,14 @@ class LeaseLost(Exception):
 
 
 @dataclass(frozen=True)
+class Requests:
+    """The ``start`` / ``cancel`` intake recorded on a job row and no step has folded in."""
+
+    cancel_requested_at: datetime | None = None
+    start_requested_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class Claim:
     """A job this worker holds the lease of, with the requests intake left pending."""
 
@@ -70,6 +78,10 @@ class Claim:
     cancel_requested_at: datetime | None
     start_requested_at: datetime | None
     last_status_event: OutboxMessage | None
+
+    @property
+    def requests(self) -> Requests:
+        return Requests(self.cancel_requested_at, self.start_requested_at)
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,11 @@ class PollTarget:
     cost_pu: float | None
     last_seen_at: datetime | None
     resting: bool = False  # at ANALYSIS_DONE waiting for a `start`: read less often
+    # An earlier create may have made a request the job does not know (an uncertain POST, a
+    # crash mid-create, a request found by its tag): duplicate sweeps look for it soon, as
+    # far back as the job's acceptance.
+    create_doubtful: bool = False
+    accepted_at: datetime | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -205,6 +222,89 @@ def get_job(
     )
 
 
+@dataclass(frozen=True)
+class IntakeView:
+    """What intake needs of an existing job: its request, and its latest status event."""
+
+    request_hash: str
+    last_status_event: OutboxMessage | None
+
+
+def intake_views(conn: Conn, fleet_id: str, job_ids: Collection[str]) -> dict[str, IntakeView]:
+    """The named jobs that exist, locked until the transaction ends (in job id order, so
+    concurrent batches lock alike and cannot deadlock each other)."""
+    if not job_ids:
+        return {}
+    rows = conn.execute(
+        """
+        SELECT job_id, request_hash, last_status_event FROM bw_jobs
+        WHERE fleet_id = %s AND job_id = ANY(%s) ORDER BY job_id FOR UPDATE
+        """,
+        (fleet_id, sorted(job_ids)),
+    ).fetchall()
+    return {
+        job_id: IntakeView(request_hash, message_from_json(event) if event else None)
+        for job_id, request_hash, event in rows
+    }
+
+
+def insert_jobs(conn: Conn, states: Sequence[JobState], *, next_run_at: datetime) -> set[str]:
+    """Insert new jobs in one round trip; returns the ids inserted (a job id another
+    transaction inserted meanwhile is left out)."""
+    if not states:
+        return set()
+    with conn.cursor() as cur:
+        cur.executemany(
+            """
+            INSERT INTO bw_jobs (fleet_id, job_id, state, phase, status, batch_request_id,
+                                 upstream_created, request_hash, next_run_at, accepted_at,
+                                 ended_at, last_seen_at)
+            VALUES (%(fleet_id)s, %(job_id)s, %(state)s, %(phase)s, %(status)s,
+                    %(batch_request_id)s, %(upstream_created)s, %(request_hash)s,
+                    %(next_run_at)s, %(accepted_at)s, %(ended_at)s, %(last_seen_at)s)
+            ON CONFLICT (fleet_id, job_id) DO NOTHING
+            RETURNING job_id
+            """,
+            [
+                {
+                    **_columns(state),
+                    "fleet_id": state.fleet_id,
+                    "job_id": state.job_id,
+                    "request_hash": state.request_hash,
+                    "next_run_at": next_run_at,
+                    "accepted_at": state.accepted_at,
+                }
+                for state in states
+            ],
+            returning=True,
+        )
+        inserted: set[str] = set()
+        while True:
+            inserted.update(row[0] for row in cur.fetchall())
+            if not cur.nextset():
+                return inserted
+
+
+def request_actions(
+    conn: Conn, fleet_id: str, requests: Sequence[tuple[str, str]], *, now: datetime
+) -> None:
+    """``request_action`` for many (job id, "start"|"cancel") pairs of jobs known to exist."""
+    for action in ("start", "cancel"):
+        job_ids = sorted({job_id for job_id, wanted in requests if wanted == action})
+        if not job_ids:
+            continue
+        column = {"start": "start_requested_at", "cancel": "cancel_requested_at"}[action]
+        conn.execute(
+            f"""
+            UPDATE bw_jobs
+            SET {column} = COALESCE({column}, %(now)s),
+                next_run_at = CASE WHEN ended_at IS NULL THEN %(now)s ELSE next_run_at END
+            WHERE fleet_id = %(fleet_id)s AND job_id = ANY(%(job_ids)s)
+            """,
+            {"now": now, "fleet_id": fleet_id, "job_ids": job_ids},
+        )
+
+
 def request_action(conn: Conn, fleet_id: str, job_id: str, action: str, *, now: datetime) -> bool:
     """Record a pending ``start`` or ``cancel`` and wake the job; False if no such job.
 
@@ -301,12 +401,19 @@ def save_step(
     folded_cancel: datetime | None = None,
     folded_start: datetime | None = None,
     lease_until: datetime | None = None,
-) -> None:
-    """Save a step's state and its outbox rows, fenced on ``generation`` and ``owner``.
+) -> Requests | None:
+    """Save a step's state and its outbox rows, fenced on ``generation`` and ``owner``;
+    None when saved.
+
+    ``folded_cancel`` / ``folded_start`` are the request columns as the caller last read
+    them, all folded into ``state``. The save applies only while they are still what the
+    row holds, and clears them. When intake recorded another request since, nothing is
+    written and the row's requests are returned: the step was decided without them, so its
+    actions must not run (fold them in, step again, save again). The check is the save's
+    own WHERE, so no request can slip in between it and the actions but after the commit.
 
     Raises LeaseLost (the caller's transaction must roll back, and the step's actions must
-    not run). Requests that were folded into this state are cleared, unless a newer one
-    arrived meanwhile. ``lease_until`` extends the lease for a long step.
+    not run). ``lease_until`` extends the lease for a long step.
     """
     cur = conn.execute(
         """
@@ -316,14 +423,14 @@ def save_step(
             ended_at = %(ended_at)s,
             last_seen_at = GREATEST(last_seen_at, %(last_seen_at)s),
             last_status_event = COALESCE(%(status_event)s, last_status_event),
-            cancel_requested_at = CASE WHEN cancel_requested_at = %(folded_cancel)s
-                                       THEN NULL ELSE cancel_requested_at END,
-            start_requested_at = CASE WHEN start_requested_at = %(folded_start)s
-                                      THEN NULL ELSE start_requested_at END,
+            cancel_requested_at = NULL,
+            start_requested_at = NULL,
             lease_until = COALESCE(%(lease_until)s, lease_until),
             next_run_at = COALESCE(%(lease_until)s, next_run_at)
         WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
           AND generation = %(generation)s AND lease_owner = %(owner)s
+          AND cancel_requested_at IS NOT DISTINCT FROM %(folded_cancel)s
+          AND start_requested_at IS NOT DISTINCT FROM %(folded_start)s
         """,
         {
             **_columns(state),
@@ -338,9 +445,19 @@ def save_step(
         },
     )
     if cur.rowcount != 1:
-        raise LeaseLost(f"job {state.job_id}: lease lost before save (generation {generation})")
+        row = conn.execute(
+            """
+            SELECT generation, lease_owner, cancel_requested_at, start_requested_at
+            FROM bw_jobs WHERE fleet_id = %s AND job_id = %s
+            """,
+            (state.fleet_id, state.job_id),
+        ).fetchone()
+        if row is None or row[0] != generation or row[1] != owner:
+            raise LeaseLost(f"job {state.job_id}: lease lost before save (generation {generation})")
+        return Requests(cancel_requested_at=row[2], start_requested_at=row[3])
     if messages:
         outbox.enqueue(conn, list(messages))
+    return None
 
 
 def release(
@@ -397,7 +514,9 @@ def active_poll_targets(conn: Conn, fleet_id: str) -> list[PollTarget]:
                last_seen_at,
                COALESCE(state->>'upstream_status', status) = 'ANALYSIS_DONE'
                    AND NOT COALESCE((state->>'start_wanted')::boolean, true)
-                   AND NOT COALESCE((state->>'cancel_wanted')::boolean, false)
+                   AND NOT COALESCE((state->>'cancel_wanted')::boolean, false),
+               COALESCE((state->>'create_doubtful')::boolean, false),
+               accepted_at
         FROM bw_jobs
         WHERE fleet_id = %s AND ended_at IS NULL AND batch_request_id IS NOT NULL
         ORDER BY upstream_created DESC NULLS LAST
