@@ -380,3 +380,60 @@ def test_request_stop_hands_jobs_back_at_once(pool: ConnectionPool) -> None:
         store.request_action(conn, FLEET, "j1", "start", now=datetime.now(UTC))
     run_until_ended(pool, make_engine(pool, api, "w2"))
     assert record(pool).state.status == "DONE"
+
+
+class CreateWaitsForTheTest(FakeApi):
+    """A create that answers only once the test says so: a request can land mid-create."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.answer = threading.Event()
+
+    def create(self, payload: dict[str, Any]) -> Task:
+        self.entered.set()
+        assert self.answer.wait(10)  # a hang guard; the test answers at once
+        return super().create(payload)
+
+
+def drive_with_request_during_create(
+    pool: ConnectionPool, api: CreateWaitsForTheTest, action: str
+) -> None:
+    with pool.connection() as conn:
+        (claim,) = store.claim_due(
+            conn, FLEET, "w1", now=datetime.now(UTC), lease=timedelta(seconds=30), limit=1
+        )
+    engine = make_engine(pool, api)
+    driving = threading.Thread(target=engine.drive, args=(claim, []))
+    driving.start()
+    try:
+        assert api.entered.wait(10)
+        with pool.connection() as conn:  # intake, committed while the POST is in flight
+            assert store.request_action(conn, FLEET, "j1", action, now=datetime.now(UTC))
+    finally:
+        api.answer.set()
+        driving.join(10)
+    assert not driving.is_alive()
+
+
+def test_cancel_during_the_create_never_analyses_or_starts(pool: ConnectionPool) -> None:
+    api = CreateWaitsForTheTest()
+    add_job(pool, auto_start=False)
+    drive_with_request_during_create(pool, api, "cancel")
+    assert api.calls == ["create"]  # the Analyse decided before the cancel was never sent
+    job = record(pool)
+    assert (job.state.status, job.state.stopped_reason) == ("STOPPED", "USER_ACTION")
+    assert job.state.batch_request_id == next(iter(api.tasks))
+    assert job.state.duplicates_stopped == ()  # its own request is no duplicate
+    assert job.cancel_requested_at is None and job.next_run_at is None
+    assert statuses(pool) == [(1, "STOPPED")]
+
+
+def test_start_during_the_create_starts_instead_of_analysing(pool: ConnectionPool) -> None:
+    api = CreateWaitsForTheTest()
+    add_job(pool, auto_start=False)
+    drive_with_request_during_create(pool, api, "start")
+    assert api.calls == ["create", "start"]
+    job = record(pool)
+    assert job.state.start_wanted and job.start_requested_at is None
+    assert job.state.analyse_sent_at is None and job.state.start_sent_at is not None

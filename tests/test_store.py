@@ -205,3 +205,36 @@ def test_poll_targets_counts_and_bulk_touch(pool: ConnectionPool) -> None:
         # A save carrying an older last_seen_at never moves the column backwards.
         record = store.get_job(conn, FLEET, "j0")
     assert record is not None and record.last_seen_at == seen
+
+
+def test_a_request_arriving_during_a_step_makes_the_save_write_nothing(
+    pool: ConnectionPool,
+) -> None:
+    insert(pool, job())
+    (c,) = claim(pool)
+    decided = c.state.model_copy(update={"status": "CREATED", "sequence": 1})
+    event = OutboxMessage(exchange="ex", routing_key="job.created", body=b"{}")
+    with pool.connection() as conn:  # intake, while the step was being decided
+        store.request_action(conn, FLEET, "j1", "cancel", now=T0 + timedelta(seconds=1))
+    with pool.connection() as conn:
+        arrived = store.save_step(
+            conn, decided, generation=c.generation, owner="w1", messages=[event]
+        )
+        rows = conn.execute("SELECT count(*) FROM bw_outbox").fetchone()
+        record = store.get_job(conn, FLEET, "j1")
+    assert arrived == store.Requests(cancel_requested_at=T0 + timedelta(seconds=1))
+    assert rows is not None and rows[0] == 0
+    assert record is not None and record.state == c.state
+    # Saved again with the request folded in: it applies, and clears the request.
+    folded = decided.model_copy(update={"cancel_wanted": True})
+    with pool.connection() as conn:
+        again = store.save_step(
+            conn,
+            folded,
+            generation=c.generation,
+            owner="w1",
+            folded_cancel=arrived.cancel_requested_at,
+        )
+        record = store.get_job(conn, FLEET, "j1")
+    assert again is None
+    assert record is not None and record.state == folded and record.cancel_requested_at is None

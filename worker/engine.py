@@ -282,27 +282,40 @@ class Engine:
         """Run a claimed job until it asks for nothing more, then release it."""
         state = claim.state
         pending: deque[Observation] = deque()
-        folded_cancel = folded_start = None
-        if claim.cancel_requested_at is not None:
-            folded_cancel = claim.cancel_requested_at
-            if not state.cancel_wanted:
-                pending.append(CancelRequested())
-        if claim.start_requested_at is not None:
-            folded_start = claim.start_requested_at
-            if not state.start_wanted:
-                pending.append(StartRequested())
+        if claim.cancel_requested_at is not None and not state.cancel_wanted:
+            pending.append(CancelRequested())
+        if claim.start_requested_at is not None and not state.start_wanted:
+            pending.append(StartRequested())
         pending.extend(observations)
         if not pending:
             pending.append(Wake())
         held = _Held(state, claim.generation)
+        # The request columns as last read; the next save clears them, and applies only
+        # while they are unchanged (a request arriving meanwhile is refolded, see below).
+        seen = claim.requests
         wake_at: datetime | None = None
         steps = 0
         while pending and steps < MAX_STEPS_PER_CLAIM:
             steps += 1
             now = self._clock()
-            transition = lifecycle.step(held.state, pending.popleft(), now, self._policy)
-            self._save(held, transition, now, folded_cancel, folded_start)
-            folded_cancel = folded_start = None
+            observation = pending.popleft()
+            transition = lifecycle.step(held.state, observation, now, self._policy)
+            arrived = self._save(held, transition, now, seen)
+            while arrived is not None:
+                # A start or cancel came while this step was decided (say a cancel while the
+                # create was in flight): decide it again knowing the request; the first
+                # decision was not saved and its actions (an Analyse, a Start) never run.
+                # Intake only sets an empty column, so this ends after two rounds at most.
+                seen = arrived
+                log.info("job %s: a request arrived during the step", held.state.job_id)
+                known = lifecycle.fold_requests(
+                    held.state,
+                    cancel=arrived.cancel_requested_at is not None,
+                    start=arrived.start_requested_at is not None,
+                )
+                transition = lifecycle.step(known, observation, now, self._policy)
+                arrived = self._save(held, transition, now, seen)
+            seen = store.Requests()
             wake_at = transition.wake_at
             for action in transition.actions:
                 if self._stop.is_set():
@@ -317,13 +330,10 @@ class Engine:
         self._release(held, wake_at)
 
     def _save(
-        self,
-        held: _Held,
-        transition: Transition,
-        now: datetime,
-        folded_cancel: datetime | None,
-        folded_start: datetime | None,
-    ) -> None:
+        self, held: _Held, transition: Transition, now: datetime, seen: store.Requests
+    ) -> store.Requests | None:
+        """Save the step (state, events, requests cleared); None when saved, else the
+        requests that arrived since ``seen`` (nothing was written)."""
         previous, state = held.state, transition.state
         messages: list[OutboxMessage] = []
         status_event: OutboxMessage | None = None
@@ -342,19 +352,22 @@ class Engine:
                     (m for m in out if m.exchange == self._settings.events_exchange), None
                 )
         with self._pool.connection() as conn:
-            store.save_step(
+            arrived = store.save_step(
                 conn,
                 state,
                 generation=held.generation,
                 owner=self._owner,
                 messages=messages,
                 status_event=status_event,
-                folded_cancel=folded_cancel,
-                folded_start=folded_start,
+                folded_cancel=seen.cancel_requested_at,
+                folded_start=seen.start_requested_at,
                 lease_until=now + self._lease,
             )
+        if arrived is not None:
+            return arrived
         held.state = state
         self._after_commit(previous, state)
+        return None
 
     def _after_commit(self, previous: JobState, state: JobState) -> None:
         metrics = self._metrics

@@ -10,6 +10,7 @@ from worker.lifecycle import (
     CREATE_ATTEMPTS_EXHAUSTED,
     UPSTREAM_NOT_FOUND,
     Adopt,
+    Analyse,
     CancelRequested,
     Create,
     CreateRefused,
@@ -19,12 +20,15 @@ from worker.lifecycle import (
     NotFoundYet,
     Phase,
     Start,
+    StartRequested,
     Stop,
     TaskMissing,
     TaskSeen,
     Wake,
     describe,
+    fold_requests,
     is_active,
+    step,
     tag_for,
 )
 
@@ -194,3 +198,59 @@ def test_cancel_while_adopting_waits_to_see_the_request_and_stops_it() -> None:
     t = run.feed(TaskSeen(task("PROCESSING")), at(1))
     assert Stop(RID) in t.actions
     assert t.state.stop_reason == "USER_ACTION"
+
+
+# -- doubtful creates (the poller sweeps for duplicates soon after) ------------------------
+
+
+def test_a_clean_create_is_not_doubtful() -> None:
+    run = Run(job())
+    run.feed(Wake(), at(0))
+    t = run.feed(CreateSucceeded(task("CREATED")), at(1))
+    assert not t.state.create_doubtful
+
+
+def test_an_uncertain_create_or_a_retry_after_a_crash_is_doubtful() -> None:
+    uncertain = Run(job())
+    uncertain.feed(Wake(), at(0))
+    assert uncertain.feed(CreateUncertain("read timeout"), at(1)).state.create_doubtful
+    crashed = Run(job())
+    crashed.feed(Wake(), at(0))  # the POST went out, then the worker died: no answer
+    t = crashed.feed(Wake(), at(30))
+    assert t.state.create_doubtful
+    # It stays so once the request is found by its tag: that is when a sweep is due.
+    t = crashed.feed(CreateSucceeded(task("CREATED"), found=True), at(31))
+    assert t.state.phase is Phase.TRACKING and t.state.create_doubtful
+
+
+# -- a request that arrived while a step was decided ---------------------------------------
+
+
+def test_a_cancel_folded_ahead_of_the_create_answer_ends_without_analysing() -> None:
+    run = Run(job(auto_start=False))
+    run.feed(Wake(), at(0))
+    # Decided without the cancel, the answer asks for an analysis...
+    assert step(run.state, CreateSucceeded(task("CREATED")), at(1)).actions == (Analyse(RID),)
+    # ...with it, the job ends STOPPED and nothing is sent (the request is its own, no
+    # duplicate to stop).
+    known = fold_requests(run.state, cancel=True, start=False)
+    t = step(known, CreateSucceeded(task("CREATED")), at(1))
+    assert t.actions == ()
+    assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "USER_ACTION")
+    assert t.state.batch_request_id == RID and t.state.duplicates_stopped == ()
+
+
+def test_a_start_folded_ahead_of_the_create_answer_starts_instead_of_analysing() -> None:
+    run = Run(job(auto_start=False))
+    run.feed(Wake(), at(0))
+    known = fold_requests(run.state, cancel=False, start=True)
+    assert step(known, CreateSucceeded(task("CREATED")), at(1)).actions == (Start(RID),)
+
+
+def test_folding_requests_leaves_an_ended_job_and_known_requests_alone() -> None:
+    run = Run(job())
+    ended = run.feed(CancelRequested(), at(0)).state
+    assert ended.phase is Phase.ENDED
+    assert fold_requests(ended, cancel=True, start=True) is ended
+    started = run.feed(StartRequested(), at(1)).state
+    assert fold_requests(started, cancel=False, start=True) is started

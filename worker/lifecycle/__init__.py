@@ -30,6 +30,7 @@ from worker.lifecycle.machine import (
     BATCH_FAILED,
     CREATE_ATTEMPTS_EXHAUSTED,
     UPSTREAM_NOT_FOUND,
+    fold_requests,
     step,
 )
 from worker.lifecycle.observations import (
@@ -103,6 +104,7 @@ __all__ = [
     "Transition",
     "Wake",
     "describe",
+    "fold_requests",
     "is_active",
     "new_job",
     "step",

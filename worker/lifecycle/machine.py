@@ -29,6 +29,7 @@ from worker.lifecycle.observations import (
     CancelRequested,
     CreateRefused,
     CreateSucceeded,
+    CreateUncertain,
     DuplicateFound,
     Observation,
     StartRequested,
@@ -97,6 +98,25 @@ def step(
     return _finish(draft)
 
 
+def fold_requests(state: JobState, *, cancel: bool, start: bool) -> JobState:
+    """The state with a ``cancel`` / ``start`` that arrived while a step was being decided.
+
+    The engine steps the same observation again on it (the first decision is discarded
+    unsaved, its actions never run): the request is known *before* that observation, as if
+    it had come just ahead of it, without a step of its own in between (which, before a
+    request is known, would end the job and make the request the create just returned look
+    like a duplicate). An ended job is left as it is.
+    """
+    if state.phase is Phase.ENDED:
+        return state
+    changes: dict[str, bool] = {}
+    if cancel and not state.cancel_wanted:
+        changes["cancel_wanted"] = True
+    if start and not state.start_wanted:
+        changes["start_wanted"] = True
+    return state.model_copy(update=changes) if changes else state
+
+
 # -- ENDED -------------------------------------------------------------------------------
 
 
@@ -151,12 +171,14 @@ def _pending(d: _Draft, obs: Observation) -> None:
             _begin_tracking(d, task)
         case CreateRefused(error=error) if not adopting:
             _end(d, "FAILED", error=error)
+        case CreateUncertain() if not adopting:
+            d.set(create_doubtful=True)
         case TaskSeen(task=task) if adopting and task.id == d.state.adopt_id:
             _begin_tracking(d, task)
         case TaskMissing() if adopting:
             _end(d, "FAILED", error=_not_found(d.state.adopt_id))
         case _:
-            pass  # Wake; CreateUncertain and NotFoundYet wait for the next Wake
+            pass  # Wake; NotFoundYet waits for the next Wake
     if d.tracking:
         _drive(d)
     elif d.state.phase is not Phase.PENDING_CREATE:
@@ -183,6 +205,8 @@ def _create(d: _Draft) -> None:
         d.set(intent_at=now, create_attempts=1)
         d.actions.append(Create())
         return
+    if not s.create_doubtful:
+        d.set(create_doubtful=True)  # a retry after a crash: the last POST may have landed
     lag_ends = s.intent_at + policy.list_lag_window
     since = s.intent_at - policy.clock_skew
     if now < lag_ends:

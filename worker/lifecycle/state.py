@@ -106,6 +106,9 @@ class JobState(_Frozen):
     # creating
     intent_at: datetime | None = None  # saved before every create attempt
     create_attempts: int = 0
+    # An attempt's outcome was unknown (an uncertain POST, or a retry after a crash): a
+    # request the job does not know may exist. The poller sweeps for duplicates soon.
+    create_doubtful: bool = False
 
     # tracking
     batch_request_id: str | None = None
