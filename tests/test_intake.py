@@ -196,19 +196,22 @@ def test_an_error_on_one_message_rejects_only_that_message(
     class Boom(Exception):
         pass
 
-    def explode(*args: Any, **kwargs: Any) -> bool:
-        raise Boom
+    original = store.request_actions
+
+    def explode(conn: Any, fleet_id: str, requests: Any, *, now: datetime) -> None:
+        if requests:  # only the cancel provokes it
+            raise Boom
+        original(conn, fleet_id, requests, now=now)
 
     intake.handle_batch([msg(submit("j0"))])
-    original = store.request_action
-    store.request_action = explode  # type: ignore[assignment]
+    store.request_actions = explode  # type: ignore[assignment]
     try:
         # An unexpected error on one message rejects that message only.
         intake.handle_batch(
             [msg(submit("j2"), message_id="m2"), msg({"job_id": "j0", "action": "cancel"})]
         )
     finally:
-        store.request_action = original
+        store.request_actions = original
     assert get(pool, "j2") is not None
     assert routing_keys(pool)[-2:] == ["command.rejected", "t.dlq"]
 
@@ -232,3 +235,38 @@ def test_new_jobs_beyond_max_in_flight_are_deferred_but_commands_are_not(
         assert store.count_active(conn, FLEET) == 2
         j2 = store.get_job(conn, FLEET, "j2")
     assert j2 is not None and j2.cancel_requested_at == T0  # the cancel went through
+
+
+def test_a_submit_and_a_cancel_for_one_new_job_in_one_batch(
+    intake: Intake, pool: ConnectionPool
+) -> None:
+    intake.handle_batch(
+        [msg(submit("j7"), message_id="a"), msg({"job_id": "j7", "action": "cancel"})]
+    )
+    with pool.connection() as conn:
+        record = store.get_job(conn, FLEET, "j7")
+    assert record is not None and record.cancel_requested_at == T0
+    assert routing_keys(pool) == ["command.accepted", "command.accepted"]
+
+
+def test_a_job_created_by_another_intake_meanwhile_is_taken_as_a_resubmit(
+    intake: Intake, pool: ConnectionPool
+) -> None:
+    intake.handle_batch([msg(submit("j8"), message_id="first")])
+    original = store.intake_views
+    calls = []
+
+    def blind_once(conn: Any, fleet_id: str, job_ids: Any) -> dict[str, store.IntakeView]:
+        calls.append(set(job_ids))
+        # The first look misses the row, as if another transaction had not committed yet.
+        return {} if len(calls) == 1 else original(conn, fleet_id, job_ids)
+
+    store.intake_views = blind_once  # type: ignore[assignment]
+    try:
+        assert intake.handle_batch([msg(submit("j8"), message_id="second")]) == []
+    finally:
+        store.intake_views = original
+    assert len(calls) == 2  # the insert found the row taken, and the batch looked again
+    with pool.connection() as conn:
+        assert store.count_active(conn, FLEET) == 1
+    assert routing_keys(pool) == ["command.accepted", "command.accepted"]

@@ -58,7 +58,6 @@ class Intake:
         self._pool = pool
         self._metrics = metrics
         self._clock = clock
-        self._room = 0  # new jobs the batch in hand may still take on
 
     def handle_batch(self, batch: list[InboundMessage]) -> list[InboundMessage]:
         """Take a batch in, in one transaction; return after it commits.
@@ -73,14 +72,9 @@ class Intake:
         if not batch:
             return []
         now = self._clock()
-        outcomes: list[_Outcome] = []
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                self._room = self._settings.max_in_flight - store.count_active(
-                    conn, self._settings.fleet_id
-                )
-                for message in batch:
-                    outcomes.append(self._take_one(conn, message, now))
+            with self._pool.connection() as conn:
+                outcomes = self._take_in(conn, batch, now)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             # Nothing was committed; the consumer keeps the batch and tries it again.
             raise IntakeUnavailable(f"the database is unavailable ({type(exc).__name__})") from exc
@@ -92,23 +86,31 @@ class Intake:
                     )
         return [m for m, o in zip(batch, outcomes, strict=True) if o.deferred]
 
-    # -- one message ------------------------------------------------------------------
+    def _take_in(
+        self, conn: store.Conn, batch: list[InboundMessage], now: datetime
+    ) -> list[_Outcome]:
+        """The whole batch in a handful of round trips; one message at a time (each in a
+        savepoint) only when something in the batch goes wrong."""
+        for _ in range(2):
+            try:
+                with conn.transaction():
+                    return self._take(conn, batch, now)
+            except _Raced:
+                continue  # another intake inserted one of these jobs meanwhile: look again
+            except psycopg.OperationalError:
+                raise
+            except Exception:
+                log.exception("a batch of %d job request(s) failed; one by one", len(batch))
+                break
+        with conn.transaction():
+            return [self._take_alone(conn, message, now) for message in batch]
 
-    def _take_one(self, conn: store.Conn, message: InboundMessage, now: datetime) -> _Outcome:
-        echo = Echo(
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-        )
+    def _take_alone(self, conn: store.Conn, message: InboundMessage, now: datetime) -> _Outcome:
         try:
             # A savepoint: whatever one message does is undone alone if it goes wrong.
             with conn.transaction():
-                parsed = messages.parse_job_request(message.body, message.content_type)
-                if isinstance(parsed, Rejection):
-                    self._reject(conn, message, parsed, echo, now)
-                    return _Outcome(parsed.action or "", accepted=False)
-                return self._route(conn, message, parsed, echo, now)
-        except psycopg.OperationalError:
+                return self._take(conn, [message], now)[0]
+        except (psycopg.OperationalError, _Raced):
             raise
         except Exception as exc:
             # A bug provoked by this input must not stop the queue: reject it whole.
@@ -120,108 +122,105 @@ class Intake:
                 action=None,
             )
             with conn.transaction():
-                self._reject(conn, message, rejection, echo, now)
+                outbox.enqueue(conn, self._rejected(message, rejection, _echo(message), now))
             return _Outcome("", accepted=False)
 
-    def _route(
-        self,
-        conn: store.Conn,
-        message: InboundMessage,
-        req: JobRequest,
-        echo: Echo,
-        now: datetime,
-    ) -> _Outcome:
+    def _take(self, conn: store.Conn, batch: list[InboundMessage], now: datetime) -> list[_Outcome]:
+        """Decide every message in memory, in order, then write it all at once."""
         fleet = self._settings.fleet_id
-        if req.action == "submit":
-            return self._submit(conn, message, req, echo, now)
-        if not store.request_action(conn, fleet, req.job_id, req.action, now=now):
-            rejection = Rejection(
-                code=JOB_NOT_FOUND,
-                message=f"no job {req.job_id!r} in fleet {fleet!r}",
-                job_id=req.job_id,
-                action=req.action,
-            )
-            self._reject(conn, message, rejection, echo, now)
-            return _Outcome(req.action, accepted=False)
-        self._accept(conn, req, echo, now)
-        return _Outcome(req.action, accepted=True)
+        room = self._settings.max_in_flight - store.count_active(conn, fleet)
+        parsed = [messages.parse_job_request(m.body, m.content_type) for m in batch]
+        known = store.intake_views(
+            conn, fleet, {p.job_id for p in parsed if isinstance(p, JobRequest)}
+        )
+        new_jobs: list[lifecycle.JobState] = []
+        requests: list[tuple[str, str]] = []
+        out: list[OutboxMessage] = []
+        outcomes: list[_Outcome] = []
+        for message, req in zip(batch, parsed, strict=True):
+            echo = _echo(message)
+            if isinstance(req, Rejection):
+                out += self._rejected(message, req, echo, now)
+                outcomes.append(_Outcome(req.action or "", accepted=False))
+                continue
+            view = known.get(req.job_id)
+            refusal: Rejection | None = None
+            if req.action == "submit":
+                digest = messages.request_hash(req)
+                if view is None and room <= 0:
+                    outcomes.append(_Outcome("submit", accepted=False, deferred=True))
+                    continue
+                if view is None:
+                    new_jobs.append(self._new_job(req, digest, echo, now))
+                    known[req.job_id] = store.IntakeView(digest, None)
+                    room -= 1
+                elif view.request_hash != digest:
+                    refusal = Rejection(
+                        code=JOB_CONFLICT,
+                        message=f"job {req.job_id!r} exists with a different request",
+                        job_id=req.job_id,
+                        action="submit",
+                    )
+            elif view is None:
+                refusal = Rejection(
+                    code=JOB_NOT_FOUND,
+                    message=f"no job {req.job_id!r} in fleet {fleet!r}",
+                    job_id=req.job_id,
+                    action=req.action,
+                )
+            else:
+                requests.append((req.job_id, req.action))
+            if refusal is not None:
+                out += self._rejected(message, refusal, echo, now)
+                outcomes.append(_Outcome(req.action, accepted=False))
+                continue
+            out += self._accepted(req, echo, now)
+            if req.action == "submit" and view is not None and view.last_status_event:
+                # Idempotent re-submit: the job's latest status again, same id.
+                out.append(view.last_status_event)
+                if echo.reply_to:
+                    out.append(_copy_to(view.last_status_event, echo.reply_to))
+            outcomes.append(_Outcome(req.action, accepted=True))
+        if len(store.insert_jobs(conn, new_jobs, next_run_at=now)) < len(new_jobs):
+            raise _Raced
+        store.request_actions(conn, fleet, requests, now=now)
+        outbox.enqueue(conn, out)
+        return outcomes
 
-    def _submit(
-        self,
-        conn: store.Conn,
-        message: InboundMessage,
-        req: JobRequest,
-        echo: Echo,
-        now: datetime,
-    ) -> _Outcome:
-        fleet = self._settings.fleet_id
-        digest = messages.request_hash(req)
-        existing = store.get_job(conn, fleet, req.job_id, for_update=True)
-        if existing is None and self._room <= 0:
-            return _Outcome("submit", accepted=False, deferred=True)
-        if existing is None:
-            state = lifecycle.new_job(
-                job_id=req.job_id,
-                fleet_id=fleet,
-                request=req.request,
-                adopt_id=req.batch_request_id,
-                request_hash=digest,
-                auto_start=req.auto_start,
-                deadline=req.deadline,
-                max_cost_pu=req.max_cost_pu,
-                echo=echo,
-                now=now,
-            )
-            if store.insert_job(conn, state, next_run_at=now):
-                self._room -= 1
-                self._accept(conn, req, echo, now)
-                return _Outcome("submit", accepted=True)
-            # Another worker's intake inserted it since we looked; its row is committed.
-            existing = store.get_job(conn, fleet, req.job_id, for_update=True)
-            if existing is None:  # pragma: no cover - a row cannot vanish once inserted
-                raise RuntimeError("job row vanished after a conflicting insert")
-        if existing.state.request_hash != digest:
-            rejection = Rejection(
-                code=JOB_CONFLICT,
-                message=f"job {req.job_id!r} exists with a different request",
-                job_id=req.job_id,
-                action="submit",
-            )
-            self._reject(conn, message, rejection, echo, now)
-            return _Outcome("submit", accepted=False)
-        self._accept(conn, req, echo, now)
-        if existing.last_status_event is not None:
-            store_msgs = [existing.last_status_event]
-            if echo.reply_to:
-                store_msgs.append(_copy_to(existing.last_status_event, echo.reply_to))
-            _enqueue(conn, store_msgs)
-        return _Outcome("submit", accepted=True)
+    def _new_job(
+        self, req: JobRequest, digest: str, echo: Echo, now: datetime
+    ) -> lifecycle.JobState:
+        return lifecycle.new_job(
+            job_id=req.job_id,
+            fleet_id=self._settings.fleet_id,
+            request=req.request,
+            adopt_id=req.batch_request_id,
+            request_hash=digest,
+            auto_start=req.auto_start,
+            deadline=req.deadline,
+            max_cost_pu=req.max_cost_pu,
+            echo=echo,
+            now=now,
+        )
 
     # -- events -------------------------------------------------------------------------
 
-    def _accept(self, conn: store.Conn, req: JobRequest, echo: Echo, now: datetime) -> None:
-        _enqueue(
-            conn,
-            events.command_event(
-                "accepted",
-                fleet_id=self._settings.fleet_id,
-                exchange=self._settings.events_exchange,
-                worker=self._settings.worker_name,
-                now=now,
-                job_id=req.job_id,
-                action=req.action,
-                echo=echo,
-            ),
+    def _accepted(self, req: JobRequest, echo: Echo, now: datetime) -> list[OutboxMessage]:
+        return events.command_event(
+            "accepted",
+            fleet_id=self._settings.fleet_id,
+            exchange=self._settings.events_exchange,
+            worker=self._settings.worker_name,
+            now=now,
+            job_id=req.job_id,
+            action=req.action,
+            echo=echo,
         )
 
-    def _reject(
-        self,
-        conn: store.Conn,
-        message: InboundMessage,
-        rejection: Rejection,
-        echo: Echo,
-        now: datetime,
-    ) -> None:
+    def _rejected(
+        self, message: InboundMessage, rejection: Rejection, echo: Echo, now: datetime
+    ) -> list[OutboxMessage]:
+        """The rejected event, and the message whole for the DLQ with the reason."""
         log.info(
             "rejected a job request: %s (job %s, action %s)",
             rejection.code,
@@ -249,7 +248,19 @@ class Intake:
                 now=now,
             )
         )
-        _enqueue(conn, out)
+        return out
+
+
+class _Raced(Exception):
+    """A job this batch meant to create was created by another intake meanwhile."""
+
+
+def _echo(message: InboundMessage) -> Echo:
+    return Echo(
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+    )
 
 
 def _copy_to(message: OutboxMessage, reply_to: str) -> OutboxMessage:
@@ -261,7 +272,3 @@ def _copy_to(message: OutboxMessage, reply_to: str) -> OutboxMessage:
         properties=message.properties,
         headers=message.headers,
     )
-
-
-def _enqueue(conn: store.Conn, out: list[OutboxMessage]) -> None:
-    outbox.enqueue(conn, out)
