@@ -10,7 +10,7 @@ from worker import lifecycle
 from worker.api.errors import NotFound
 from worker.api.models import Page, Task
 from worker.lifecycle import DuplicateFound, TaskMissing, TaskSeen
-from worker.poller import Poller, due_targets
+from worker.poller import Poller, SweepSchedule, due_targets, sweep_reach
 from worker.store import PollTarget
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -160,3 +160,72 @@ def test_only_duplicates_that_can_still_run_are_reported() -> None:
         DuplicateFound(batch_request_id=f"dup-{s}")
         for s in ("ANALYSING", "ANALYSIS_DONE", "PROCESSING")
     ]
+
+
+# -- duplicate sweeps ------------------------------------------------------------------------
+
+
+def duplicate_of(job_id: str, created: datetime, status: str = "ANALYSING") -> Task:
+    tag = lifecycle.tag_for(FLEET, job_id)
+    return Task(id=f"dup-{job_id}", status=status, created=created, request={"description": tag})
+
+
+def test_a_sweep_lists_for_duplicates_where_gets_would_be_cheaper() -> None:
+    targets = [target(i, seen=T0) for i in range(3)]
+    due = [target(0)]
+    tasks = [task(i) for i in range(3)]
+    tasks.append(duplicate_of("j1", T0 + timedelta(seconds=5)))
+    api = ListingApi(tasks, page_size=100)
+    poller = Poller(api, FLEET)
+    assert poller.round(targets, due).method == "get"  # without a sweep: one GET, blind
+    api.gets = 0
+    result = poller.round(targets, due, sweep=True)
+    assert (result.method, result.swept, api.pages, api.gets) == ("sweep", True, 1, 0)
+    assert result.observations == {"j1": [DuplicateFound(batch_request_id="dup-j1")]}
+    assert sorted(result.unchanged) == ["j0", "j1", "j2"]  # the scan read their statuses
+
+
+def test_a_sweep_runs_with_nothing_due_and_reaches_back_past_a_doubtful_create() -> None:
+    skew = timedelta(seconds=30)
+    accepted = T0 - timedelta(minutes=5)
+    doubtful = replace(target(0, seen=T0), create_doubtful=True, accepted_at=accepted)
+    others = [target(i, seen=T0) for i in (1, 2)]
+    # The lost POST made its request minutes before the one the job found by its tag.
+    lost = duplicate_of("j0", accepted + timedelta(seconds=1), status="PROCESSING")
+    api = ListingApi([*(task(i) for i in range(3)), lost], page_size=2)
+    assert sweep_reach([doubtful, *others]) == accepted
+    assert sweep_reach(others) == T0 + timedelta(seconds=1)
+    result = Poller(api, FLEET, clock_skew=skew).round([doubtful, *others], [], sweep=True)
+    assert result.swept and api.pages == 2
+    assert result.observations == {"j0": [DuplicateFound(batch_request_id="dup-j0")]}
+
+
+def test_a_sweep_stays_inside_the_round_budget() -> None:
+    targets = [target(i, seen=T0) for i in range(30)]
+    api = ListingApi([task(i) for i in range(30)], page_size=10)
+    result = Poller(api, FLEET).round(targets, targets[:1], max_requests=2, sweep=True)
+    assert (result.requests, api.pages, api.gets, result.swept) == (2, 2, 0, False)
+
+
+def test_sweeps_come_every_interval_and_soon_after_a_doubtful_create() -> None:
+    every, lag = timedelta(minutes=2), timedelta(minutes=1)
+    schedule = SweepSchedule(every=every, list_lag=lag)
+    plain = [target(1, seen=T0)]
+    assert not schedule.wanted([], T0)  # no active job, nothing to sweep for
+    assert schedule.wanted(plain, T0)  # the first round after a start
+    schedule.done(plain, started=T0, complete=True)
+    assert not schedule.wanted(plain, T0 + every - timedelta(seconds=1))
+    assert schedule.next_at(plain) == T0 + every
+    # A doubtful create turns up: a sweep at once, and one more when the list has settled.
+    created = T0 + timedelta(seconds=10)
+    doubtful = replace(target(2), upstream_created=created, create_doubtful=True)
+    jobs = [*plain, doubtful]
+    assert schedule.wanted(jobs, T0 + timedelta(seconds=11))
+    schedule.done(jobs, started=T0 + timedelta(seconds=11), complete=False)
+    assert schedule.wanted(jobs, T0 + timedelta(seconds=12))  # cut short: not reached yet
+    schedule.done(jobs, started=T0 + timedelta(seconds=12), complete=True)
+    assert schedule.next_at(jobs) == created + lag
+    assert not schedule.wanted(jobs, created + lag - timedelta(seconds=1))
+    assert schedule.wanted(jobs, created + lag)
+    schedule.done(jobs, started=created + lag, complete=True)
+    assert schedule.next_at(jobs) == created + lag + every  # only the regular ones now

@@ -34,7 +34,7 @@ from worker.lifecycle import (
     Transition,
     Wake,
 )
-from worker.poller import Poller, due_targets
+from worker.poller import Poller, SweepSchedule, due_targets
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 MAX_STEPS_PER_CLAIM = 32
 # Status reads may spend this share of the request budget; creates and actions get the rest.
 STATUS_BUDGET_SHARE = 0.75
+# A duplicate sweep (a list scan back to the oldest active job, for duplicates; see
+# worker/poller.py) at least this many poll intervals apart, and soon after a doubtful create.
+SWEEP_EVERY_POLLS = 4
 # The shortest retry the derived timings go down to.
 _FLOOR = timedelta(milliseconds=100)
 
@@ -129,6 +132,10 @@ class Engine:
             on_duplicate_stopped=metrics.duplicate_stopped if metrics else (lambda: None),
         )
         self._poller = Poller(client, self._fleet, clock_skew=self._policy.clock_skew)
+        self._sweeps = SweepSchedule(
+            every=self._policy.poll_interval * SWEEP_EVERY_POLLS,
+            list_lag=self._policy.list_lag_window,
+        )
         poll_seconds = self._policy.poll_interval.total_seconds()
         self._round_requests = max(
             1, int(settings.api_budget_per_minute * poll_seconds / 60 * STATUS_BUDGET_SHARE)
@@ -215,7 +222,8 @@ class Engine:
         with self._pool.connection() as conn:
             targets = store.active_poll_targets(conn, self._fleet)
         due = due_targets(targets, now=now, interval=interval, rest_interval=rest)
-        if not due:
+        sweep = self._sweeps.wanted(targets, now)
+        if not due and not sweep:
             soonest = min(
                 (
                     t.last_seen_at + (rest if t.resting else interval)
@@ -224,8 +232,11 @@ class Engine:
                 ),
                 default=now + interval,
             )
+            soonest = min(soonest, self._sweeps.next_at(targets) or soonest)
             return float(max(0.2, min((soonest - now).total_seconds(), interval.total_seconds())))
-        result = self._poller.round(targets, due, max_requests=self._round_requests)
+        result = self._poller.round(targets, due, max_requests=self._round_requests, sweep=sweep)
+        if sweep:
+            self._sweeps.done(targets, started=now, complete=result.swept)
         with self._pool.connection() as conn:
             store.touch_seen(conn, self._fleet, result.unchanged, seen_at=now)
             claims = (

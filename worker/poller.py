@@ -13,6 +13,13 @@ keeps them moving.
 The request budget wins over freshness: a round spends at most ``max_requests`` (the
 budget's share for one poll interval), stalest jobs first; what it cannot read stays due
 and ``batch_worker_status_lag_seconds`` shows the debt.
+
+Duplicates (another request carrying a job's tag) show only in list pages, so with few jobs,
+where GETs are cheaper, they would never be seen. A *sweep* is a round that scans the list
+back to the oldest active job whatever GETs would cost (``SweepSchedule``): every few poll
+intervals, and soon after a job whose create was doubtful (the likely source of
+duplicates). A sweep reads every listed job's status too, so it replaces GETs of that round
+and costs only the pages beyond them (docs/performance.md "Duplicate sweeps").
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from worker import lifecycle
 from worker.actions import BatchApi, snapshot
@@ -46,7 +53,8 @@ class PollResult:
     observations: dict[str, list[Observation]] = field(default_factory=dict)
     unchanged: list[str] = field(default_factory=list)
     requests: int = 0
-    method: str = "none"
+    method: str = "none"  # "list", "get", "sweep" or "none"
+    swept: bool = False  # a sweep's scan reached the oldest active job (within its budget)
 
     def add(self, job_id: str, observation: Observation) -> None:
         self.observations.setdefault(job_id, []).append(observation)
@@ -79,6 +87,63 @@ def due_targets(
     return due
 
 
+def sweep_reach(targets: list[PollTarget]) -> datetime | None:
+    """How far back a sweep must list: the oldest active request's creation, or, for a job
+    whose create was doubtful, its acceptance (a lost POST may predate its known request)."""
+    starts = [
+        (t.accepted_at or t.upstream_created) if t.create_doubtful else t.upstream_created
+        for t in targets
+    ]
+    known = [start for start in starts if start is not None]
+    return min(known) if known else None
+
+
+class SweepSchedule:
+    """When a round must be a duplicate sweep: ``every`` since the last one, and soon for a
+    doubtful create: at once, and again once ``list_lag`` has passed since its request's
+    creation (a duplicate the list did not show yet shows by then). In memory: a restart
+    costs one early sweep."""
+
+    def __init__(self, *, every: timedelta, list_lag: timedelta) -> None:
+        self._every = every
+        self._lag = list_lag
+        self._last: datetime | None = None
+        self._doubts_swept: dict[str, datetime] = {}  # job id -> start of its last sweep
+
+    def _doubt_due_at(self, target: PollTarget) -> datetime | None:
+        """When a doubtful job next needs a sweep; None when it needs none."""
+        if not target.create_doubtful:
+            return None
+        swept = self._doubts_swept.get(target.job_id)
+        if swept is None:
+            return datetime.min.replace(tzinfo=UTC)
+        settled = (target.upstream_created or target.accepted_at or swept) + self._lag
+        return settled if swept < settled else None
+
+    def next_at(self, targets: list[PollTarget]) -> datetime | None:
+        """When a sweep is next wanted; None without active jobs."""
+        if not targets:
+            return None
+        regular = self._last + self._every if self._last else datetime.min.replace(tzinfo=UTC)
+        doubts = [d for d in map(self._doubt_due_at, targets) if d is not None]
+        return min([regular, *doubts])
+
+    def wanted(self, targets: list[PollTarget], now: datetime) -> bool:
+        due = self.next_at(targets)
+        return due is not None and due <= now
+
+    def done(self, targets: list[PollTarget], *, started: datetime, complete: bool) -> None:
+        """Record a sweep begun at ``started``; an incomplete one (budget) still counts for
+        the rate, but a doubtful job waits for one that reached it."""
+        self._last = started
+        active = {t.job_id for t in targets}
+        self._doubts_swept = {j: at for j, at in self._doubts_swept.items() if j in active}
+        if complete:
+            for t in targets:
+                if t.create_doubtful:
+                    self._doubts_swept[t.job_id] = started
+
+
 class Poller:
     def __init__(
         self,
@@ -102,13 +167,28 @@ class Poller:
         return max(1, math.ceil(ours * self._crowding / self._page_size))
 
     def round(
-        self, targets: list[PollTarget], due: list[PollTarget], *, max_requests: int | None = None
+        self,
+        targets: list[PollTarget],
+        due: list[PollTarget],
+        *,
+        max_requests: int | None = None,
+        sweep: bool = False,
     ) -> PollResult:
         """Read the statuses of ``due`` (and whatever else the chosen scan covers), in at
-        most ``max_requests`` API requests; ``due`` stalest first."""
+        most ``max_requests`` API requests; ``due`` stalest first. ``sweep``: list back to
+        ``sweep_reach(targets)`` whatever GETs would cost, for duplicates."""
         result = PollResult()
         limit = max_requests if max_requests is not None else len(due) + 1_000_000
-        if not due or limit < 1:
+        if limit < 1:
+            return result
+        reach = sweep_reach(targets) if sweep else None
+        if reach is not None:
+            result.method = "sweep"
+            seen, result.swept = self._scan_to(targets, reach - self._skew, result, limit)
+            missed = [t for t in due if t.job_id not in seen]
+            self._get_each(missed[: max(0, limit - result.requests)], result)
+            return result
+        if not due:
             return result
         created = [t.upstream_created for t in due if t.upstream_created is not None]
         if created and len(due) > 1:
@@ -127,10 +207,18 @@ class Poller:
     def _scan(
         self, targets: list[PollTarget], stop_before: datetime, result: PollResult, limit: int
     ) -> set[str]:
+        return self._scan_to(targets, stop_before, result, limit)[0]
+
+    def _scan_to(
+        self, targets: list[PollTarget], stop_before: datetime, result: PollResult, limit: int
+    ) -> tuple[set[str], bool]:
+        """Observe every target listed down to ``stop_before``; the jobs seen, and whether
+        the scan got there (not cut short by ``limit`` or an error)."""
         by_id = {t.batch_request_id: t for t in targets if t.batch_request_id}
         by_tag = {lifecycle.tag_for(self._fleet_id, t.job_id): t for t in targets}
         seen: set[str] = set()
         listed = ours = 0
+        complete = False
         try:
             for page in self._client.iter_pages(sort="created:desc"):
                 result.requests += 1
@@ -148,13 +236,16 @@ class Poller:
                         seen.add(target.job_id)
                         self._observe(target, task, result)
                     self._check_duplicate(task, by_tag, result)
-                if reached_end or not page.next_token or result.requests >= limit:
+                if reached_end or not page.next_token:
+                    complete = True
+                    break
+                if result.requests >= limit:
                     break
         except ApiError as exc:
             log.warning("status list scan failed: %s", exc)
         if ours:
             self._crowding = max(1.0, listed / ours)
-        return seen
+        return seen, complete
 
     def _check_duplicate(
         self, task: Task, by_tag: dict[str, PollTarget], result: PollResult
