@@ -1,0 +1,181 @@
+"""A burst of submits: how fast does intake absorb them, next to how fast one client publishes?
+
+Target (issue 4): a burst of 10,000 submits absorbed at >= 25 % of the rate at which one
+client publishes them with confirms pipelined to the same broker.
+
+Side by side in one run, on the same broker and the same bodies (the GeoTIFF example, ~3 KB):
+1. baseline: one py-amqp client publishes N messages to a quorum queue, every confirm
+   outstanding until the end (pipelined), and waits for all of them;
+2. intake: the same N submits wait in the jobs queue; the worker's consumer and intake take
+   them in (one transaction per batch, acked after commit) until N jobs are in PostgreSQL;
+3. relay: the `command.accepted` events of those N jobs are published with confirms.
+
+    PYTHONPATH=. python bench/bench_intake.py --jobs 10000
+
+Needs RabbitMQ and PostgreSQL (BATCH_WORKER_TEST_BROKER_URL, BATCH_WORKER_TEST_DATABASE_URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import amqp
+import psycopg
+
+from worker import db, outbox, store
+from worker.broker import connection, declare_topology
+from worker.consumer import JobsConsumer
+from worker.intake import Intake
+from worker.relay import Relay
+from worker.settings import Settings
+
+BROKER_URL = os.environ.get("BATCH_WORKER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+PG_URL = os.environ.get(
+    "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "examples" / "max-ndvi-geotiff.json"
+
+
+def bodies(n: int) -> list[bytes]:
+    job = json.loads(EXAMPLE.read_text())
+    out = []
+    for i in range(n):
+        job["job_id"] = f"burst-{i:06d}"
+        out.append(json.dumps(job).encode())
+    return out
+
+
+def amqp_connection() -> amqp.Connection:
+    parts = urlsplit(BROKER_URL)
+    vhost = parts.path[1:] or "/"
+    conn = amqp.Connection(
+        host=f"{parts.hostname}:{parts.port or 5672}",
+        userid=parts.username or "guest",
+        password=parts.password or "guest",
+        virtual_host="/" if vhost == "/" else vhost,
+    )
+    conn.connect()
+    return conn
+
+
+def publish_pipelined(queue: str, payloads: list[bytes]) -> float:
+    """Publish every payload with confirms outstanding; return seconds until all confirmed."""
+    conn = amqp_connection()
+    channel = conn.channel()
+    channel.confirm_select()
+    acked = 0
+
+    def on_ack(delivery_tag: int, multiple: bool) -> None:
+        nonlocal acked
+        acked = delivery_tag if multiple else acked + 1
+
+    channel.events["basic_ack"].add(on_ack)
+    start = time.perf_counter()
+    for body in payloads:
+        channel.basic_publish(
+            amqp.Message(body, content_type="application/json", delivery_mode=2),
+            exchange="",
+            routing_key=queue,
+        )
+    while acked < len(payloads):
+        conn.drain_events(timeout=30)
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--consumers", type=int, default=1, help="intake consumers at once")
+    args = parser.parse_args()
+    n = args.jobs
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    database = f"bw_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+    database_url = urlunsplit(urlsplit(PG_URL)._replace(path=f"/{database}"))
+    settings = Settings(
+        broker_url=BROKER_URL,
+        database_url=database_url,
+        jobs_queue=f"{prefix}.jobs",
+        dlq=f"{prefix}.jobs.dlq",
+        events_exchange=f"{prefix}.events",
+        fleet_id=prefix,
+        worker_name="bench",
+    )
+    payloads = bodies(n)
+    pool = db.open_pool(settings, min_size=2, max_size=8)
+    try:
+        db.ensure_schema(pool)
+        with connection(settings, purpose="bench") as conn:
+            declare_topology(conn, settings)
+            channel = conn.channel()
+            baseline_queue = f"{prefix}.baseline"
+            channel.queue_declare(
+                baseline_queue,
+                durable=True,
+                auto_delete=False,
+                arguments={"x-queue-type": "quorum"},
+            )
+            baseline = publish_pipelined(baseline_queue, payloads)
+            channel.queue_delete(baseline_queue)
+            # The burst, queued before the worker starts taking it in.
+            publish_pipelined(settings.jobs_queue, payloads)
+
+            intake = Intake(settings, pool)
+            consumers = [JobsConsumer(settings, intake.handle_batch) for _ in range(args.consumers)]
+            start = time.perf_counter()
+            threads = [threading.Thread(target=c.run, daemon=True) for c in consumers]
+            for thread in threads:
+                thread.start()
+            while True:
+                with pool.connection() as pg:
+                    if store.count_active(pg, settings.fleet_id) >= n:
+                        break
+                time.sleep(0.05)
+            absorbed = time.perf_counter() - start
+            for consumer, thread in zip(consumers, threads, strict=True):
+                consumer.request_stop()
+                thread.join(30)
+
+            relay = Relay(settings, pool)
+            start = time.perf_counter()
+            relay_thread = threading.Thread(target=relay.run, daemon=True)
+            relay_thread.start()
+            while True:
+                with pool.connection() as pg:
+                    if outbox.pending_count(pg) == 0:
+                        break
+                time.sleep(0.05)
+            relayed = time.perf_counter() - start
+            relay.request_stop()
+            relay_thread.join(30)
+            for name in (settings.jobs_queue, settings.dlq, f"{settings.events_exchange}.unrouted"):
+                channel.queue_delete(name)
+            for name in (settings.events_exchange, f"{settings.events_exchange}.unrouted"):
+                channel.exchange_delete(name)
+    finally:
+        pool.close()
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+    publish_rate = n / baseline
+    intake_rate = n / absorbed
+    relay_rate = n / relayed
+    print(f"jobs: {n}, body {len(payloads[0])} bytes, {args.consumers} intake consumer(s)")
+    print(f"one client, confirms pipelined: {publish_rate:8.0f} msg/s ({baseline:.1f} s)")
+    print(f"intake absorbs the burst:      {intake_rate:8.0f} jobs/s ({absorbed:.1f} s)")
+    print(f"relay publishes the accepted:  {relay_rate:8.0f} events/s ({relayed:.1f} s)")
+    print(f"ratio intake / publish: {intake_rate / publish_rate:.2f} (target >= 0.25)")
+
+
+if __name__ == "__main__":
+    main()
