@@ -44,7 +44,7 @@ import psycopg
 from worker import db, lifecycle, store
 from worker.api.budget import RequestBudget
 from worker.api.client import ApiHooks, BatchClient
-from worker.engine import Engine
+from worker.engine import SWEEP_EVERY_POLLS, Engine
 from worker.lifecycle import Tiles
 from worker.settings import Settings
 from worker.simulator.server import TOKEN_PATH
@@ -196,9 +196,30 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=600, help="API requests per minute")
     parser.add_argument("--threads", type=int, default=8, help="engine step threads")
     parser.add_argument("--timeout", type=float, default=7200.0, help="give up after (s)")
+    parser.add_argument(
+        "--sweeps",
+        choices=("on", "off", "both"),
+        default="on",
+        help="duplicate sweeps; 'both' runs without then with them and prints their cost",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.sweeps]
+    results: dict[bool, Counter[str]] = {}
+    for sweeps in modes:
+        print(f"== duplicate sweeps {'on' if sweeps else 'off'} ==", flush=True)
+        results[sweeps] = run(args, sweeps=sweeps)
+        print(flush=True)
+    if len(results) == 2:
+        off, on = results[False], results[True]
+        print("duplicate sweeps, same jobs, one run (requests per job, token excluded):")
+        for name in ("list", "get", "total"):
+            a, b = off[name] / args.jobs, on[name] / args.jobs
+            print(f"  {name:5}: off {a:6.2f}  on {b:6.2f}  extra {b - a:+.2f}")
 
+
+def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
+    """One bench run; prints its figures and answers the status-read request counts."""
     speed = args.speed
     tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     state_file = tmp / "simulator.json"
@@ -244,6 +265,7 @@ def main() -> None:
             tiles=NoTiles(),
             worker_name="bench",
             threads=args.threads,
+            sweep_every_polls=SWEEP_EVERY_POLLS if sweeps else None,
         )
         thread = threading.Thread(target=engine.run, name="engine")
         started = time.monotonic()
@@ -313,6 +335,7 @@ def main() -> None:
         f"SDK monitoring at its defaults, same timelines: {baseline:.2f} requests per job; "
         f"ratio ours/SDK {ours / baseline:.3f}"
     )
+    return Counter(list=requests["list"], get=requests["get"], total=total)
 
 
 if __name__ == "__main__":

@@ -437,3 +437,41 @@ def test_start_during_the_create_starts_instead_of_analysing(pool: ConnectionPoo
     job = record(pool)
     assert job.state.start_wanted and job.start_requested_at is None
     assert job.state.analyse_sent_at is None and job.state.start_sent_at is not None
+
+
+class CreateAlsoLeavesADuplicate(FakeApi):
+    """Each create also leaves an earlier request carrying the same tag, as a lost POST
+    would; someone analysed it, so it can be stopped (ANALYSIS_DONE stays put here)."""
+
+    def create(self, payload: dict[str, Any]) -> Task:
+        with self.lock:
+            lost = Task(
+                id=f"lost-{uuid.uuid4()}",
+                request=payload,
+                status="ANALYSIS_DONE",
+                created=datetime.now(UTC),
+            )
+            self.tasks[lost.id] = lost
+        return super().create(payload)
+
+
+def test_a_single_job_read_by_get_still_has_its_duplicates_swept(pool: ConnectionPool) -> None:
+    api, metrics = CreateAlsoLeavesADuplicate(), Recorder()
+    add_job(pool)
+    run_until_ended(pool, make_engine(pool, api, metrics=metrics))
+    (lost,) = (t for t in api.tasks.values() if t.id.startswith("lost-"))
+    state = record(pool).state
+    assert state.status == "DONE" and state.duplicates_stopped == (lost.id,)
+    assert lost.id != state.batch_request_id
+    assert api.tasks[lost.id].status == "STOPPED"
+    assert metrics.duplicates >= 1
+    assert "get" in api.calls  # one job: statuses are read by GET, the sweep lists anyway
+
+
+def test_without_sweeps_a_single_job_never_lists(pool: ConnectionPool) -> None:
+    # The baseline the test above improves on: GETs alone never see a duplicate.
+    api = CreateAlsoLeavesADuplicate()
+    add_job(pool)
+    run_until_ended(pool, make_engine(pool, api, sweep_every_polls=None))
+    assert record(pool).state.duplicates_stopped == ()
+    assert "list" not in api.calls

@@ -113,7 +113,10 @@ class Engine:
         claim_batch: int = 64,
         idle_wait: float = 0.5,
         gauges_every: float = 10.0,
+        sweep_every_polls: int | None = SWEEP_EVERY_POLLS,
     ) -> None:
+        """``sweep_every_polls`` None: no duplicate sweeps at all (a baseline for
+        bench/bench_engine.py; a deployment wants them)."""
         self._settings = settings
         self._pool = pool
         self._fleet = settings.fleet_id
@@ -132,9 +135,13 @@ class Engine:
             on_duplicate_stopped=metrics.duplicate_stopped if metrics else (lambda: None),
         )
         self._poller = Poller(client, self._fleet, clock_skew=self._policy.clock_skew)
-        self._sweeps = SweepSchedule(
-            every=self._policy.poll_interval * SWEEP_EVERY_POLLS,
-            list_lag=self._policy.list_lag_window,
+        self._sweeps = (
+            SweepSchedule(
+                every=self._policy.poll_interval * sweep_every_polls,
+                list_lag=self._policy.list_lag_window,
+            )
+            if sweep_every_polls is not None
+            else None
         )
         poll_seconds = self._policy.poll_interval.total_seconds()
         self._round_requests = max(
@@ -222,7 +229,8 @@ class Engine:
         with self._pool.connection() as conn:
             targets = store.active_poll_targets(conn, self._fleet)
         due = due_targets(targets, now=now, interval=interval, rest_interval=rest)
-        sweep = self._sweeps.wanted(targets, now)
+        sweeps = self._sweeps
+        sweep = sweeps is not None and sweeps.wanted(targets, now)
         if not due and not sweep:
             soonest = min(
                 (
@@ -232,11 +240,12 @@ class Engine:
                 ),
                 default=now + interval,
             )
-            soonest = min(soonest, self._sweeps.next_at(targets) or soonest)
+            if sweeps is not None:
+                soonest = min(soonest, sweeps.next_at(targets) or soonest)
             return float(max(0.2, min((soonest - now).total_seconds(), interval.total_seconds())))
         result = self._poller.round(targets, due, max_requests=self._round_requests, sweep=sweep)
-        if sweep:
-            self._sweeps.done(targets, started=now, complete=result.swept)
+        if sweep and sweeps is not None:
+            sweeps.done(targets, started=now, complete=result.swept)
         with self._pool.connection() as conn:
             store.touch_seen(conn, self._fleet, result.unchanged, seen_at=now)
             claims = (
