@@ -293,7 +293,7 @@ class BatchClient:
                     "list answer has no data array", code="INVALID_RESPONSE", endpoint=endpoint
                 )
             next_token = self._next_token(answer.get("links"))
-            if next_token == token:
+            if next_token is not None and next_token == token:
                 logger.warning("%s: the API repeated page token; stopping", endpoint)
                 next_token = None
             yield data, (next_token if data else None)
