@@ -26,6 +26,7 @@ from worker import db, outbox
 from worker.api.client import BatchClient
 from worker.consumer import JobsConsumer
 from worker.engine import Engine
+from worker.events import OutboxMessage
 from worker.health import Health, ProbeServer
 from worker.intake import Intake
 from worker.metrics import Metrics
@@ -118,9 +119,7 @@ class Daemon:
         relay = Relay(
             settings,
             pool,
-            on_published=lambda message: self.metrics.event_published(
-                str(message.properties.get("type", "dead-letter"))
-            ),
+            on_published=self._count_published,
             on_connection_change=connections.callback("relay"),
         )
         engine = Engine(
@@ -170,6 +169,11 @@ class Daemon:
                 self.metrics.outbox_pending(outbox.pending_count(conn))
         except (psycopg.Error, PoolTimeout) as exc:  # the relay reports DB trouble itself
             log.debug("could not sample the outbox (%s)", type(exc).__name__)
+
+    def _count_published(self, message: OutboxMessage) -> None:
+        # Events only: reply_to copies and dead letters are not events of their own.
+        if message.exchange == self.settings.events_exchange:
+            self.metrics.event_published(str(message.properties.get("type", "")))
 
     def _guard(self, loop: _Loop) -> Callable[[], None]:
         def target() -> None:
