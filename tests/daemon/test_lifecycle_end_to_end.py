@@ -90,6 +90,15 @@ def test_metrics_and_probes_are_served(
     producer.publish(job)
     events.wait_terminal(job["job_id"], timeout=90)
     events.wait_for(lambda: _metric(port, "batch_worker_jobs_finished_total") > 0, 30, "metrics")
+    # Every event the broker confirmed is counted once (a reply_to copy would not count).
+    events.wait_for(
+        lambda: (
+            _metric(port, "batch_worker_events_published_total")
+            == len({e["id"] for e in events.received})
+        ),
+        30,
+        "events_published_total to match the events read",
+    )
     text = _get(port, "/metrics")
     for name in (
         "batch_worker_commands_total",
