@@ -16,12 +16,14 @@ from worker.lifecycle import (
     CreateRefused,
     CreateSucceeded,
     CreateUncertain,
+    DuplicateFound,
     JobError,
     NotFoundYet,
     Phase,
     Start,
     StartRequested,
     Stop,
+    StopDuplicate,
     TaskMissing,
     TaskSeen,
     Wake,
@@ -155,6 +157,18 @@ def test_cancel_before_any_request_is_known_stops_at_once_without_creating() -> 
     assert (t.actions, t.wake_at) == ((), None)
     assert (t.state.status, t.state.stopped_reason) == ("STOPPED", "USER_ACTION")
     assert run.emitted == [("status", "STOPPED")]
+
+
+def test_a_request_the_uncertain_create_made_turns_up_after_the_cancel_and_is_stopped() -> None:
+    run = Run(job())
+    run.feed(Wake(), at(0))
+    run.feed(CreateUncertain("timeout"), at(30))
+    ended = run.feed(CancelRequested(), at(31)).state
+    assert ended.create_doubtful  # what keeps the poller sweeping for it after the end
+    t = run.feed(DuplicateFound(RID), at(90))
+    assert t.actions == (StopDuplicate(RID),)
+    assert (t.state.status, t.state.duplicates_stopped) == ("STOPPED", (RID,))
+    assert run.emitted == [("status", "STOPPED"), ("progress", "STOPPED")]
 
 
 def test_deadline_before_any_request_exists_stops_directly() -> None:

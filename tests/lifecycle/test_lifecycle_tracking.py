@@ -288,8 +288,13 @@ def test_after_the_end_only_duplicates_are_stopped() -> None:
         t = run.feed(obs, at(300))
         assert (t.state, t.actions, t.emits, t.wake_at) == (ended, (), (), None)
     t = run.feed(DuplicateFound("dup-2"), at(400))
-    assert (t.actions, t.emits, t.wake_at) == ((StopDuplicate("dup-2"),), (), None)
+    assert (t.actions, t.wake_at) == ((StopDuplicate("dup-2"),), None)
     assert t.state.duplicates_stopped == ("dup-2",)
+    # Told once, in a progress event (the terminal status event stays the only status).
+    assert [(e.kind, e.sequence) for e in t.emits] == [("progress", ended.sequence + 1)]
+    assert (t.state.status, t.state.phase) == ("DONE", Phase.ENDED)
+    t = run.feed(DuplicateFound("dup-2"), at(430))
+    assert (t.actions, t.emits) == ((StopDuplicate("dup-2"),), ())
 
 
 # -- the final tile counts ----------------------------------------------------------------

@@ -191,7 +191,8 @@ def _pending(d: _Draft, obs: Observation) -> None:
         reason = _wanted_stop(d.state, d.now)
         if reason is not None:
             # Nothing upstream to stop. Should an uncertain create have made a request after
-            # all, a later scan reports it as a duplicate and it is stopped then.
+            # all, the poller keeps sweeping for the ended job a while (create_doubtful),
+            # and a running one is reported as a duplicate and stopped then.
             _end(d, "STOPPED", stopped_reason=reason.value)
             d.set(stop_reason=reason)
         elif isinstance(obs, Wake):
@@ -476,7 +477,10 @@ def _finish(d: _Draft) -> Transition:
 
     kind: Literal["status", "progress"] | None = None
     if before.phase is Phase.ENDED:
-        kind = None  # an ended job has published its one terminal event
+        # The one terminal event is out; only a duplicate stopped since (one a sweep found
+        # after a cancel while a create was uncertain) is news, told in a progress event.
+        if after.duplicates_stopped != before.duplicates_stopped:
+            kind = "progress"
     elif after.status != before.status:
         kind = "status"
     elif after.ending_since is None and _progressed(before, after):
