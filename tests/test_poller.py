@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from worker import lifecycle
 from worker.api.errors import NotFound
@@ -229,3 +232,66 @@ def test_sweeps_come_every_interval_and_soon_after_a_doubtful_create() -> None:
     assert schedule.wanted(jobs, created + lag)
     schedule.done(jobs, started=created + lag, complete=True)
     assert schedule.next_at(jobs) == created + lag + every  # only the regular ones now
+
+
+# -- ended jobs whose create was doubtful ----------------------------------------------------
+
+
+def ended_target(job_id: str = "j9", intent: datetime = T0) -> PollTarget:
+    """A job cancelled while its create was uncertain: no request of its own is known."""
+    return PollTarget(
+        job_id=job_id,
+        batch_request_id=None,
+        upstream_created=None,
+        status="STOPPED",
+        completion=0.0,
+        cost_pu=None,
+        last_seen_at=None,
+        create_doubtful=True,
+        accepted_at=intent - timedelta(seconds=5),
+        ended=True,
+        intent_at=intent,
+    )
+
+
+def test_an_ended_doubtful_job_is_swept_until_one_complete_sweep_after_its_create_settled() -> None:
+    every, lag = timedelta(minutes=2), timedelta(minutes=1)
+    schedule = SweepSchedule(every=every, list_lag=lag)
+    ended = schedule.lingering([ended_target()])
+    assert schedule.wanted(ended, T0)  # at once
+    schedule.done(ended, started=T0, complete=True)
+    # Once more when its last POST shows in the list, not on the regular cadence.
+    assert schedule.next_at(ended) == T0 + lag
+    assert schedule.lingering([ended_target()]) == ended  # the list may not show it yet
+    schedule.done(ended, started=T0 + lag, complete=False)  # cut short by the budget
+    assert schedule.lingering([ended_target()]) == ended
+    assert schedule.wanted(ended, T0 + lag)
+    schedule.done(ended, started=T0 + lag, complete=True)
+    assert schedule.lingering([ended_target()]) == []
+    assert schedule.next_at([]) is None
+
+
+def test_a_sweep_reports_a_running_request_of_an_ended_job_and_logs_a_created_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = duplicate_of("j8", T0, status="PROCESSING")
+    created = duplicate_of("j9", T0, status="CREATED").model_copy(update={"id": "dup-created"})
+    api = ListingApi([running, created], page_size=100)
+    targets = [ended_target("j8"), ended_target("j9")]
+    poller = Poller(api, FLEET)
+    with caplog.at_level(logging.WARNING, logger="worker.poller"):
+        result = poller.round(targets, [], sweep=True)
+        assert result.observations == {"j8": [DuplicateFound(batch_request_id="dup-j8")]}
+        assert result.unchanged == []  # an ended job's status is never read
+        poller.round(targets, [], sweep=True)  # the CREATED one is logged once, not per sweep
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "j9" in warnings[0] and "dup-created" in warnings[0] and "CREATED" in warnings[0]
+
+
+def test_an_ended_jobs_own_request_is_neither_read_nor_a_duplicate() -> None:
+    own = task(9, status="CREATED", description=lifecycle.tag_for(FLEET, "j9"))
+    ended = replace(ended_target(), batch_request_id=own.id, upstream_created=own.created)
+    api = ListingApi([own], page_size=100)
+    result = Poller(api, FLEET).round([ended], [], sweep=True)
+    assert (result.observations, result.unchanged, api.pages) == ({}, [], 1)

@@ -238,3 +238,41 @@ def test_a_request_arriving_during_a_step_makes_the_save_write_nothing(
         record = store.get_job(conn, FLEET, "j1")
     assert again is None
     assert record is not None and record.state == folded and record.cancel_requested_at is None
+
+
+def test_ended_doubtful_jobs_are_listed_for_sweeps_for_a_while_and_claimable(
+    pool: ConnectionPool,
+) -> None:
+    ended_at = T0 + timedelta(minutes=1)
+    for job_id in ("doubtful", "certain"):
+        insert(pool, job(job_id))
+    for c in claim(pool):
+        ended = c.state.model_copy(
+            update={
+                "phase": Phase.ENDED,
+                "status": "STOPPED",
+                "ended_at": ended_at,
+                "intent_at": T0,
+                "create_doubtful": c.state.job_id == "doubtful",
+            }
+        )
+        with pool.connection() as conn:
+            store.save_step(conn, ended, generation=c.generation, owner="w1")
+    with pool.connection() as conn:
+        (target,) = store.ended_doubtful_targets(conn, FLEET, ended_since=ended_at)
+        assert store.ended_doubtful_targets(conn, FLEET, ended_since=ended_at + LEASE) == []
+        assert store.active_poll_targets(conn, FLEET) == []
+    assert (target.job_id, target.ended, target.intent_at, target.accepted_at) == (
+        "doubtful",
+        True,
+        T0,
+        T0,
+    )
+    assert (target.create_doubtful, target.batch_request_id) == (True, None)
+    # A duplicate found for it must be stopped: the poller's claim by id takes it.
+    later = T0 + timedelta(hours=1)
+    with pool.connection() as conn:
+        (c,) = store.claim_due(
+            conn, FLEET, "w2", now=later, lease=LEASE, limit=1, job_ids=["doubtful"]
+        )
+    assert c.state.phase is Phase.ENDED

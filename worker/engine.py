@@ -46,6 +46,9 @@ STATUS_BUDGET_SHARE = 0.75
 # A duplicate sweep (a list scan back to the oldest active job, for duplicates; see
 # worker/poller.py) at least this many poll intervals apart, and soon after a doubtful create.
 SWEEP_EVERY_POLLS = 4
+# An ended doubtful job is swept for until list_lag_window and this many poll intervals
+# after its end: room for a few sweeps (SWEEP_EVERY_POLLS apart when the budget cuts them).
+ENDED_SWEEP_MARGIN_POLLS = 3 * SWEEP_EVERY_POLLS
 # The shortest retry the derived timings go down to.
 _FLOOR = timedelta(milliseconds=100)
 
@@ -143,6 +146,13 @@ class Engine:
             if sweep_every_polls is not None
             else None
         )
+        # How long after its end a doubtful job is still swept for (docs/lifecycle.md
+        # "Duplicate sweeps"): its last POST (no later than the end) shows in the list
+        # within list_lag_window; the rest is room for a sweep the budget cut short. Past
+        # it, a request nobody started stays CREATED, spending nothing.
+        self._ended_sweep_window = self._policy.list_lag_window + self._policy.poll_interval * (
+            ENDED_SWEEP_MARGIN_POLLS
+        )
         poll_seconds = self._policy.poll_interval.total_seconds()
         self._round_requests = max(
             1, int(settings.api_budget_per_minute * poll_seconds / 60 * STATUS_BUDGET_SHARE)
@@ -226,16 +236,27 @@ class Engine:
         """
         now = self._clock()
         interval, rest = self._policy.poll_interval, self._policy.rest_poll_interval
-        with self._pool.connection() as conn:
-            targets = store.active_poll_targets(conn, self._fleet)
-        due = due_targets(targets, now=now, interval=interval, rest_interval=rest)
         sweeps = self._sweeps
+        with self._pool.connection() as conn:
+            active = store.active_poll_targets(conn, self._fleet)
+            ended = (
+                sweeps.lingering(
+                    store.ended_doubtful_targets(
+                        conn, self._fleet, ended_since=now - self._ended_sweep_window
+                    )
+                )
+                if sweeps is not None
+                else []
+            )
+        # Ended jobs only widen a sweep (for their tag); their statuses are never read.
+        targets = active + ended
+        due = due_targets(active, now=now, interval=interval, rest_interval=rest)
         sweep = sweeps is not None and sweeps.wanted(targets, now)
         if not due and not sweep:
             soonest = min(
                 (
                     t.last_seen_at + (rest if t.resting else interval)
-                    for t in targets
+                    for t in active
                     if t.last_seen_at is not None
                 ),
                 default=now + interval,

@@ -52,6 +52,9 @@ CREATE INDEX IF NOT EXISTS bw_jobs_due
     ON bw_jobs (fleet_id, next_run_at) WHERE next_run_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS bw_jobs_active
     ON bw_jobs (fleet_id, upstream_created) WHERE ended_at IS NULL;
+CREATE INDEX IF NOT EXISTS bw_jobs_ended_doubtful
+    ON bw_jobs (fleet_id, ended_at)
+    WHERE ended_at IS NOT NULL AND (state->>'create_doubtful')::boolean;
 """
 
 Conn = psycopg.Connection[Any]
@@ -116,6 +119,10 @@ class PollTarget:
     # far back as the job's acceptance.
     create_doubtful: bool = False
     accepted_at: datetime | None = None
+    # An ended job still swept a while, for a request its doubtful create may have made
+    # (docs/lifecycle.md "Duplicate sweeps"): never read for its status, only for its tag.
+    ended: bool = False
+    intent_at: datetime | None = None  # the job's last create attempt
 
 
 # ------------------------------------------------------------------------------------------
@@ -339,16 +346,15 @@ def claim_due(
     limit: int,
     job_ids: Sequence[str] | None = None,
 ) -> list[Claim]:
-    """Lease up to ``limit`` due jobs (or the given ``job_ids`` when free, due or not).
+    """Lease up to ``limit`` due jobs (or the given ``job_ids`` when free: due or not,
+    ended or not).
 
     SKIP LOCKED lets many workers claim at once without waiting on each other's rows.
     A claimed job is due again when its lease runs out: should this worker die mid-step,
     the next owner resumes it then, even if it is a tracked job with no timed wake-up.
     """
-    if job_ids is None:
-        where = "next_run_at <= %(now)s"
-    else:
-        where = "job_id = ANY(%(job_ids)s) AND ended_at IS NULL"
+    # Given jobs may have ended: a duplicate found for one must still be stopped (and told).
+    where = "next_run_at <= %(now)s" if job_ids is None else "job_id = ANY(%(job_ids)s)"
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
             f"""
@@ -522,6 +528,23 @@ def active_poll_targets(conn: Conn, fleet_id: str) -> list[PollTarget]:
         ORDER BY upstream_created DESC NULLS LAST
         """,
         (fleet_id,),
+    ).fetchall()
+    return [PollTarget(*row) for row in rows]
+
+
+def ended_doubtful_targets(conn: Conn, fleet_id: str, *, ended_since: datetime) -> list[PollTarget]:
+    """Jobs that ended at or after ``ended_since`` with a doubtful create: a request they
+    never knew may exist, so duplicate sweeps keep looking for their tag a while."""
+    rows = conn.execute(
+        """
+        SELECT job_id, batch_request_id, upstream_created, status,
+               COALESCE((state->>'completion')::float8, 0), (state->>'cost_pu')::float8,
+               last_seen_at, false, true, accepted_at, true,
+               (state->>'intent_at')::timestamptz
+        FROM bw_jobs
+        WHERE fleet_id = %s AND ended_at >= %s AND (state->>'create_doubtful')::boolean
+        """,
+        (fleet_id, ended_since),
     ).fetchall()
     return [PollTarget(*row) for row in rows]
 
