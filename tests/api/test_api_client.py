@@ -202,3 +202,35 @@ def test_a_budget_wait_is_reported(
 
     assert len(recorder.budget_waits) == 1
     assert 0 < recorder.budget_waits[0] <= 0.1 + 1e-6
+
+
+def test_creates_ask_the_budget_at_low_priority_and_everything_else_at_high(
+    make_client: MakeClient, server: ScriptedServer
+) -> None:
+    from worker.api.budget import Priority, RequestBudget
+
+    class RecordingBudget(RequestBudget):
+        def __init__(self) -> None:
+            super().__init__(per_minute=6000)
+            self.asked: list[Priority] = []
+
+        def acquire(self, priority: Priority = Priority.HIGH) -> float:
+            self.asked.append(priority)
+            return super().acquire(priority)
+
+    budget = RecordingBudget()
+    client = make_client(budget=budget)
+    server.on("POST", "/process", Reply(201, task_body(RID)))
+    server.on("GET", f"/process/{RID}", Reply(200, task_body(RID)))
+    server.on("GET", "/process", Reply(200, {"data": [task_body(RID)], "links": {}}))
+    for action in ("analyse", "start", "stop"):
+        server.on("POST", f"/process/{RID}/{action}", Reply(204))
+
+    client.create(seed())
+    client.get(RID)
+    list(client.iter_pages())
+    client.analyse(RID)
+    client.start(RID)
+    client.stop(RID)
+
+    assert budget.asked == [Priority.LOW] + [Priority.HIGH] * 5

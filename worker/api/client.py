@@ -21,7 +21,7 @@ from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnection
 
 from worker.api.auth import ENDPOINT as TOKEN_ENDPOINT
 from worker.api.auth import TokenSource, retry_after_seconds
-from worker.api.budget import RequestBudget
+from worker.api.budget import Priority, RequestBudget
 from worker.api.errors import (
     ApiError,
     ClientError,
@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 _USER_AGENT = "batch-worker"
 _MESSAGE_LIMIT = 300  # characters of a non-JSON error body kept in an error message
+# Creates wait for tokens nobody else wants: a status read or an action on a running job
+# is what a job's latency waits on, and a storm of creates must not queue ahead of it.
+_LOW_PRIORITY_ENDPOINTS = frozenset({"create"})
 
 
 @dataclass
@@ -387,7 +390,8 @@ class BatchClient:
 
     def _send(self, call: _Call, token: str) -> requests.Response:
         if self._budget is not None:
-            waited = self._budget.acquire()
+            priority = Priority.LOW if call.endpoint in _LOW_PRIORITY_ENDPOINTS else Priority.HIGH
+            waited = self._budget.acquire(priority)
             if waited > 0 and self._hooks.on_budget_wait is not None:
                 self._hook(self._hooks.on_budget_wait, waited)
         started = time.monotonic()
