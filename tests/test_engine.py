@@ -7,9 +7,11 @@ status per read, so a job runs through its whole lifecycle in a fraction of a se
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -184,7 +186,7 @@ def make_engine(pool: ConnectionPool, api: FakeApi, name: str = "w1", **kw: Any)
         api,
         tiles=NoTiles(),
         metrics=kw.pop("metrics", None),
-        policy=FAST,
+        policy=kw.pop("policy", FAST),
         worker_name=name,
         threads=4,
         idle_wait=0.02,
@@ -475,3 +477,81 @@ def test_without_sweeps_a_single_job_never_lists(pool: ConnectionPool) -> None:
     run_until_ended(pool, make_engine(pool, api, sweep_every_polls=None))
     assert record(pool).state.duplicates_stopped == ()
     assert "list" not in api.calls
+
+
+# -- a request an uncertain create made, found after the job was cancelled --------------------
+
+# The list lag is long here so nothing scans for the tag before the cancel ends the job (the
+# steps below are driven one by one; no test waits for it).
+SLOW_LIST = replace(FAST, list_lag_window=timedelta(seconds=30))
+
+
+def cancelled_while_the_create_was_uncertain(
+    pool: ConnectionPool, api: FakeApi, metrics: Recorder
+) -> Engine:
+    """The POST lands but times out; a cancel then ends the job before it learns of it."""
+    api.create_times_out = True
+    add_job(pool)
+    engine = make_engine(pool, api, policy=SLOW_LIST, metrics=metrics)
+    now = datetime.now(UTC)
+    with pool.connection() as conn:
+        (claim,) = store.claim_due(conn, FLEET, "w1", now=now, lease=timedelta(seconds=30), limit=1)
+    engine.drive(claim, [])  # Wake -> Create -> CreateUncertain; released to scan later
+    with pool.connection() as conn:
+        assert store.request_action(conn, FLEET, "j1", "cancel", now=now)
+        (claim,) = store.claim_due(
+            conn, FLEET, "w1", now=now, lease=timedelta(seconds=30), limit=1, job_ids=["j1"]
+        )
+    engine.drive(claim, [])
+    state = record(pool).state
+    assert (state.status, state.batch_request_id, state.create_doubtful) == ("STOPPED", None, True)
+    assert api.calls == ["create"]
+    return engine
+
+
+def job_events(pool: ConnectionPool, job_id: str = "j1") -> list[dict[str, Any]]:
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT body FROM bw_outbox WHERE exchange = 'ev' ORDER BY id"
+        ).fetchall()
+    events = [json.loads(bytes(body)) for (body,) in rows]
+    return [e for e in events if e["subject"] == job_id and e["type"].startswith("batchworker.job")]
+
+
+def test_a_running_request_found_after_the_cancel_is_stopped_and_reported(
+    pool: ConnectionPool,
+) -> None:
+    api, metrics = FakeApi(), Recorder()
+    engine = cancelled_while_the_create_was_uncertain(pool, api, metrics)
+    (landed,) = api.tasks.values()
+    api.tasks[landed.id] = landed.model_copy(update={"status": "ANALYSIS_DONE"})  # someone ran it
+    engine.poll_once()  # a sweep at once for the ended doubtful job
+    assert api.tasks[landed.id].status == "STOPPED"
+    state = record(pool).state
+    assert (state.status, state.duplicates_stopped) == ("STOPPED", (landed.id,))
+    kinds = [
+        (e["type"], e["data"]["status"], e["data"]["duplicates_stopped"]) for e in job_events(pool)
+    ]
+    assert kinds == [
+        ("batchworker.job.status", "STOPPED", []),
+        ("batchworker.job.progress", "STOPPED", [landed.id]),
+    ]
+    assert metrics.duplicates == 1
+    assert metrics.finished == [("STOPPED", "USER_ACTION")]  # the job ended once
+    assert record(pool).next_run_at is None
+
+
+def test_a_created_request_found_after_the_cancel_is_left_alone_and_logged(
+    pool: ConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    api, metrics = FakeApi(), Recorder()
+    engine = cancelled_while_the_create_was_uncertain(pool, api, metrics)
+    (landed,) = api.tasks.values()
+    with caplog.at_level(logging.WARNING, logger="worker.poller"):
+        engine.poll_once()
+    assert "list" in api.calls and "stop" not in api.calls
+    assert api.tasks[landed.id].status == "CREATED"
+    assert record(pool).state.duplicates_stopped == ()
+    assert [e["data"]["status"] for e in job_events(pool)] == ["STOPPED"]
+    assert any(landed.id in r.getMessage() and "j1" in r.getMessage() for r in caplog.records)
+    assert metrics.duplicates == 0
