@@ -26,6 +26,7 @@ from tests.daemon.conftest import (  # noqa: F401 - fixtures, found by pytest
     simulator,
     stack,
     start_worker,
+    take_all,
 )
 
 # Wide enough that rich never wraps a table cell of ours (rich reads COLUMNS).

@@ -12,8 +12,14 @@ import pytest
 
 pytest.register_assert_rewrite("tests.cli_support")
 
-from tests.cli_support import Events, Stack, WorkerProcess, run_cli, write_job  # noqa: E402
-from tests.conftest import pika_parameters  # noqa: E402
+from tests.cli_support import (  # noqa: E402
+    Events,
+    Stack,
+    WorkerProcess,
+    run_cli,
+    take_all,
+    write_job,
+)
 
 # The e2e harness's fixtures (stack, start_worker, events, ...), through cli_support.
 pytest_plugins = ("tests.cli_support",)
@@ -25,17 +31,7 @@ GEOTIFF = "max-ndvi-geotiff.json"
 
 def _queued(stack: Stack) -> list[tuple[pika.BasicProperties, bytes]]:
     """What waits in the jobs queue (taken off it)."""
-    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
-    try:
-        channel = conn.channel()
-        found = []
-        while True:
-            method, properties, body = channel.basic_get(stack.names.jobs_queue, auto_ack=True)
-            if method is None:
-                return found
-            found.append((properties, body))
-    finally:
-        conn.close()
+    return take_all(stack, stack.names.jobs_queue)
 
 
 def _summary_row(stdout: str, job_id: str) -> str:

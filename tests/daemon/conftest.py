@@ -338,16 +338,21 @@ def producer(stack: Stack) -> Producer:
     return Producer(stack.broker_url, stack.names.jobs_queue)
 
 
-def dlq_messages(stack: Stack) -> list[tuple[Any, bytes]]:
-    """Every message in the DLQ (taken off it)."""
+def take_all(stack: Stack, queue: str) -> list[tuple[Any, bytes]]:
+    """Every message waiting in ``queue`` (taken off it)."""
     conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
     try:
         channel = conn.channel()
         found = []
         while True:
-            method, properties, body = channel.basic_get(stack.names.dlq, auto_ack=True)
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
             if method is None:
                 return found
             found.append((properties, body))
     finally:
         conn.close()
+
+
+def dlq_messages(stack: Stack) -> list[tuple[Any, bytes]]:
+    """Every message in the DLQ (taken off it)."""
+    return take_all(stack, stack.names.dlq)
