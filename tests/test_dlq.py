@@ -13,7 +13,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.cli_support")
 
-from tests.cli_support import Producer, Stack, WorkerProcess, run_cli  # noqa: E402
+from tests.cli_support import Producer, Stack, WorkerProcess, run_cli, take_all  # noqa: E402
 from tests.conftest import pika_parameters  # noqa: E402
 
 # The e2e harness's fixtures (stack, start_worker, producer), through cli_support.
@@ -37,20 +37,6 @@ def _wait_ready(stack: Stack, queue: str, count: int, timeout: float = 60) -> No
     while _ready(stack, queue) != count:
         assert time.monotonic() < deadline, f"{queue} never held {count} message(s)"
         time.sleep(0.2)
-
-
-def _take_all(stack: Stack, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
-    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
-    try:
-        channel = conn.channel()
-        found = []
-        while True:
-            method, properties, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return found
-            found.append((properties, body))
-    finally:
-        conn.close()
 
 
 def _without_delivery_count(headers: dict[str, Any] | None) -> dict[str, Any]:
@@ -148,7 +134,7 @@ def test_replay_sends_the_original_back_and_only_then_drops_it(
     assert result.returncode == 0, result.stderr
     assert f"replayed 1 message(s) to {stack.names.jobs_queue}" in result.stdout
 
-    [(properties, body)] = _take_all(stack, stack.names.jobs_queue)
+    [(properties, body)] = take_all(stack, stack.names.jobs_queue)
     assert body == sent["body"]
     assert properties.message_id == message_id
     assert properties.correlation_id == "c-2"
@@ -184,7 +170,7 @@ def test_replay_strips_the_brokers_dead_letter_headers(stack: Stack) -> None:
     assert "x-death" in shown["application_headers"]
 
     assert run_cli("dlq", "replay", "--all", env=stack.env()).returncode == 0
-    [(properties, replayed)] = _take_all(stack, stack.names.jobs_queue)
+    [(properties, replayed)] = take_all(stack, stack.names.jobs_queue)
     assert replayed == body
     assert _without_delivery_count(properties.headers) == {}
     assert _ready(stack, stack.names.dlq) == 0
