@@ -110,6 +110,7 @@ class JobsConsumer(ConsumerMixin):
         handle_batch: Callable[[list[InboundMessage]], list[InboundMessage] | None],
         *,
         on_connection_change: Callable[[bool], None] | None = None,
+        on_progress: Callable[[], None] | None = None,
         batch_max: int = 100,
         batch_wait: float = 0.05,
     ) -> None:
@@ -117,6 +118,8 @@ class JobsConsumer(ConsumerMixin):
         self.connection = connection(settings, purpose="consume")
         self._handle_batch = handle_batch
         self._on_connection_change = on_connection_change
+        # Called each time round, idle or not: the daemon's liveness watch (worker/health.py).
+        self._on_progress = on_progress or (lambda: None)
         # A batch larger than the prefetch window could never fill.
         self._batch_max = max(1, min(batch_max, settings.prefetch))
         self._batch_wait = batch_wait
@@ -152,9 +155,10 @@ class JobsConsumer(ConsumerMixin):
             OperationalError,
         )
         while not self._stop.is_set():
+            self._on_progress()
             try:
                 for _ in self.consume():
-                    pass
+                    self._on_progress()
             except errors as exc:
                 log.warning("jobs consumer lost the broker (%s); reconnecting", type(exc).__name__)
             except Exception:

@@ -49,6 +49,9 @@ SWEEP_EVERY_POLLS = 4
 # An ended doubtful job is swept for until list_lag_window and this many poll intervals
 # after its end: room for a few sweeps (SWEEP_EVERY_POLLS apart when the budget cuts them).
 ENDED_SWEEP_MARGIN_POLLS = 3 * SWEEP_EVERY_POLLS
+# The names the two loops report their progress under (``on_progress``).
+ENGINE_LOOP = "engine"
+POLLER_LOOP = "poller"
 # The shortest retry the derived timings go down to.
 _FLOOR = timedelta(milliseconds=100)
 
@@ -117,9 +120,12 @@ class Engine:
         idle_wait: float = 0.5,
         gauges_every: float = 10.0,
         sweep_every_polls: int | None = SWEEP_EVERY_POLLS,
+        on_progress: Callable[[str], None] | None = None,
     ) -> None:
         """``sweep_every_polls`` None: no duplicate sweeps at all (a baseline for
-        bench/bench_engine.py; a deployment wants them)."""
+        bench/bench_engine.py; a deployment wants them). ``on_progress`` is called with
+        ``ENGINE_LOOP`` or ``POLLER_LOOP`` each time that loop goes round, idle or not (the
+        daemon's liveness watch, worker/health.py)."""
         self._settings = settings
         self._pool = pool
         self._fleet = settings.fleet_id
@@ -132,6 +138,7 @@ class Engine:
         self._claim_batch = claim_batch
         self._idle_wait = idle_wait
         self._gauges_every = gauges_every
+        self._progress = on_progress or (lambda _loop: None)
         self._runner = ActionRunner(
             client,
             tiles,
@@ -175,6 +182,7 @@ class Engine:
         backoff = 0.0
         with ThreadPoolExecutor(self._threads, thread_name_prefix="engine") as executor:
             while not self._stop.is_set():
+                self._progress(ENGINE_LOOP)
                 try:
                     claimed = self._claim_and_submit(executor)
                     if self._clock().timestamp() >= next_gauges:
@@ -220,6 +228,7 @@ class Engine:
     def _poll_loop(self) -> None:
         with ThreadPoolExecutor(self._threads, thread_name_prefix="poll-step") as executor:
             while not self._stop.is_set():
+                self._progress(POLLER_LOOP)
                 try:
                     waited = self.poll_once(executor)
                 except Exception as exc:  # noqa: BLE001 - the loop must outlive any error
