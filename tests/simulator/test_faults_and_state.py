@@ -12,6 +12,9 @@ import pytest
 from tests.simulator.conftest import FAST, Api, small_request
 from worker.simulator import SimulatorConfig, build_parser_arguments, config_from_args
 from worker.simulator import start_background as start
+from worker.simulator.grids import Feature
+from worker.simulator.jobs import Outcome, Phase, SimJob
+from worker.simulator.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +79,33 @@ def test_state_file_keeps_requests_across_a_restart(tmp_path: Path) -> None:
         assert settle(api, task["id"])["status"] == "DONE"
         listed = api.get("/process", params={"search": "kept"}).json()["data"]
         assert [t["id"] for t in listed] == [task["id"]]
+
+
+def test_a_saved_store_loads_back_equal(tmp_path: Path) -> None:
+    store = Store("account", "project")
+    job = SimJob(
+        id="r1",
+        request={"description": "kept", "input": {"type": "tiling-grid", "id": 0}},
+        created=1000.0,
+        account_id="account",
+        project_id="project",
+        outcome=Outcome(stop_reason="OUT_OF_PU", stop_at=40.0, fatal=1),
+        user_action="START",
+        user_action_updated=1010.0,
+        phases=[Phase(1001.0, "ANALYSING"), Phase(1060.0, "PROCESSING", 0.0, 100.0, 1200.0)],
+        features=[Feature("cell-1", 32632, (0.0, 1.0, 2.0, 3.0))],
+        feature_count=1,
+        fatal_indices=frozenset({0}),
+        analysis_end=1059.0,
+        pending_from=1001.0,
+        request_json='{"stale": "cache"}',  # a cache: not saved, made again after a load
+    )
+    store.add(job)
+    store.save(tmp_path / "state.json")
+    loaded = Store.load(tmp_path / "state.json")
+    assert (loaded.account_id, loaded.project_id) == ("account", "project")
+    assert loaded.order == [job]
+    assert loaded.order[0].request_json is None
 
 
 def test_command_line_options_build_the_config(tmp_path: Path) -> None:

@@ -113,3 +113,14 @@ def test_links_carry_the_current_token(api: Api) -> None:
     second = requests.get(first["links"]["next"], headers=api.session.headers).json()
     assert second["links"]["currentToken"] == token
     assert second["links"]["@id"].endswith(f"viewtoken={token}")
+
+
+def test_a_listed_request_is_the_one_a_get_answers(api: Api) -> None:
+    # List pages splice each request's cached JSON: the cache must follow a PUT.
+    task = api.create(small_request("before"))
+    listed = {t["id"]: t for t in all_pages(api, sort="created:desc")}
+    assert listed[task["id"]] == task
+    assert api.put(f"/process/{task['id']}", json={"description": "after"}).status_code == 200
+    again = {t["id"]: t for t in all_pages(api, sort="created:desc")}
+    assert again[task["id"]]["request"]["description"] == "after"
+    assert again[task["id"]] == api.get(f"/process/{task['id']}").json()

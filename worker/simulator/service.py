@@ -27,6 +27,7 @@ from worker.simulator.store import Store
 logger = logging.getLogger(__name__)
 
 _SECRET_FIELDS = {"accessKey", "secretAccessKey", "credentials"}
+_SAVE_SHARE_INVERSE = 10.0  # a save waits ten times its own duration before the next one
 _MASK = "*****"  # §4.1: the captured live task shows credentials masked
 
 
@@ -253,8 +254,12 @@ class Simulator:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            began = time.monotonic()
             await loop.run_in_executor(self.pool, self.store.save, path)
-            await asyncio.sleep(1.0)  # at most one save a second
+            # At most one save a second, and a slow one (many requests) at most a tenth of
+            # the time: the save holds the GIL, and the requests it delays are the point.
+            spent = time.monotonic() - began
+            await asyncio.sleep(max(1.0, _SAVE_SHARE_INVERSE * spent))
 
 
 def _with_defaults(payload: dict[str, Any]) -> dict[str, Any]:

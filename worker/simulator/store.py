@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import uuid
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,12 @@ def _history_request(index: int) -> dict[str, Any]:
 
 
 def _dump_job(job: SimJob) -> dict[str, Any]:
-    raw = asdict(job)
+    # Field by field rather than ``asdict``: asdict deep-copies every request, and with
+    # thousands of jobs a save then held the GIL for seconds, starving the server's loop.
+    # json.dumps reads the values as they are; ``request_json`` is a cache and is not kept.
+    raw = {f.name: getattr(job, f.name) for f in fields(job) if f.name != "request_json"}
+    raw["outcome"] = vars(job.outcome)
+    raw["phases"] = [vars(phase) for phase in job.phases]
     raw["fatal_indices"] = sorted(job.fatal_indices)
     raw["features"] = (
         None if job.features is None else [[f.name, f.epsg, list(f.extent)] for f in job.features]
