@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from api_support import MakeClient, Recorder, seed
 from scripted_server import Reply, ScriptedServer, error_body, task_body
@@ -234,3 +236,20 @@ def test_creates_ask_the_budget_at_low_priority_and_everything_else_at_high(
     client.stop(RID)
 
     assert budget.asked == [Priority.LOW] + [Priority.HIGH] * 5
+
+
+def test_a_netrc_entry_for_the_host_does_not_replace_the_token(
+    client: BatchClient,
+    server: ScriptedServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password elsewhere\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    server.on("GET", f"/process/{RID}", Reply(200, task_body(RID)))
+
+    client.get(RID)
+
+    (sent,) = server.seen("GET", f"/process/{RID}")
+    assert sent.headers["authorization"] == f"Bearer {server.issued[0]}"

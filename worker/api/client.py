@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 
 from worker.api.auth import ENDPOINT as TOKEN_ENDPOINT
@@ -68,6 +69,22 @@ class _Call:
     idempotent: bool = True
     not_found_until: datetime | None = None
     maybe_applied: bool = False  # an earlier attempt may have taken effect
+
+
+class _Bearer(AuthBase):
+    """The OAuth token as the request's own auth. Passing it as a plain header would leave
+    requests to look up ~/.netrc on every request (file checks on the status-read hot path),
+    and a netrc entry for the API's host would then replace the token with basic auth."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "_Bearer(<token>)"
 
 
 def _never_sent(exc: requests.RequestException) -> bool:
@@ -401,7 +418,7 @@ class BatchClient:
                 call.url,
                 params=call.params,
                 json=call.body,
-                headers={"Authorization": f"Bearer {token}"},
+                auth=_Bearer(token),
                 timeout=self._timeout,
                 allow_redirects=False,
             )
