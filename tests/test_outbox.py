@@ -50,17 +50,21 @@ def test_round_trip_keeps_amqp_values_and_id_order(conn: psycopg.Connection) -> 
     assert ids == sorted(ids)
 
 
-def test_claim_skips_rows_another_transaction_holds(
+def test_claimed_rows_can_be_deleted_from_another_connection_at_once(
     conn: psycopg.Connection, database_url: str
 ) -> None:
+    """The relay deletes a round's rows chunk by chunk on a second connection while the
+    claim's transaction (holding the relay lock) is still open: the claim locks no rows."""
     with conn.transaction():
         outbox.enqueue(conn, [_message(n) for n in range(5)])
     with psycopg.connect(database_url) as other, conn.transaction():
-        first = outbox.claim(conn, 2)
-        second = outbox.claim(other, 10)
-        assert [m.routing_key for _i, m in first] == ["job.0", "job.1"]
-        assert [m.routing_key for _i, m in second] == ["job.2", "job.3", "job.4"]
-        other.rollback()
+        claimed = outbox.claim(conn, 3)
+        assert [m.routing_key for _i, m in claimed] == ["job.0", "job.1", "job.2"]
+        with other.transaction():
+            # A row lock held by the claim would make this wait, then fail.
+            other.execute("SET LOCAL lock_timeout = '2s'")
+            outbox.delete(other, [row_id for row_id, _m in claimed[:2]])
+        assert [m.routing_key for _i, m in outbox.claim(conn, 10)] == ["job.2", "job.3", "job.4"]
 
 
 def test_delete_and_pending_count(conn: psycopg.Connection) -> None:

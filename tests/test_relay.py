@@ -179,6 +179,62 @@ def test_relay_killed_mid_round_republishes_only_that_round(
     assert _pending(pool) == 0
 
 
+def _take_all(channel, queue: str, quiet: float = 0.5) -> list[str]:
+    """Every message id in ``queue``, until it has stayed empty for ``quiet`` seconds."""
+    ids: list[str] = []
+    empty_since = time.monotonic()
+    while time.monotonic() - empty_since < quiet:
+        method, props, _body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            time.sleep(0.02)
+            continue
+        ids.append(props.message_id)
+        empty_since = time.monotonic()
+    return ids
+
+
+def test_relay_killed_mid_round_republishes_at_most_one_chunk(
+    settings, pool, reader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    channel, queue = reader
+    sent = [_event(queue, n) for n in range(1000)]
+    _enqueue(pool, sent)
+    real_message = relay.amqp_message
+    built = 0
+
+    def dying_message(message: OutboxMessage):
+        # The kill lands mid-publish, deep into the round, the window as full as it gets.
+        nonlocal built
+        built += 1
+        if built == 451:
+            raise _Killed
+        return real_message(message)
+
+    monkeypatch.setattr(relay, "amqp_message", dying_message)
+    first = relay.Relay(settings, pool, batch_size=1000, chunk_size=100)
+    try:
+        with pytest.raises(_Killed):
+            first.relay_once()
+    finally:
+        first.close()
+    monkeypatch.setattr(relay, "amqp_message", real_message)
+    left = _pending(pool)
+    assert 550 <= left <= 650  # 450 published: at least 350 of them were deleted already
+
+    second = relay.Relay(settings, pool, batch_size=1000, chunk_size=100)
+    try:
+        while second.relay_once():
+            pass
+    finally:
+        second.close()
+    ids = _take_all(channel, queue)
+    assert set(ids) == {f"id-{n}" for n in range(1000)}
+    duplicates = len(ids) - len(set(ids))
+    assert duplicates == left - 550  # exactly the published rows not deleted at the kill
+    assert duplicates <= 100
+    assert _pending(pool) == 0
+
+
 def test_running_relays_wake_on_notify_and_share_one_outbox(settings, pool, reader) -> None:
     channel, queue = reader
     relays = [relay.Relay(settings, pool, batch_size=7) for _ in range(2)]

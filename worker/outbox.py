@@ -2,8 +2,8 @@
 
 Whoever changes job state calls :func:`enqueue` inside the same transaction, so a message
 exists exactly when the state that produced it was committed. The relay (``worker.relay``)
-claims rows in id order, publishes them with confirms, and deletes them in the transaction
-that claimed them.
+claims rows in id order under its lock, publishes them with confirms, and deletes them in
+chunks as the confirms arrive.
 
 Properties and headers are AMQP field values, which JSON cannot all hold (byte strings,
 timestamps, decimals); they are stored as JSON with those few types tagged, and come back
@@ -118,13 +118,15 @@ def enqueue(conn: psycopg.Connection[Any], messages: Sequence[OutboxMessage]) ->
 
 
 def claim(conn: psycopg.Connection[Any], limit: int) -> list[tuple[int, OutboxMessage]]:
-    """Lock up to ``limit`` of the oldest rows no one else holds, in id order.
+    """Up to ``limit`` of the oldest rows, in id order.
 
-    Must run inside a transaction; the rows stay locked until it ends.
+    No row locks: the caller holds the relay lock (one claimer fleet-wide), and deletes the
+    rows in chunks from another connection while the lock's transaction is still open, so
+    row locks held here would block those deletes.
     """
     rows = conn.execute(
         "SELECT id, exchange, routing_key, body, properties, headers, mandatory"
-        " FROM bw_outbox ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+        " FROM bw_outbox ORDER BY id LIMIT %s",
         (limit,),
     ).fetchall()
     return [

@@ -1,14 +1,17 @@
 """The relay: publishes the outbox with publisher confirms, then deletes what was confirmed.
 
-One round = one DB transaction: claim up to ``batch_size`` rows in id order, publish them all
-on a confirm-mode channel (many in flight: waiting for each confirm in turn caps near
-1.7k msgs/s, ENVIRONMENT-NOTES), wait for the broker's acks, delete the acked rows, commit.
-Rows not acked (nacked, or no answer within the timeout) stay for the next round, so
-delivery is at-least-once: a relay killed mid-round republishes that round's rows.
+One round: take the relay lock, claim up to ``batch_size`` rows in id order, publish them on
+a confirm-mode channel with many in flight (waiting for each confirm in turn caps near
+1.7k msgs/s, ENVIRONMENT-NOTES), and delete the acked rows as their confirms arrive, one
+transaction per chunk. At most ``chunk_size`` rows are ever published and not yet deleted:
+the window is refilled as chunks are deleted. Rows not acked (nacked, or no answer within
+the timeout) stay for the next round. Delivery is at-least-once: a relay killed mid-round
+republishes at most ``chunk_size`` rows (consumers drop an event id already seen).
 
-Relays of several processes take turns through a transaction-scoped advisory lock, so the
-outbox is published in one id order fleet-wide and one job's events never overtake each
-other; SKIP LOCKED in the claim keeps any other reader of the table apart as well.
+Relays of several processes take turns through a transaction-scoped advisory lock, held
+on its own connection for the whole round while the chunks' deletes commit on another, so
+the outbox is published in one id order fleet-wide and one job's events never overtake each
+other. A killed relay's lock goes with its connection.
 
 The relay sleeps on PostgreSQL LISTEN (``outbox.enqueue`` NOTIFYs at commit) and polls
 every second as a fallback. Its AMQP connection is its own (purpose ``publish``).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -42,6 +46,12 @@ RELAY_LOCK_KEY = int.from_bytes(b"bw_outbx", "big")
 POLL_SECONDS = 1.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
+# Without a confirm for this long, the round ends; its unconfirmed rows wait for the next.
+CONFIRM_TIMEOUT = 30.0
+BATCH_SIZE = 1000
+# Rows published and not yet deleted, at most: what a kill republishes. Measured with
+# bench/bench_relay.py against one delete per 1,000-row round (docs/performance.md).
+CHUNK_SIZE = 100
 
 
 class _Unsettled(Exception):
@@ -64,6 +74,7 @@ class _Flight:
     acked: set[int] = field(default_factory=set)
     nacked: set[int] = field(default_factory=set)
     returned: set[int] = field(default_factory=set)
+    deleted: set[int] = field(default_factory=set)
 
     def settle(self, tag: int, multiple: bool, into: set[int]) -> None:
         if multiple:
@@ -78,6 +89,15 @@ class _Flight:
     @property
     def outstanding(self) -> int:
         return len(self.rows) - len(self.settled)
+
+    @property
+    def in_window(self) -> int:
+        """Published and not deleted: what a kill now would republish (nacked rows aside)."""
+        return len(self.rows) - len(self.deleted) - len(self.nacked)
+
+    @property
+    def acked_in_window(self) -> int:
+        return len(self.acked) - len(self.deleted)
 
 
 def amqp_message(message: OutboxMessage) -> amqp.Message:
@@ -99,14 +119,22 @@ class Relay:
         *,
         on_published: Callable[[OutboxMessage], None] | None = None,
         on_connection_change: Callable[[bool], None] | None = None,
-        batch_size: int = 1000,
-        confirm_timeout: float = 30.0,
+        on_progress: Callable[[], None] | None = None,
+        batch_size: int = BATCH_SIZE,
+        chunk_size: int = CHUNK_SIZE,
+        confirm_timeout: float = CONFIRM_TIMEOUT,
     ) -> None:
+        """``on_progress`` is called each time round and after each chunk (the daemon's
+        liveness watch, worker/health.py)."""
+        if batch_size < 1 or chunk_size < 1:
+            raise ValueError("batch_size and chunk_size must be positive")
         self._settings = settings
         self._pool = pool
         self._on_published = on_published
         self._on_connection_change = on_connection_change
+        self._on_progress = on_progress or (lambda: None)
         self._batch_size = batch_size
+        self._chunk_size = chunk_size
         self._confirm_timeout = confirm_timeout
         self._stop = threading.Event()
         self._conn: Any = None  # kombu Connection (untyped)
@@ -124,6 +152,7 @@ class Relay:
         backoff = BACKOFF_FIRST
         try:
             while not self._stop.is_set():
+                self._on_progress()
                 try:
                     moved = self.relay_once()
                     if moved < self._batch_size:
@@ -161,8 +190,8 @@ class Relay:
     def relay_once(self) -> int:
         """Publish one claimed batch; return how many rows it held (0: nothing to do)."""
         channel = self._ensure_channel()
-        published: list[OutboxMessage] = []
-        with self._pool.connection() as conn, conn.transaction():
+        with self._pool.connection() as conn:
+            # This connection's transaction holds the lock (and nothing else) all round.
             locked = conn.execute(
                 "SELECT pg_try_advisory_xact_lock(%s)", (RELAY_LOCK_KEY,)
             ).fetchone()
@@ -171,38 +200,79 @@ class Relay:
             claimed = outbox.claim(conn, self._batch_size)
             if not claimed:
                 return 0
-            flight = self._publish(channel, claimed)
-            done = [flight.rows[seq][0] for seq in sorted(flight.acked)]
-            outbox.delete(conn, done)
-            published = [flight.rows[seq][1] for seq in sorted(flight.acked - flight.returned)]
-        if self._on_published is not None:
-            for message in published:
-                self._on_published(message)
-        if len(done) < len(claimed):
-            raise _Unsettled(f"{len(claimed) - len(done)} publish(es) not confirmed")
+            with self._pool.connection() as marker:
+                flight = self._publish(channel, claimed, marker)
+        unsettled = len(claimed) - len(flight.deleted)
+        if unsettled:
+            raise _Unsettled(f"{unsettled} publish(es) not confirmed")
         return len(claimed)
 
-    def _publish(self, channel: Any, claimed: Sequence[tuple[int, OutboxMessage]]) -> _Flight:
+    def _publish(
+        self,
+        channel: Any,
+        claimed: Sequence[tuple[int, OutboxMessage]],
+        marker: psycopg.Connection[Any],
+    ) -> _Flight:
+        """Publish ``claimed`` in id order, never more than a chunk ahead of the deletes."""
         flight = self._flight = _Flight()
-        for row in claimed:
-            seq = self._next_seq
-            self._next_seq += 1
-            flight.rows[seq] = row
-            message = row[1]
-            channel.basic_publish(
-                amqp_message(message),
-                exchange=message.exchange,
-                routing_key=message.routing_key,
-                mandatory=message.mandatory,
-            )
+        queue = deque(claimed)
+        # A chunk is deleted once half of it is acked, so the window refills while the
+        # rest of it is still in flight.
+        refill_at = max(1, self._chunk_size // 2)
+        while True:
+            while queue and flight.in_window < self._chunk_size and not flight.nacked:
+                seq = self._next_seq
+                self._next_seq += 1
+                row = queue.popleft()
+                flight.rows[seq] = row
+                message = row[1]
+                channel.basic_publish(
+                    amqp_message(message),
+                    exchange=message.exchange,
+                    routing_key=message.routing_key,
+                    mandatory=message.mandatory,
+                )
+            if not flight.in_window:
+                return flight
+            want = min(refill_at, flight.in_window) if queue and not flight.nacked else 0
+            if not self._await_confirms(flight, want):
+                self._delete_acked(flight, marker)
+                return flight  # no confirm in time: the rest waits for the next round
+            self._delete_acked(flight, marker)
+            if flight.nacked and not flight.outstanding:
+                return flight
+
+    def _await_confirms(self, flight: _Flight, want: int) -> bool:
+        """Wait until ``want`` rows are acked and not deleted (0: until nothing is
+        outstanding); False when no confirm came within the timeout."""
         deadline = time.monotonic() + self._confirm_timeout
-        while flight.outstanding:
+        while flight.outstanding and (not want or flight.acked_in_window < want):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                break
+                return False
+            settled = len(flight.settled)
             with suppress(TimeoutError):
                 self._connection().drain_events(timeout=min(remaining, 1.0))
-        return flight
+            if len(flight.settled) > settled:
+                deadline = time.monotonic() + self._confirm_timeout
+        return True
+
+    def _delete_acked(self, flight: _Flight, marker: psycopg.Connection[Any]) -> None:
+        """Delete the acked rows not deleted yet, in their own transaction; then report."""
+        seqs = sorted(flight.acked - flight.deleted)
+        if not seqs:
+            return
+        with marker.transaction():
+            # A delete lost to a database crash only means a duplicate publish later, which
+            # consumers drop: not worth waiting for the WAL flush of every chunk.
+            marker.execute("SET LOCAL synchronous_commit = off")
+            outbox.delete(marker, [flight.rows[seq][0] for seq in seqs])
+        flight.deleted.update(seqs)
+        if self._on_published is not None:
+            for seq in seqs:
+                if seq not in flight.returned:
+                    self._on_published(flight.rows[seq][1])
+        self._on_progress()
 
     # -- confirm-mode callbacks (run inside drain_events, on this thread) ----------------
 
