@@ -19,11 +19,13 @@ created and dropped). No pass/fail: it prints figures (see docs/performance.md).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -189,6 +191,32 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1)]
 
 
+def print_breakdown(rows: list[tuple[str, str, float, float]], speed: float, t0: float) -> None:
+    """Latency (API seconds) by status, and by when in the run the status showed: what a
+    p95 is made of (the creates' crowding early on, a slow round later, ...)."""
+    if not rows:
+        return
+    by_status: dict[str, list[float]] = {}
+    by_window: dict[int, list[float]] = {}
+    window = 600.0 / speed  # ten API minutes
+    for _, status, api_at, event_at in rows:
+        seconds = (event_at - api_at) * speed
+        by_status.setdefault(status, []).append(seconds)
+        by_window.setdefault(int((api_at - t0) // window), []).append(seconds)
+    print("  latency by status (API s):")
+    for status, values in sorted(by_status.items()):
+        print(
+            f"    {status:14} n {len(values):6}  p50 {statistics.median(values):6.0f}  "
+            f"p95 {percentile(values, 0.95):6.0f}  max {max(values):6.0f}"
+        )
+    print(f"  latency by when the status showed ({window:g} s real windows from the start):")
+    for index, values in sorted(by_window.items()):
+        print(
+            f"    {index * window:6.0f} s  n {len(values):6}  "
+            f"p50 {statistics.median(values):6.0f}  p95 {percentile(values, 0.95):6.0f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=10_000)
@@ -196,6 +224,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=600, help="API requests per minute")
     parser.add_argument("--threads", type=int, default=8, help="engine step threads")
     parser.add_argument("--timeout", type=float, default=7200.0, help="give up after (s)")
+    parser.add_argument(
+        "--latencies",
+        type=Path,
+        help="write every transition (job, status, API time, event time, seconds) as CSV",
+    )
     parser.add_argument(
         "--sweeps",
         choices=("on", "off", "both"),
@@ -268,7 +301,7 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
             sweep_every_polls=SWEEP_EVERY_POLLS if sweeps else None,
         )
         thread = threading.Thread(target=engine.run, name="engine")
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         thread.start()
         remaining = args.jobs
         while remaining and time.monotonic() - started < args.timeout:
@@ -300,6 +333,8 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
         lifecycle.tag_for(FLEET, f"bench-{i:05d}"): f"bench-{i:05d}" for i in range(args.jobs)
     }
     latencies: list[float] = []
+    # (job id, status, when the API showed it, when its event was made): epoch seconds.
+    rows: list[tuple[str, str, float, float]] = []
     sdk: list[int] = []
     for job in sim_jobs:
         words = (job["request"].get("description") or "").split()
@@ -312,6 +347,8 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
             at = seen.get(phase["status"])
             if at is not None:
                 latencies.append(at.timestamp() - phase["at"])
+                rows.append((job_id, phase["status"], phase["at"], at.timestamp()))
+    shutil.rmtree(tmp, ignore_errors=True)
     ended = args.jobs - remaining
     total = sum(requests.values()) - requests["token"]
     ours = total / args.jobs
@@ -335,6 +372,13 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
         f"SDK monitoring at its defaults, same timelines: {baseline:.2f} requests per job; "
         f"ratio ours/SDK {ours / baseline:.3f}"
     )
+    print_breakdown(rows, speed, started_at)
+    if args.latencies is not None:
+        with args.latencies.open("w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(["job", "status", "api_at", "event_at", "seconds"])
+            writer.writerows((*row, f"{row[3] - row[2]:.3f}") for row in rows)
+        print(f"transitions written to {args.latencies}")
     return Counter(list=requests["list"], get=requests["get"], total=total)
 
 
