@@ -25,6 +25,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from worker import liveness
 from worker.settings import ENV_PREFIX, Settings, load_settings
 
 IN_CI = bool(os.environ.get("CI"))
@@ -312,6 +313,19 @@ def test_probes_hit_the_workers_endpoints_on_the_metrics_port(chart: Any) -> Non
     assert worker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
 
 
+def test_the_liveness_probe_lets_a_stalled_worker_stop_itself_first(chart: Any) -> None:
+    probe = container(render(chart))["livenessProbe"]
+    grace = int(yaml.safe_load((CHART / "values.yaml").read_text())["gracePeriodSeconds"])
+    window = probe["periodSeconds"] * probe["failureThreshold"]
+    assert window > grace + liveness.EXIT_MARGIN
+
+
+def test_a_liveness_probe_shorter_than_the_workers_own_stop_is_refused(chart: Any) -> None:
+    with pytest.raises(Exception, match="livenessProbe"):
+        render(chart, {"gracePeriodSeconds": 60})  # 60 + 10 s, the probe gives 60 s
+    render(chart, {"gracePeriodSeconds": 60, "livenessProbe": {"failureThreshold": 8}})
+
+
 def test_metrics_port_moves_the_container_port_env_and_service_together(chart: Any) -> None:
     manifests = render(chart, {"metrics": {"port": 9555}})
     assert container(manifests)["ports"][0]["containerPort"] == 9555
@@ -321,7 +335,9 @@ def test_metrics_port_moves_the_container_port_env_and_service_together(chart: A
 
 def test_the_pod_outlives_the_workers_grace_period(chart: Any) -> None:
     for grace in (0, 20, 300):
-        manifests = render(chart, {"gracePeriodSeconds": grace})
+        # A long grace needs a liveness probe that waits as long (see below).
+        probe = {"failureThreshold": grace // 10 + 2}
+        manifests = render(chart, {"gracePeriodSeconds": grace, "livenessProbe": probe})
         pod = the(manifests, "Deployment")["spec"]["template"]["spec"]
         assert float(env_of(manifests)[f"{ENV_PREFIX}GRACE_PERIOD"]) == grace
         assert pod["terminationGracePeriodSeconds"] > grace

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import http.client
+import logging
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -52,7 +54,7 @@ def test_beats_keep_a_loop_alive(health: Health, clock: FakeClock) -> None:
     for _ in range(5):
         clock.now += 50
         health.beat("engine")
-    assert health.liveness() == (True, "ok: 1 loops alive")
+    assert health.liveness() == (True, "ok: 1 loops making progress")
 
 
 def test_only_the_silent_loop_is_named(health: Health, clock: FakeClock) -> None:
@@ -67,7 +69,7 @@ def test_only_the_silent_loop_is_named(health: Health, clock: FakeClock) -> None
     assert "relay" in detail
     assert "engine" not in detail
     assert "intake" not in detail
-    assert "45s" in detail
+    assert detail == "loop relay stalled: no progress for 45s (bound 30s)"
 
 
 def test_unregistered_loop_is_no_longer_watched(health: Health, clock: FakeClock) -> None:
@@ -78,6 +80,58 @@ def test_unregistered_loop_is_no_longer_watched(health: Health, clock: FakeClock
     assert health.liveness()[0] is True
 
 
+def test_a_stall_is_logged_once_at_error_and_its_recovery_once(
+    health: Health, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    health.register("poller", 60)
+    health.register("relay", 60)
+    caplog.set_level(logging.DEBUG, logger="worker.health")
+    clock.now += 61
+    health.beat("relay")
+    for _ in range(3):  # probes and the watchdog ask again and again
+        assert health.liveness()[0] is False
+        assert [name for name, _age, _bound in health.stalled()] == ["poller"]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "loop poller stalled: no progress for 61 s (bound 60 s)"
+    ]
+    health.beat("poller")
+    assert health.liveness()[0] is True
+    assert health.liveness()[0] is True
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["loop poller is making progress again"]
+
+
+def test_beat_thread_counts_for_the_loop_that_thread_beat_for(
+    health: Health, clock: FakeClock
+) -> None:
+    health.register("poller", 60)
+    health.register("engine", 60)
+    seen: list[tuple[str, float]] = []
+
+    def poller_thread() -> None:
+        health.beat("poller")
+        clock.now += 50
+        health.beat_thread()  # an API call made inside the poller's round
+        seen.extend((name, age) for name, (age, _bound) in health.progress().items())
+
+    thread = threading.Thread(target=poller_thread)
+    thread.start()
+    thread.join()
+    assert sorted(seen) == [("engine", 50.0), ("poller", 0.0)]
+    health.beat_thread()  # this thread never beat for a loop: nothing moves
+    clock.now += 20
+    ok, detail = health.liveness()
+    assert ok is False
+    assert detail.startswith("loop engine stalled")
+
+
+def test_progress_reports_age_and_bound(health: Health, clock: FakeClock) -> None:
+    health.register("relay", 30)
+    clock.now += 12.5
+    assert health.progress() == {"relay": (12.5, 30)}
+
+
 def test_broker_outage_does_not_fail_liveness(health: Health) -> None:
     health.register("engine", 60)
     health.set_ready(False)
@@ -85,7 +139,7 @@ def test_broker_outage_does_not_fail_liveness(health: Health) -> None:
     assert health.readiness()[0] is False
 
 
-def test_allowance_must_be_positive(health: Health) -> None:
+def test_bound_must_be_positive(health: Health) -> None:
     with pytest.raises(ValueError, match="engine"):
         health.register("engine", 0)
 
@@ -172,8 +226,9 @@ def test_probes_answer_200_and_503(
 
     clock.now += 120
     status, _, body = get(server, "/healthz")
-    assert status == 503
-    assert b"engine" in body
+    assert (status, body) == (503, b"loop engine stalled: no progress for 120s (bound 60s)\n")
+    health.beat("engine")
+    assert get(server, "/healthz")[0] == 200
 
     health.set_shutting_down()
     assert get(server, "/readyz")[:3:2] == (503, b"shutting down\n")

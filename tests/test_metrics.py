@@ -44,6 +44,7 @@ def exercise(metrics: Metrics) -> None:
     metrics.api_request("get", "200", 0.1)
     metrics.event_published("batchworker.job.status")
     metrics.tile_read("manifest", "ok")
+    metrics.watch_loop("engine", lambda: 1.5, 60.0)
 
 
 @pytest.fixture
@@ -187,6 +188,15 @@ def test_gauges_and_simple_counters(metrics: Metrics) -> None:
     metrics.status_lag(-1.0)
     assert sample(metrics, "batch_worker_broker_connected") == 0
     assert sample(metrics, "batch_worker_status_lag_seconds") == 0
+
+
+def test_watched_loop_age_is_read_at_scrape_time(metrics: Metrics) -> None:
+    age = [3.0]
+    metrics.watch_loop("poller", lambda: age[0], 213.0)
+    assert sample(metrics, "batch_worker_loop_progress_age_seconds", loop="poller") == 3.0
+    age[0] = 7.5
+    assert sample(metrics, "batch_worker_loop_progress_age_seconds", loop="poller") == 7.5
+    assert sample(metrics, "batch_worker_loop_progress_bound_seconds", loop="poller") == 213.0
 
 
 def test_build_info_names_the_version(metrics: Metrics) -> None:

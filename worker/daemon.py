@@ -1,9 +1,13 @@
 """``batch-worker run``: wires the loops together and owns the process's life.
 
-Three loops, each on its own thread and its own connections:
+Loops, each on its own thread and its own connections:
 - the jobs consumer (AMQP) hands batches of requests to intake (one DB transaction each);
-- the engine claims due jobs and drives them through the API;
-- the relay publishes the outbox with publisher confirms.
+- the engine claims due jobs and drives them through the API (its status poller is a loop
+  of its own, on a thread the engine starts);
+- the relay publishes the outbox with publisher confirms;
+- the supervisor (the main thread) samples gauges and notices a loop thread that died.
+Every loop beats ``Health`` each time round; the liveness watchdog (worker/liveness.py)
+stops the process, exit code 1, when one stops making progress, as when one dies.
 SIGTERM stops intake first (no new work), then lets the engine finish the step in hand and
 hand the rest back, then lets the relay flush, all within ``GRACE_PERIOD``.
 """
@@ -16,19 +20,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import FrameType
 from urllib.parse import urlsplit
 
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from worker import db, outbox
+from worker import db, liveness, outbox
 from worker.api.client import BatchClient
-from worker.consumer import JobsConsumer
+from worker.consumer import InboundMessage, JobsConsumer
 from worker.engine import Engine
 from worker.events import OutboxMessage
 from worker.health import Health, ProbeServer
 from worker.intake import Intake
+from worker.liveness import Watchdog
 from worker.metrics import Metrics
 from worker.redact import register_secret
 from worker.relay import Relay
@@ -37,9 +43,8 @@ from worker.tiles import TileReader
 
 log = logging.getLogger(__name__)
 
-# A loop thread is alive if it has not exited; the supervisor beats for it this often.
+# How often the supervisor looks at the loop threads; how often it samples the outbox.
 _SUPERVISE_EVERY = 1.0
-_LIVENESS_ALLOWANCE = 10.0
 _GAUGES_EVERY = 5.0
 
 
@@ -89,6 +94,7 @@ class Daemon:
         self.metrics = Metrics()
         self.health = Health()
         self._stopping = threading.Event()
+        self._bounds = liveness.progress_bounds(settings)
 
     def run(self) -> int:
         settings = self.settings
@@ -111,16 +117,30 @@ class Daemon:
     def _run_loops(self, pool: db.Pool) -> int:
         settings = self.settings
         connections = _Connections(self.health, self.metrics)
-        client = BatchClient.from_settings(settings, hooks=self.metrics.api_hooks())
+        health = self.health
+        client = BatchClient.from_settings(
+            settings, hooks=liveness.progress_hooks(health, self.metrics.api_hooks())
+        )
         intake = Intake(settings, pool, metrics=self.metrics)
+
+        def handle_batch(batch: list[InboundMessage]) -> list[InboundMessage] | None:
+            # A batch retried one message at a time is many intake calls in one turn of
+            # the consumer: each counts as progress.
+            health.beat(liveness.CONSUMER_LOOP)
+            return intake.handle_batch(batch)
+
         consumer = JobsConsumer(
-            settings, intake.handle_batch, on_connection_change=connections.callback("consumer")
+            settings,
+            handle_batch,
+            on_connection_change=connections.callback("consumer"),
+            on_progress=lambda: health.beat(liveness.CONSUMER_LOOP),
         )
         relay = Relay(
             settings,
             pool,
             on_published=self._count_published,
             on_connection_change=connections.callback("relay"),
+            on_progress=lambda: health.beat(liveness.RELAY_LOOP),
         )
         engine = Engine(
             settings,
@@ -129,27 +149,38 @@ class Daemon:
             tiles=TileReader(metrics=self.metrics),
             metrics=self.metrics,
             worker_name=settings.worker_name,
+            on_progress=health.beat,
         )
         # Stopping order matters: intake first (no new work), engine next, relay last so
         # that the events of the last steps are flushed.
         loops = [
-            _Loop("consumer", consumer.run, consumer.request_stop),
-            _Loop("engine", engine.run, engine.request_stop),
-            _Loop("relay", relay.run, relay.request_stop),
+            _Loop(liveness.CONSUMER_LOOP, consumer.run, consumer.request_stop),
+            _Loop(liveness.ENGINE_LOOP, engine.run, engine.request_stop),
+            _Loop(liveness.RELAY_LOOP, relay.run, relay.request_stop),
         ]
         self._install_signal_handlers()
+        for name, bound in self._bounds.items():
+            health.register(name, bound)
+            self.metrics.watch_loop(name, partial(self._progress_age, name), bound)
+        watchdog = Watchdog(
+            health,
+            self.stop,
+            grace_period=settings.grace_period,
+            # Only the real process ends itself: an embedded daemon (the demo, tests) runs
+            # off the main thread and must not take its host down.
+            hard_exit=threading.current_thread() is threading.main_thread(),
+        )
+        watchdog.start()
         for loop in loops:
-            self.health.register(loop.name, _LIVENESS_ALLOWANCE)
             loop.thread = threading.Thread(target=self._guard(loop), name=loop.name, daemon=True)
             loop.thread.start()
         failed = False
         next_gauges = 0.0
         try:
             while not self._stopping.wait(_SUPERVISE_EVERY):
+                health.beat(liveness.SUPERVISOR_LOOP)
                 for loop in loops:
-                    if loop.thread is not None and loop.thread.is_alive():
-                        self.health.beat(loop.name)
-                    else:
+                    if loop.thread is None or not loop.thread.is_alive():
                         # Fail fast: the durable state makes a restart lose nothing, and a
                         # half-alive worker would hold leases it cannot serve.
                         log.error("loop %s stopped unexpectedly; shutting down", loop.name)
@@ -161,7 +192,12 @@ class Daemon:
         finally:
             self._shutdown(loops)
             client.close()
-        return 1 if failed else 0
+            watchdog.close()
+        return 1 if failed or watchdog.stalled else 0
+
+    def _progress_age(self, name: str) -> float:
+        age, _bound = self.health.progress().get(name, (0.0, 0.0))
+        return age
 
     def _sample_outbox(self, pool: db.Pool) -> None:
         try:
@@ -180,8 +216,8 @@ class Daemon:
             try:
                 loop.target()
             except Exception:
-                # A dead loop turns /healthz red so the pod is restarted; the durable state
-                # makes the restart lose nothing.
+                # The supervisor sees the thread gone and stops the process (exit code 1);
+                # the durable state makes the restart lose nothing.
                 log.exception("loop %s died", loop.name)
 
         return target
@@ -201,6 +237,8 @@ class Daemon:
         self._stopping.set()
 
     def _shutdown(self, loops: list[_Loop]) -> None:
+        # The supervisor's turns are over: from here its thread is the one stopping.
+        self.health.unregister(liveness.SUPERVISOR_LOOP)
         deadline = time.monotonic() + self.settings.grace_period
         for loop in loops:
             loop.stop()
@@ -208,3 +246,8 @@ class Daemon:
                 loop.thread.join(max(0.0, deadline - time.monotonic()))
                 if loop.thread.is_alive():
                     log.warning("loop %s did not stop within the grace period", loop.name)
+                    continue
+            # Ended on purpose: no longer watched (the poller ends with the engine).
+            self.health.unregister(loop.name)
+            if loop.name == liveness.ENGINE_LOOP:
+                self.health.unregister(liveness.POLLER_LOOP)

@@ -1,10 +1,13 @@
 """HTTP probes and metrics: ``/metrics``, ``/healthz``, ``/readyz`` on one port.
 
-- ``/healthz`` (liveness) answers whether the process's loops are still turning. Each loop
-  registers with an allowance and calls ``Health.beat`` as it goes round; one silent past
-  its allowance makes the probe fail, naming it, so Kubernetes restarts a wedged process.
-  A broker outage does not fail it: a restart would not bring the broker back
-  (DESIGN-NOTES "Kubernetes"), and loops keep beating while they wait to reconnect.
+- ``/healthz`` (liveness) answers whether the process's loops are making progress. Each loop
+  registers with a bound (its longest legitimate pause, worker/daemon.py derives them from
+  the settings) and calls ``Health.beat`` each time round, idle or not. A loop whose thread
+  is alive but that has not gone round within its bound is *stalled* (a read without a
+  timeout, a deadlock, a database call that never returns): the probe answers 503 naming
+  it, and the stall is logged once at ERROR. A broker outage does not fail it: a restart
+  would not bring the broker back (DESIGN-NOTES "Kubernetes"), and loops keep going round
+  while they wait to reconnect.
 - ``/readyz`` (readiness) is 200 only while the broker connection is up and the process is
   not shutting down.
 
@@ -41,33 +44,89 @@ class Health:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._allowances: dict[str, float] = {}
+        self._bounds: dict[str, float] = {}
         self._last_beat: dict[str, float] = {}
+        # Which loop a thread beat for last: API calls that thread makes count for it too.
+        self._loop_of_thread: dict[int, str] = {}
+        self._reported: set[str] = set()  # stalls already logged
         self._ready = False
         self._shutting_down = False
 
-    def register(self, name: str, allowance: float) -> None:
-        """Watch loop ``name``: it must beat at least every ``allowance`` seconds.
+    def register(self, name: str, bound: float) -> None:
+        """Watch loop ``name``: it must beat at least every ``bound`` seconds.
 
-        Registering counts as a first beat, so a loop has one allowance to get going.
+        Registering counts as a first beat, so a loop has one bound to get going.
         """
-        if allowance <= 0:
-            raise ValueError(f"allowance of loop {name!r} must be positive")
+        if bound <= 0:
+            raise ValueError(f"bound of loop {name!r} must be positive")
         with self._lock:
-            self._allowances[name] = allowance
+            self._bounds[name] = bound
             self._last_beat[name] = self._clock()
 
     def unregister(self, name: str) -> None:
         """Stop watching a loop that ended on purpose (shutting down, for one)."""
         with self._lock:
-            self._allowances.pop(name, None)
+            self._bounds.pop(name, None)
             self._last_beat.pop(name, None)
+            self._reported.discard(name)
 
     def beat(self, name: str) -> None:
-        """Loop ``name`` went round. Beats of loops never registered are ignored."""
+        """Loop ``name`` went round, on the calling thread. Loops never registered are ignored."""
         with self._lock:
-            if name in self._allowances:
+            if name in self._bounds:
                 self._last_beat[name] = self._clock()
+                self._loop_of_thread[threading.get_ident()] = name
+
+    def beat_thread(self) -> None:
+        """Progress for the loop the calling thread last beat for, if any.
+
+        For work that happens inside one turn of a loop and may legitimately take many
+        times longer than each of its parts (a status round of many API calls, each with
+        its own timeout): each part counts as progress, so the bound covers one part.
+        """
+        with self._lock:
+            name = self._loop_of_thread.get(threading.get_ident())
+            if name is not None and name in self._bounds:
+                self._last_beat[name] = self._clock()
+
+    def progress(self) -> dict[str, tuple[float, float]]:
+        """Per watched loop: (seconds since it last went round, its bound)."""
+        now = self._clock()
+        with self._lock:
+            return {
+                name: (max(0.0, now - self._last_beat[name]), bound)
+                for name, bound in self._bounds.items()
+            }
+
+    def stalled(self) -> list[tuple[str, float, float]]:
+        """The loops past their bound, by name: (name, seconds since progress, bound).
+
+        The first time a loop is seen stalled it is logged at ERROR; a recovery at WARNING.
+        """
+        ages = self.progress()
+        stalled = sorted((name, age, bound) for name, (age, bound) in ages.items() if age > bound)
+        names = {name for name, _, _ in stalled}
+        with self._lock:
+            new = [entry for entry in stalled if entry[0] not in self._reported]
+            recovered = sorted(self._reported - names)
+            self._reported = names
+        for name, age, bound in new:
+            logger.error("loop %s stalled: no progress for %.0f s (bound %g s)", name, age, bound)
+        for name in recovered:
+            logger.warning("loop %s is making progress again", name)
+        return stalled
+
+    def liveness(self) -> tuple[bool, str]:
+        """(alive, a line saying why)."""
+        stalled = self.stalled()
+        if stalled:
+            return False, "; ".join(
+                f"loop {name} stalled: no progress for {age:.0f}s (bound {bound:g}s)"
+                for name, age, bound in stalled
+            )
+        with self._lock:
+            watched = len(self._bounds)
+        return True, f"ok: {watched} loops making progress"
 
     def set_ready(self, ready: bool) -> None:
         """Whether the broker connection is up."""
@@ -78,23 +137,6 @@ class Health:
         """From now on the process is not ready, whatever the broker says."""
         with self._lock:
             self._shutting_down = True
-
-    def liveness(self) -> tuple[bool, str]:
-        """(alive, a line saying why)."""
-        now = self._clock()
-        with self._lock:
-            silent = sorted(
-                (name, now - self._last_beat[name], allowance)
-                for name, allowance in self._allowances.items()
-                if now - self._last_beat[name] > allowance
-            )
-            watched = len(self._allowances)
-        if silent:
-            return False, "; ".join(
-                f"loop {name} silent for {age:.0f}s (allowance {allowance:g}s)"
-                for name, age, allowance in silent
-            )
-        return True, f"ok: {watched} loops alive"
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, a line saying why)."""
@@ -126,10 +168,9 @@ def probe_app(metrics: Metrics, health: Health) -> WSGIApplication:
             )
         ok, detail = probe()
         if not ok:
-            # A failing liveness probe precedes a restart: say why. Readiness fails for
-            # the whole of a broker outage, every few seconds; the broker code logs that.
-            log = logger.warning if path == "/healthz" else logger.debug
-            log("%s failing: %s", path, detail)
+            # Not at WARNING: a stall is logged once at ERROR by Health, and readiness
+            # fails for the whole of a broker outage, which the broker code logs.
+            logger.debug("%s failing: %s", path, detail)
         status = "200 OK" if ok else "503 Service Unavailable"
         return _text(start_response, status, detail)
 

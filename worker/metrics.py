@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -171,6 +171,19 @@ class Metrics:
             ["file", "outcome"],
             registry=r,
         )
+        self._loop_progress_age = Gauge(
+            f"{PREFIX}_loop_progress_age_seconds",
+            "Seconds since the loop last went round (read at scrape time); past its bound "
+            "the loop is stalled and /healthz fails.",
+            ["loop"],
+            registry=r,
+        )
+        self._loop_progress_bound = Gauge(
+            f"{PREFIX}_loop_progress_bound_seconds",
+            "The loop's longest legitimate pause, derived from the settings.",
+            ["loop"],
+            registry=r,
+        )
         info = Info(f"{PREFIX}_build", "The running worker's version.", registry=r)
         info.info({"version": __version__})
         # The process's own CPU, memory, file descriptors and GC: the first things an
@@ -265,6 +278,14 @@ class Metrics:
 
     def outbox_pending(self, count: int) -> None:
         self._outbox_pending.set(max(0, count))
+
+    # --- liveness ------------------------------------------------------------------------
+
+    def watch_loop(self, loop: str, age: Callable[[], float], bound: float) -> None:
+        """Expose a loop's progress: ``age`` is read at each scrape. ``loop`` is one of the
+        daemon's few fixed loop names, never free text."""
+        self._loop_progress_age.labels(loop=loop).set_function(age)
+        self._loop_progress_bound.labels(loop=loop).set(bound)
 
     # --- tile artifacts ------------------------------------------------------------------
 

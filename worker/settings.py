@@ -93,6 +93,9 @@ class Settings(BaseSettings):
 
     # --- the process ---------------------------------------------------------------------
     grace_period: float = Field(default=20.0, ge=0, le=3600)
+    # Multiplies every loop's progress bound (docs/operations.md "Liveness"): above 1 where
+    # pauses are legitimately longer than the defaults allow for; tests go below.
+    liveness_factor: float = Field(default=1.0, ge=0.01, le=100)
     metrics_port: int = Field(default=9400, ge=0, le=65_535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"

@@ -100,6 +100,20 @@ once, rounded down so the fleet never exceeds the account's limit.
 {{- end }}
 {{- end }}
 
+{{/*
+The liveness probe is the backstop: a stalled worker stops itself (exit code 1) within
+gracePeriodSeconds, or ends itself 10 s after that (worker/liveness.py EXIT_MARGIN). The
+probe must give it that long once /healthz fails, or it cuts the hand-back of its jobs short.
+*/}}
+{{- define "batch-worker.checkLivenessProbe" -}}
+{{- $probe := .Values.livenessProbe }}
+{{- $window := mul (int (default 10 $probe.periodSeconds)) (int (default 3 $probe.failureThreshold)) }}
+{{- $needed := add (int .Values.gracePeriodSeconds) 10 }}
+{{- if le (int $window) (int $needed) }}
+{{- fail (printf "livenessProbe.periodSeconds x failureThreshold (%d s) must exceed gracePeriodSeconds + 10 (%d s): the probe would restart a stalled worker before it stops itself" (int $window) (int $needed)) }}
+{{- end }}
+{{- end }}
+
 {{/* Settings the chart sets itself; config must not set them too. */}}
 {{- define "batch-worker.checkConfig" -}}
 {{- range $key := list "API_BUDGET_PER_MINUTE" "GRACE_PERIOD" "METRICS_PORT" "WORKER_NAME" "SECRETS_DIR" "CLIENT_SECRET" "BROKER_URL" "DATABASE_URL" }}
