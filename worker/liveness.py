@@ -104,9 +104,10 @@ def progress_bounds(settings: Settings) -> dict[str, float]:
         CONSUMER_LOOP: max(connect, DB_CALL) + 2 * consumer.IDLE_DRAIN_SECONDS + SLACK,
         # A claim and the gauges' queries, then the idle wait or the error back-off.
         ENGINE_LOOP: 2 * DB_CALL + ENGINE_BACKOFF_MAX + SLACK,
-        # Its wait (never longer than the poll interval), then the round's database reads,
-        # or one API call of the round (each call counts as progress).
-        POLLER_LOOP: settings.poll_interval + max(DB_CALL, api_call_seconds(settings)) + SLACK,
+        # Its wait (never longer than the poll interval), then the round's database reads
+        # (two before its first API call, two after its last), or one API call of the round
+        # (each call counts as progress).
+        POLLER_LOOP: settings.poll_interval + max(2 * DB_CALL, api_call_seconds(settings)) + SLACK,
         # Reconnect, claim, one chunk's confirms and its delete, then the back-off cap.
         RELAY_LOOP: connect + 2 * DB_CALL + relay.CONFIRM_TIMEOUT + relay.BACKOFF_MAX + SLACK,
         # Its one-second tick and the outbox count (a database call).
