@@ -59,6 +59,49 @@ def test_insert_then_get_round_trips_state(pool: ConnectionPool) -> None:
     assert record.next_run_at == T0
 
 
+def test_insert_jobs_takes_many_in_one_statement_and_leaves_out_existing(
+    pool: ConnectionPool,
+) -> None:
+    assert insert(pool, job("old"))
+    tracked = job(
+        "tracked",
+        status="CREATED",
+        batch_request_id="b1",
+        upstream_created=T0,
+        last_seen_at=T0 + timedelta(seconds=5),
+        request={"description": "é ünïcode", "n": [1, 2.5, None, True]},
+    )
+    fresh = job("fresh", deadline=T0 + timedelta(hours=1), max_cost_pu=10.5)
+    with pool.connection() as conn:
+        inserted = store.insert_jobs(
+            conn, [fresh, job("old", request_hash="other"), tracked], next_run_at=T0
+        )
+        assert store.insert_jobs(conn, [], next_run_at=T0) == set()
+    assert inserted == {"fresh", "tracked"}
+    with pool.connection() as conn:
+        records = {j: store.get_job(conn, FLEET, j) for j in ("old", "fresh", "tracked")}
+        columns = conn.execute(
+            "SELECT job_id, phase, status, batch_request_id, upstream_created, request_hash,"
+            " accepted_at, ended_at, last_seen_at FROM bw_jobs ORDER BY job_id"
+        ).fetchall()
+    assert records["fresh"] is not None and records["fresh"].state == fresh
+    assert records["tracked"] is not None and records["tracked"].state == tracked
+    assert records["tracked"].next_run_at == T0
+    assert records["old"] is not None and records["old"].state.request_hash == "h1"
+    by_id = {row[0]: row[1:] for row in columns}
+    assert by_id["tracked"] == (
+        tracked.phase.value,
+        "CREATED",
+        "b1",
+        T0,
+        "h1",
+        T0,
+        None,
+        T0 + timedelta(seconds=5),
+    )
+    assert by_id["fresh"] == (fresh.phase.value, None, None, None, "h1", T0, None, None)
+
+
 def test_claim_takes_due_jobs_once_and_bumps_generation(pool: ConnectionPool) -> None:
     insert(pool, job("due"), T0)
     insert(pool, job("later"), T0 + timedelta(minutes=5))
