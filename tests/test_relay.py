@@ -235,6 +235,32 @@ def test_relay_killed_mid_round_republishes_at_most_one_chunk(
     assert _pending(pool) == 0
 
 
+def test_each_chunk_is_deleted_and_reported_as_progress(settings, pool, reader) -> None:
+    channel, queue = reader
+    sent = [_event(queue, n) for n in range(35)]
+    _enqueue(pool, sent)
+    pending_at_progress: list[int] = []
+    published: list[OutboxMessage] = []
+    worker = relay.Relay(
+        settings,
+        pool,
+        on_published=published.append,
+        on_progress=lambda: pending_at_progress.append(_pending(pool)),
+        batch_size=100,
+        chunk_size=10,
+    )
+    try:
+        assert worker.relay_once() == 35
+    finally:
+        worker.close()
+    # Rows leave the outbox chunk by chunk within the one round, not all at its end.
+    assert len(pending_at_progress) >= 4
+    assert pending_at_progress == sorted(pending_at_progress, reverse=True)
+    assert pending_at_progress[0] < 35 and pending_at_progress[-1] == 0
+    assert published == sent
+    assert [body for _p, body in _drain(channel, queue, 35)] == [m.body for m in sent]
+
+
 def test_running_relays_wake_on_notify_and_share_one_outbox(settings, pool, reader) -> None:
     channel, queue = reader
     relays = [relay.Relay(settings, pool, batch_size=7) for _ in range(2)]
