@@ -15,6 +15,7 @@ from worker.messages import (
     JobRequest,
     RejectCode,
     Rejection,
+    _parse_fully,  # the full reading, the reference for the quick one
     parse_job_request,
     request_hash,
 )
@@ -128,6 +129,9 @@ def test_job_id_limits_that_pass(job_id: str) -> None:
         (b"{not json", RejectCode.MALFORMED_JSON),
         (b"\xff\xfe{}", RejectCode.MALFORMED_JSON),
         (b'{"job_id": "j", "max_cost_pu": NaN, "request": {}}', RejectCode.MALFORMED_JSON),
+        # Deep in an otherwise valid request, where pydantic's own parser would take it.
+        (b'{"job_id": "j", "request": {"a": [-Infinity]}}', RejectCode.MALFORMED_JSON),
+        (b'{"job_id": "j", "request": {"a": {"b": NaN}}}', RejectCode.MALFORMED_JSON),
         (b"", RejectCode.MALFORMED_JSON),
         (b"[]", RejectCode.NOT_AN_OBJECT),
         (b'"job"', RejectCode.NOT_AN_OBJECT),
@@ -239,6 +243,51 @@ def test_any_json_object_is_parsed_or_rejected_never_raised(fields: dict[str, An
 @given(st.binary(max_size=64))
 def test_any_bytes_are_parsed_or_rejected_never_raised(raw: bytes) -> None:
     assert isinstance(parse_job_request(raw, None), JobRequest | Rejection)
+
+
+valid_requests = st.fixed_dictionaries(
+    {
+        "job_id": st.from_regex(r"[A-Za-z0-9._:-]{1,20}", fullmatch=True),
+        "request": st.dictionaries(st.text(), json_values, max_size=4),
+    },
+    optional={
+        "action": st.sampled_from(["submit", "start", "cancel", "stop"]),
+        "auto_start": st.booleans() | st.integers(0, 1),
+        "deadline": st.sampled_from(["2026-12-01T00:00:00Z", "2026-12-01T00:00:00", 1764547200]),
+        "max_cost_pu": st.floats() | st.integers(-1, 10**20),
+        "schema_version": st.sampled_from([1, 1.0, 2, "1"]),
+        "batch_request_id": st.none() | st.text(max_size=3),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(valid_requests, st.dictionaries(field_names, json_values)), st.booleans())
+def test_the_quick_reading_agrees_with_the_full_one(fields: dict[str, Any], ascii: bool) -> None:
+    raw = json.dumps(fields, ensure_ascii=ascii).encode()
+    quick, full = parse_job_request(raw, None), _parse_fully(raw, None)
+    assert quick == full
+    if isinstance(quick, JobRequest) and isinstance(full, JobRequest):
+        # Same values down to a float's sign and the order of keys: the same hash and the
+        # same payload sent to the API.
+        assert request_hash(quick) == request_hash(full)
+        assert json.dumps(quick.request) == json.dumps(full.request)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"job_id": "j", "job_id": "k", "request": {"b": 1, "a": 2, "b": 3}}',
+        b'{"job_id": "j", "request": {"x": 1e400, "y": -0.0, "z": 123456789012345678901234567890}}',
+        b'{"job_id": "j", "request": {"note": "NaN is only text here"}}',
+        b'{"job_id": "j", "request": {"s": "\\ud800"}}',
+        b'\xef\xbb\xbf{"job_id": "j", "request": {}}',
+        b'{"job_id": "j", "request": {}} trailing',
+        b'{"job_id": "j", "request": ' + b"[" * 300 + b"]" * 300 + b"}",
+    ],
+)
+def test_bodies_at_the_edges_of_the_quick_reading(raw: bytes) -> None:
+    assert parse_job_request(raw, "application/json") == _parse_fully(raw, "application/json")
 
 
 # --- the request hash --------------------------------------------------------------------------

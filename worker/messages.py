@@ -23,6 +23,7 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -176,6 +177,16 @@ class JobRequest(BaseModel):
 
 def parse_job_request(body: bytes, content_type: str | None) -> JobRequest | Rejection:
     """Read one message body. UTF-8 JSON; ``application/json`` or no content type at all."""
+    if _is_json_content_type(content_type) and not any(c in body for c in _NOT_JSON_CONSTANTS):
+        # The usual case, a valid request, validated straight from the bytes: half the cost
+        # of json.loads + model_validate. Whatever this refuses is read again below, so
+        # every rejection (its code, message, job id) is the one the full reading gives.
+        with suppress(ValidationError):
+            return JobRequest.model_validate_json(body)
+    return _parse_fully(body, content_type)
+
+
+def _parse_fully(body: bytes, content_type: str | None) -> JobRequest | Rejection:
     try:
         data = json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError):
@@ -215,6 +226,11 @@ def request_hash(req: JobRequest) -> str:
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# pydantic's JSON parser takes these constants, which the contract refuses (json.loads
+# below is told to reject them): a body holding them anywhere takes the full reading.
+_NOT_JSON_CONSTANTS = (b"NaN", b"Infinity")
 
 
 def _reject_constant(name: str) -> Any:
