@@ -24,7 +24,7 @@ from worker.events import (
     status_routing_key,
 )
 from worker.lifecycle import KNOWN_STATUSES, Echo, JobError, JobState, Tiles
-from worker.messages import RejectCode, Rejection
+from worker.messages import CommandEventData, RejectCode, Rejection
 
 NOW = datetime(2026, 11, 25, 21, 30, 0, 123_456, tzinfo=UTC)
 EVENTS = "batch.events"
@@ -238,6 +238,28 @@ def test_a_rejected_event_without_a_job_id_has_no_subject() -> None:
         "worker": "w",
     }
     assert (copy.routing_key, copy.mandatory) == ("replies", True)
+
+
+@pytest.mark.parametrize("action", ["submit", "cancel", "bogus", None])
+@pytest.mark.parametrize("kind", ["accepted", "rejected"])
+def test_command_event_data_is_the_models_dump_key_for_key(kind: str, action: str | None) -> None:
+    rejection = Rejection(RejectCode.JOB_NOT_FOUND, "no job", "j") if kind == "rejected" else None
+    [message] = command_event(
+        kind,  # type: ignore[arg-type]
+        fleet_id="f", exchange=EVENTS, worker="w", now=NOW, job_id="j", action=action,
+        echo=Echo(), rejection=rejection,
+    )  # fmt: skip
+    model = CommandEventData(
+        job_id="j",
+        action=action if action in ("submit", "cancel") else None,  # type: ignore[arg-type]
+        code=None if rejection is None else "JOB_NOT_FOUND",
+        message=None if rejection is None else "no job",
+        worker="w",
+    ).model_dump(mode="json")
+    if rejection is None:
+        del model["code"], model["message"]  # absent from an accepted event, never null
+    # Same keys in the same order: the same bytes on the wire as the model gives.
+    assert list(envelope(message)["data"].items()) == list(model.items())
 
 
 def test_a_rejection_goes_with_and_only_with_rejected() -> None:
