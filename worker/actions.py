@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 from worker import lifecycle
 from worker.api.errors import ApiError, ClientError, NotFound, PayloadInvalid
-from worker.api.models import Page, Task, validate_create_payload
+from worker.api.models import Page, Task, TaskStatus, validate_create_payload
 from worker.lifecycle import (
     Action,
     ActionRefused,
@@ -64,7 +64,7 @@ class TileSource(Protocol):
     ) -> Tiles | None: ...
 
 
-def snapshot(task: Task) -> TaskSnapshot:
+def snapshot(task: TaskStatus) -> TaskSnapshot:
     """The few fields the lifecycle decides on; the task's body is dropped here."""
     return TaskSnapshot(
         id=task.id,
@@ -154,7 +154,7 @@ class ActionRunner:
             return CreateUncertain(detail=str(exc))
         return CreateSucceeded(task=snapshot(task))
 
-    def find_tagged(self, tag: str, *, since: datetime) -> Task | None:
+    def find_tagged(self, tag: str, *, since: datetime) -> TaskStatus | None:
         """Scan the list newest first back to ``since`` for a task whose description holds
         ``tag``. ``search`` narrows the list where the API honours it (batch-v2-api.md §2.1:
         documented on CDSE only); the description check below decides either way."""

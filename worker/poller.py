@@ -39,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 from worker import lifecycle
 from worker.actions import BatchApi, snapshot
 from worker.api.errors import ApiError, NotFound
-from worker.api.models import Task
+from worker.api.models import TaskStatus
 from worker.lifecycle import DuplicateFound, Observation, TaskMissing, TaskSeen
 from worker.store import PollTarget
 
@@ -66,7 +66,7 @@ class PollResult:
         self.observations.setdefault(job_id, []).append(observation)
 
 
-def changed(target: PollTarget, task: Task) -> bool:
+def changed(target: PollTarget, task: TaskStatus) -> bool:
     return (
         task.status != target.status
         or task.completion_percentage != target.completion
@@ -280,7 +280,7 @@ class Poller:
         return seen, complete
 
     def _check_duplicate(
-        self, task: Task, by_tag: dict[str, PollTarget], result: PollResult
+        self, task: TaskStatus, by_tag: dict[str, PollTarget], result: PollResult
     ) -> None:
         for tag in _TAG_WORD.findall(task.description or ""):
             target = by_tag.get(tag)
@@ -291,7 +291,7 @@ class Poller:
             elif target.ended and task.status == "CREATED":
                 self._report_left_alone(target, task)
 
-    def _report_left_alone(self, target: PollTarget, task: Task) -> None:
+    def _report_left_alone(self, target: PollTarget, task: TaskStatus) -> None:
         # The job ended without knowing this request; the API refuses to stop a CREATED
         # one (§3.2) and it spends nothing unless someone starts it. Events have no field
         # for it, so the log says it, once per request; should someone start it while the
@@ -322,7 +322,7 @@ class Poller:
             self._observe(target, task, result)
 
     @staticmethod
-    def _observe(target: PollTarget, task: Task, result: PollResult) -> None:
+    def _observe(target: PollTarget, task: TaskStatus, result: PollResult) -> None:
         if changed(target, task):
             result.add(target.job_id, TaskSeen(snapshot(task)))
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from api_support import MakeClient, Recorder, seed
 from scripted_server import Reply, ScriptedServer, error_body, task_body
 
 from worker.api.client import BatchClient
-from worker.api.errors import PayloadInvalid
+from worker.api.errors import PayloadInvalid, ServerError
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +117,73 @@ def test_iter_requests_flattens_pages_and_stops_on_an_empty_page(
     assert [t.id for t in client.iter_requests(sort=None)] == ["a"]
     first = server.seen("GET", "/process")[0]
     assert "sort" not in first.query
+
+
+def test_list_pages_read_the_status_fields_and_leave_the_rest(
+    client: BatchClient, server: ScriptedServer
+) -> None:
+    stopped = task_body(
+        "a",
+        "STOPPED",
+        request={"description": "job bw0123", "processRequest": {"evalscript": "//VERSION=3"}},
+        completionPercentage=42.5,
+        costPU=310.5,
+        stoppedStatusReason="OUT_OF_PU",
+        error="no units left",
+        userAction="STOP",
+        projectId="p-1",
+    )
+    odd = task_body("b", request={"description": 7})  # not a string: no description
+    server.on("GET", "/process", Reply(200, {"data": [stopped, odd], "links": {}}))
+
+    (page,) = client.iter_pages()
+
+    a, b = page.tasks
+    assert (a.id, a.status, a.user_action) == ("a", "STOPPED", "STOP")
+    assert a.created == datetime(2026, 11, 25, 21, 30, 0, 123456, tzinfo=UTC)
+    assert (a.completion_percentage, a.cost_pu) == (42.5, 310.5)
+    assert (a.stopped_status_reason, a.error) == ("OUT_OF_PU", "no units left")
+    assert a.description == "job bw0123"
+    assert b.description is None
+    assert page.next_token is None
+
+
+def test_a_bare_array_is_one_last_page(client: BatchClient, server: ScriptedServer) -> None:
+    server.on("GET", "/process", Reply(200, [task_body("a"), task_body("b")]))
+
+    pages = list(client.iter_pages())
+
+    assert [[t.id for t in p.tasks] for p in pages] == [["a", "b"]]
+    assert pages[0].next_token is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"links": {}},  # no data array
+        {"data": [{"id": "a"}], "links": {}},  # a task without a status
+        {"data": ["a"], "links": {}},
+        "not json",
+    ],
+)
+def test_a_list_answer_that_is_not_a_page_of_tasks_is_invalid(
+    client: BatchClient, server: ScriptedServer, answer: object
+) -> None:
+    server.on("GET", "/process", Reply(200, answer))  # a str is sent as it is
+
+    with pytest.raises(ServerError) as caught:
+        list(client.iter_pages())
+
+    assert (caught.value.code, caught.value.endpoint) == ("INVALID_RESPONSE", "list")
+
+
+def test_iter_requests_keeps_the_whole_request(client: BatchClient, server: ScriptedServer) -> None:
+    full = task_body("a", request={"description": "d", "input": {"type": "tiling-grid"}})
+    server.on("GET", "/process", Reply(200, {"data": [full], "links": {}}))
+
+    (task,) = client.iter_requests()
+
+    assert task.request == {"description": "d", "input": {"type": "tiling-grid"}}
 
 
 def test_update_description_puts_only_the_description(

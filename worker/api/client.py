@@ -12,10 +12,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
 import requests
+from pydantic import TypeAdapter, ValidationError
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
@@ -32,7 +33,14 @@ from worker.api.errors import (
     TransportError,
     Unauthorized,
 )
-from worker.api.models import Page, Task, TilingGrid, parse_error_body
+from worker.api.models import (
+    ListedPage,
+    ListedTask,
+    Page,
+    Task,
+    TilingGrid,
+    parse_error_body,
+)
 from worker.api.payload import validate_create_payload
 from worker.api.retry import RetryPolicy, call_with_retries
 
@@ -69,6 +77,29 @@ class _Call:
     idempotent: bool = True
     not_found_until: datetime | None = None
     maybe_applied: bool = False  # an earlier attempt may have taken effect
+
+
+_T = TypeVar("_T")
+# A list answer: its items, its ``links`` object, and whether it was a bare array.
+_ListAnswer = tuple[list[_T], Any, bool]
+_LISTED_ARRAY = TypeAdapter(list[ListedTask])
+
+
+def _listed(call: _Call, response: requests.Response) -> _ListAnswer[ListedTask]:
+    """A list page's tasks as ``ListedTask``s, validated from the bytes in one pass."""
+    content = response.content
+    try:
+        if content.lstrip()[:1] == b"[":
+            return _LISTED_ARRAY.validate_json(content), None, True
+        page = ListedPage.model_validate_json(content)
+    except ValidationError:
+        raise ServerError(
+            "list answer is not a page of batch tasks",
+            http_status=response.status_code,
+            code="INVALID_RESPONSE",
+            endpoint=call.endpoint,
+        ) from None
+    return page.data, page.links, False
 
 
 class _Bearer(AuthBase):
@@ -209,16 +240,10 @@ class BatchClient:
         search: str | None = None,
         count: int | None = None,
     ) -> Iterator[Page]:
-        """GET /process page by page, following ``links.nextToken`` (§2.1)."""
-        params: dict[str, str | int] = {}
-        if sort:
-            params["sort"] = sort
-        if search:
-            params["search"] = search
-        if count is not None:
-            params["count"] = count
-        for data, next_token in self._pages("list", self._process_url(), params):
-            tasks = [Task.model_validate(item) for item in data if isinstance(item, dict)]
+        """GET /process page by page, following ``links.nextToken`` (§2.1); each task read
+        only as far as its status (``ListedTask``)."""
+        params = self._list_params(sort, search, count)
+        for tasks, next_token in self._pages("list", self._process_url(), params, _listed):
             yield Page(tasks=tasks, next_token=next_token)
 
     def iter_requests(
@@ -228,8 +253,10 @@ class BatchClient:
         search: str | None = None,
         count: int | None = None,
     ) -> Iterator[Task]:
-        for page in self.iter_pages(sort=sort, search=search, count=count):
-            yield from page.tasks
+        """Every batch request in full (``iter_pages`` reads only their statuses)."""
+        params = self._list_params(sort, search, count)
+        for data, _ in self._pages("list", self._process_url(), params, self._any_list):
+            yield from (Task.model_validate(item) for item in data if isinstance(item, dict))
 
     def update_description(
         self, request_id: str, description: str, *, created_at: datetime | None = None
@@ -260,7 +287,8 @@ class BatchClient:
     # --- tiling grids (§2 rows 8-9) ----------------------------------------------------
 
     def iter_tiling_grids(self) -> Iterator[TilingGrid]:
-        for data, _ in self._pages("tilinggrids", f"{self.batch_url}/tilinggrids", {}):
+        url = f"{self.batch_url}/tilinggrids"
+        for data, _ in self._pages("tilinggrids", url, {}, self._any_list):
             for item in data:
                 yield TilingGrid.model_validate(item)
 
@@ -294,25 +322,48 @@ class BatchClient:
         )
         self._execute(call)
 
+    @staticmethod
+    def _list_params(
+        sort: str | None, search: str | None, count: int | None
+    ) -> dict[str, str | int]:
+        params: dict[str, str | int] = {}
+        if sort:
+            params["sort"] = sort
+        if search:
+            params["search"] = search
+        if count is not None:
+            params["count"] = count
+        return params
+
+    def _any_list(self, call: _Call, response: requests.Response) -> _ListAnswer[Any]:
+        answer = self._json(call, response)
+        if isinstance(answer, list):
+            return answer, None, True
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise ServerError(
+                "list answer has no data array", code="INVALID_RESPONSE", endpoint=call.endpoint
+            )
+        return data, answer.get("links"), False
+
     def _pages(
-        self, endpoint: str, url: str, params: dict[str, str | int]
-    ) -> Iterator[tuple[list[Any], str | None]]:
+        self,
+        endpoint: str,
+        url: str,
+        params: dict[str, str | int],
+        parse: Callable[[_Call, requests.Response], _ListAnswer[_T]],
+    ) -> Iterator[tuple[list[_T], str | None]]:
         token: str | None = None
         while True:
             query = dict(params)
             if token is not None:
                 query["viewtoken"] = token
             call = _Call(endpoint, "GET", url, params=query)
-            answer = self._json(call, self._execute(call))
-            if isinstance(answer, list):  # a bare array: everything at once
-                yield answer, None
+            data, links, bare = parse(call, self._execute(call))
+            if bare:  # a bare array: everything at once
+                yield data, None
                 return
-            data = answer.get("data") if isinstance(answer, dict) else None
-            if not isinstance(data, list):
-                raise ServerError(
-                    "list answer has no data array", code="INVALID_RESPONSE", endpoint=endpoint
-                )
-            next_token = self._next_token(answer.get("links"))
+            next_token = self._next_token(links)
             if next_token is not None and next_token == token:
                 logger.warning("%s: the API repeated page token; stopping", endpoint)
                 next_token = None
