@@ -67,6 +67,22 @@ def test_claimed_rows_can_be_deleted_from_another_connection_at_once(
         assert [m.routing_key for _i, m in outbox.claim(conn, 10)] == ["job.2", "job.3", "job.4"]
 
 
+def test_a_large_enqueue_keeps_every_value_and_the_order(conn: psycopg.Connection) -> None:
+    sent = [
+        _message(
+            n, headers={"n": n, "raw": bytes([n % 256])} if n % 3 else {}, mandatory=n % 2 == 0
+        )
+        for n in range(300)
+    ]
+    with conn.transaction():
+        outbox.enqueue(conn, sent)
+    with conn.transaction():
+        claimed = outbox.claim(conn, 1000)
+    assert [message for _id, message in claimed] == sent
+    ids = [row_id for row_id, _message in claimed]
+    assert ids == sorted(ids)
+
+
 def test_delete_and_pending_count(conn: psycopg.Connection) -> None:
     with conn.transaction():
         outbox.enqueue(conn, [_message(n) for n in range(4)])

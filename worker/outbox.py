@@ -74,6 +74,8 @@ def _decode(value: Any) -> Any:
 
 def encode_table(table: dict[str, Any]) -> str:
     """An AMQP table (properties or headers) as JSON text."""
+    if not table:
+        return "{}"  # most events carry no headers
     return json.dumps(_encode(table), separators=(",", ":"))
 
 
@@ -98,22 +100,23 @@ def enqueue(conn: psycopg.Connection[Any], messages: Sequence[OutboxMessage]) ->
     """
     if not messages:
         return
-    with conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO bw_outbox (exchange, routing_key, body, properties, headers, mandatory)"
-            " VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, %s)",
-            [
-                (
-                    message.exchange,
-                    message.routing_key,
-                    message.body,
-                    encode_table(message.properties),
-                    encode_table(message.headers),
-                    message.mandatory,
-                )
-                for message in messages
-            ],
-        )
+    # One statement for the lot (intake enqueues a batch's events at once), arrays in
+    # binary so psycopg does not escape every body; ORDINALITY keeps ids in list order.
+    conn.execute(
+        "INSERT INTO bw_outbox (exchange, routing_key, body, properties, headers, mandatory)"
+        " SELECT exchange, routing_key, body, properties::jsonb, headers::jsonb, mandatory"
+        " FROM unnest(%b::text[], %b::text[], %b::bytea[], %b::text[], %b::text[], %b::bool[])"
+        " WITH ORDINALITY AS m (exchange, routing_key, body, properties, headers, mandatory, n)"
+        " ORDER BY n",
+        (
+            [m.exchange for m in messages],
+            [m.routing_key for m in messages],
+            [m.body for m in messages],
+            [encode_table(m.properties) for m in messages],
+            [encode_table(m.headers) for m in messages],
+            [m.mandatory for m in messages],
+        ),
+    )
     conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
 
 
