@@ -13,14 +13,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Self, TypeVar
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import quote
 
 import requests
-from pydantic import TypeAdapter, ValidationError
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 
+from worker.api import pages
 from worker.api.auth import ENDPOINT as TOKEN_ENDPOINT
 from worker.api.auth import TokenSource, retry_after_seconds
 from worker.api.budget import Priority, RequestBudget
@@ -33,14 +33,8 @@ from worker.api.errors import (
     TransportError,
     Unauthorized,
 )
-from worker.api.models import (
-    ListedPage,
-    ListedTask,
-    Page,
-    Task,
-    TilingGrid,
-    parse_error_body,
-)
+from worker.api.models import ListedTask, Page, Task, TilingGrid, parse_error_body
+from worker.api.pages import ListAnswer
 from worker.api.payload import validate_create_payload
 from worker.api.retry import RetryPolicy, call_with_retries
 
@@ -80,26 +74,6 @@ class _Call:
 
 
 _T = TypeVar("_T")
-# A list answer: its items, its ``links`` object, and whether it was a bare array.
-_ListAnswer = tuple[list[_T], Any, bool]
-_LISTED_ARRAY = TypeAdapter(list[ListedTask])
-
-
-def _listed(call: _Call, response: requests.Response) -> _ListAnswer[ListedTask]:
-    """A list page's tasks as ``ListedTask``s, validated from the bytes in one pass."""
-    content = response.content
-    try:
-        if content.lstrip()[:1] == b"[":
-            return _LISTED_ARRAY.validate_json(content), None, True
-        page = ListedPage.model_validate_json(content)
-    except ValidationError:
-        raise ServerError(
-            "list answer is not a page of batch tasks",
-            http_status=response.status_code,
-            code="INVALID_RESPONSE",
-            endpoint=call.endpoint,
-        ) from None
-    return page.data, page.links, False
 
 
 class _Bearer(AuthBase):
@@ -242,8 +216,8 @@ class BatchClient:
     ) -> Iterator[Page]:
         """GET /process page by page, following ``links.nextToken`` (§2.1); each task read
         only as far as its status (``ListedTask``)."""
-        params = self._list_params(sort, search, count)
-        for tasks, next_token in self._pages("list", self._process_url(), params, _listed):
+        params = pages.list_params(sort, search, count)
+        for tasks, next_token in self._pages("list", self._process_url(), params, self._listed):
             yield Page(tasks=tasks, next_token=next_token)
 
     def iter_requests(
@@ -254,7 +228,7 @@ class BatchClient:
         count: int | None = None,
     ) -> Iterator[Task]:
         """Every batch request in full (``iter_pages`` reads only their statuses)."""
-        params = self._list_params(sort, search, count)
+        params = pages.list_params(sort, search, count)
         for data, _ in self._pages("list", self._process_url(), params, self._any_list):
             yield from (Task.model_validate(item) for item in data if isinstance(item, dict))
 
@@ -322,36 +296,19 @@ class BatchClient:
         )
         self._execute(call)
 
-    @staticmethod
-    def _list_params(
-        sort: str | None, search: str | None, count: int | None
-    ) -> dict[str, str | int]:
-        params: dict[str, str | int] = {}
-        if sort:
-            params["sort"] = sort
-        if search:
-            params["search"] = search
-        if count is not None:
-            params["count"] = count
-        return params
+    def _any_list(self, call: _Call, response: requests.Response) -> ListAnswer[Any]:
+        return pages.any_list(self._json(call, response), call.endpoint)
 
-    def _any_list(self, call: _Call, response: requests.Response) -> _ListAnswer[Any]:
-        answer = self._json(call, response)
-        if isinstance(answer, list):
-            return answer, None, True
-        data = answer.get("data") if isinstance(answer, dict) else None
-        if not isinstance(data, list):
-            raise ServerError(
-                "list answer has no data array", code="INVALID_RESPONSE", endpoint=call.endpoint
-            )
-        return data, answer.get("links"), False
+    @staticmethod
+    def _listed(call: _Call, response: requests.Response) -> ListAnswer[ListedTask]:
+        return pages.listed(response, call.endpoint)
 
     def _pages(
         self,
         endpoint: str,
         url: str,
         params: dict[str, str | int],
-        parse: Callable[[_Call, requests.Response], _ListAnswer[_T]],
+        parse: Callable[[_Call, requests.Response], ListAnswer[_T]],
     ) -> Iterator[tuple[list[_T], str | None]]:
         token: str | None = None
         while True:
@@ -363,7 +320,7 @@ class BatchClient:
             if bare:  # a bare array: everything at once
                 yield data, None
                 return
-            next_token = self._next_token(links)
+            next_token = pages.next_token(links)
             if next_token is not None and next_token == token:
                 logger.warning("%s: the API repeated page token; stopping", endpoint)
                 next_token = None
@@ -371,21 +328,6 @@ class BatchClient:
             if not data or next_token is None:
                 return
             token = next_token
-
-    @staticmethod
-    def _next_token(links: Any) -> str | None:
-        if not isinstance(links, dict):
-            return None
-        token = links.get("nextToken")
-        if isinstance(token, str) and token:
-            return token
-        # Some answers carry only the "next" URL; its viewtoken is the same thing.
-        next_url = links.get("next")
-        if isinstance(next_url, str) and next_url:
-            values = parse_qs(urlsplit(next_url).query).get("viewtoken")
-            if values:
-                return values[0]
-        return None
 
     def _json(self, call: _Call, response: requests.Response) -> Any:
         if not response.content:
