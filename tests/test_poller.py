@@ -10,10 +10,18 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worker import lifecycle
+from worker.actions import snapshot
 from worker.api.errors import NotFound
 from worker.api.models import Page, Task
 from worker.lifecycle import DuplicateFound, TaskMissing, TaskSeen
-from worker.poller import Poller, SweepSchedule, due_targets, sweep_reach
+from worker.poller import (
+    Poller,
+    PollResult,
+    SweepSchedule,
+    due_targets,
+    jobs_to_step,
+    sweep_reach,
+)
 from worker.store import PollTarget
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -107,6 +115,49 @@ def test_missing_task_and_duplicates_become_observations() -> None:
     # j5 was not in the list: the poller falls back to a GET, which answers 404.
     assert result.observations["j5"] == [TaskMissing()]
     assert api.gets == 1
+
+
+def test_a_new_status_is_urgent_and_moved_completion_is_only_progress() -> None:
+    targets = [target(i) for i in range(4)]
+    tasks = [
+        task(0, "DONE"),  # a new status
+        task(1).model_copy(update={"completion_percentage": 40.0}),  # progress
+        task(2).model_copy(update={"cost_pu": 12.0}),  # progress
+        task(3),  # unchanged
+    ]
+    api = ListingApi(tasks, page_size=100)
+    result = Poller(api, FLEET, initial_page_size=100).round(targets, targets)
+    assert set(result.observations) == {"j0", "j1", "j2"}
+    assert result.urgent == {"j0"}
+    assert result.progress_only() == ["j2", "j1"]  # the order read: newest first
+    assert result.unchanged == ["j3"]
+
+
+def test_missing_and_duplicates_are_urgent() -> None:
+    result = PollResult()
+    result.add("a", TaskMissing())
+    result.add("b", DuplicateFound(batch_request_id="x"))
+    result.add("b", TaskSeen(snapshot(task(1))), progress=True)  # progress too, still urgent
+    result.add("c", TaskSeen(snapshot(task(2))), progress=True)
+    assert result.urgent == {"a", "b"}
+    assert result.progress_only() == ["c"]
+
+
+def test_steps_take_every_urgent_job_and_progress_while_there_is_room() -> None:
+    targets = [
+        target(1, seen=T0 + timedelta(seconds=30)),
+        target(2, seen=T0 + timedelta(seconds=10)),
+        target(3, seen=T0 + timedelta(seconds=20)),
+        target(4),
+    ]
+    result = PollResult()
+    for job_id in ("j1", "j2", "j3"):
+        result.add(job_id, TaskSeen(snapshot(task(1))), progress=True)
+    result.add("j4", TaskSeen(snapshot(task(4, "DONE"))))
+    assert jobs_to_step(result, targets, progress_room=10) == ["j4", "j1", "j2", "j3"]
+    # No room for all: the least recently seen first.
+    assert jobs_to_step(result, targets, progress_room=2) == ["j4", "j2", "j3"]
+    assert jobs_to_step(result, targets, progress_room=0) == ["j4"]
 
 
 def test_due_targets_are_the_stale_ones_stalest_first() -> None:

@@ -34,7 +34,7 @@ from worker.lifecycle import (
     Transition,
     Wake,
 )
-from worker.poller import Poller, SweepSchedule, due_targets
+from worker.poller import Poller, PollResult, SweepSchedule, due_targets, jobs_to_step
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,12 @@ ENDED_SWEEP_MARGIN_POLLS = 3 * SWEEP_EVERY_POLLS
 # The names the two loops report their progress under (``on_progress``).
 ENGINE_LOOP = "engine"
 POLLER_LOOP = "poller"
+# Steps that only publish progress (completion or cost moved, same status) are taken while
+# fewer than this many status steps per step thread are waiting; the rest stay due and are
+# read again next round. Without it, with thousands of jobs processing, every round queued a
+# progress step for each of them and a new status waited behind them all (docs/performance.md,
+# runs H).
+PROGRESS_BACKLOG_PER_THREAD = 8
 # The shortest retry the derived timings go down to.
 _FLOOR = timedelta(milliseconds=100)
 
@@ -167,6 +173,8 @@ class Engine:
         self._stop = threading.Event()
         self._in_hand: set[Future[None]] = set()
         self._lock = threading.Lock()
+        self._progress_backlog = threads * PROGRESS_BACKLOG_PER_THREAD
+        self._steps_pending = 0  # status steps submitted and not finished
 
     # -- the loops ------------------------------------------------------------------------
 
@@ -276,6 +284,7 @@ class Engine:
         result = self._poller.round(targets, due, max_requests=self._round_requests, sweep=sweep)
         if sweep and sweeps is not None:
             sweeps.done(targets, started=now, complete=result.swept)
+        to_step = self._to_step(result, active)
         with self._pool.connection() as conn:
             store.touch_seen(conn, self._fleet, result.unchanged, seen_at=now)
             claims = (
@@ -285,12 +294,14 @@ class Engine:
                     self._owner,
                     now=self._clock(),
                     lease=self._lease,
-                    limit=len(result.observations),
-                    job_ids=list(result.observations),
+                    limit=len(to_step),
+                    job_ids=to_step,
                 )
-                if result.observations
+                if to_step
                 else []
             )
+        # The executor is first come, first served: new statuses go ahead of progress.
+        claims.sort(key=lambda claim: claim.state.job_id not in result.urgent)
         log.debug(
             "status round: %d due, %s, %d requests, %d changed, %d unchanged",
             len(due),
@@ -303,9 +314,22 @@ class Engine:
             observations = result.observations[claim.state.job_id]
             if executor is None:
                 self._drive_safely(claim, observations)
-            else:
-                executor.submit(self._drive_safely, claim, observations)
+                continue
+            with self._lock:
+                self._steps_pending += 1
+            executor.submit(self._drive_safely, claim, observations).add_done_callback(
+                self._step_done
+            )
         return 0.2
+
+    def _step_done(self, _future: Future[None]) -> None:
+        with self._lock:
+            self._steps_pending -= 1
+
+    def _to_step(self, result: PollResult, targets: list[store.PollTarget]) -> list[str]:
+        with self._lock:
+            room = max(0, self._progress_backlog - self._steps_pending)
+        return jobs_to_step(result, targets, progress_room=room)
 
     def _update_gauges(self) -> None:
         if self._metrics is None:

@@ -61,9 +61,18 @@ class PollResult:
     requests: int = 0
     method: str = "none"  # "list", "get", "sweep" or "none"
     swept: bool = False  # a sweep's scan reached the oldest active job (within its budget)
+    # Jobs with more than progress to step on: a new status, a 404, a duplicate. The rest
+    # only moved completion or cost; those steps can wait (Engine.poll_once).
+    urgent: set[str] = field(default_factory=set)
 
-    def add(self, job_id: str, observation: Observation) -> None:
+    def add(self, job_id: str, observation: Observation, *, progress: bool = False) -> None:
         self.observations.setdefault(job_id, []).append(observation)
+        if not progress:
+            self.urgent.add(job_id)
+
+    def progress_only(self) -> list[str]:
+        """Jobs whose every observation is progress (same status), in the order read."""
+        return [job_id for job_id in self.observations if job_id not in self.urgent]
 
 
 def changed(target: PollTarget, task: TaskStatus) -> bool:
@@ -73,6 +82,20 @@ def changed(target: PollTarget, task: TaskStatus) -> bool:
         or (target.cost_pu is not None and task.cost_pu != target.cost_pu)
         or (target.cost_pu is None and task.cost_pu != 0)
     )
+
+
+def jobs_to_step(result: PollResult, targets: list[PollTarget], *, progress_room: int) -> list[str]:
+    """The jobs a round steps: every one with a new status (or a 404, a duplicate), then
+    at most ``progress_room`` with only progress, least recently seen first. Those left out
+    are not touched either: they stay due and the next round reads them again."""
+    urgent = [job_id for job_id in result.observations if job_id in result.urgent]
+    progress = result.progress_only()
+    if len(progress) > progress_room:
+        seen = {t.job_id: t.last_seen_at for t in targets}
+        oldest = datetime.min.replace(tzinfo=UTC)
+        progress.sort(key=lambda job_id: seen.get(job_id) or oldest)
+        del progress[max(0, progress_room) :]
+    return urgent + progress
 
 
 def due_targets(
@@ -324,6 +347,8 @@ class Poller:
     @staticmethod
     def _observe(target: PollTarget, task: TaskStatus, result: PollResult) -> None:
         if changed(target, task):
-            result.add(target.job_id, TaskSeen(snapshot(task)))
+            result.add(
+                target.job_id, TaskSeen(snapshot(task)), progress=task.status == target.status
+            )
         else:
             result.unchanged.append(target.job_id)
