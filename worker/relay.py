@@ -76,19 +76,34 @@ class _Flight:
     returned: set[int] = field(default_factory=set)
     deleted: set[int] = field(default_factory=set)
 
+    # Published and not yet acked or nacked, in publish order (dicts keep it): a multiple
+    # ack settles a prefix without a scan of the whole round.
+    unsettled: dict[int, None] = field(default_factory=dict)
+
+    def add(self, seq: int, row: tuple[int, OutboxMessage]) -> None:
+        self.rows[seq] = row
+        self.unsettled[seq] = None
+
     def settle(self, tag: int, multiple: bool, into: set[int]) -> None:
         if multiple:
-            into.update(seq for seq in self.rows if seq <= tag and seq not in self.settled)
-        elif tag in self.rows:
-            into.add(tag)
+            done = []
+            for seq in self.unsettled:
+                if seq > tag:
+                    break
+                done.append(seq)
+        else:
+            done = [tag] if tag in self.unsettled else []
+        for seq in done:
+            del self.unsettled[seq]
+        into.update(done)
 
     @property
-    def settled(self) -> set[int]:
-        return self.acked | self.nacked
+    def settled(self) -> int:
+        return len(self.rows) - len(self.unsettled)
 
     @property
     def outstanding(self) -> int:
-        return len(self.rows) - len(self.settled)
+        return len(self.unsettled)
 
     @property
     def in_window(self) -> int:
@@ -224,7 +239,7 @@ class Relay:
                 seq = self._next_seq
                 self._next_seq += 1
                 row = queue.popleft()
-                flight.rows[seq] = row
+                flight.add(seq, row)
                 message = row[1]
                 channel.basic_publish(
                     amqp_message(message),
@@ -250,10 +265,10 @@ class Relay:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            settled = len(flight.settled)
+            settled = flight.settled
             with suppress(TimeoutError):
                 self._connection().drain_events(timeout=min(remaining, 1.0))
-            if len(flight.settled) > settled:
+            if flight.settled > settled:
                 deadline = time.monotonic() + self._confirm_timeout
         return True
 
