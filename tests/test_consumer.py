@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pika
 import pytest
+from amqp.transport import TCPTransport
 
 from worker.broker import connection, connection_name, declare_topology, ensure_connected
-from worker.consumer import InboundMessage, IntakeUnavailable, JobsConsumer
+from worker.consumer import InboundMessage, IntakeUnavailable, JobsConsumer, read_ahead
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -274,3 +278,73 @@ def test_consumer_connection_carries_heartbeat_and_prefetch(settings: Settings) 
     consumer = JobsConsumer(settings, lambda batch: None)
     assert consumer.connection.heartbeat == settings.heartbeat
     assert consumer._batch_max == settings.prefetch  # a batch never exceeds the window
+
+
+def _frame(channel: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", 3, channel, len(payload)) + payload + b"\xce"
+
+
+def test_read_ahead_takes_whole_chunks_and_still_reads_frame_by_frame() -> None:
+    mine, broker = socket.socketpair()
+    with mine, broker:
+        transport = TCPTransport("127.0.0.1:5672")
+        transport.sock, transport._quick_recv = mine, mine.recv
+        asked: list[int] = []
+        real_recv = mine.recv
+
+        class Counting:
+            def recv(self, n: int) -> bytes:
+                asked.append(n)
+                return real_recv(n)
+
+        transport.sock = Counting()  # type: ignore[assignment]
+        assert read_ahead(SimpleNamespace(transport=transport), size=4096)
+        transport.sock = mine  # read_ahead took the counting recv; timeouts need the socket
+        payloads = [bytes([n]) * (100 + 700 * n) for n in range(5)]  # up to 2.9 KB
+        broker.sendall(b"".join(_frame(n, p) for n, p in enumerate(payloads)))
+        assert [transport.read_frame() for _ in payloads] == [
+            (3, n, p) for n, p in enumerate(payloads)
+        ]
+        assert all(n >= 4096 for n in asked)
+        assert len(asked) < 3 * len(payloads) / 2  # exact reads: three per frame
+
+        # A frame cut short by a timeout is kept whole for the next read.
+        frame = _frame(7, b"x" * 5000)
+        broker.sendall(frame[:3000])
+        with pytest.raises(socket.timeout), transport.having_timeout(0.05):
+            transport.read_frame()
+        broker.sendall(frame[3000:] + _frame(8, b"next"))
+        with transport.having_timeout(1.0):
+            assert transport.read_frame() == (3, 7, b"x" * 5000)
+            assert transport.read_frame() == (3, 8, b"next")
+
+
+def test_read_ahead_leaves_other_transports_alone() -> None:
+    assert not read_ahead(SimpleNamespace(transport=object()))
+    assert not read_ahead(object())
+
+
+def test_the_consumer_reads_ahead_on_a_real_connection(settings: Settings) -> None:
+    with connection(settings, purpose="test") as conn:
+        conn.ensure_connection(max_retries=1)
+        assert read_ahead(conn.connection)
+        assert conn.connection.transport._quick_recv.__name__ == "recv_ahead"
+
+
+def test_heartbeats_are_checked_once_a_second_not_once_a_delivery(settings: Settings) -> None:
+    class Conn:
+        checks = 0
+
+        def drain_events(self, timeout: float) -> None:
+            pass  # a delivery was read
+
+        def heartbeat_check(self) -> None:
+            self.checks += 1
+
+    consumer, conn = JobsConsumer(settings, lambda batch: None), Conn()
+    for _ in range(50):
+        consumer._drain(conn)
+    assert conn.checks == 1
+    consumer._heartbeat_checked_at -= 1.0  # a second later
+    consumer._drain(conn)
+    assert conn.checks == 2
