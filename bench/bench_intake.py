@@ -10,7 +10,7 @@ Side by side in one run, on the same broker and the same bodies (the GeoTIFF exa
    them in (one transaction per batch, acked after commit) until N jobs are in PostgreSQL;
 3. relay: the `command.accepted` events of those N jobs are published with confirms.
 
-    PYTHONPATH=. python bench/bench_intake.py --jobs 10000 [--repeat 3]
+    PYTHONPATH=. python bench/bench_intake.py --jobs 10000 [--repeat 3] [--processes 2]
 
 With ``--repeat``, every run is printed and the figures of the run with the median ratio
 close the report (each run's intake is set beside its own baseline, never another run's).
@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import amqp
@@ -106,22 +108,86 @@ class Run:
         return self.intake / self.publish
 
 
-def run_once(n: int, count: int, payloads: list[bytes]) -> Run:
+def _worker_process(fields: dict[str, Any], count: int, ready: Any, go: Any, stop: Any) -> None:
+    """A worker process of the fleet design: its own pool, intake and consumer thread(s)."""
+    settings = Settings(**fields)
+    pool = db.open_pool(settings, min_size=1, max_size=2)
+    intake = Intake(settings, pool)
+    consumers = [JobsConsumer(settings, intake.handle_batch) for _ in range(count)]
+    threads = [threading.Thread(target=c.run, daemon=True) for c in consumers]
+    ready.release()
+    go.wait()
+    for thread in threads:
+        thread.start()
+    stop.wait()
+    for consumer, thread in zip(consumers, threads, strict=True):
+        consumer.request_stop()
+        thread.join(30)
+    pool.close()
+
+
+def absorb(
+    settings: Settings, fields: dict[str, Any], pool: db.Pool, n: int, *, count: int, processes: int
+) -> float:
+    """Seconds until ``n`` jobs are in PostgreSQL: ``count`` consumer threads in this
+    process, or in each of ``processes`` worker processes (started, and ready, beforehand)."""
+
+    def taken_in() -> bool:
+        with pool.connection() as pg:
+            return store.count_active(pg, settings.fleet_id) >= n
+
+    if processes == 0:
+        intake = Intake(settings, pool)
+        consumers = [JobsConsumer(settings, intake.handle_batch) for _ in range(count)]
+        start = time.perf_counter()
+        threads = [threading.Thread(target=c.run, daemon=True) for c in consumers]
+        for thread in threads:
+            thread.start()
+        while not taken_in():
+            time.sleep(0.05)
+        absorbed = time.perf_counter() - start
+        for consumer, thread in zip(consumers, threads, strict=True):
+            consumer.request_stop()
+            thread.join(30)
+        return absorbed
+    context = multiprocessing.get_context("spawn")
+    ready, go, stop = context.Semaphore(0), context.Event(), context.Event()
+    children = [
+        context.Process(target=_worker_process, args=(fields, count, ready, go, stop))
+        for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    for _ in children:
+        ready.acquire()
+    start = time.perf_counter()
+    go.set()
+    while not taken_in():
+        time.sleep(0.05)
+    absorbed = time.perf_counter() - start
+    stop.set()
+    for child in children:
+        child.join(60)
+    return absorbed
+
+
+def run_once(n: int, count: int, payloads: list[bytes], processes: int = 0) -> Run:
     """One side-by-side run on a scratch database and scratch queues, all removed after."""
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     database = f"bw_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{database}"')
     database_url = urlunsplit(urlsplit(PG_URL)._replace(path=f"/{database}"))
-    settings = Settings(
-        broker_url=BROKER_URL,
-        database_url=database_url,
-        jobs_queue=f"{prefix}.jobs",
-        dlq=f"{prefix}.jobs.dlq",
-        events_exchange=f"{prefix}.events",
-        fleet_id=prefix,
-        worker_name="bench",
-    )
+    fields: dict[str, Any] = {
+        "broker_url": BROKER_URL,
+        "database_url": database_url,
+        "jobs_queue": f"{prefix}.jobs",
+        "dlq": f"{prefix}.jobs.dlq",
+        "events_exchange": f"{prefix}.events",
+        "fleet_id": prefix,
+        "worker_name": "bench",
+    }
+    settings = Settings(**fields)
     pool = db.open_pool(settings, min_size=2, max_size=8)
     try:
         db.ensure_schema(pool)
@@ -140,21 +206,7 @@ def run_once(n: int, count: int, payloads: list[bytes]) -> Run:
             # The burst, queued before the worker starts taking it in.
             publish_pipelined(settings.jobs_queue, payloads)
 
-            intake = Intake(settings, pool)
-            consumers = [JobsConsumer(settings, intake.handle_batch) for _ in range(count)]
-            start = time.perf_counter()
-            threads = [threading.Thread(target=c.run, daemon=True) for c in consumers]
-            for thread in threads:
-                thread.start()
-            while True:
-                with pool.connection() as pg:
-                    if store.count_active(pg, settings.fleet_id) >= n:
-                        break
-                time.sleep(0.05)
-            absorbed = time.perf_counter() - start
-            for consumer, thread in zip(consumers, threads, strict=True):
-                consumer.request_stop()
-                thread.join(30)
+            absorbed = absorb(settings, fields, pool, n, count=count, processes=processes)
 
             relay = Relay(settings, pool)
             start = time.perf_counter()
@@ -184,15 +236,22 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--consumers", type=int, default=1, help="intake consumers at once")
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="intake in N worker processes (the fleet design) instead of in this one",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="runs in a row (a noisy machine: take the median)"
     )
     args = parser.parse_args()
     n = args.jobs
     payloads = bodies(n)
-    print(f"jobs: {n}, body {len(payloads[0])} bytes, {args.consumers} intake consumer(s)")
+    where = f" in each of {args.processes} worker processes" if args.processes else ""
+    print(f"jobs: {n}, body {len(payloads[0])} bytes, {args.consumers} intake consumer(s){where}")
     runs = []
     for index in range(args.repeat):
-        run = run_once(n, args.consumers, payloads)
+        run = run_once(n, args.consumers, payloads, args.processes)
         runs.append(run)
         print(
             f"run {index + 1}: one client, confirms pipelined {run.publish:6.0f} msg/s;"
