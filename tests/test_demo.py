@@ -64,9 +64,18 @@ def test_demo_runs_the_three_examples_to_done_and_moves_off_a_taken_port(
     assert '"logger": "worker.daemon"' in log
 
 
+# `python -m worker demo` with SIGINT handled as at a terminal: a test run started in the
+# background by a non-interactive shell (`make test &`) has SIGINT ignored, the child would
+# inherit that, and Python installs no KeyboardInterrupt handler for an ignored SIGINT.
+DEMO_AS_AT_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = ['batch-worker', 'demo']; runpy.run_module('worker', run_name='__main__')"
+)
+
+
 def test_ctrl_c_ends_the_demo_cleanly(demo_env: dict[str, str], tmp_path: Path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker", "demo"],
+        [sys.executable, "-c", DEMO_AS_AT_A_TERMINAL],
         cwd=tmp_path,
         env=demo_env,
         stdout=subprocess.PIPE,
