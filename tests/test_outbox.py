@@ -32,6 +32,17 @@ def conn(database_url: str):
         yield connection
 
 
+def _assert_enqueued_then_claimed_in_order(conn: psycopg.Connection, sent: list) -> None:
+    """What goes in comes back whole, in list order, with rising ids."""
+    with conn.transaction():
+        outbox.enqueue(conn, sent)
+    with conn.transaction():
+        claimed = outbox.claim(conn, len(sent) + 10)
+    assert [message for _id, message in claimed] == sent
+    ids = [row_id for row_id, _message in claimed]
+    assert ids == sorted(ids)
+
+
 def test_round_trip_keeps_amqp_values_and_id_order(conn: psycopg.Connection) -> None:
     headers = {
         "reason": "JOB_CONFLICT",
@@ -41,13 +52,7 @@ def test_round_trip_keeps_amqp_values_and_id_order(conn: psycopg.Connection) -> 
         "nested": {"list": [1, "two", b"3"], "flag": True, "none": None},
     }
     sent = [_message(1, headers=headers, mandatory=True), _message(2), _message(3)]
-    with conn.transaction():
-        outbox.enqueue(conn, sent)
-    with conn.transaction():
-        claimed = outbox.claim(conn, 10)
-    assert [message for _id, message in claimed] == sent
-    ids = [row_id for row_id, _message in claimed]
-    assert ids == sorted(ids)
+    _assert_enqueued_then_claimed_in_order(conn, sent)
 
 
 def test_claimed_rows_can_be_deleted_from_another_connection_at_once(
@@ -74,13 +79,7 @@ def test_a_large_enqueue_keeps_every_value_and_the_order(conn: psycopg.Connectio
         )
         for n in range(300)
     ]
-    with conn.transaction():
-        outbox.enqueue(conn, sent)
-    with conn.transaction():
-        claimed = outbox.claim(conn, 1000)
-    assert [message for _id, message in claimed] == sent
-    ids = [row_id for row_id, _message in claimed]
-    assert ids == sorted(ids)
+    _assert_enqueued_then_claimed_in_order(conn, sent)
 
 
 def test_delete_and_pending_count(conn: psycopg.Connection) -> None:
