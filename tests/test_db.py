@@ -46,3 +46,30 @@ def test_pool_from_settings_opens_and_reads_the_schema(database_url: str) -> Non
     finally:
         pool.close()
     assert {"bw_jobs", "bw_outbox"} <= tables
+
+
+def test_statements_run_often_keep_being_planned_for_their_values(database_url: str) -> None:
+    """A plan cached while the table was empty must not be reused once it has grown.
+
+    psycopg prepares a statement after a few runs and PostgreSQL may then switch to one
+    generic plan for good (a sequential scan, chosen on an empty table). The pool's
+    connections plan each run for its values: no generic plan is ever used.
+    """
+    from worker import store
+
+    pool = db.open_pool(database_url, max_size=1)
+    try:
+        db.ensure_schema(pool)
+        with pool.connection() as conn:
+            for n in range(12):
+                store.intake_views(conn, "fleet", [f"job-{n}", f"job-{n + 1}"])
+            plans = conn.execute(
+                "SELECT sum(generic_plans), sum(custom_plans) FROM pg_prepared_statements"
+                " WHERE statement LIKE '%%job_id = ANY%%'"
+            ).fetchone()
+    finally:
+        pool.close()
+    assert plans is not None
+    generic, custom = plans
+    assert custom >= 1  # the statement was prepared: the check below is not vacuous
+    assert generic == 0

@@ -36,9 +36,25 @@ def open_pool(
         name="batch-worker",
         # Autocommit off: each `with pool.connection()` block is one transaction.
         kwargs={"autocommit": False},
+        configure=_configure,
     )
     pool.open(wait=True, timeout=30)
     return pool
+
+
+def _configure(conn: psycopg.Connection[object]) -> None:
+    """Plan every prepared statement for the values it is run with.
+
+    psycopg prepares a statement on the server after a few executions, and PostgreSQL
+    then settles on one generic plan for it. Chosen while the job table was small (a fresh
+    fleet, the start of a burst), that plan is a sequential scan, and it stays one as the
+    table grows: intake's lookup of a batch's job ids (``job_id = ANY(...)``) went from
+    0.1 ms to 10 ms a batch over 10,000 jobs (docs/performance.md, "Intake"). Planning
+    afresh costs a fraction of a millisecond per statement, and every hot statement here
+    works on a whole batch.
+    """
+    conn.execute("SET plan_cache_mode = force_custom_plan")
+    conn.commit()
 
 
 def ensure_schema(pool: ConnectionPool) -> None:
