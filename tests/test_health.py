@@ -5,7 +5,8 @@ from __future__ import annotations
 import http.client
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -124,6 +125,99 @@ def test_beat_thread_counts_for_the_loop_that_thread_beat_for(
     ok, detail = health.liveness()
     assert ok is False
     assert detail.startswith("loop engine stalled")
+
+
+# --- loops watched per busy thread (job steps on pools of threads) -----------------------
+
+
+@pytest.fixture
+def step_threads() -> Iterator[tuple[ThreadPoolExecutor, ThreadPoolExecutor]]:
+    """Two long-lived threads, like a pool's: a thread's identity must not be reused mid-test
+    (a new thread may get the ident of one that ended)."""
+    with ThreadPoolExecutor(1) as first, ThreadPoolExecutor(1) as second:
+        yield first, second
+
+
+def on(thread: ThreadPoolExecutor, call: Callable[[], None]) -> None:
+    thread.submit(call).result(timeout=5)
+
+
+def test_a_per_thread_loop_with_no_thread_busy_is_healthy_however_long(
+    health: Health, clock: FakeClock, step_threads: tuple[ThreadPoolExecutor, ThreadPoolExecutor]
+) -> None:
+    health.register("steps", 60, per_thread=True)
+    clock.now += 1000
+    assert health.liveness() == (True, "ok: 1 loops making progress")
+    assert health.progress() == {"steps": (0.0, 60)}
+    first, _ = step_threads
+    on(first, lambda: health.beat("steps"))
+    on(first, lambda: health.idle("steps"))  # a step that ended in time
+    clock.now += 1000
+    assert health.stalled() == []
+
+
+def test_a_busy_thread_silent_past_the_bound_stalls_its_loop_by_name(
+    health: Health, clock: FakeClock, step_threads: tuple[ThreadPoolExecutor, ThreadPoolExecutor]
+) -> None:
+    health.register("steps", 60, per_thread=True)
+    health.register("engine", 60)
+    first, second = step_threads
+    on(first, lambda: health.beat("steps"))
+    clock.now += 30
+    on(second, lambda: health.beat("steps"))
+    health.beat("engine")  # the claim loop keeps going round: it does not hide the step
+    clock.now += 31
+    ok, detail = health.liveness()
+    assert (ok, detail) == (False, "loop steps stalled: no progress for 61s (bound 60s)")
+    # The loop is as old as its longest-silent busy thread; when that one is done, the next.
+    on(first, lambda: health.idle("steps"))
+    assert health.progress()["steps"] == (31.0, 60)
+    assert health.liveness()[0] is True
+
+
+def test_progress_inside_a_step_keeps_its_thread_alive(
+    health: Health, clock: FakeClock, step_threads: tuple[ThreadPoolExecutor, ThreadPoolExecutor]
+) -> None:
+    health.register("steps", 60, per_thread=True)
+    first, second = step_threads
+    on(first, lambda: health.beat("steps"))
+    for _ in range(4):
+        clock.now += 50
+        on(first, health.beat_thread)  # an API attempt or a MiB of a tile file
+    assert health.progress()["steps"] == (0.0, 60)
+    # A thread's API calls never make it busy: only a step's own beat does.
+    on(second, health.beat_thread)
+    on(first, lambda: health.idle("steps"))
+    on(first, health.beat_thread)
+    clock.now += 100
+    assert health.liveness()[0] is True
+
+
+def test_a_loop_thread_stepping_a_job_inline_keeps_both_going(
+    health: Health, clock: FakeClock
+) -> None:
+    health.register("poller", 60)
+    health.register("steps", 60, per_thread=True)
+    health.beat("poller")
+    health.beat("steps")  # the poller drives a job itself (no step pool)
+    clock.now += 50
+    health.beat_thread()
+    assert health.progress() == {"poller": (0.0, 60), "steps": (0.0, 60)}
+    health.idle("poller")  # not a per-thread loop the thread is busy on: nothing changes
+    health.idle("steps")
+    clock.now += 50
+    assert health.progress() == {"poller": (50.0, 60), "steps": (0.0, 60)}
+
+
+def test_unregistering_a_per_thread_loop_forgets_its_busy_threads(
+    health: Health, clock: FakeClock
+) -> None:
+    health.register("steps", 60, per_thread=True)
+    health.beat("steps")
+    health.unregister("steps")
+    health.register("steps", 60, per_thread=True)
+    clock.now += 100
+    assert health.liveness()[0] is True
 
 
 def test_progress_reports_age_and_bound(health: Health, clock: FakeClock) -> None:

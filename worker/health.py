@@ -7,7 +7,10 @@
   timeout, a deadlock, a database call that never returns): the probe answers 503 naming
   it, and the stall is logged once at ERROR. A broker outage does not fail it: a restart
   would not bring the broker back (DESIGN-NOTES "Kubernetes"), and loops keep going round
-  while they wait to reconnect.
+  while they wait to reconnect. Work done on pools of threads (the engine's job steps) is
+  a loop registered ``per_thread``: a thread is busy on it from its first beat until it
+  calls ``Health.idle``, the loop's age is its longest-silent busy thread's, and no thread
+  busy is healthy (idle for want of work).
 - ``/readyz`` (readiness) is 200 only while the broker connection is up and the process is
   not shutting down.
 
@@ -48,20 +51,31 @@ class Health:
         self._last_beat: dict[str, float] = {}
         # Which loop a thread beat for last: API calls that thread makes count for it too.
         self._loop_of_thread: dict[int, str] = {}
+        # Loops watched per busy thread, and each busy thread's loop and last progress. One
+        # entry per thread, set and dropped in place: marking a step costs a dict update.
+        self._per_thread: set[str] = set()
+        self._busy: dict[int, tuple[str, float]] = {}
         self._reported: set[str] = set()  # stalls already logged
         self._ready = False
         self._shutting_down = False
 
-    def register(self, name: str, bound: float) -> None:
+    def register(self, name: str, bound: float, *, per_thread: bool = False) -> None:
         """Watch loop ``name``: it must beat at least every ``bound`` seconds.
 
         Registering counts as a first beat, so a loop has one bound to get going.
+        ``per_thread``: the loop is work taken up by many threads (job steps on a pool), and
+        only a busy thread must beat within ``bound``: one is busy from its first ``beat``
+        until it calls ``idle``, and a loop with no thread busy is healthy.
         """
         if bound <= 0:
             raise ValueError(f"bound of loop {name!r} must be positive")
         with self._lock:
             self._bounds[name] = bound
             self._last_beat[name] = self._clock()
+            if per_thread:
+                self._per_thread.add(name)
+            else:
+                self._per_thread.discard(name)
 
     def unregister(self, name: str) -> None:
         """Stop watching a loop that ended on purpose (shutting down, for one)."""
@@ -69,33 +83,65 @@ class Health:
             self._bounds.pop(name, None)
             self._last_beat.pop(name, None)
             self._reported.discard(name)
+            self._per_thread.discard(name)
+            for ident in [i for i, (loop, _) in self._busy.items() if loop == name]:
+                del self._busy[ident]
 
     def beat(self, name: str) -> None:
-        """Loop ``name`` went round, on the calling thread. Loops never registered are ignored."""
+        """Loop ``name`` went round, on the calling thread (for a ``per_thread`` loop: the
+        calling thread made progress on it, and is busy until ``idle``). Loops never
+        registered are ignored."""
+        ident = threading.get_ident()
         with self._lock:
-            if name in self._bounds:
-                self._last_beat[name] = self._clock()
-                self._loop_of_thread[threading.get_ident()] = name
+            if name not in self._bounds:
+                return
+            if name in self._per_thread:
+                self._busy[ident] = (name, self._clock())
+                return
+            self._last_beat[name] = self._clock()
+            self._loop_of_thread[ident] = name
+
+    def idle(self, name: str) -> None:
+        """The calling thread is done with its work on ``per_thread`` loop ``name``: it has
+        nothing to make progress on until it beats again."""
+        ident = threading.get_ident()
+        with self._lock:
+            busy = self._busy.get(ident)
+            if busy is not None and busy[0] == name:
+                del self._busy[ident]
 
     def beat_thread(self) -> None:
-        """Progress for the loop the calling thread last beat for, if any.
+        """Progress for what the calling thread is doing: the ``per_thread`` loop it is
+        busy on, and the loop it last beat for, if any.
 
         For work that happens inside one turn of a loop and may legitimately take many
         times longer than each of its parts (a status round of many API calls, each with
-        its own timeout): each part counts as progress, so the bound covers one part.
+        its own timeout; a job's step with its saves, API calls and tile reads): each part
+        counts as progress, so the bound covers one part.
         """
+        ident = threading.get_ident()
         with self._lock:
-            name = self._loop_of_thread.get(threading.get_ident())
+            now = self._clock()
+            busy = self._busy.get(ident)
+            if busy is not None:
+                self._busy[ident] = (busy[0], now)
+            name = self._loop_of_thread.get(ident)
             if name is not None and name in self._bounds:
-                self._last_beat[name] = self._clock()
+                self._last_beat[name] = now
 
     def progress(self) -> dict[str, tuple[float, float]]:
-        """Per watched loop: (seconds since it last went round, its bound)."""
+        """Per watched loop: (seconds since it last went round, its bound). A ``per_thread``
+        loop's age is its longest-silent busy thread's, 0 while no thread is busy on it."""
         now = self._clock()
         with self._lock:
+            last = dict(self._last_beat)
+            for name in self._per_thread:
+                last[name] = now
+            for name, since in self._busy.values():
+                if name in self._per_thread:
+                    last[name] = min(last[name], since)
             return {
-                name: (max(0.0, now - self._last_beat[name]), bound)
-                for name, bound in self._bounds.items()
+                name: (max(0.0, now - last[name]), bound) for name, bound in self._bounds.items()
             }
 
     def stalled(self) -> list[tuple[str, float, float]]:
