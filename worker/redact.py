@@ -71,6 +71,12 @@ _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*:)[^\s/'\"]*(?=@)")
 _AUTH_SCHEME = re.compile(r"(?i)\b(?P<scheme>Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# Each pattern above needs one of these in the text (case aside): every key name holds
+# key, token, secret, pass, authorization or credentials. Text with none of them (job ids,
+# names, most messages) skips the six passes.
+_MAY_HOLD_A_FORM = re.compile(
+    r"(?i)key|token|secret|pass|authorization|credentials|akia|asia|://|bearer|basic|eyj"
+)
 
 
 class _Registry:
@@ -130,6 +136,12 @@ def redact_text(text: str) -> str:
     pattern = _registry.pattern
     if pattern is not None:
         text = pattern.sub(REDACTED, text)
+    if not _MAY_HOLD_A_FORM.search(text):
+        return text
+    return _redact_forms(text)
+
+
+def _redact_forms(text: str) -> str:
     text = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m.group('scheme')} {REDACTED}", text)
     text = _JWT.sub(REDACTED, text)
