@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import orjson
+
 from worker.lifecycle import KNOWN_STATUSES, Echo, JobState
 from worker.messages import (
     COMMAND_ACCEPTED,
@@ -255,7 +257,7 @@ def _publishes(
     if echo.message_id is not None:
         envelope["causationid"] = echo.message_id
     envelope["data"] = redact(data)
-    body = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body = _json(envelope)
 
     properties: dict[str, Any] = {
         "content_type": CONTENT_TYPE,
@@ -273,3 +275,12 @@ def _publishes(
         # queue comes back as a return instead of vanishing.
         published.append(OutboxMessage("", echo.reply_to, body, dict(properties), mandatory=True))
     return published
+
+
+def _json(envelope: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; orjson is several times faster than json, which stays for what
+    orjson refuses (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(envelope)
+    except orjson.JSONEncodeError:
+        return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -18,6 +18,7 @@ Decisions the contract leaves open (documented in docs/events.md and the schemas
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import re
@@ -242,6 +243,7 @@ def _readable_job_id(value: Any) -> str | None:
     return value if isinstance(value, str) and _JOB_ID_RE.fullmatch(value) else None
 
 
+@functools.lru_cache(maxsize=64)  # producers send one or two content types
 def _is_json_content_type(content_type: str | None) -> bool:
     if not content_type or not content_type.strip():
         return True
