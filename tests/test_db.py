@@ -73,3 +73,22 @@ def test_statements_run_often_keep_being_planned_for_their_values(database_url: 
     generic, custom = plans
     assert custom >= 1  # the statement was prepared: the check below is not vacuous
     assert generic == 0
+
+
+def test_job_state_is_compressed_with_lz4_where_the_server_has_it(database_url: str) -> None:
+    pool = db.open_pool(database_url, max_size=1)
+    try:
+        db.ensure_schema(pool)
+        db.ensure_schema(pool)  # already lz4: left alone
+        with pool.connection() as conn:
+            methods = dict(
+                conn.execute(
+                    "SELECT attname, attcompression FROM pg_attribute"
+                    " WHERE attrelid = 'bw_jobs'::regclass"
+                    " AND attname IN ('state', 'last_status_event')"
+                ).fetchall()
+            )
+    finally:
+        pool.close()
+    # This machine's PostgreSQL (Debian's 15) is built with lz4.
+    assert methods == {"state": "l", "last_status_event": "l"}
