@@ -253,19 +253,20 @@ def test_a_job_created_by_another_intake_meanwhile_is_taken_as_a_resubmit(
     intake: Intake, pool: ConnectionPool
 ) -> None:
     intake.handle_batch([msg(submit("j8"), message_id="first")])
-    original = store.intake_views
+    original = store.start_intake_lookup
     calls = []
 
-    def blind_once(conn: Any, fleet_id: str, job_ids: Any) -> dict[str, store.IntakeView]:
+    def blind_once(conn: Any, fleet_id: str, job_ids: Any) -> Any:
         calls.append(set(job_ids))
+        lookup = original(conn, fleet_id, job_ids)
         # The first look misses the row, as if another transaction had not committed yet.
-        return {} if len(calls) == 1 else original(conn, fleet_id, job_ids)
+        return (lambda: (lookup()[0], {})) if len(calls) == 1 else lookup
 
-    store.intake_views = blind_once  # type: ignore[assignment]
+    store.start_intake_lookup = blind_once  # type: ignore[assignment]
     try:
         assert intake.handle_batch([msg(submit("j8"), message_id="second")]) == []
     finally:
-        store.intake_views = original
+        store.start_intake_lookup = original
     assert len(calls) == 2  # the insert found the row taken, and the batch looked again
     with pool.connection() as conn:
         assert store.count_active(conn, FLEET) == 1

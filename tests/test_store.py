@@ -73,9 +73,8 @@ def test_insert_jobs_takes_many_in_one_statement_and_leaves_out_existing(
     )
     fresh = job("fresh", deadline=T0 + timedelta(hours=1), max_cost_pu=10.5)
     with pool.connection() as conn:
-        inserted = store.insert_jobs(
-            conn, [fresh, job("old", request_hash="other"), tracked], next_run_at=T0
-        )
+        rows = [store.job_row(s) for s in (fresh, job("old", request_hash="other"), tracked)]
+        inserted = store.insert_jobs(conn, rows, next_run_at=T0)
         assert store.insert_jobs(conn, [], next_run_at=T0) == set()
     assert inserted == {"fresh", "tracked"}
     with pool.connection() as conn:

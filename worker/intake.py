@@ -8,15 +8,15 @@ idempotent (same job id and request → no new job).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from worker import events, lifecycle, messages, outbox, store
+from worker import db, events, lifecycle, messages, outbox, store
 from worker.consumer import InboundMessage, IntakeUnavailable
 from worker.events import OutboxMessage
 from worker.lifecycle import Echo
@@ -45,7 +45,41 @@ class _Outcome:
     deferred: bool = False  # a new job while the fleet is at MAX_IN_FLIGHT: try again later
 
 
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """One message as read ahead of its transaction: everything that needs no database.
+
+    For a valid request the ``command.accepted`` event is built already, and for a submit
+    its hash and, should the job turn out to be new, its row: in a burst nearly every
+    message is a new submit, and building these is most of intake's Python.
+    """
+
+    message: InboundMessage
+    echo: Echo
+    request: JobRequest | Rejection
+    digest: str = ""
+    row: store.JobRow | None = None
+    accepted: tuple[OutboxMessage, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    """A batch read by :meth:`Intake.read`, to be taken in by :meth:`Intake.take`."""
+
+    messages: list[InboundMessage]
+    reads: list[_Read]
+    now: datetime
+
+
 class Intake:
+    """Job-request messages into the job table and the outbox, a batch per transaction.
+
+    Two halves, so that a consumer can read the next batch while this one's transaction
+    runs (worker/consumer.py): ``read`` is pure work (parse, validate, hash, build rows and
+    events) and never touches the database; ``take`` is the transaction.
+    ``handle_batch`` is both, one after the other.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -60,6 +94,14 @@ class Intake:
         self._clock = clock
 
     def handle_batch(self, batch: list[InboundMessage]) -> list[InboundMessage]:
+        return self.take(self.read(batch))
+
+    def read(self, batch: list[InboundMessage]) -> ReadBatch:
+        """Everything about ``batch`` that needs no database; never raises on input."""
+        now = self._clock()
+        return ReadBatch(batch, [self._read(message, now) for message in batch], now)
+
+    def take(self, batch: ReadBatch) -> list[InboundMessage]:
         """Take a batch in, in one transaction; return after it commits.
 
         Returns the messages deferred: new jobs beyond ``MAX_IN_FLIGHT`` active jobs, which
@@ -69,12 +111,18 @@ class Intake:
         holds the batch and retries); anything a single message provokes is contained to
         that message, which is rejected.
         """
-        if not batch:
+        return run_steps(self.take_in_steps(batch))
+
+    def take_in_steps(self, batch: ReadBatch) -> TakeSteps:
+        """``take`` in steps: each ``next()`` sends statements and returns without waiting
+        for their answers, which the next step reads. The caller works between steps (the
+        consumer reads its next batch) while PostgreSQL works on the statements; the last
+        step ends with ``StopIteration`` carrying the messages deferred."""
+        if not batch.reads:
             return []
-        now = self._clock()
         try:
             with self._pool.connection() as conn:
-                outcomes = self._take_in(conn, batch, now)
+                outcomes = yield from self._take_in(conn, batch.reads, batch.now)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             # Nothing was committed; the consumer keeps the batch and tries it again.
             raise IntakeUnavailable(f"the database is unavailable ({type(exc).__name__})") from exc
@@ -84,32 +132,47 @@ class Intake:
                     self._metrics.command(
                         outcome.action, "accepted" if outcome.accepted else "rejected"
                     )
-        return [m for m, o in zip(batch, outcomes, strict=True) if o.deferred]
+        return [m for m, o in zip(batch.messages, outcomes, strict=True) if o.deferred]
+
+    def _read(self, message: InboundMessage, now: datetime) -> _Read:
+        echo = _echo(message)
+        req = messages.parse_job_request(message.body, message.content_type)
+        if isinstance(req, Rejection):
+            return _Read(message, echo, req)
+        accepted = tuple(self._accepted(req, echo, now))
+        if req.action != "submit":
+            return _Read(message, echo, req, accepted=accepted)
+        digest = messages.request_hash(req)
+        row = store.job_row(self._new_job(req, digest, echo, now))
+        return _Read(message, echo, req, digest, row, accepted)
 
     def _take_in(
-        self, conn: store.Conn, batch: list[InboundMessage], now: datetime
-    ) -> list[_Outcome]:
-        """The whole batch in a handful of round trips; one message at a time (each in a
-        savepoint) only when something in the batch goes wrong."""
-        for _ in range(2):
+        self, conn: store.Conn, reads: list[_Read], now: datetime
+    ) -> Generator[None, None, list[_Outcome]]:
+        """The whole batch in one transaction in pipeline mode (statements go out together,
+        answers are read a step later); one message at a time (each in a savepoint) only
+        when something in the batch goes wrong."""
+        for attempt in range(2):
             try:
-                with conn.transaction():
-                    return self._take(conn, batch, now)
+                with conn.pipeline(), conn.transaction():
+                    if attempt == 0:
+                        return (yield from self._take(conn, reads, now))
+                    return run_steps(self._take(conn, reads, now))
             except _Raced:
                 continue  # another intake inserted one of these jobs meanwhile: look again
             except psycopg.OperationalError:
                 raise
             except Exception:
-                log.exception("a batch of %d job request(s) failed; one by one", len(batch))
+                log.exception("a batch of %d job request(s) failed; one by one", len(reads))
                 break
         with conn.transaction():
-            return [self._take_alone(conn, message, now) for message in batch]
+            return [self._take_alone(conn, read, now) for read in reads]
 
-    def _take_alone(self, conn: store.Conn, message: InboundMessage, now: datetime) -> _Outcome:
+    def _take_alone(self, conn: store.Conn, read: _Read, now: datetime) -> _Outcome:
         try:
             # A savepoint: whatever one message does is undone alone if it goes wrong.
             with conn.transaction():
-                return self._take(conn, [message], now)[0]
+                return run_steps(self._take(conn, [read], now))[0]
         except (psycopg.OperationalError, _Raced):
             raise
         except Exception as exc:
@@ -122,39 +185,43 @@ class Intake:
                 action=None,
             )
             with conn.transaction():
-                outbox.enqueue(conn, self._rejected(message, rejection, _echo(message), now))
+                outbox.enqueue(conn, self._rejected(read.message, rejection, read.echo, now))
             return _Outcome("", accepted=False)
 
-    def _take(self, conn: store.Conn, batch: list[InboundMessage], now: datetime) -> list[_Outcome]:
-        """Decide every message in memory, in order, then write it all at once."""
+    def _take(
+        self, conn: store.Conn, reads: list[_Read], now: datetime
+    ) -> Generator[None, None, list[_Outcome]]:
+        """Decide every message in order against what the database holds, then write it all
+        at once. Two steps: the lookup, then the writes."""
         fleet = self._settings.fleet_id
-        room = self._settings.max_in_flight - store.count_active(conn, fleet)
-        parsed = [messages.parse_job_request(m.body, m.content_type) for m in batch]
-        known = store.intake_views(
-            conn, fleet, {p.job_id for p in parsed if isinstance(p, JobRequest)}
+        lookup = store.start_intake_lookup(
+            conn, fleet, {r.request.job_id for r in reads if isinstance(r.request, JobRequest)}
         )
-        new_jobs: list[lifecycle.JobState] = []
+        yield
+        active, known = lookup()
+        room = self._settings.max_in_flight - active
+        new_jobs: list[store.JobRow] = []
         requests: list[tuple[str, str]] = []
         out: list[OutboxMessage] = []
         outcomes: list[_Outcome] = []
-        for message, req in zip(batch, parsed, strict=True):
-            echo = _echo(message)
+        for read in reads:
+            req, echo = read.request, read.echo
             if isinstance(req, Rejection):
-                out += self._rejected(message, req, echo, now)
+                out += self._rejected(read.message, req, echo, now)
                 outcomes.append(_Outcome(req.action or "", accepted=False))
                 continue
             view = known.get(req.job_id)
             refusal: Rejection | None = None
             if req.action == "submit":
-                digest = messages.request_hash(req)
                 if view is None and room <= 0:
                     outcomes.append(_Outcome("submit", accepted=False, deferred=True))
                     continue
                 if view is None:
-                    new_jobs.append(self._new_job(req, digest, echo, now))
-                    known[req.job_id] = store.IntakeView(digest, None)
+                    assert read.row is not None  # every submit read has its row
+                    new_jobs.append(read.row)
+                    known[req.job_id] = store.IntakeView(read.digest, None)
                     room -= 1
-                elif view.request_hash != digest:
+                elif view.request_hash != read.digest:
                     refusal = Rejection(
                         code=JOB_CONFLICT,
                         message=f"job {req.job_id!r} exists with a different request",
@@ -171,20 +238,24 @@ class Intake:
             else:
                 requests.append((req.job_id, req.action))
             if refusal is not None:
-                out += self._rejected(message, refusal, echo, now)
+                out += self._rejected(read.message, refusal, echo, now)
                 outcomes.append(_Outcome(req.action, accepted=False))
                 continue
-            out += self._accepted(req, echo, now)
+            out += read.accepted
             if req.action == "submit" and view is not None and view.last_status_event:
                 # Idempotent re-submit: the job's latest status again, same id.
                 out.append(view.last_status_event)
                 if echo.reply_to:
                     out.append(_copy_to(view.last_status_event, echo.reply_to))
             outcomes.append(_Outcome(req.action, accepted=True))
-        if len(store.insert_jobs(conn, new_jobs, next_run_at=now)) < len(new_jobs):
-            raise _Raced
+        # In statement order on the server: a cancel may be for a job this batch creates.
+        inserted = store.start_insert_jobs(conn, new_jobs, next_run_at=now)
         store.request_actions(conn, fleet, requests, now=now)
         outbox.enqueue(conn, out)
+        db.send_all(conn)
+        yield
+        if len(inserted()) < len(new_jobs):
+            raise _Raced
         return outcomes
 
     def _new_job(
@@ -249,6 +320,19 @@ class Intake:
             )
         )
         return out
+
+
+TakeSteps = Generator[None, None, list[InboundMessage]]
+T = TypeVar("T")
+
+
+def run_steps(steps: Generator[None, None, T]) -> T:
+    """Run stepwise work to its end, one step straight after the other."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(T, done.value)
 
 
 class _Raced(Exception):

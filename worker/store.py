@@ -13,7 +13,7 @@ generation and lease owner are still the claimer's. A worker that lost its lease
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -242,22 +242,68 @@ def intake_views(conn: Conn, fleet_id: str, job_ids: Collection[str]) -> dict[st
     concurrent batches lock alike and cannot deadlock each other)."""
     if not job_ids:
         return {}
-    rows = conn.execute(
-        """
-        SELECT job_id, request_hash, last_status_event FROM bw_jobs
-        WHERE fleet_id = %s AND job_id = ANY(%s) ORDER BY job_id FOR UPDATE
-        """,
-        (fleet_id, sorted(job_ids)),
-    ).fetchall()
+    return _views(conn.execute(_INTAKE_VIEWS, (fleet_id, sorted(job_ids))).fetchall())
+
+
+_INTAKE_VIEWS = """
+    SELECT job_id, request_hash, last_status_event FROM bw_jobs
+    WHERE fleet_id = %s AND job_id = ANY(%s) ORDER BY job_id FOR UPDATE
+"""
+
+
+def _views(rows: Iterable[tuple[Any, ...]]) -> dict[str, IntakeView]:
     return {
         job_id: IntakeView(request_hash, message_from_json(event) if event else None)
         for job_id, request_hash, event in rows
     }
 
 
-def insert_jobs(conn: Conn, states: Sequence[JobState], *, next_run_at: datetime) -> set[str]:
+def start_intake_lookup(
+    conn: Conn, fleet_id: str, job_ids: Collection[str]
+) -> Callable[[], tuple[int, dict[str, IntakeView]]]:
+    """``count_active`` and ``intake_views`` sent at once; call the result for them.
+
+    In pipeline mode the statements go out now and the answers are read when called, so
+    the caller can work meanwhile (worker/intake.py).
+    """
+    counted = conn.execute(_COUNT_ACTIVE, (fleet_id,))
+    views = conn.execute(_INTAKE_VIEWS, (fleet_id, sorted(job_ids))) if job_ids else None
+
+    def result() -> tuple[int, dict[str, IntakeView]]:
+        row = counted.fetchone()
+        return (int(row[0]) if row else 0), _views(views.fetchall() if views else ())
+
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A new job's row with its state already in JSON text: intake builds it ahead of the
+    transaction that inserts it (``job_row``), off the database's critical path."""
+
+    fleet_id: str
+    job_id: str
+    request_hash: str
+    accepted_at: datetime
+    columns: dict[str, Any]
+
+
+def job_row(state: JobState) -> JobRow:
+    return JobRow(
+        state.fleet_id, state.job_id, state.request_hash, state.accepted_at, _columns(state)
+    )
+
+
+def insert_jobs(conn: Conn, rows: Sequence[JobRow], *, next_run_at: datetime) -> set[str]:
     """Insert new jobs in one statement; returns the ids inserted (a job id another
-    transaction inserted meanwhile is left out).
+    transaction inserted meanwhile is left out)."""
+    return start_insert_jobs(conn, rows, next_run_at=next_run_at)()
+
+
+def start_insert_jobs(
+    conn: Conn, rows: Sequence[JobRow], *, next_run_at: datetime
+) -> Callable[[], set[str]]:
+    """``insert_jobs`` sent; call the result for the ids inserted (pipeline mode: later).
 
     One multi-row INSERT over arrays rather than one INSERT per job: PostgreSQL plans and
     runs it once, and the state goes in as the JSON text pydantic writes (cast to jsonb by
@@ -265,10 +311,9 @@ def insert_jobs(conn: Conn, states: Sequence[JobState], *, next_run_at: datetime
     binary: psycopg escapes every element of a text-format array with a regex, which for
     kilobytes of JSON per job cost more than all the rest.
     """
-    if not states:
-        return set()
-    columns = [_columns(state) for state in states]
-    rows = conn.execute(
+    if not rows:
+        return set
+    cursor = conn.execute(
         """
         INSERT INTO bw_jobs (fleet_id, job_id, state, phase, status, batch_request_id,
                              upstream_created, request_hash, next_run_at, accepted_at,
@@ -288,15 +333,15 @@ def insert_jobs(conn: Conn, states: Sequence[JobState], *, next_run_at: datetime
         """,
         {
             "next_run_at": next_run_at,
-            "fleet_id": [s.fleet_id for s in states],
-            "job_id": [s.job_id for s in states],
-            "request_hash": [s.request_hash for s in states],
-            "accepted_at": [s.accepted_at for s in states],
+            "fleet_id": [row.fleet_id for row in rows],
+            "job_id": [row.job_id for row in rows],
+            "request_hash": [row.request_hash for row in rows],
+            "accepted_at": [row.accepted_at for row in rows],
             # The derived columns exactly as every other write derives them.
-            **{name: [row[name] for row in columns] for name in columns[0]},
+            **{name: [row.columns[name] for row in rows] for name in rows[0].columns},
         },
-    ).fetchall()
-    return {row[0] for row in rows}
+    )
+    return lambda: {row[0] for row in cursor.fetchall()}
 
 
 def request_actions(
@@ -571,11 +616,12 @@ def touch_seen(conn: Conn, fleet_id: str, job_ids: Iterable[str], *, seen_at: da
     return cur.rowcount
 
 
+_COUNT_ACTIVE = "SELECT count(*) FROM bw_jobs WHERE fleet_id = %s AND ended_at IS NULL"
+
+
 def count_active(conn: Conn, fleet_id: str) -> int:
     """Jobs of the fleet that have not ended (what ``MAX_IN_FLIGHT`` caps)."""
-    row = conn.execute(
-        "SELECT count(*) FROM bw_jobs WHERE fleet_id = %s AND ended_at IS NULL", (fleet_id,)
-    ).fetchone()
+    row = conn.execute(_COUNT_ACTIVE, (fleet_id,)).fetchone()
     return int(row[0]) if row else 0
 
 
