@@ -1,8 +1,14 @@
 """The jobs consumer: job-request messages in batches to intake, acked after it commits.
 
 Everything runs on the consumer's own thread, which owns the channel (channels are not
-thread-safe): draining deliveries, calling ``handle_batch`` (a quick DB transaction, no
-HTTP), acking. ``drain_events`` never blocks longer than a second, so heartbeats are
+thread-safe): draining deliveries, reading each batch (intake's pure half: parse, validate,
+build rows and events), taking it in (the other half, one transaction) and settling it
+(acks in delivery order). The transaction goes in steps that send statements and read the
+answers a step later, and the consumer works between them: while PostgreSQL looks up and
+writes batch N, the consumer drains and reads batch N+1. The database's time and the
+Python work overlap, on one thread: a second thread would only fight this one for the GIL.
+Batches are therefore at most half the prefetch window, or batch N+1 could not arrive
+before N is acked. ``drain_events`` never blocks longer than a second, so heartbeats are
 serviced between batches.
 
 When ``handle_batch`` raises, nothing was committed; the messages go back to the queue
@@ -23,11 +29,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from amqp import spec as amqp_spec
 from amqp.transport import TCPTransport
@@ -41,6 +47,8 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 IDLE_DRAIN_SECONDS = 1.0
+# With a transaction under way, a socket this quiet means nothing more is coming for now.
+QUIET_SECONDS = 0.005
 # kombu asks for a check at least twice per heartbeat interval (seconds, not minutes);
 # once a second is plenty, and not once per message.
 HEARTBEAT_CHECK_SECONDS = 1.0
@@ -52,7 +60,7 @@ BACKOFF_MAX = 30.0
 
 
 class IntakeUnavailable(Exception):
-    """Raised by ``handle_batch`` when its store is unreachable: the batch is fine, try later."""
+    """Raised by intake when its store is unreachable: the batch is fine, try later."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,54 @@ class InboundMessage:
         )
 
 
+ReadBatch = TypeVar("ReadBatch")
+
+
+TakeSteps = Generator[None, None, "list[InboundMessage] | None"]
+
+
+class BatchIntake(Protocol[ReadBatch]):
+    """Intake in two halves (worker/intake.py). ``read`` is pure work and never raises on
+    input. ``take_in_steps`` is the transaction in steps (between two, the database works
+    and the caller may too); it ends returning the messages it deferred (held by the
+    consumer and offered again later), or raises (``IntakeUnavailable``: hold them all)."""
+
+    def read(self, batch: list[InboundMessage]) -> ReadBatch: ...
+
+    def take_in_steps(self, batch: ReadBatch) -> TakeSteps: ...
+
+
+Handler = Callable[[list[InboundMessage]], list[InboundMessage] | None]
+
+
+class _Whole(Generic[ReadBatch]):
+    """A plain handler as intake with nothing to read ahead (tests, tools)."""
+
+    def __init__(self, handle: Handler) -> None:
+        self._handle = handle
+
+    def read(self, batch: list[InboundMessage]) -> list[InboundMessage]:
+        return batch
+
+    def take_in_steps(self, batch: list[InboundMessage]) -> TakeSteps:
+        return self._handle(batch)
+        yield  # a generator: one step
+
+
+@dataclass
+class _Batch:
+    """A batch on its way: read (``read``), then in its transaction (``steps``)."""
+
+    messages: list[InboundMessage]
+    read: Any
+    steps: TakeSteps | None = None
+    stepped: int = 0  # steps taken: the lookup goes out with the first, the writes next
+
+    @property
+    def written(self) -> bool:
+        return self.stepped >= 2
+
+
 def read_ahead(connection: Any, size: int = READ_AHEAD_BYTES) -> bool:
     """Let py-amqp's plain TCP transport take up to ``size`` bytes per socket read.
 
@@ -137,7 +193,7 @@ class JobsConsumer(ConsumerMixin):
     def __init__(
         self,
         settings: Settings,
-        handle_batch: Callable[[list[InboundMessage]], list[InboundMessage] | None],
+        intake: BatchIntake[Any] | Handler,
         *,
         on_connection_change: Callable[[bool], None] | None = None,
         on_progress: Callable[[], None] | None = None,
@@ -146,21 +202,24 @@ class JobsConsumer(ConsumerMixin):
     ) -> None:
         self.settings = settings
         self.connection = connection(settings, purpose="consume")
-        self._handle_batch = handle_batch
+        self._intake: BatchIntake[Any] = _Whole(intake) if callable(intake) else intake
         self._on_connection_change = on_connection_change
         # Called each time round, idle or not: the daemon's liveness watch (worker/health.py).
         self._on_progress = on_progress or (lambda: None)
-        # A batch larger than the prefetch window could never fill.
-        self._batch_max = max(1, min(batch_max, settings.prefetch))
+        # Half the prefetch window, so that the next batch can arrive (and be read) while
+        # this one is in its transaction; a window of one still works, one at a time.
+        self._batch_max = max(1, min(batch_max, settings.prefetch // 2))
         self._batch_wait = batch_wait
         self._stop = threading.Event()
         self._pending: list[InboundMessage] = []
         self._first_pending_at = 0.0
         self._resume_at = 0.0
         self._backoff = BACKOFF_FIRST
-        self._deferred: list[InboundMessage] = []
+        self._read: _Batch | None = None  # read, waiting for the transaction thread
+        self._taking: _Batch | None = None  # in its transaction
         self._connected: bool | None = None
         self._heartbeat_checked_at = 0.0
+        self._quiet = False  # the last drain found nothing
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -238,18 +297,25 @@ class JobsConsumer(ConsumerMixin):
             declare_topology(conn, self.settings)
             read_ahead(conn.connection)
             consumers = self.get_consumers(partial(Consumer, channel), channel)
-            with self._consume_from(*consumers):  # type: ignore[no-untyped-call]
-                self._set_connected(True)
-                log.info("consuming from %s", self.settings.jobs_queue)
-                while not self._stop.is_set():
-                    self._drain(conn)
-                    if self._batch_due():
-                        self._flush(channel)
-                    yield
-                while self._pending:
-                    # Stopping: the batch in hand is handled and settled before the
+            try:
+                with self._consume_from(*consumers):  # type: ignore[no-untyped-call]
+                    self._set_connected(True)
+                    log.info("consuming from %s", self.settings.jobs_queue)
+                    while not self._stop.is_set():
+                        self._drain(conn)
+                        self._advance(channel)
+                        yield
+                    # Stopping: the batches in hand are taken in and settled before the
                     # channel closes; what was prefetched but not drained goes back then.
-                    self._flush(channel, stopping=True)
+                    self._finish_taking(channel, stopping=True)
+                    while self._pending:
+                        self._flush(channel, stopping=True)
+            finally:
+                # The connection is gone (or stopping went wrong): a transaction in steps
+                # is rolled back, and its messages come back from the broker.
+                if self._taking is not None and self._taking.steps is not None:
+                    self._taking.steps.close()
+                self._taking = self._read = None
 
     # -- batching ---------------------------------------------------------------------
 
@@ -263,11 +329,24 @@ class JobsConsumer(ConsumerMixin):
         wait = IDLE_DRAIN_SECONDS
         if self._pending:
             wait = max(0.0, max(self._first_pending_at + self._batch_wait, self._resume_at) - now)
-        with suppress(TimeoutError):
+        if self._taking is not None:
+            # A transaction waits on what comes next: do not sit long on a quiet socket.
+            wait = min(wait, QUIET_SECONDS)
+        self._quiet = False
+        try:
             conn.drain_events(timeout=min(max(wait, 0.001), IDLE_DRAIN_SECONDS))
+        except TimeoutError:
+            self._quiet = True
         if now - self._heartbeat_checked_at >= HEARTBEAT_CHECK_SECONDS:
             conn.heartbeat_check()
             self._heartbeat_checked_at = now
+
+    def _nothing_coming(self) -> bool:
+        """No delivery in the last drain, or none can come before a batch is settled."""
+        in_hand = len(self._pending)
+        for batch in (self._read, self._taking):
+            in_hand += len(batch.messages) if batch is not None else 0
+        return self._quiet or in_hand >= self.settings.prefetch
 
     def _batch_due(self) -> bool:
         if not self._pending:
@@ -280,14 +359,106 @@ class JobsConsumer(ConsumerMixin):
             or now >= self._first_pending_at + self._batch_wait
         )
 
-    def _flush(self, channel: Any, *, stopping: bool = False) -> None:
+    def _next_batch(self) -> list[InboundMessage]:
         batch = self._pending[: self._batch_max]
         del self._pending[: len(batch)]
         if self._pending:
             self._first_pending_at = time.monotonic()
-        outcome = self._try(batch)
-        if outcome == _TAKEN and self._deferred:
-            self._settle_all_but_deferred(channel, batch, stopping=stopping)
+        return batch
+
+    def _advance(self, channel: Any) -> None:
+        """Move the pipeline on: batch N's transaction in steps around reading batch N+1.
+
+        Batch N's lookup goes out when it starts; its writes go out once batch N+1 has
+        arrived, just before N+1 is read; it commits and is settled after that read. When
+        nothing more arrives there is nothing to overlap, and it is finished at once.
+        """
+        while True:
+            taking, due = self._taking, self._batch_due()
+            idle = not due and self._nothing_coming()
+            if taking is not None and not taking.written and (due or idle):
+                self._step(channel)
+            elif self._read is None and due:
+                self._read_next(channel)
+            elif taking is not None and (self._read is not None or idle):
+                self._finish_taking(channel, stopping=False)
+            elif taking is None and self._read is not None:
+                self._taking, self._read = self._read, None
+                self._taking.steps = self._intake.take_in_steps(self._taking.read)
+                self._step(channel)
+            else:
+                return
+
+    def _read_next(self, channel: Any) -> None:
+        batch = self._next_batch()
+        try:
+            self._read = _Batch(batch, self._intake.read(batch))
+        except Exception:
+            # A bug: settle the batch the slow way, after the one before it (acks are
+            # cumulative, so batches are settled in delivery order). Should that one be
+            # held, this batch waits behind it.
+            log.exception("intake could not read a batch of %d message(s)", len(batch))
+            self._pending[:0] = batch
+            self._finish_taking(channel, stopping=False)
+            if self._pending[0] is batch[0]:
+                del self._pending[: len(batch)]
+                self._settle(channel, batch, _FAILED, [], stopping=False)
+
+    def _step(self, channel: Any) -> None:
+        """One step of the batch in its transaction; settle it if that was the last."""
+        taking = self._taking
+        assert taking is not None and taking.steps is not None
+        outcome = self._next_step(taking.steps)
+        if outcome is None:
+            taking.stepped += 1
+            return
+        self._taking = None
+        self._settle_taken(channel, taking, outcome, stopping=False)
+
+    def _finish_taking(self, channel: Any, *, stopping: bool) -> None:
+        """Run the batch in its transaction to its end and settle it."""
+        taking, self._taking = self._taking, None
+        if taking is None or taking.steps is None:
+            return
+        outcome = None
+        while outcome is None:
+            outcome = self._next_step(taking.steps)
+        self._settle_taken(channel, taking, outcome, stopping=stopping)
+
+    def _settle_taken(
+        self,
+        channel: Any,
+        batch: _Batch,
+        outcome: tuple[str, list[InboundMessage]],
+        *,
+        stopping: bool,
+    ) -> None:
+        result, deferred = outcome
+        if (result != _TAKEN or deferred) and self._read is not None:
+            # The batch read ahead goes back first, in order: held or retried messages
+            # of this batch go in front of it, and it is read again when its turn comes.
+            self._pending[:0] = self._read.messages
+            self._first_pending_at = time.monotonic()
+            self._read = None
+        self._settle(channel, batch.messages, result, deferred, stopping=stopping)
+
+    def _flush(self, channel: Any, *, stopping: bool = False) -> None:
+        """Take a batch in on this thread and settle it (stopping: nothing else to overlap)."""
+        batch = self._next_batch()
+        outcome, deferred = self._try(batch)
+        self._settle(channel, batch, outcome, deferred, stopping=stopping)
+
+    def _settle(
+        self,
+        channel: Any,
+        batch: list[InboundMessage],
+        outcome: str,
+        deferred: list[InboundMessage],
+        *,
+        stopping: bool,
+    ) -> None:
+        if outcome == _TAKEN and deferred:
+            self._settle_all_but_deferred(channel, batch, deferred, stopping=stopping)
             return
         if outcome == _TAKEN:
             self._ack(channel, batch)
@@ -308,15 +479,19 @@ class JobsConsumer(ConsumerMixin):
             self._pause("intake failed")
 
     def _settle_all_but_deferred(
-        self, channel: Any, batch: list[InboundMessage], *, stopping: bool
+        self,
+        channel: Any,
+        batch: list[InboundMessage],
+        deferred: list[InboundMessage],
+        *,
+        stopping: bool,
     ) -> None:
         """Intake is at capacity (MAX_IN_FLIGHT): ack what it took, hold what it deferred."""
-        deferred_tags = {m.delivery_tag for m in self._deferred}
+        deferred_tags = {m.delivery_tag for m in deferred}
         for message in batch:
             if message.delivery_tag not in deferred_tags:
                 channel.basic_ack(message.delivery_tag)
         held = [m for m in batch if m.delivery_tag in deferred_tags]
-        self._deferred = []
         self._hold(channel, held, stopping=stopping, why="at capacity (MAX_IN_FLIGHT)")
 
     def _hold(
@@ -349,9 +524,8 @@ class JobsConsumer(ConsumerMixin):
         """Settle ``batch`` message by message (in delivery order); return how many were taken."""
         taken = failures_in_a_row = 0
         for index, message in enumerate(batch):
-            outcome = self._try([message])
-            if outcome == _TAKEN and self._deferred:
-                self._deferred = []
+            outcome, deferred = self._try([message])
+            if outcome == _TAKEN and deferred:
                 self._hold(channel, batch[index:], stopping=stopping, why="at capacity")
                 return taken
             if outcome == _TAKEN:
@@ -371,17 +545,32 @@ class JobsConsumer(ConsumerMixin):
             channel.basic_reject(message.delivery_tag, requeue=True)
         return taken
 
-    def _try(self, batch: list[InboundMessage]) -> str:
+    def _try(self, batch: list[InboundMessage]) -> tuple[str, list[InboundMessage]]:
+        """Read and take ``batch``, all at once."""
         try:
-            deferred = self._handle_batch(batch) or []
+            steps = self._intake.take_in_steps(self._intake.read(batch))
+        except Exception:
+            log.exception("intake could not read a batch of %d message(s)", len(batch))
+            return _FAILED, []
+        outcome = None
+        while outcome is None:
+            outcome = self._next_step(steps)
+        return outcome
+
+    @staticmethod
+    def _next_step(steps: TakeSteps) -> tuple[str, list[InboundMessage]] | None:
+        """One step of a transaction; its outcome once it has ended, None before."""
+        try:
+            next(steps)
+        except StopIteration as done:
+            return _TAKEN, list(done.value or [])
         except IntakeUnavailable as exc:
             log.warning("intake unavailable (%s)", exc)
-            return _UNAVAILABLE
+            return _UNAVAILABLE, []
         except Exception:
-            log.exception("intake failed on a batch of %d message(s)", len(batch))
-            return _FAILED
-        self._deferred = deferred
-        return _TAKEN
+            log.exception("intake failed on a batch")
+            return _FAILED, []
+        return None
 
     @staticmethod
     def _ack(channel: Any, batch: list[InboundMessage]) -> None:
