@@ -11,7 +11,7 @@ Batches are therefore at most half the prefetch window, or batch N+1 could not a
 before N is acked. ``drain_events`` never blocks longer than a second, so heartbeats are
 serviced between batches.
 
-When ``handle_batch`` raises, nothing was committed; the messages go back to the queue
+When intake raises, nothing was committed; the messages go back to the queue
 (``basic.reject``/``basic.nack`` with requeue). So that one poison message cannot fail its
 whole batch forever, a failed batch is retried one message at a time: the poison one is
 requeued alone (the quorum queue's delivery limit then dead-letters it) while the others
