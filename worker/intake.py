@@ -1,9 +1,9 @@
 """Job-request messages → job rows and outbox rows, one transaction per batch.
 
 The consumer acks a batch only after its transaction has committed (the last step of
-``take_in_steps``, or ``handle_batch`` returning): a
-crash before it leaves the messages to be redelivered, and taking them in again is
-idempotent (same job id and request → no new job).
+``take_in_steps``, or ``handle_batch`` returning): a crash before it leaves the messages to
+be redelivered, and taking them in again is idempotent (same job id and request → no new
+job).
 """
 
 from __future__ import annotations
