@@ -21,7 +21,8 @@ from psycopg_pool import ConnectionPool
 from worker import db, lifecycle, store
 from worker.api.errors import ClientError, NotFound, TransportError
 from worker.api.models import Page, Task
-from worker.engine import Engine
+from worker.engine import STEPS_LOOP, Engine
+from worker.health import Health
 from worker.lifecycle import Phase, Policy, Tiles
 from worker.settings import Settings
 
@@ -555,3 +556,82 @@ def test_a_created_request_found_after_the_cancel_is_left_alone_and_logged(
     assert [e["data"]["status"] for e in job_events(pool)] == ["STOPPED"]
     assert any(landed.id in r.getMessage() and "j1" in r.getMessage() for r in caplog.records)
     assert metrics.duplicates == 0
+
+
+# --- liveness of the step threads -----------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class HangingCreate(FakeApi):
+    """A create that does not return until released: a call without a timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def create(self, payload: dict[str, Any]) -> Task:
+        self.entered.set()
+        assert self.release.wait(30), "never released"
+        return super().create(payload)
+
+
+class BrokenCreate(FakeApi):
+    def create(self, payload: dict[str, Any]) -> Task:
+        raise RuntimeError("a bug in a step")
+
+
+def watched(pool: ConnectionPool, api: FakeApi) -> tuple[Engine, Health, FakeClock]:
+    clock = FakeClock()
+    health = Health(clock=clock)
+    health.register(STEPS_LOOP, 100, per_thread=True)
+    engine = make_engine(pool, api, on_progress=health.beat, on_idle=health.idle)
+    return engine, health, clock
+
+
+def test_a_step_that_hangs_stalls_the_step_loop_by_name(pool: ConnectionPool) -> None:
+    api = HangingCreate()
+    engine, health, clock = watched(pool, api)
+    thread = threading.Thread(target=engine.run)
+    thread.start()
+    try:
+        clock.now += 1000  # running with nothing to step: no thread is busy
+        assert health.stalled() == []
+        add_job(pool)
+        assert api.entered.wait(10)
+        clock.now += 99
+        assert health.stalled() == []
+        clock.now += 2
+        assert [name for name, _, _ in health.stalled()] == ["engine-steps"]
+        ok, detail = health.liveness()
+        assert not ok
+        assert detail == "loop engine-steps stalled: no progress for 101s (bound 100s)"
+    finally:
+        api.release.set()
+    engine.request_stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    # Every step thread, the released one too, ended idle: nothing is left to go stale.
+    clock.now += 1000
+    assert health.stalled() == []
+    assert health.progress()[STEPS_LOOP] == (0.0, 100)
+
+
+def test_a_step_that_fails_leaves_its_thread_idle(pool: ConnectionPool) -> None:
+    engine, health, clock = watched(pool, BrokenCreate())
+    add_job(pool)
+    with pool.connection() as conn:
+        (claim,) = store.claim_due(
+            conn, FLEET, "w1", now=datetime.now(UTC), lease=timedelta(seconds=30), limit=1
+        )
+    with pytest.raises(RuntimeError):
+        engine.drive(claim, [])  # marked busy at its first step, then the create raised
+    clock.now += 1000
+    assert health.stalled() == []

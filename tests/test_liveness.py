@@ -29,8 +29,9 @@ class FakeClock:
 
 def test_every_loop_of_the_daemon_has_a_bound() -> None:
     bounds = progress_bounds(Settings())
-    assert set(bounds) == {"consumer", "engine", "poller", "relay", "supervisor"}
+    assert set(bounds) == {"consumer", "engine", "poller", "relay", "supervisor", "engine-steps"}
     assert all(bound > liveness.SLACK for bound in bounds.values())
+    assert set(liveness.PER_THREAD_LOOPS) == {"engine-steps"}
 
 
 def test_default_bounds_cover_each_loops_longest_wait() -> None:
@@ -44,6 +45,11 @@ def test_default_bounds_cover_each_loops_longest_wait() -> None:
     assert bounds["poller"] == pytest.approx(30 + 153.4 + 30)
     assert bounds["relay"] == connect + 2 * 60 + 30 + 15 + 30
     assert bounds["engine"] == 2 * 60 + 30 + 30
+    # A step thread between two marks: one API call's gap (above), longer than a database
+    # call or a tile read's S3 request (three tries of 5 s connect + 30 s read, two 20 s
+    # back-offs).
+    assert liveness.s3_request_seconds() == 3 * (5 + 30) + 2 * 20
+    assert bounds["engine-steps"] == pytest.approx(153.4 + 30)
 
 
 def test_bounds_follow_the_settings() -> None:
@@ -52,6 +58,11 @@ def test_bounds_follow_the_settings() -> None:
     # 595 s more of poll interval; 17 budget waits of 6 s instead of 0.2 s.
     assert slow["poller"] - fast["poller"] == pytest.approx(595 + 17 * (6 - 0.2))
     assert slow["relay"] == fast["relay"]
+    # A step waits for one API call, whatever its timeout; at the least for an S3 request.
+    patient = progress_bounds(Settings(api_timeout=300))
+    assert patient["engine-steps"] - fast["engine-steps"] == pytest.approx(270)
+    hasty = progress_bounds(Settings(api_timeout=1, api_budget_per_minute=6000))
+    assert hasty["engine-steps"] == liveness.s3_request_seconds() + liveness.SLACK
 
 
 def test_the_liveness_factor_scales_every_bound() -> None:
@@ -205,6 +216,35 @@ def test_watchdog_leaves_an_orderly_stop_alone() -> None:
     assert stopped.wait(5)
     dog.close()  # the daemon stopped in time
     assert exits == []
+
+
+def test_after_a_stall_a_stop_that_left_a_loop_running_still_ends_the_process() -> None:
+    # A step thread stuck for good outlives the stop, and the interpreter would wait for it
+    # at exit forever: closing the watchdog must not call off the hard exit.
+    clock = FakeClock()
+    health = Health(clock=clock)
+    health.register("engine-steps", 60, per_thread=True)
+    health.beat("engine-steps")
+    dog, stopped, exits = _watchdog(health, hard_exit=True)
+    dog.start()
+    clock.now += 61
+    assert stopped.wait(5)
+    dog.close(orderly=False)
+    assert dog._thread is not None
+    dog._thread.join(5)
+    assert exits == [1]
+
+
+def test_a_stop_that_left_a_loop_running_without_a_stall_ends_the_watch() -> None:
+    health = Health(clock=FakeClock())
+    health.register("poller", 60)
+    dog, stopped, exits = _watchdog(health, hard_exit=True)
+    dog.start()
+    dog.close(orderly=False)  # a SIGTERM stop: its own grace period, nothing stalled
+    assert dog._thread is not None
+    dog._thread.join(5)
+    assert not dog._thread.is_alive()
+    assert (stopped.is_set(), exits) == (False, [])
 
 
 def test_an_embedded_watchdog_never_ends_the_process() -> None:

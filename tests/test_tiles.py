@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import uuid
 from pathlib import Path
@@ -245,3 +246,25 @@ def test_endpoint_down_is_unknown(bucket: Bucket) -> None:
     )
     reader = TileReader(s3_client=client)
     assert reader.read(bucket.request, bucket.request_id, execution_db=False) is None
+
+
+def test_every_mib_of_a_download_counts_as_progress(bucket: Bucket) -> None:
+    # An execution database of a few MiB (a large job's) on a slow link is a long read, not a
+    # hang: each MiB is progress for the liveness watch of the step reading it.
+    path = bucket.tmp / "large.sqlite"
+    make_execution_db(path, STATUSES)
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE padding (data BLOB)")
+    conn.execute("INSERT INTO padding VALUES (zeroblob(3 * 1024 * 1024))")
+    conn.commit()
+    conn.close()
+    bucket.put_manifest()
+    bucket.put(bucket.execution_key, path.read_bytes())
+    marks: list[None] = []
+    reader = TileReader(on_progress=lambda: marks.append(None))
+    tiles = reader.read(bucket.request, bucket.request_id, execution_db=True)
+    assert tiles == Tiles(total=7, processed=5, failed=2)
+    mib_read = math.ceil(path.stat().st_size / 2**20)
+    assert mib_read >= 4
+    # Each object's answer, then each MiB of it (the manifest is one).
+    assert len(marks) >= 2 + 1 + mib_read

@@ -146,10 +146,11 @@ class Daemon:
             settings,
             pool,
             client,
-            tiles=TileReader(metrics=self.metrics),
+            tiles=TileReader(metrics=self.metrics, on_progress=health.beat_thread),
             metrics=self.metrics,
             worker_name=settings.worker_name,
             on_progress=health.beat,
+            on_idle=health.idle,
         )
         # Stopping order matters: intake first (no new work), engine next, relay last so
         # that the events of the last steps are flushed.
@@ -160,7 +161,7 @@ class Daemon:
         ]
         self._install_signal_handlers()
         for name, bound in self._bounds.items():
-            health.register(name, bound)
+            health.register(name, bound, per_thread=name in liveness.PER_THREAD_LOOPS)
             self.metrics.watch_loop(name, partial(self._progress_age, name), bound)
         watchdog = Watchdog(
             health,
@@ -190,9 +191,9 @@ class Daemon:
                     next_gauges = time.monotonic() + _GAUGES_EVERY
                     self._sample_outbox(pool)
         finally:
-            self._shutdown(loops)
+            stopped = self._shutdown(loops)
             client.close()
-            watchdog.close()
+            watchdog.close(orderly=stopped)
         return 1 if failed or watchdog.stalled else 0
 
     def _progress_age(self, name: str) -> float:
@@ -236,18 +237,24 @@ class Daemon:
         self.health.set_shutting_down()
         self._stopping.set()
 
-    def _shutdown(self, loops: list[_Loop]) -> None:
+    def _shutdown(self, loops: list[_Loop]) -> bool:
+        """Stop the loops in order within the grace period; whether every one stopped."""
         # The supervisor's turns are over: from here its thread is the one stopping.
         self.health.unregister(liveness.SUPERVISOR_LOOP)
         deadline = time.monotonic() + self.settings.grace_period
+        stopped = True
         for loop in loops:
             loop.stop()
             if loop.thread is not None:
                 loop.thread.join(max(0.0, deadline - time.monotonic()))
                 if loop.thread.is_alive():
                     log.warning("loop %s did not stop within the grace period", loop.name)
+                    stopped = False
                     continue
-            # Ended on purpose: no longer watched (the poller ends with the engine).
+            # Ended on purpose: no longer watched (the poller and the step threads end with
+            # the engine).
             self.health.unregister(loop.name)
             if loop.name == liveness.ENGINE_LOOP:
                 self.health.unregister(liveness.POLLER_LOOP)
+                self.health.unregister(liveness.STEPS_LOOP)
+        return stopped

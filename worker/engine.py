@@ -52,6 +52,10 @@ ENDED_SWEEP_MARGIN_POLLS = 3 * SWEEP_EVERY_POLLS
 # The names the two loops report their progress under (``on_progress``).
 ENGINE_LOOP = "engine"
 POLLER_LOOP = "poller"
+# The name job steps report their progress under, on whichever thread runs them (the
+# engine-N and poll-step-N pools): ``on_progress`` as a step moves on, ``on_idle`` when its
+# thread is done with the job.
+STEPS_LOOP = "engine-steps"
 # Steps that only publish progress (completion or cost moved, same status) are taken while
 # fewer than this many status steps per step thread are waiting; the rest stay due and are
 # read again next round. Without it, with thousands of jobs processing, every round queued a
@@ -127,11 +131,15 @@ class Engine:
         gauges_every: float = 10.0,
         sweep_every_polls: int | None = SWEEP_EVERY_POLLS,
         on_progress: Callable[[str], None] | None = None,
+        on_idle: Callable[[str], None] | None = None,
     ) -> None:
         """``sweep_every_polls`` None: no duplicate sweeps at all (a baseline for
         bench/bench_engine.py; a deployment wants them). ``on_progress`` is called with
-        ``ENGINE_LOOP`` or ``POLLER_LOOP`` each time that loop goes round, idle or not (the
-        daemon's liveness watch, worker/health.py)."""
+        ``ENGINE_LOOP`` or ``POLLER_LOOP`` each time that loop goes round, idle or not, and
+        with ``STEPS_LOOP`` on the thread driving a job each time its step moves on (each
+        lifecycle step and save, each action, the release); ``on_idle`` with ``STEPS_LOOP``
+        when that thread is done with the job, however it ended. Both feed the daemon's
+        liveness watch (worker/health.py); they run on every step, so must be cheap."""
         self._settings = settings
         self._pool = pool
         self._fleet = settings.fleet_id
@@ -145,6 +153,7 @@ class Engine:
         self._idle_wait = idle_wait
         self._gauges_every = gauges_every
         self._progress = on_progress or (lambda _loop: None)
+        self._idle = on_idle or (lambda _loop: None)
         self._runner = ActionRunner(
             client,
             tiles,
@@ -354,6 +363,14 @@ class Engine:
 
     def drive(self, claim: store.Claim, observations: list[Observation]) -> None:
         """Run a claimed job until it asks for nothing more, then release it."""
+        try:
+            self._drive(claim, observations)
+        finally:
+            # Whatever ended the drive, this thread no longer has a step to make progress
+            # on: an idle step thread must not read as a stalled one.
+            self._idle(STEPS_LOOP)
+
+    def _drive(self, claim: store.Claim, observations: list[Observation]) -> None:
         state = claim.state
         pending: deque[Observation] = deque()
         if claim.cancel_requested_at is not None and not state.cancel_wanted:
@@ -371,6 +388,7 @@ class Engine:
         steps = 0
         while pending and steps < MAX_STEPS_PER_CLAIM:
             steps += 1
+            self._progress(STEPS_LOOP)
             now = self._clock()
             observation = pending.popleft()
             transition = lifecycle.step(held.state, observation, now, self._policy)
@@ -388,12 +406,14 @@ class Engine:
                     start=arrived.start_requested_at is not None,
                 )
                 transition = lifecycle.step(known, observation, now, self._policy)
+                self._progress(STEPS_LOOP)
                 arrived = self._save(held, transition, now, seen)
             seen = store.Requests()
             wake_at = transition.wake_at
             for action in transition.actions:
                 if self._stop.is_set():
                     break  # stopping: the action in hand finished; take on nothing new
+                self._progress(STEPS_LOOP)
                 # The step's own `now`: a create's `create_not_before` was decided with it.
                 outcome = self._runner.perform(held.state, action, now)
                 if outcome is not None:
@@ -401,6 +421,7 @@ class Engine:
         if pending or self._stop.is_set():
             # Stopping (another worker takes it at once) or looping: pick it up again now.
             wake_at = self._clock()
+        self._progress(STEPS_LOOP)
         self._release(held, wake_at)
 
     def _save(

@@ -6,13 +6,19 @@ sleep, its back-off cap, a reconnect with kombu's bounded retries, a database ca
 the pool's checkout timeout, an API call with its retries), plus slack for a loaded
 machine. A loop past its bound is stalled: a thread that is alive but not going round, on a
 read without a timeout, a deadlock, or a database that accepted the connection and never
-answers. Restarting is the cure (the durable state makes it lose nothing), so:
+answers. Job steps run on pools of threads, not on a loop of their own: they are watched as
+the loop ``engine-steps``, per busy thread (``Health.register(per_thread=True)``), so a
+step silent past that bound is a stall like any other and a thread with no job is not
+(unwatched, step threads all stuck in calls that never return would leave the claim loop
+going round, claiming nothing, with ``/healthz`` green). Restarting is the cure (the
+durable state makes it lose nothing), so:
 
 - ``/healthz`` answers 503 naming the loop (Kubernetes' liveness probe restarts the pod);
 - the ``Watchdog`` stops the process itself with exit code 1, as for a loop that died,
   because outside Kubernetes nothing else would. An orderly stop may be stuck behind the
-  very call that stalled, so when the process is still there ``grace_period`` plus a
-  margin later, it ends with ``os._exit(1)`` (like a SIGKILL, which loses nothing either).
+  very call that stalled, and a step thread stuck for good keeps the interpreter from
+  exiting after it, so when the process is still there ``grace_period`` plus a margin
+  later, it ends with ``os._exit(1)`` (like a SIGKILL, which loses nothing either).
 
 The watchdog does no I/O and holds no lock but ``Health``'s, so it cannot stall on what
 stalled a loop. What it cannot see: a hang that holds the GIL (a C extension blocking
@@ -28,19 +34,21 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from worker import consumer, relay
+from worker import consumer, relay, tiles
 from worker.api.client import ApiHooks
 from worker.api.retry import RetryPolicy
 from worker.broker import CONNECT_RETRY, CONNECT_TIMEOUT
-from worker.engine import ENGINE_LOOP, POLLER_LOOP
+from worker.engine import ENGINE_LOOP, POLLER_LOOP, STEPS_LOOP
 from worker.health import Health
 from worker.settings import Settings
 
 __all__ = [
     "CONSUMER_LOOP",
     "ENGINE_LOOP",
+    "PER_THREAD_LOOPS",
     "POLLER_LOOP",
     "RELAY_LOOP",
+    "STEPS_LOOP",
     "SUPERVISOR_LOOP",
     "Watchdog",
     "progress_bounds",
@@ -52,6 +60,8 @@ log = logging.getLogger(__name__)
 CONSUMER_LOOP = "consumer"
 RELAY_LOOP = "relay"
 SUPERVISOR_LOOP = "supervisor"
+# Loops watched per busy thread, not per turn (``Health.register(per_thread=True)``).
+PER_THREAD_LOOPS = frozenset({STEPS_LOOP})
 
 # One database call: psycopg_pool's checkout timeout (30 s, the default the daemon's pool
 # keeps) plus a statement of generous length on a busy server.
@@ -63,6 +73,8 @@ ENGINE_BACKOFF_MAX = 30.0
 # Threads that may queue for API budget tokens ahead of one call: the engine's step threads,
 # its poll-step threads and the poller (Engine's default of 8 threads each).
 BUDGET_QUEUE = 8 + 8 + 1
+# botocore's cap on one back-off of its standard retry mode (the tile reader's S3 client).
+S3_BACKOFF_CAP = 20.0
 # How often the watchdog looks; and how long past the grace period a stalled process that
 # has not exited on its own is ended.
 WATCH_EVERY = 1.0
@@ -94,6 +106,14 @@ def api_call_seconds(settings: Settings, retry: RetryPolicy | None = None) -> fl
     return policy.max_total_seconds + budget_wait + settings.api_timeout
 
 
+def s3_request_seconds() -> float:
+    """The longest one S3 request of a tile read may take before its answer: every try
+    with its connect and read timeouts, and the back-offs between them."""
+    tries = tiles.S3_MAX_ATTEMPTS
+    attempt = tiles.S3_CONNECT_TIMEOUT + tiles.S3_READ_TIMEOUT
+    return tries * attempt + (tries - 1) * S3_BACKOFF_CAP
+
+
 def progress_bounds(settings: Settings) -> dict[str, float]:
     """Each loop's longest legitimate pause, in seconds (docs/operations.md "Liveness")."""
     connect = amqp_connect_seconds()
@@ -112,6 +132,11 @@ def progress_bounds(settings: Settings) -> dict[str, float]:
         RELAY_LOOP: connect + 2 * DB_CALL + relay.CONFIRM_TIMEOUT + relay.BACKOFF_MAX + SLACK,
         # Its one-second tick and the outbox count (a database call).
         SUPERVISOR_LOOP: WATCH_EVERY + DB_CALL + SLACK,
+        # One busy step thread between two marks of progress: the engine marks each
+        # lifecycle step and save, each action and the release; every API attempt and every
+        # MiB of a tile file counts too. So the longest gap is one database call, one API
+        # call's gap between attempts, or one S3 request with its retries.
+        STEPS_LOOP: max(DB_CALL, api_call_seconds(settings), s3_request_seconds()) + SLACK,
     }
     return {name: bound * settings.liveness_factor for name, bound in bounds.items()}
 
@@ -166,8 +191,16 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="liveness-watch", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """The daemon is over (stopped for any reason): stop watching."""
+    def close(self, *, orderly: bool = True) -> None:
+        """The daemon is over (stopped for any reason): stop watching.
+
+        ``orderly`` False: a loop was still running when the stop gave up waiting for it.
+        After a stall the hard exit then stays due: a step thread stuck in a call that never
+        returns keeps the process from exiting by itself (the interpreter joins the
+        engine's pool threads at exit).
+        """
+        if not orderly and self._stalled.is_set():
+            return
         self._done.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.every * 2)

@@ -23,6 +23,7 @@ import sqlite3
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,11 @@ MANIFEST = "manifest"
 EXECUTION_DB = "execution_db"
 
 _CHUNK = 1 << 20
+# The S3 client's timeouts and tries (worker/liveness.py derives a step's bound from them).
+# Retries are few and short: the next poll is the real retry.
+S3_CONNECT_TIMEOUT = 5.0
+S3_READ_TIMEOUT = 30.0
+S3_MAX_ATTEMPTS = 3
 # Codes S3 (and S3-compatible stores) answer for a key that is not there (yet).
 _ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
@@ -99,11 +105,16 @@ class TileReader:
         max_bytes: int = 512 * 2**20,
         metrics: Metrics | None = None,
         cache_size: int = 4096,
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
+        """``on_progress`` is called on the reading thread as a download moves on (the
+        object's answer, then every MiB): a large file on a slow link is progress, not a
+        hang (the daemon's liveness watch, worker/health.py)."""
         self._client = s3_client
         self._client_lock = threading.Lock()
         self._max_bytes = max_bytes
         self._metrics = metrics
+        self._progress = on_progress or (lambda: None)
         self._lock = threading.Lock()
         # The manifest never changes once written: its total is read once per request.
         self._totals: _Bounded[str, int] = _Bounded(cache_size)
@@ -194,13 +205,12 @@ class TileReader:
                 from botocore.config import Config
 
                 # The standard chain: AWS_ENDPOINT_URL, keys, profile, or the pod's IAM role.
-                # Retries are few and short: the next poll is the real retry.
                 self._client = boto3.client(
                     "s3",
                     config=Config(
-                        connect_timeout=5,
-                        read_timeout=30,
-                        retries={"mode": "standard", "max_attempts": 3},
+                        connect_timeout=S3_CONNECT_TIMEOUT,
+                        read_timeout=S3_READ_TIMEOUT,
+                        retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
                     ),
                 )
             return self._client
@@ -212,6 +222,7 @@ class TileReader:
             params["IfNoneMatch"] = etag
         try:
             response = self._s3().get_object(**params)
+            self._progress()
             body = response["Body"]
             try:
                 length = response.get("ContentLength")
@@ -224,6 +235,7 @@ class TileReader:
                         if written > self._max_bytes:
                             raise _Unreadable(f"more than the {self._max_bytes} bytes allowed")
                         out.write(chunk)
+                        self._progress()
             finally:
                 body.close()
         except ClientError as exc:

@@ -1,9 +1,10 @@
 """A worker whose database stops answering (connections open, no bytes back) is stalled, not
-dead: /healthz says so, and the worker ends itself with exit code 1.
+dead: /healthz says so, and the worker ends itself with exit code 1. So is a worker whose
+job steps hang while its loops keep going round.
 
-The database sits behind a TCP proxy the test can pause: paused, it keeps every connection
-open and forwards nothing, like a network path that blackholes packets. Bounds are scaled
-down with LIVENESS_FACTOR so the test takes seconds, not minutes.
+The database (or the API) sits behind a TCP proxy the test can pause: paused, it keeps every
+connection open and forwards nothing, like a network path that blackholes packets. Bounds
+are scaled down with LIVENESS_FACTOR so the test takes seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -15,25 +16,34 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.daemon.conftest import CLIENT_SECRET, Stack, WorkerProcess, free_port
+from tests.daemon.conftest import CLIENT_SECRET, Producer, Stack, WorkerProcess, free_port
 from worker import liveness
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 FACTOR = 0.1  # bounds of 9 to 27 s: above any pause of a loaded test machine
+EXAMPLE = "max-ndvi-geotiff.json"
 
 
 class PausableProxy:
-    """Forwards TCP to ``target``; while paused, reads nothing and forwards nothing."""
+    """Forwards TCP to ``target``; while paused, reads nothing and forwards nothing.
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    ``hold``: a client connection whose data starts with these bytes (an HTTP method, at the
+    start of a request) is frozen there: that request is never forwarded, its connection
+    stays open, and nothing more on it moves, while other connections carry on.
+    """
+
+    def __init__(self, target: tuple[str, int], *, hold: bytes | None = None) -> None:
         self._target = target
+        self._hold = hold
+        self.held = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self.paused = threading.Event()
@@ -65,6 +75,9 @@ class PausableProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is a and self._hold is not None and data.startswith(self._hold):
+                        self.held.set()
+                        return  # both sockets stay open (closed with the proxy)
                     peer[sock].sendall(data)
 
     def close(self) -> None:
@@ -95,7 +108,7 @@ def healthz(port: int) -> tuple[int, str]:
 
 
 def test_a_database_that_stops_answering_stalls_loops_and_the_worker_ends_itself(
-    stack: Stack, proxy: PausableProxy, start_worker: type[WorkerProcess]
+    stack: Stack, proxy: PausableProxy, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     parts = urlsplit(stack.database_url)
     proxied = urlunsplit(parts._replace(netloc=f"{parts.hostname}:{proxy.port}"))
@@ -117,7 +130,7 @@ def test_a_database_that_stops_answering_stalls_loops_and_the_worker_ends_itself
         status, body = healthz(port)
         assert status == 200, body
         time.sleep(0.5)
-    assert "ok: 5 loops making progress" in healthz(port)[1]
+    assert "ok: 6 loops making progress" in healthz(port)[1]
 
     proxy.paused.set()
     stalled_at = time.monotonic()
@@ -150,7 +163,65 @@ def test_a_database_that_stops_answering_stalls_loops_and_the_worker_ends_itself
     assert "stopping: loop(s)" in log
 
 
-def _settings_of(stack: Stack) -> dict[str, object]:
+def test_a_step_whose_call_never_returns_stalls_the_step_loop_and_the_worker_ends_itself(
+    stack: Stack, producer: Producer, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    # The API behind a proxy that holds every POST (a create, here): the job's step thread
+    # waits for an answer that never comes, while GETs and lists (the poller's) go through
+    # and every loop keeps going round. The token endpoint is reached directly.
+    api_timeout = 60.0  # the held create answers never, as far as this test can tell
+    simulator = urlsplit(stack.simulator.url)
+    api = PausableProxy((simulator.hostname or "127.0.0.1", simulator.port or 80), hold=b"POST ")
+    port = free_port()
+    grace = 3.0
+    try:
+        worker = start_worker(
+            api_url=urlunsplit(simulator._replace(netloc=f"127.0.0.1:{api.port}")),
+            token_url=stack.simulator.token_url,
+            api_timeout=api_timeout,
+            liveness_factor=FACTOR,
+            metrics_port=port,
+            grace_period=grace,
+        )
+        settings = Settings(**_settings_of(stack), api_timeout=api_timeout, liveness_factor=FACTOR)
+        bound = liveness.progress_bounds(settings)[liveness.STEPS_LOOP]
+        exit_by = bound + liveness.WATCH_EVERY + grace + liveness.EXIT_MARGIN
+        assert exit_by + 10 < api_timeout  # the worker must end itself well before any timeout
+
+        # The probe answers before the loops are registered ("ok: 0 loops"): wait for them.
+        deadline = time.monotonic() + 30
+        while healthz(port) != (200, "ok: 6 loops making progress\n"):
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.2)
+
+        producer.publish(stack.payload(EXAMPLE))
+        assert api.held.wait(30), worker.log()[-3000:]
+        held_at = time.monotonic()
+        seen: list[str] = []
+        while worker.process.poll() is None:
+            assert time.monotonic() < held_at + exit_by + 10, "the stalled worker did not end"
+            status, body = healthz(port)
+            if status == 503:
+                seen.append(body)
+            time.sleep(0.2)
+        # Ended by the watchdog, not by the held call giving up: the stuck step thread would
+        # have kept the process from exiting by itself until its timeout.
+        assert time.monotonic() < held_at + api_timeout
+        assert worker.process.returncode == 1
+    finally:
+        api.close()
+    assert seen, "no 503 from /healthz before the worker ended"
+    # The claim loop and the poller kept going round: the step loop alone is named.
+    assert all(body.startswith("loop engine-steps stalled: no progress for ") for body in seen)
+    assert seen[0].count(" stalled: ") == 1
+
+    log = worker.log()
+    assert "stopping: loop(s) engine-steps stalled" in log
+    assert "exiting now" in log  # the hard exit: a stop cannot wait out a call like this
+    assert CLIENT_SECRET not in log
+
+
+def _settings_of(stack: Stack) -> dict[str, Any]:
     """The settings the worker's bounds depend on, as the harness sets them."""
     env = stack.env()
     return {
