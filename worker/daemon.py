@@ -33,7 +33,7 @@ from worker.consumer import InboundMessage, JobsConsumer
 from worker.engine import Engine
 from worker.events import OutboxMessage
 from worker.health import Health, ProbeServer
-from worker.intake import Intake
+from worker.intake import Intake, ReadBatch, TakeSteps
 from worker.liveness import Watchdog
 from worker.metrics import Metrics
 from worker.redact import register_secret
@@ -123,15 +123,9 @@ class Daemon:
         )
         intake = Intake(settings, pool, metrics=self.metrics)
 
-        def handle_batch(batch: list[InboundMessage]) -> list[InboundMessage] | None:
-            # A batch retried one message at a time is many intake calls in one turn of
-            # the consumer: each counts as progress.
-            health.beat(liveness.CONSUMER_LOOP)
-            return intake.handle_batch(batch)
-
         consumer = JobsConsumer(
             settings,
-            handle_batch,
+            _BeatingIntake(intake, lambda: health.beat(liveness.CONSUMER_LOOP)),
             on_connection_change=connections.callback("consumer"),
             on_progress=lambda: health.beat(liveness.CONSUMER_LOOP),
         )
@@ -258,3 +252,19 @@ class Daemon:
                 self.health.unregister(liveness.POLLER_LOOP)
                 self.health.unregister(liveness.STEPS_LOOP)
         return stopped
+
+
+class _BeatingIntake:
+    """Intake whose every transaction counts as the consumer's progress: a batch retried one
+    message at a time is many transactions in one turn of the consumer."""
+
+    def __init__(self, intake: Intake, beat: Callable[[], None]) -> None:
+        self._intake = intake
+        self._beat = beat
+
+    def read(self, batch: list[InboundMessage]) -> ReadBatch:
+        return self._intake.read(batch)
+
+    def take_in_steps(self, batch: ReadBatch) -> TakeSteps:
+        self._beat()
+        return self._intake.take_in_steps(batch)
