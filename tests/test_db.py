@@ -62,7 +62,7 @@ def test_statements_run_often_keep_being_planned_for_their_values(database_url: 
         db.ensure_schema(pool)
         with pool.connection() as conn:
             for n in range(12):
-                store.intake_views(conn, "fleet", [f"job-{n}", f"job-{n + 1}"])
+                store.start_intake_lookup(conn, "fleet", [f"job-{n}", f"job-{n + 1}"])()
             plans = conn.execute(
                 "SELECT sum(generic_plans), sum(custom_plans) FROM pg_prepared_statements"
                 " WHERE statement LIKE '%%job_id = ANY%%'"

@@ -33,7 +33,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from amqp import spec as amqp_spec
 from amqp.transport import TCPTransport
@@ -129,7 +129,7 @@ class BatchIntake(Protocol[ReadBatch]):
 Handler = Callable[[list[InboundMessage]], list[InboundMessage] | None]
 
 
-class _Whole(Generic[ReadBatch]):
+class _Whole:
     """A plain handler as intake with nothing to read ahead (tests, tools)."""
 
     def __init__(self, handle: Handler) -> None:

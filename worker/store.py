@@ -237,14 +237,6 @@ class IntakeView:
     last_status_event: OutboxMessage | None
 
 
-def intake_views(conn: Conn, fleet_id: str, job_ids: Collection[str]) -> dict[str, IntakeView]:
-    """The named jobs that exist, locked until the transaction ends (in job id order, so
-    concurrent batches lock alike and cannot deadlock each other)."""
-    if not job_ids:
-        return {}
-    return _views(conn.execute(_INTAKE_VIEWS, (fleet_id, sorted(job_ids))).fetchall())
-
-
 _INTAKE_VIEWS = """
     SELECT job_id, request_hash, last_status_event FROM bw_jobs
     WHERE fleet_id = %s AND job_id = ANY(%s) ORDER BY job_id FOR UPDATE
@@ -261,7 +253,8 @@ def _views(rows: Iterable[tuple[Any, ...]]) -> dict[str, IntakeView]:
 def start_intake_lookup(
     conn: Conn, fleet_id: str, job_ids: Collection[str]
 ) -> Callable[[], tuple[int, dict[str, IntakeView]]]:
-    """``count_active`` and ``intake_views`` sent at once; call the result for them.
+    """``count_active`` and the named jobs that exist (locked until the transaction ends, in
+    job id order so concurrent batches cannot deadlock) sent at once; call the result for them.
 
     In pipeline mode the statements go out now and the answers are read when called, so
     the caller can work meanwhile (worker/intake.py).
