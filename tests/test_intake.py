@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from psycopg_pool import ConnectionPool
 
-from worker import db, store
+from worker import db, messages, store
 from worker.consumer import InboundMessage
 from worker.intake import Intake
 from worker.settings import Settings
@@ -271,3 +271,58 @@ def test_a_job_created_by_another_intake_meanwhile_is_taken_as_a_resubmit(
     with pool.connection() as conn:
         assert store.count_active(conn, FLEET) == 1
     assert routing_keys(pool) == ["command.accepted", "command.accepted"]
+
+
+def test_a_job_stored_with_a_version_1_hash_knows_its_resubmit_and_its_conflict(
+    intake: Intake, pool: ConnectionPool
+) -> None:
+    intake.handle_batch([msg(submit())])
+    # As a worker before version 2 of the hash stored it.
+    (v1,) = {
+        messages.request_hash_v1(r)
+        for r in [messages.parse_job_request(json.dumps(submit()).encode(), None)]
+        if isinstance(r, messages.JobRequest)
+    }
+    with pool.connection() as conn:
+        conn.execute("UPDATE bw_jobs SET request_hash = %s", (v1,))
+    other = {**PAYLOAD, "description": "different"}
+    intake.handle_batch(
+        [msg(submit(), message_id="m2"), msg({"job_id": "j1", "request": other}, message_id="m3")]
+    )
+    assert routing_keys(pool) == [
+        "command.accepted",
+        "command.accepted",  # the same request: an idempotent re-submit
+        "command.rejected",
+        "t.dlq",
+    ]
+    assert outbox_rows(pool)[2][2]["data"]["code"] == "JOB_CONFLICT"
+
+
+def test_a_string_that_is_not_text_is_refused_and_the_rest_of_its_batch_taken(
+    intake: Intake, pool: ConnectionPool
+) -> None:
+    lone = b'{"job_id": "j1", "request": {"description": "\\ud800"}}'
+    intake.handle_batch([msg(lone), msg(submit("j2"), message_id="m2")])
+    assert routing_keys(pool) == ["command.rejected", "t.dlq", "command.accepted"]
+    rejected = outbox_rows(pool)[0][2]["data"]
+    assert (rejected["code"], rejected["job_id"]) == ("INVALID_FIELD", "j1")
+    assert get(pool, "j1") is None and get(pool, "j2") is not None
+
+
+def test_a_bug_reading_one_message_rejects_that_message_alone(
+    intake: Intake, pool: ConnectionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = messages.request_hash
+
+    def explode(req: messages.JobRequest) -> str:
+        if req.job_id == "j1":
+            raise RuntimeError("a bug")
+        return original(req)
+
+    monkeypatch.setattr(messages, "request_hash", explode)
+    batch = [msg(submit("j1")), msg(submit("j2"), message_id="m2")]
+    read = intake.read(batch)
+    assert intake.take(read) == []
+    assert routing_keys(pool) == ["command.rejected", "t.dlq", "command.accepted"]
+    assert outbox_rows(pool)[0][2]["data"]["code"] == "INTERNAL_ERROR"
+    assert outbox_rows(pool)[1][2] == submit("j1")  # dead-lettered whole

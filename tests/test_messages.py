@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -16,8 +17,11 @@ from worker.messages import (
     RejectCode,
     Rejection,
     _parse_fully,  # the full reading, the reference for the quick one
+    _parse_quickly,
     parse_job_request,
     request_hash,
+    request_hash_v1,
+    same_request,
 )
 
 PAYLOAD = {
@@ -265,7 +269,7 @@ valid_requests = st.fixed_dictionaries(
 @given(st.one_of(valid_requests, st.dictionaries(field_names, json_values)), st.booleans())
 def test_the_quick_reading_agrees_with_the_full_one(fields: dict[str, Any], ascii: bool) -> None:
     raw = json.dumps(fields, ensure_ascii=ascii).encode()
-    quick, full = parse_job_request(raw, None), _parse_fully(raw, None)
+    quick, full = _parse_quickly(raw, None), _parse_fully(raw, None)
     assert quick == full
     if isinstance(quick, JobRequest) and isinstance(full, JobRequest):
         # Same values down to a float's sign and the order of keys: the same hash and the
@@ -287,7 +291,7 @@ def test_the_quick_reading_agrees_with_the_full_one(fields: dict[str, Any], asci
     ],
 )
 def test_bodies_at_the_edges_of_the_quick_reading(raw: bytes) -> None:
-    assert parse_job_request(raw, "application/json") == _parse_fully(raw, "application/json")
+    assert _parse_quickly(raw, "application/json") == _parse_fully(raw, "application/json")
 
 
 # --- the request hash --------------------------------------------------------------------------
@@ -303,8 +307,8 @@ def test_the_hash_ignores_key_order_offsets_and_fields_that_do_not_define_the_re
         )
     )
     assert request_hash(a) == request_hash(b)
-    assert len(request_hash(a)) == 64
-    assert set(request_hash(a)) <= set("0123456789abcdef")
+    version, digest = request_hash(a).split(":")
+    assert version == "v2" and len(digest) == 64 and set(digest) <= set("0123456789abcdef")
 
 
 @pytest.mark.parametrize(
@@ -320,3 +324,82 @@ def test_the_hash_ignores_key_order_offsets_and_fields_that_do_not_define_the_re
 def test_the_hash_changes_with_each_field_that_defines_the_request(change: dict[str, Any]) -> None:
     base = JobRequest(job_id="j", request={"x": 1}, deadline=datetime(2026, 12, 1, tzinfo=UTC))
     assert request_hash(base) != request_hash(base.model_copy(update=change))
+
+
+def test_version_1_is_json_dumps_text_as_it_always_was() -> None:
+    # The bytes that workers before version 2 stored hashes of: these must never change.
+    req = JobRequest(job_id="j", request={"b": [1, 2.5, "é"], "a": None}, auto_start=False)
+    text = (
+        '{"auto_start":false,"batch_request_id":null,"deadline":null,"max_cost_pu":null,'
+        '"request":{"a":null,"b":[1,2.5,"é"]},"v":1}'
+    )
+    assert request_hash_v1(req) == hashlib.sha256(text.encode()).hexdigest()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(max_size=5),
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers(-(2**63), 2**63 - 1)
+            | st.text(max_size=8)
+            | st.floats(allow_nan=False, allow_infinity=False),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+            ),
+            max_leaves=12,
+        ),
+        max_size=4,
+    ),
+    st.dictionaries(st.text(max_size=5), st.integers(0, 3), max_size=3),
+)
+def test_a_request_is_the_same_as_itself_under_either_stored_version(
+    request: dict[str, Any], other: dict[str, Any]
+) -> None:
+    req = JobRequest(job_id="j", request=request)
+    digest = request_hash(req)
+    assert digest.startswith("v2:")
+    # A job stored by a version-1 worker, or by this one: a re-submit is recognised...
+    assert same_request(request_hash_v1(req), req, digest)
+    assert same_request(digest, req, digest)
+    # ...and a different request is a conflict under both.
+    changed = JobRequest(job_id="j", request={**request, "\x00changed": other})
+    assert not same_request(request_hash_v1(req), changed, request_hash(changed))
+    assert not same_request(digest, changed, request_hash(changed))
+
+
+def test_a_request_orjson_cannot_write_is_hashed_and_compared_in_version_1() -> None:
+    huge = JobRequest(job_id="j", request={"n": 2**70})
+    assert request_hash(huge) == request_hash_v1(huge)
+    assert same_request(request_hash_v1(huge), huge, request_hash(huge))
+    smaller = JobRequest(job_id="j", request={"n": 2**60})
+    # A stored version-2 hash is never taken for a request that only version 1 can hash.
+    assert not same_request(request_hash(smaller), huge, request_hash(huge))
+    assert not same_request(request_hash(huge), smaller, request_hash(smaller))
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"job_id": "j", "request": {"s": "\\ud800"}}', "request"),
+        (b'{"job_id": "j", "request": {"\\udfff": 1}}', "request"),
+        (b'{"job_id": "j", "request": {"s": ["ok", "\\uDC00x"]}}', "request"),
+        (b'{"job_id": "j", "batch_request_id": "\\ud83d"}', "batch_request_id"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_its_field(raw: bytes, field: str) -> None:
+    for content_type in (None, "application/json"):
+        rejection = parse_job_request(raw, content_type)
+        assert isinstance(rejection, Rejection), rejection
+        assert rejection.code == RejectCode.INVALID_FIELD
+        assert rejection.message.startswith(f"field '{field}': ")
+        assert (rejection.job_id, rejection.action) == ("j", "submit")
+
+
+def test_a_surrogate_pair_is_text_and_taken() -> None:
+    req = parse_job_request(b'{"job_id": "j", "request": {"s": "\\ud83d\\ude00"}}', None)
+    assert isinstance(req, JobRequest) and req.request == {"s": "\U0001f600"}
+    assert request_hash(req).startswith("v2:")

@@ -137,6 +137,15 @@ class Intake:
 
     def _read(self, message: InboundMessage, now: datetime) -> _Read:
         echo = _echo(message)
+        try:
+            return self._read_one(message, echo, now)
+        except Exception as exc:
+            # A bug provoked by this input must not hold up the batch it came in: the
+            # message alone is rejected (dead-lettered with the reason), as in a transaction.
+            log.exception("could not read a job request (%s)", type(exc).__name__)
+            return _Read(message, echo, _internal_error())
+
+    def _read_one(self, message: InboundMessage, echo: Echo, now: datetime) -> _Read:
         req = messages.parse_job_request(message.body, message.content_type)
         if isinstance(req, Rejection):
             return _Read(message, echo, req)
@@ -179,12 +188,7 @@ class Intake:
         except Exception as exc:
             # A bug provoked by this input must not stop the queue: reject it whole.
             log.exception("could not take in a job request (%s)", type(exc).__name__)
-            rejection = Rejection(
-                code=INTERNAL_ERROR,
-                message="the worker could not process this message",
-                job_id=None,
-                action=None,
-            )
+            rejection = _internal_error()
             with conn.transaction():
                 outbox.enqueue(conn, self._rejected(read.message, rejection, read.echo, now))
             return _Outcome("", accepted=False)
@@ -222,7 +226,7 @@ class Intake:
                     new_jobs.append(read.row)
                     known[req.job_id] = store.IntakeView(read.digest, None)
                     room -= 1
-                elif view.request_hash != read.digest:
+                elif not messages.same_request(view.request_hash, req, read.digest):
                     refusal = Rejection(
                         code=JOB_CONFLICT,
                         message=f"job {req.job_id!r} exists with a different request",
@@ -338,6 +342,15 @@ def run_steps(steps: Generator[None, None, T]) -> T:
 
 class _Raced(Exception):
     """A job this batch meant to create was created by another intake meanwhile."""
+
+
+def _internal_error() -> Rejection:
+    return Rejection(
+        code=INTERNAL_ERROR,
+        message="the worker could not process this message",
+        job_id=None,
+        action=None,
+    )
 
 
 def _echo(message: InboundMessage) -> Echo:
