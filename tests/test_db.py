@@ -65,7 +65,7 @@ def test_statements_run_often_keep_being_planned_for_their_values(database_url: 
                 store.start_intake_lookup(conn, "fleet", [f"job-{n}", f"job-{n + 1}"])()
             plans = conn.execute(
                 "SELECT sum(generic_plans), sum(custom_plans) FROM pg_prepared_statements"
-                " WHERE statement LIKE '%%job_id = ANY%%'"
+                " WHERE statement LIKE '%%ids.job_id%%'"
             ).fetchone()
     finally:
         pool.close()

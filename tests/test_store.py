@@ -318,3 +318,38 @@ def test_ended_doubtful_jobs_are_listed_for_sweeps_for_a_while_and_claimable(
             conn, FLEET, "w2", now=later, lease=LEASE, limit=1, job_ids=["doubtful"]
         )
     assert c.state.phase is Phase.ENDED
+
+
+def test_the_intake_lookup_probes_each_id_whatever_the_statistics_say(
+    pool: ConnectionPool,
+) -> None:
+    # A burst outruns autovacuum: the statistics still describe the empty table.
+    rows = [store.job_row(job(f"j{n:05d}")) for n in range(3000)]
+    with pool.connection() as conn:
+        conn.execute("ANALYZE bw_jobs")  # while empty
+        store.insert_jobs(conn, rows, next_run_at=T0)
+        lookup = store.start_intake_lookup(conn, FLEET, {"j00007", "j02999", "nope"})
+        assert lookup() == (
+            3000,
+            {
+                "j00007": store.IntakeView("h1", None),
+                "j02999": store.IntakeView("h1", None),
+            },
+        )
+        (plan,) = conn.execute(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + store._INTAKE_VIEWS,
+            (["j00007", "j02999", "nope"], FLEET),
+        ).fetchone()
+
+    def nodes(node: dict[str, object]) -> Iterator[dict[str, object]]:
+        yield node
+        for child in node.get("Plans", []):  # type: ignore[attr-defined]
+            yield from nodes(child)
+
+    scans = [n for n in nodes(plan[0]["Plan"]) if n.get("Relation Name") == "bw_jobs"]
+    # Three probes of the primary key, none reading the fleet's other 2,997 rows.
+    assert [(n["Node Type"], n["Index Name"], n["Actual Loops"]) for n in scans] == [
+        ("Index Scan", "bw_jobs_pkey", 3)
+    ]
+    assert "job_id" in str(scans[0]["Index Cond"])
+    assert all(not n.get("Rows Removed by Filter") for n in nodes(plan[0]["Plan"]))

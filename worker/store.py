@@ -237,9 +237,18 @@ class IntakeView:
     last_status_event: OutboxMessage | None
 
 
+# One primary-key probe per job id, whatever the statistics say. Written as
+# "job_id = ANY(...)", the planner, working from statistics taken when the table was small
+# (a burst outruns autovacuum), scanned every row of the fleet and filtered: 2.5 ms a batch
+# at 10,000 jobs, growing with the table. The locking subquery cannot be flattened into a
+# join, so each id is looked up alone, in the (sorted) order given.
 _INTAKE_VIEWS = """
-    SELECT job_id, request_hash, last_status_event FROM bw_jobs
-    WHERE fleet_id = %s AND job_id = ANY(%s) ORDER BY job_id FOR UPDATE
+    SELECT j.job_id, j.request_hash, j.last_status_event
+    FROM unnest(%s::text[]) AS ids (job_id)
+    CROSS JOIN LATERAL (
+        SELECT job_id, request_hash, last_status_event FROM bw_jobs
+        WHERE fleet_id = %s AND job_id = ids.job_id FOR UPDATE
+    ) AS j
 """
 
 
@@ -260,7 +269,7 @@ def start_intake_lookup(
     the caller can work meanwhile (worker/intake.py).
     """
     counted = conn.execute(_COUNT_ACTIVE, (fleet_id,))
-    views = conn.execute(_INTAKE_VIEWS, (fleet_id, sorted(job_ids))) if job_ids else None
+    views = conn.execute(_INTAKE_VIEWS, (sorted(job_ids), fleet_id)) if job_ids else None
 
     def result() -> tuple[int, dict[str, IntakeView]]:
         row = counted.fetchone()
