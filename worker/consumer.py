@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -181,6 +181,31 @@ def read_ahead(connection: Any, size: int = READ_AHEAD_BYTES) -> bool:
     return True
 
 
+@contextmanager
+def socket_timeout(transport: Any, seconds: float) -> Iterator[None]:
+    """The socket's timeout set once for a run of drains.
+
+    py-amqp sets the timeout a drain asks for around each frame it reads, and puts the old
+    one back after: two system calls a frame, six a delivery, unless the socket already has
+    that timeout. Writes (acks) still find the socket as it was (blocking).
+    """
+    sock = getattr(transport, "sock", None)
+    before = sock.gettimeout() if sock is not None else seconds
+    if before != seconds:
+        sock.settimeout(seconds)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if before != seconds:
+            with suppress(OSError):  # the connection may have closed meanwhile
+                sock.settimeout(before)  # type: ignore[union-attr]
+
+
+def _buffered(transport: Any) -> bool:
+    """Bytes read from the socket and not yet taken as frames."""
+    return bool(getattr(transport, "_read_buffer", None))
+
+
 def _requeue_up_to(channel: Any, delivery_tag: int) -> None:
     """basic.nack(multiple, requeue): every unsettled delivery up to ``delivery_tag``.
 
@@ -220,6 +245,7 @@ class JobsConsumer(ConsumerMixin):
         self._connected: bool | None = None
         self._heartbeat_checked_at = 0.0
         self._quiet = False  # the last drain found nothing
+        self._transport: Any = None  # py-amqp's, for the socket under the drains
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -296,6 +322,7 @@ class JobsConsumer(ConsumerMixin):
             # a broker may have been reset: declare on every (re)connect.
             declare_topology(conn, self.settings)
             read_ahead(conn.connection)
+            self._transport = conn.connection.transport
             consumers = self.get_consumers(partial(Consumer, channel), channel)
             try:
                 with self._consume_from(*consumers):  # type: ignore[no-untyped-call]
@@ -333,8 +360,15 @@ class JobsConsumer(ConsumerMixin):
             # A transaction waits on what comes next: do not sit long on a quiet socket.
             wait = min(wait, QUIET_SECONDS)
         self._quiet = False
+        timeout = min(max(wait, 0.001), IDLE_DRAIN_SECONDS)
+        transport = self._transport
         try:
-            conn.drain_events(timeout=min(max(wait, 0.001), IDLE_DRAIN_SECONDS))
+            with socket_timeout(transport, timeout):
+                conn.drain_events(timeout=timeout)
+                # Whatever the last read brought is drained too, without coming round
+                # the loop for each: a read takes up to READ_AHEAD_BYTES, several deliveries.
+                while len(self._pending) < self._batch_max and _buffered(transport):
+                    conn.drain_events(timeout=timeout)
         except TimeoutError:
             self._quiet = True
         if now - self._heartbeat_checked_at >= HEARTBEAT_CHECK_SECONDS:
