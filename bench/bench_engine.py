@@ -46,6 +46,7 @@ import psycopg
 from worker import db, lifecycle, store
 from worker.api.budget import RequestBudget
 from worker.api.client import ApiHooks, BatchClient
+from worker.daemon import tune_gc
 from worker.engine import SWEEP_EVERY_POLLS, Engine
 from worker.lifecycle import Tiles
 from worker.settings import Settings
@@ -252,6 +253,7 @@ def main() -> None:
         help="duplicate sweeps; 'both' runs without then with them and prints their cost",
     )
     args = parser.parse_args()
+    tune_gc()  # as the daemon does: its peak RSS is what this reports
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.sweeps]
     results: dict[bool, Counter[str]] = {}

@@ -39,6 +39,7 @@ import psycopg
 from worker import db, outbox, store
 from worker.broker import connection, declare_topology
 from worker.consumer import JobsConsumer
+from worker.daemon import tune_gc
 from worker.intake import Intake
 from worker.relay import Relay
 from worker.settings import Settings
@@ -103,6 +104,7 @@ class Run:
     publish: float  # messages a second, one client, confirms pipelined
     intake: float  # jobs a second taken into PostgreSQL
     relay: float  # accepted events a second published
+    cpu_per_job: float | None  # µs of this process's CPU per job taken in (in-process intake)
 
     @property
     def ratio(self) -> float:
@@ -111,6 +113,7 @@ class Run:
 
 def _worker_process(fields: dict[str, Any], count: int, ready: Any, go: Any, stop: Any) -> None:
     """A worker process of the fleet design: its own pool, intake and consumer thread(s)."""
+    tune_gc()  # as the daemon does
     settings = Settings(**fields)
     pool = db.open_pool(settings, min_size=1, max_size=2)
     intake = Intake(settings, pool)
@@ -129,9 +132,11 @@ def _worker_process(fields: dict[str, Any], count: int, ready: Any, go: Any, sto
 
 def absorb(
     settings: Settings, fields: dict[str, Any], pool: db.Pool, n: int, *, count: int, processes: int
-) -> float:
+) -> tuple[float, float | None]:
     """Seconds until ``n`` jobs are in PostgreSQL: ``count`` consumer threads in this
-    process, or in each of ``processes`` worker processes (started, and ready, beforehand)."""
+    process, or in each of ``processes`` worker processes (started, and ready, beforehand);
+    with intake in this process, also its CPU seconds meanwhile (steadier than the rate on
+    a shared machine: it leaves out waiting for the broker and the database)."""
 
     def taken_in() -> bool:
         with pool.connection() as pg:
@@ -140,17 +145,17 @@ def absorb(
     if processes == 0:
         intake = Intake(settings, pool)
         consumers = [JobsConsumer(settings, intake) for _ in range(count)]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         threads = [threading.Thread(target=c.run, daemon=True) for c in consumers]
         for thread in threads:
             thread.start()
         while not taken_in():
             time.sleep(0.05)
-        absorbed = time.perf_counter() - start
+        absorbed, cpu = time.perf_counter() - start, time.process_time() - cpu
         for consumer, thread in zip(consumers, threads, strict=True):
             consumer.request_stop()
             thread.join(30)
-        return absorbed
+        return absorbed, cpu
     context = multiprocessing.get_context("spawn")
     ready, go, stop = context.Semaphore(0), context.Event(), context.Event()
     children = [
@@ -169,7 +174,7 @@ def absorb(
     stop.set()
     for child in children:
         child.join(60)
-    return absorbed
+    return absorbed, None
 
 
 def run_once(n: int, count: int, payloads: list[bytes], processes: int = 0) -> Run:
@@ -212,7 +217,7 @@ def run_once(n: int, count: int, payloads: list[bytes], processes: int = 0) -> R
             # The burst, queued before the worker starts taking it in.
             publish_pipelined(settings.jobs_queue, payloads)
 
-            absorbed = absorb(settings, fields, pool, n, count=count, processes=processes)
+            absorbed, cpu = absorb(settings, fields, pool, n, count=count, processes=processes)
 
             relay = Relay(settings, pool)
             start = time.perf_counter()
@@ -234,7 +239,7 @@ def run_once(n: int, count: int, payloads: list[bytes], processes: int = 0) -> R
         pool.close()
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    return Run(n / baseline, n / absorbed, n / relayed)
+    return Run(n / baseline, n / absorbed, n / relayed, cpu * 1e6 / n if cpu else None)
 
 
 def main() -> None:
@@ -251,6 +256,7 @@ def main() -> None:
         "--repeat", type=int, default=1, help="runs in a row (a noisy machine: take the median)"
     )
     args = parser.parse_args()
+    tune_gc()  # as the daemon does
     n = args.jobs
     payloads = bodies(n)
     where = f" in each of {args.processes} worker processes" if args.processes else ""
@@ -263,10 +269,14 @@ def main() -> None:
             f"run {index + 1}: one client, confirms pipelined {run.publish:6.0f} msg/s;"
             f" intake {run.intake:6.0f} jobs/s; relay {run.relay:6.0f} events/s;"
             f" ratio intake / publish {run.ratio:.2f}"
+            + (f"; intake CPU {run.cpu_per_job:4.0f} µs/job" if run.cpu_per_job else "")
         )
     middle = sorted(runs, key=lambda r: r.ratio)[len(runs) // 2]
     print(f"one client, confirms pipelined: {middle.publish:8.0f} msg/s")
     print(f"intake absorbs the burst:      {middle.intake:8.0f} jobs/s")
+    cpus = sorted(r.cpu_per_job for r in runs if r.cpu_per_job)
+    if cpus:
+        print(f"intake's CPU (median):         {cpus[len(cpus) // 2]:8.0f} µs/job")
     print(f"relay publishes the accepted:  {middle.relay:8.0f} events/s")
     label = "ratio intake / publish" + (f" (median of {len(runs)} runs)" if len(runs) > 1 else "")
     print(f"{label}: {middle.ratio:.2f} (target >= 0.25)")
