@@ -16,7 +16,13 @@ import pytest
 from amqp.transport import TCPTransport
 
 from worker.broker import connection, connection_name, declare_topology, ensure_connected
-from worker.consumer import InboundMessage, IntakeUnavailable, JobsConsumer, read_ahead
+from worker.consumer import (
+    InboundMessage,
+    IntakeUnavailable,
+    JobsConsumer,
+    read_ahead,
+    socket_timeout,
+)
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -349,3 +355,64 @@ def test_heartbeats_are_checked_once_a_second_not_once_a_delivery(settings: Sett
     consumer._heartbeat_checked_at -= 1.0  # a second later
     consumer._drain(conn)
     assert conn.checks == 2
+
+
+def test_a_run_of_drains_sets_the_socket_timeout_once_and_puts_it_back() -> None:
+    left, right = socket.socketpair()
+    try:
+        transport = SimpleNamespace(sock=left)
+        with socket_timeout(transport, 0.25):
+            assert left.gettimeout() == 0.25
+        assert left.gettimeout() is None  # writes (acks) block as before
+        left.settimeout(0.25)
+        with socket_timeout(transport, 0.25):
+            pass
+        assert left.gettimeout() == 0.25
+        left.settimeout(None)
+        with socket_timeout(transport, 0.5):
+            left.close()  # the connection went away meanwhile: nothing to put back
+        with socket_timeout(SimpleNamespace(sock=None), 0.5):
+            pass
+    finally:
+        left.close()
+        right.close()
+
+
+def test_deliveries_already_read_are_drained_in_one_pass_up_to_a_batch(
+    settings: Settings,
+) -> None:
+    class Conn:
+        def __init__(self, transport: Any, consumer: JobsConsumer) -> None:
+            self.transport, self.consumer, self.drains = transport, consumer, 0
+
+        def drain_events(self, timeout: float) -> None:
+            self.drains += 1
+            self.consumer._on_message(delivery(self.drains))
+            self.transport._read_buffer = self.transport._read_buffer[1:]
+
+        def heartbeat_check(self) -> None:
+            pass
+
+    def delivery(tag: int) -> Any:
+        return SimpleNamespace(
+            body=b"{}",
+            content_type="application/json",
+            properties={},
+            headers={},
+            delivery_tag=tag,
+            delivery_info={"redelivered": False},
+        )
+
+    consumer = JobsConsumer(settings, lambda batch: None, batch_max=4)
+    transport = SimpleNamespace(sock=None, _read_buffer=b"xxxxxxxx")  # 8 frames' worth
+    consumer._transport = transport
+    conn = Conn(transport, consumer)
+    consumer._drain(conn)
+    assert conn.drains == 4 and len(consumer._pending) == 4  # a batch, then back round
+    consumer._pending.clear()
+    transport._read_buffer = b"xx"
+    consumer._drain(conn)
+    assert conn.drains == 6  # the first, then one more for what it left in the buffer
+    transport._read_buffer = b""
+    consumer._drain(conn)
+    assert conn.drains == 7  # a drain waits on the socket even when nothing is buffered
