@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
@@ -326,3 +327,37 @@ def test_a_bug_reading_one_message_rejects_that_message_alone(
     assert routing_keys(pool) == ["command.rejected", "t.dlq", "command.accepted"]
     assert outbox_rows(pool)[0][2]["data"]["code"] == "INTERNAL_ERROR"
     assert outbox_rows(pool)[1][2] == submit("j1")  # dead-lettered whole
+
+
+def test_a_raced_batch_whose_commit_was_already_sent_leaves_nothing_behind(
+    database_url: str,
+) -> None:
+    pool = db.open_pool(database_url, max_size=1)  # one connection: the one that raced
+    try:
+        db.ensure_schema(pool)
+        settings = Settings(fleet_id=FLEET, worker_name="w", dlq="t.dlq", events_exchange="t.ev")
+        intake = Intake(settings, pool, clock=lambda: T0)
+        intake.handle_batch([msg(submit("j8"), message_id="first")])
+        original, calls = store.start_intake_lookup, []
+
+        def blind_once(conn: Any, fleet_id: str, job_ids: Any) -> Any:
+            calls.append(set(job_ids))
+            lookup = original(conn, fleet_id, job_ids)
+            return (lambda: (lookup()[0], {})) if len(calls) == 1 else lookup
+
+        store.start_intake_lookup = blind_once  # type: ignore[assignment]
+        try:
+            batch = [msg(submit("j9"), message_id="new"), msg(submit("j8"), message_id="again")]
+            assert intake.handle_batch(batch) == []
+        finally:
+            store.start_intake_lookup = original
+        assert len(calls) == 2
+        # The first attempt's insert of j9 and its events went with the failed transaction.
+        assert routing_keys(pool) == ["command.accepted"] * 3
+        with pool.connection() as conn:
+            # The connection went back to the pool as it came: no transaction, no autocommit.
+            assert conn.autocommit is False
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            assert store.count_active(conn, FLEET) == 2
+    finally:
+        pool.close()

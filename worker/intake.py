@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Protocol, TypeVar, cast
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from worker import db, events, lifecycle, messages, outbox, store
@@ -164,9 +165,9 @@ class Intake:
         when something in the batch goes wrong."""
         for attempt in range(2):
             try:
+                if attempt == 0:
+                    return (yield from self._take_committing_early(conn, reads, now))
                 with conn.pipeline(), conn.transaction():
-                    if attempt == 0:
-                        return (yield from self._take(conn, reads, now))
                     return run_steps(self._take(conn, reads, now))
             except _Raced:
                 continue  # another intake inserted one of these jobs meanwhile: look again
@@ -177,6 +178,34 @@ class Intake:
                 break
         with conn.transaction():
             return [self._take_alone(conn, read, now) for read in reads]
+
+    def _take_committing_early(
+        self, conn: store.Conn, reads: list[_Read], now: datetime
+    ) -> Generator[None, None, list[_Outcome]]:
+        """``_take`` with its COMMIT sent right behind the writes, before any answer is read.
+
+        The commit (a WAL flush) then runs while the consumer reads the next batch, instead
+        of being waited for after it. Nothing may be decided from the writes' answers, so
+        a job another intake created meanwhile fails the insert (``_Raced``) rather than
+        being left out, and a failed statement leaves the COMMIT unrun: the transaction is
+        rolled back whole. psycopg's transaction block would wait for every answer before
+        sending its COMMIT, so this one is spelled out, on a connection in autocommit mode
+        for its duration (psycopg would otherwise begin a transaction, and wait, itself).
+        """
+        conn.autocommit = True
+        try:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                return (yield from self._take(conn, reads, now, commit=True))
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name == store.JOBS_KEY:
+                raise _Raced from exc
+            raise
+        finally:
+            if not conn.broken and not conn.closed:
+                if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                    conn.rollback()  # a failed or abandoned transaction
+                conn.autocommit = False
 
     def _take_alone(self, conn: store.Conn, read: _Read, now: datetime) -> _Outcome:
         try:
@@ -194,10 +223,11 @@ class Intake:
             return _Outcome("", accepted=False)
 
     def _take(
-        self, conn: store.Conn, reads: list[_Read], now: datetime
+        self, conn: store.Conn, reads: list[_Read], now: datetime, *, commit: bool = False
     ) -> Generator[None, None, list[_Outcome]]:
         """Decide every message in order against what the database holds, then write it all
-        at once. Two steps: the lookup, then the writes."""
+        at once. Two steps: the lookup, then the writes (and, with ``commit``, the COMMIT of
+        a transaction begun by the caller)."""
         fleet = self._settings.fleet_id
         lookup = store.start_intake_lookup(
             conn, fleet, {r.request.job_id for r in reads if isinstance(r.request, JobRequest)}
@@ -254,9 +284,11 @@ class Intake:
                     out.append(_copy_to(view.last_status_event, echo.reply_to))
             outcomes.append(_Outcome(req.action, accepted=True))
         # In statement order on the server: a cancel may be for a job this batch creates.
-        inserted = store.start_insert_jobs(conn, new_jobs, next_run_at=now)
+        inserted = store.start_insert_jobs(conn, new_jobs, next_run_at=now, or_fail=commit)
         store.request_actions(conn, fleet, requests, now=now)
         outbox.enqueue(conn, out)
+        if commit:
+            conn.execute("COMMIT")
         db.send_all(conn)
         yield
         if len(inserted()) < len(new_jobs):

@@ -58,6 +58,7 @@ CREATE INDEX IF NOT EXISTS bw_jobs_ended_doubtful
 """
 
 Conn = psycopg.Connection[Any]
+JOBS_KEY = "bw_jobs_pkey"  # the primary key's constraint name, as PostgreSQL names it
 
 
 class LeaseLost(Exception):
@@ -303,9 +304,13 @@ def insert_jobs(conn: Conn, rows: Sequence[JobRow], *, next_run_at: datetime) ->
 
 
 def start_insert_jobs(
-    conn: Conn, rows: Sequence[JobRow], *, next_run_at: datetime
+    conn: Conn, rows: Sequence[JobRow], *, next_run_at: datetime, or_fail: bool = False
 ) -> Callable[[], set[str]]:
     """``insert_jobs`` sent; call the result for the ids inserted (pipeline mode: later).
+
+    With ``or_fail``, a job id that exists already fails the statement (``UniqueViolation``
+    on ``JOBS_KEY``) instead of being left out: the transaction cannot then commit, which a
+    caller that sends its COMMIT before reading the answer relies on.
 
     One multi-row INSERT over arrays rather than one INSERT per job: PostgreSQL plans and
     runs it once, and the state goes in as the JSON text pydantic writes (cast to jsonb by
@@ -330,7 +335,9 @@ def start_insert_jobs(
                     %(last_seen_at)b::timestamptz[])
             AS new (fleet_id, job_id, state, phase, status, batch_request_id,
                     upstream_created, request_hash, accepted_at, ended_at, last_seen_at)
-        ON CONFLICT (fleet_id, job_id) DO NOTHING
+        """
+        + ("" if or_fail else "ON CONFLICT (fleet_id, job_id) DO NOTHING")
+        + """
         RETURNING job_id
         """,
         {
