@@ -138,8 +138,15 @@ def absorb(
     with intake in this process, also its CPU seconds meanwhile (steadier than the rate on
     a shared machine: it leaves out waiting for the broker and the database)."""
 
+    last = f"burst-{n - 1:06d}"
+
     def taken_in() -> bool:
+        # Polled every 50 ms: a count of up to n rows each time (2.5 ms of the database's
+        # time at 10,000) would weigh on what is measured. One consumer commits in delivery
+        # order, so the last job is in when everything is; the count confirms it, once.
         with pool.connection() as pg:
+            if count == 1 and processes == 0 and store.get_job(pg, settings.fleet_id, last) is None:
+                return False
             return store.count_active(pg, settings.fleet_id) >= n
 
     if processes == 0:
