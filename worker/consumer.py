@@ -222,7 +222,7 @@ class JobsConsumer(ConsumerMixin):
         *,
         on_connection_change: Callable[[bool], None] | None = None,
         on_progress: Callable[[], None] | None = None,
-        batch_max: int = 100,
+        batch_max: int = 200,
         batch_wait: float = 0.05,
     ) -> None:
         self.settings = settings

@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     events_exchange: str = "batch.events"
     jobs_delivery_limit: int = Field(default=5, ge=1, le=1000)
     unrouted_max_length: int = Field(default=100_000, ge=1)
-    # Twice intake's batch of 100: the next batch arrives while one is in its transaction.
-    prefetch: int = Field(default=200, ge=1, le=65_535)
+    # Twice intake's batch of 200: the next batch arrives while one is in its transaction.
+    prefetch: int = Field(default=400, ge=1, le=65_535)
     heartbeat: int = Field(default=30, ge=0, le=600)
 
     # --- durable job state ---------------------------------------------------------------
