@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from worker import db, liveness, outbox
+from worker import db, liveness, outbox, store
 from worker.api.client import BatchClient
 from worker.consumer import InboundMessage, JobsConsumer
 from worker.engine import Engine
@@ -199,7 +199,7 @@ class Daemon:
                         self.stop()
                 if time.monotonic() >= next_gauges:
                     next_gauges = time.monotonic() + _GAUGES_EVERY
-                    self._sample_outbox(pool)
+                    self._now_and_then(pool)
         finally:
             stopped = self._shutdown(loops)
             client.close()
@@ -210,10 +210,13 @@ class Daemon:
         age, _bound = self.health.progress().get(name, (0.0, 0.0))
         return age
 
-    def _sample_outbox(self, pool: db.Pool) -> None:
+    def _now_and_then(self, pool: db.Pool) -> None:
+        """The outbox gauge sampled, the active count's rows folded (every few seconds)."""
         try:
             with pool.connection(timeout=2) as conn:
                 self.metrics.outbox_pending(outbox.pending_count(conn))
+                conn.commit()
+                store.compact_active_count(conn, self.settings.fleet_id)
         except (psycopg.Error, PoolTimeout) as exc:  # the relay reports DB trouble itself
             log.debug("could not sample the outbox (%s)", type(exc).__name__)
 

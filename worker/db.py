@@ -83,6 +83,7 @@ def apply_schema(conn: psycopg.Connection[object]) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
         conn.execute(store.SCHEMA)
         conn.execute(outbox.SCHEMA)
+        store.keep_active_count(conn)
         _compress_with_lz4(conn)
     log.debug("database schema in place")
 
