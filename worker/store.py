@@ -118,8 +118,7 @@ def keep_active_count(conn: Conn) -> None:
     wait meanwhile (SHARE ROW EXCLUSIVE), so no change slips between the count and the
     triggers."""
     row = conn.execute(
-        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'bw_jobs'::regclass"
-        " AND tgname = ANY(%s)",
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'bw_jobs'::regclass AND tgname = ANY(%s)",
         (list(ACTIVE_COUNT_TRIGGERS),),
     ).fetchone()
     if row is not None and row[0] == len(ACTIVE_COUNT_TRIGGERS):
@@ -133,6 +132,7 @@ def keep_active_count(conn: Conn) -> None:
         "INSERT INTO bw_active_deltas (fleet_id, delta)"
         " SELECT fleet_id, count(*) FROM bw_jobs WHERE ended_at IS NULL GROUP BY fleet_id"
     )
+
 
 Conn = psycopg.Connection[Any]
 JOBS_KEY = "bw_jobs_pkey"  # the primary key's constraint name, as PostgreSQL names it
