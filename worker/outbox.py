@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Sequence
+from contextlib import suppress
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import psycopg
 
 from worker.events import OutboxMessage
@@ -42,6 +45,9 @@ _TAG = "$amqp"
 
 
 def _encode(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no infinities (PostgreSQL refuses json.dumps' "Infinity"); AMQP has.
+        return {_TAG: "float", "v": repr(value)}
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
@@ -69,6 +75,8 @@ def _decode(value: Any) -> Any:
         return datetime.fromisoformat(value["v"])
     if tag == "decimal":
         return Decimal(value["v"])
+    if tag == "float":
+        return float(value["v"])
     return {key: _decode(item) for key, item in value.items()}
 
 
@@ -76,7 +84,14 @@ def encode_table(table: dict[str, Any]) -> str:
     """An AMQP table (properties or headers) as JSON text."""
     if not table:
         return "{}"  # most events carry no headers
+    if all(type(value) in _PLAIN for value in table.values()):
+        # An event's properties, on intake's hot path: orjson is several times faster.
+        with suppress(orjson.JSONEncodeError):  # an integer beyond 64 bits
+            return orjson.dumps(table).decode()
     return json.dumps(_encode(table), separators=(",", ":"))
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})
 
 
 def decode_table(data: Any) -> dict[str, Any]:
