@@ -19,6 +19,7 @@ from worker.poller import (
     PollResult,
     SweepSchedule,
     due_targets,
+    jobs_read,
     jobs_to_step,
     sweep_reach,
 )
@@ -158,6 +159,17 @@ def test_steps_take_every_urgent_job_and_progress_while_there_is_room() -> None:
     # No room for all: the least recently seen first.
     assert jobs_to_step(result, targets, progress_room=2) == ["j4", "j2", "j3"]
     assert jobs_to_step(result, targets, progress_room=0) == ["j4"]
+
+
+def test_what_a_round_read_and_does_not_step_counts_as_seen() -> None:
+    result = PollResult(unchanged=["j5", "j6"])
+    for job_id in ("j1", "j2", "j3"):
+        result.add(job_id, TaskSeen(snapshot(task(1))), progress=True)
+    result.add("j4", TaskSeen(snapshot(task(4, "DONE"))))
+    # Progress with no room to step: read all the same, not read again next round.
+    assert jobs_read(result, ["j4", "j2"]) == ["j5", "j6", "j1", "j3"]
+    # A new status is never marked seen unstepped: its step records it.
+    assert jobs_read(result, []) == ["j5", "j6", "j1", "j2", "j3"]
 
 
 def test_due_targets_are_the_stale_ones_stalest_first() -> None:
@@ -346,3 +358,31 @@ def test_an_ended_jobs_own_request_is_neither_read_nor_a_duplicate() -> None:
     api = ListingApi([own], page_size=100)
     result = Poller(api, FLEET).round([ended], [], sweep=True)
     assert (result.observations, result.unchanged, api.pages) == ({}, [], 1)
+
+
+def test_a_list_scan_reaches_on_to_older_jobs_that_will_soon_be_due() -> None:
+    # Jobs 0-9 are old and not due yet; 20-59 are due. The scan for the due ones would
+    # stop at job 20; it goes on to the soon-due 5, so that job 5 does not cost a scan of
+    # its own through the same pages when it comes due.
+    targets = [target(i, seen=T0) for i in range(60)]
+    due = [target(i) for i in range(20, 60)]
+    api = ListingApi([task(i) for i in range(60)], page_size=10)
+    poller = Poller(api, FLEET, initial_page_size=10, clock_skew=timedelta(0))
+    result = poller.round(targets, due, due_soon=[target(5, seen=T0)])
+    assert result.method == "list"
+    assert api.pages == 6  # 59..50, ..., 9..0: down to job 5's page
+    assert {f"j{i}" for i in range(5, 60)} <= set(result.unchanged)
+    # Without it, the scan stops at job 20's page.
+    api = ListingApi([task(i) for i in range(60)], page_size=10)
+    Poller(api, FLEET, initial_page_size=10, clock_skew=timedelta(0)).round(targets, due)
+    assert api.pages == 5
+
+
+def test_soon_due_jobs_never_turn_a_round_of_gets_into_a_scan() -> None:
+    targets = [target(i, seen=T0) for i in range(50)]
+    api = ListingApi([task(i) for i in range(50)], page_size=20)
+    result = Poller(api, FLEET, initial_page_size=20).round(
+        targets, [target(40)], due_soon=[target(i) for i in range(10)]
+    )
+    assert result.method == "get"
+    assert (api.pages, api.gets) == (0, 1)

@@ -34,7 +34,14 @@ from worker.lifecycle import (
     Transition,
     Wake,
 )
-from worker.poller import Poller, PollResult, SweepSchedule, due_targets, jobs_to_step
+from worker.poller import (
+    Poller,
+    PollResult,
+    SweepSchedule,
+    due_targets,
+    jobs_read,
+    jobs_to_step,
+)
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,10 +64,10 @@ POLLER_LOOP = "poller"
 # thread is done with the job.
 STEPS_LOOP = "engine-steps"
 # Steps that only publish progress (completion or cost moved, same status) are taken while
-# fewer than this many status steps per step thread are waiting; the rest stay due and are
-# read again next round. Without it, with thousands of jobs processing, every round queued a
-# progress step for each of them and a new status waited behind them all (docs/performance.md,
-# runs H).
+# fewer than this many status steps per step thread are waiting; the rest count as read and
+# show their progress at their next read (poller.jobs_read). Without it, with thousands of
+# jobs processing, every round queued a progress step for each of them and a new status
+# waited behind them all (docs/performance.md, runs H).
 PROGRESS_BACKLOG_PER_THREAD = 8
 # The shortest retry the derived timings go down to.
 _FLOOR = timedelta(milliseconds=100)
@@ -290,12 +297,17 @@ class Engine:
             if sweeps is not None:
                 soonest = min(soonest, sweeps.next_at(targets) or soonest)
             return float(max(0.2, min((soonest - now).total_seconds(), interval.total_seconds())))
-        result = self._poller.round(targets, due, max_requests=self._round_requests, sweep=sweep)
+        # Jobs due within half an interval are read too where the scan can reach them: the
+        # rounds then fall into step, one scan through the list doing for many.
+        soon = due_targets(active, now=now + interval / 2, interval=interval, rest_interval=rest)
+        result = self._poller.round(
+            targets, due, max_requests=self._round_requests, sweep=sweep, due_soon=soon
+        )
         if sweep and sweeps is not None:
             sweeps.done(targets, started=now, complete=result.swept)
         to_step = self._to_step(result, active)
         with self._pool.connection() as conn:
-            store.touch_seen(conn, self._fleet, result.unchanged, seen_at=now)
+            store.touch_seen(conn, self._fleet, jobs_read(result, to_step), seen_at=now)
             claims = (
                 store.claim_due(
                     conn,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -87,7 +88,7 @@ def changed(target: PollTarget, task: TaskStatus) -> bool:
 def jobs_to_step(result: PollResult, targets: list[PollTarget], *, progress_room: int) -> list[str]:
     """The jobs a round steps: every one with a new status (or a 404, a duplicate), then
     at most ``progress_room`` with only progress, least recently seen first. Those left out
-    are not touched either: they stay due and the next round reads them again."""
+    count as read all the same (``jobs_read``): their progress waits for their next read."""
     urgent = [job_id for job_id in result.observations if job_id in result.urgent]
     progress = result.progress_only()
     if len(progress) > progress_room:
@@ -96,6 +97,15 @@ def jobs_to_step(result: PollResult, targets: list[PollTarget], *, progress_room
         progress.sort(key=lambda job_id: seen.get(job_id) or oldest)
         del progress[max(0, progress_room) :]
     return urgent + progress
+
+
+def jobs_read(result: PollResult, stepping: Sequence[str]) -> list[str]:
+    """The jobs a round read and does not step, to be marked as seen: those unchanged, and
+    those with only progress that found no room (``jobs_to_step``). Left due, these were
+    read again the very next round, each read of an old job a scan through the whole list:
+    with thousands processing, most of the list pages a burst cost."""
+    taken = set(stepping)
+    return result.unchanged + [job_id for job_id in result.progress_only() if job_id not in taken]
 
 
 def due_targets(
@@ -227,10 +237,16 @@ class Poller:
         *,
         max_requests: int | None = None,
         sweep: bool = False,
+        due_soon: Sequence[PollTarget] = (),
     ) -> PollResult:
         """Read the statuses of ``due`` (and whatever else the chosen scan covers), in at
         most ``max_requests`` API requests; ``due`` stalest first. ``sweep``: list back to
-        ``sweep_reach(targets)`` whatever GETs would cost, for duplicates."""
+        ``sweep_reach(targets)`` whatever GETs would cost, for duplicates.
+
+        A list scan reads every job newer than the oldest one it must reach, so a scan for
+        the due jobs reaches on to ``due_soon`` (jobs that will be due before long) when
+        they are older: a few pages more now, instead of another scan through the same
+        pages for each of them as it comes due. Every job a scan sees counts as read."""
         result = PollResult()
         limit = max_requests if max_requests is not None else len(due) + 1_000_000
         if limit < 1:
@@ -249,7 +265,9 @@ class Poller:
             oldest = min(created)
             if self.estimate_list_pages(targets, oldest) < len(due):
                 result.method = "list"
-                seen = self._scan(targets, oldest - self._skew, result, limit)
+                soon = [t.upstream_created for t in due_soon if t.upstream_created is not None]
+                deepest = min([oldest, *soon])
+                seen = self._scan(targets, deepest - self._skew, result, limit)
                 # Jobs the scan missed (list lag, or older than it reached) fall back to GET.
                 missed = [t for t in due if t.job_id not in seen]
                 self._get_each(missed[: max(0, limit - result.requests)], result)
