@@ -1,7 +1,7 @@
 """What intake pays each batch to know the fleet's active jobs (``MAX_IN_FLIGHT``).
 
 Side by side on one scratch database, at growing numbers of active jobs: the maintained
-count (``store.count_active``: the sum of the fleet's rows in ``bw_active_deltas``, kept
+count (``capacity.count_active``: the sum of the fleet's rows in ``bw_active_deltas``, kept
 by triggers) against counting the active rows themselves (what intake did before). The
 rows are freshly inserted, as in a burst: autovacuum has not been by, so counting them
 visits each one.
@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from worker import db, lifecycle, store
+from worker import capacity, db, lifecycle, store
 
 PG_URL = os.environ.get(
     "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -86,7 +86,7 @@ def main() -> None:
                 have = size
                 with pool.connection() as conn:
                     conn.autocommit = True
-                    kept = timed(conn, store._COUNT_ACTIVE, args.repeat)
+                    kept = timed(conn, capacity.COUNT_ACTIVE, args.repeat)
                     rows = timed(conn, ROW_COUNT, args.repeat)
                     conn.autocommit = False
                 print(f"{size:>12,} {kept:>9.2f} ms {rows:>10.2f} ms {rows / kept:>6.0f}x")

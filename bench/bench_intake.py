@@ -36,7 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 import amqp
 import psycopg
 
-from worker import db, outbox, store
+from worker import capacity, db, outbox, store
 from worker.broker import connection, declare_topology
 from worker.consumer import JobsConsumer
 from worker.daemon import tune_gc
@@ -147,7 +147,7 @@ def absorb(
         with pool.connection() as pg:
             if count == 1 and processes == 0 and store.get_job(pg, settings.fleet_id, last) is None:
                 return False
-            return store.count_active(pg, settings.fleet_id) >= n
+            return capacity.count_active(pg, settings.fleet_id) >= n
 
     if processes == 0:
         intake = Intake(settings, pool)

@@ -31,7 +31,7 @@ def test_the_young_generation_is_collected_less_often_and_the_rest_left_alone(
 
 def test_now_and_then_the_active_count_is_folded(database_url: str) -> None:
     from tests.test_store import job  # the store tests' job state
-    from worker import db, store
+    from worker import capacity, db, store
     from worker.daemon import Daemon
     from worker.settings import Settings
 
@@ -39,13 +39,13 @@ def test_now_and_then_the_active_count_is_folded(database_url: str) -> None:
     try:
         db.ensure_schema(pool)
         with pool.connection() as conn:
-            for n in range(store.COMPACT_ACTIVE_BEYOND + 1):  # a delta row each
+            for n in range(capacity.COMPACT_BEYOND + 1):  # a delta row each
                 store.insert_job(conn, job(f"j{n}", fleet_id="f"), next_run_at=job().accepted_at)
                 conn.commit()
         Daemon(Settings(fleet_id="f", worker_name="w"))._now_and_then(pool)
         with pool.connection() as conn:
             rows = conn.execute("SELECT count(*) FROM bw_active_deltas").fetchone()
             assert rows == (1,)
-            assert store.count_active(conn, "f") == store.COMPACT_ACTIVE_BEYOND + 1
+            assert capacity.count_active(conn, "f") == capacity.COMPACT_BEYOND + 1
     finally:
         pool.close()

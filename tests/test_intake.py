@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from worker import db, messages, store
+from worker import capacity, db, messages, store
 from worker.consumer import InboundMessage
 from worker.intake import Intake
 from worker.settings import Settings
@@ -233,7 +233,7 @@ def test_new_jobs_beyond_max_in_flight_are_deferred_but_commands_are_not(
     assert deferred == [extra]
     with pool.connection() as conn:
         assert store.get_job(conn, FLEET, "j3") is None
-        assert store.count_active(conn, FLEET) == 2
+        assert capacity.count_active(conn, FLEET) == 2
         j2 = store.get_job(conn, FLEET, "j2")
     assert j2 is not None and j2.cancel_requested_at == T0  # the cancel went through
 
@@ -270,7 +270,7 @@ def test_a_job_created_by_another_intake_meanwhile_is_taken_as_a_resubmit(
         store.start_intake_lookup = original
     assert len(calls) == 2  # the insert found the row taken, and the batch looked again
     with pool.connection() as conn:
-        assert store.count_active(conn, FLEET) == 1
+        assert capacity.count_active(conn, FLEET) == 1
     assert routing_keys(pool) == ["command.accepted", "command.accepted"]
 
 
@@ -358,6 +358,6 @@ def test_a_raced_batch_whose_commit_was_already_sent_leaves_nothing_behind(
             # The connection went back to the pool as it came: no transaction, no autocommit.
             assert conn.autocommit is False
             assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-            assert store.count_active(conn, FLEET) == 2
+            assert capacity.count_active(conn, FLEET) == 2
     finally:
         pool.close()

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from worker import db, liveness, outbox, store
+from worker import capacity, db, liveness, outbox
 from worker.api.client import BatchClient
 from worker.consumer import InboundMessage, JobsConsumer
 from worker.engine import Engine
@@ -216,7 +216,7 @@ class Daemon:
             with pool.connection(timeout=2) as conn:
                 self.metrics.outbox_pending(outbox.pending_count(conn))
                 conn.commit()
-                store.compact_active_count(conn, self.settings.fleet_id)
+                capacity.compact(conn, self.settings.fleet_id)
         except (psycopg.Error, PoolTimeout) as exc:  # the relay reports DB trouble itself
             log.debug("could not sample the outbox (%s)", type(exc).__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from worker import outbox, store
+from worker import capacity, outbox, store
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ def apply_schema(conn: psycopg.Connection[object]) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
         conn.execute(store.SCHEMA)
+        conn.execute(capacity.SCHEMA)
         conn.execute(outbox.SCHEMA)
-        store.keep_active_count(conn)
+        capacity.install(conn)
         _compress_with_lz4(conn)
     log.debug("database schema in place")
 

@@ -22,7 +22,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from worker import outbox
+from worker import capacity, outbox
 from worker.events import OutboxMessage
 from worker.lifecycle import JobState, Phase
 
@@ -56,83 +56,7 @@ CREATE INDEX IF NOT EXISTS bw_jobs_ended_doubtful
     ON bw_jobs (fleet_id, ended_at)
     WHERE ended_at IS NOT NULL AND (state->>'create_doubtful')::boolean;
 
--- What MAX_IN_FLIGHT caps, kept as it changes: intake asks for it every batch, and a count
--- of the active rows costs a visit to each (2.5 ms at 10,000, growing with the cap). Every
--- change to the number of active jobs adds a row here, in the same transaction, so the sum
--- of a fleet's rows is its count of active jobs in any snapshot; compact_active_count
--- folds the rows into one now and then.
-CREATE TABLE IF NOT EXISTS bw_active_deltas (
-    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    fleet_id    text        NOT NULL,
-    delta       bigint      NOT NULL
-);
-CREATE INDEX IF NOT EXISTS bw_active_deltas_fleet ON bw_active_deltas (fleet_id);
-
-CREATE OR REPLACE FUNCTION bw_jobs_count_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO bw_active_deltas (fleet_id, delta)
-    SELECT fleet_id, count(*) FROM bw_jobs_inserted WHERE ended_at IS NULL GROUP BY fleet_id;
-    RETURN NULL;
-END $$;
-CREATE OR REPLACE FUNCTION bw_jobs_count_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'DELETE' THEN
-        INSERT INTO bw_active_deltas (fleet_id, delta) VALUES (OLD.fleet_id, -1);
-    ELSE
-        INSERT INTO bw_active_deltas (fleet_id, delta)
-        VALUES (OLD.fleet_id, CASE WHEN NEW.ended_at IS NULL THEN 1 ELSE -1 END);
-    END IF;
-    RETURN NULL;
-END $$;
-CREATE OR REPLACE FUNCTION bw_jobs_count_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM bw_active_deltas;
-    RETURN NULL;
-END $$;
 """
-
-# Created once, with the count they keep brought up to date (db.apply_schema): one
-# statement-level trigger for inserts (a batch is one delta row), row-level ones, only
-# where a row's activeness changes, for the rest.
-ACTIVE_COUNT_TRIGGERS = {
-    "bw_jobs_count_inserts": """
-        CREATE TRIGGER bw_jobs_count_inserts AFTER INSERT ON bw_jobs
-        REFERENCING NEW TABLE AS bw_jobs_inserted
-        FOR EACH STATEMENT EXECUTE FUNCTION bw_jobs_count_inserted()""",
-    "bw_jobs_count_ends": """
-        CREATE TRIGGER bw_jobs_count_ends AFTER UPDATE OF ended_at ON bw_jobs
-        FOR EACH ROW WHEN ((OLD.ended_at IS NULL) <> (NEW.ended_at IS NULL))
-        EXECUTE FUNCTION bw_jobs_count_changed()""",
-    "bw_jobs_count_deletes": """
-        CREATE TRIGGER bw_jobs_count_deletes AFTER DELETE ON bw_jobs
-        FOR EACH ROW WHEN (OLD.ended_at IS NULL) EXECUTE FUNCTION bw_jobs_count_changed()""",
-    "bw_jobs_count_truncates": """
-        CREATE TRIGGER bw_jobs_count_truncates AFTER TRUNCATE ON bw_jobs
-        FOR EACH STATEMENT EXECUTE FUNCTION bw_jobs_count_truncated()""",
-}
-
-
-def keep_active_count(conn: Conn) -> None:
-    """Install the triggers that keep ``bw_active_deltas`` if any is missing, and bring
-    the count up to date with the rows as they are. In the caller's transaction; writers
-    wait meanwhile (SHARE ROW EXCLUSIVE), so no change slips between the count and the
-    triggers."""
-    row = conn.execute(
-        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'bw_jobs'::regclass AND tgname = ANY(%s)",
-        (list(ACTIVE_COUNT_TRIGGERS),),
-    ).fetchone()
-    if row is not None and row[0] == len(ACTIVE_COUNT_TRIGGERS):
-        return
-    conn.execute("LOCK TABLE bw_jobs IN SHARE ROW EXCLUSIVE MODE")
-    for name, create in ACTIVE_COUNT_TRIGGERS.items():
-        conn.execute(f"DROP TRIGGER IF EXISTS {name} ON bw_jobs")
-        conn.execute(create)
-    conn.execute("DELETE FROM bw_active_deltas")
-    conn.execute(
-        "INSERT INTO bw_active_deltas (fleet_id, delta)"
-        " SELECT fleet_id, count(*) FROM bw_jobs WHERE ended_at IS NULL GROUP BY fleet_id"
-    )
-
 
 Conn = psycopg.Connection[Any]
 JOBS_KEY = "bw_jobs_pkey"  # the primary key's constraint name, as PostgreSQL names it
@@ -340,13 +264,14 @@ def _views(rows: Iterable[tuple[Any, ...]]) -> dict[str, IntakeView]:
 def start_intake_lookup(
     conn: Conn, fleet_id: str, job_ids: Collection[str]
 ) -> Callable[[], tuple[int, dict[str, IntakeView]]]:
-    """``count_active`` and the named jobs that exist (locked until the transaction ends, in
-    job id order so concurrent batches cannot deadlock) sent at once; call the result for them.
+    """``capacity.count_active`` and the named jobs that exist (locked until the transaction
+    ends, in job id order so concurrent batches cannot deadlock) sent at once; call the
+    result for them.
 
     In pipeline mode the statements go out now and the answers are read when called, so
     the caller can work meanwhile (worker/intake.py).
     """
-    counted = conn.execute(_COUNT_ACTIVE, (fleet_id,))
+    counted = conn.execute(capacity.COUNT_ACTIVE, (fleet_id,))
     views = conn.execute(_INTAKE_VIEWS, (sorted(job_ids), fleet_id)) if job_ids else None
 
     def result() -> tuple[int, dict[str, IntakeView]]:
@@ -700,47 +625,6 @@ def touch_seen(conn: Conn, fleet_id: str, job_ids: Iterable[str], *, seen_at: da
         (seen_at, fleet_id, ids),
     )
     return cur.rowcount
-
-
-_COUNT_ACTIVE = "SELECT COALESCE(sum(delta), 0) FROM bw_active_deltas WHERE fleet_id = %s"
-# A fleet's delta rows are folded into one past this many (one per intake batch, one per
-# job ended): summing them stays cheap between compactions.
-COMPACT_ACTIVE_BEYOND = 64
-_COMPACT_LOCK = 0x6277_6163  # with the fleet's hash: one compaction per fleet at a time
-
-
-def count_active(conn: Conn, fleet_id: str) -> int:
-    """Jobs of the fleet that have not ended (what ``MAX_IN_FLIGHT`` caps), as the sum of
-    its rows in ``bw_active_deltas``: the same number as counting them, in any snapshot."""
-    row = conn.execute(_COUNT_ACTIVE, (fleet_id,)).fetchone()
-    return int(row[0]) if row else 0
-
-
-def compact_active_count(conn: Conn, fleet_id: str) -> bool:
-    """Fold the fleet's rows of ``bw_active_deltas`` into one, when there are many; True
-    when it did. Rows added meanwhile by transactions this one cannot see stay as they are,
-    so the sum never changes."""
-    with conn.transaction():
-        row = conn.execute(
-            "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (_COMPACT_LOCK, fleet_id)
-        ).fetchone()
-        if row is None or not row[0]:
-            return False  # another worker is at it
-        row = conn.execute(
-            "SELECT count(*) FROM bw_active_deltas WHERE fleet_id = %s", (fleet_id,)
-        ).fetchone()
-        if row is None or row[0] <= COMPACT_ACTIVE_BEYOND:
-            return False
-        conn.execute(
-            """
-            WITH gone AS (DELETE FROM bw_active_deltas WHERE fleet_id = %(fleet)s
-                          RETURNING delta)
-            INSERT INTO bw_active_deltas (fleet_id, delta)
-            SELECT %(fleet)s, sum(delta) FROM gone HAVING count(*) > 0
-            """,
-            {"fleet": fleet_id},
-        )
-    return True
 
 
 def count_active_by_status(conn: Conn, fleet_id: str) -> dict[str, int]:
