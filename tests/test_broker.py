@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
+import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from amqp.transport import TCPTransport
 
 from worker import broker
 from worker.settings import Settings
@@ -71,3 +75,71 @@ def test_render_definitions_reports_bad_settings(
     monkeypatch.setenv("BATCH_WORKER_HEARTBEAT", "-1")
     assert broker.main(["render-definitions", str(tmp_path / "x.json")]) == 2
     assert "BATCH_WORKER_HEARTBEAT" in capsys.readouterr().err
+
+
+# -- py-amqp under the consumer -------------------------------------------------------
+
+
+def _frame(channel: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", 3, channel, len(payload)) + payload + b"\xce"
+
+
+def test_read_ahead_takes_whole_chunks_and_still_reads_frame_by_frame() -> None:
+    mine, peer = socket.socketpair()
+    with mine, peer:
+        transport = TCPTransport("127.0.0.1:5672")
+        transport.sock, transport._quick_recv = mine, mine.recv
+        asked: list[int] = []
+        real_recv = mine.recv
+
+        class Counting:
+            def recv(self, n: int) -> bytes:
+                asked.append(n)
+                return real_recv(n)
+
+        transport.sock = Counting()  # type: ignore[assignment]
+        assert broker.read_ahead(SimpleNamespace(transport=transport), size=4096)
+        transport.sock = mine  # read_ahead took the counting recv; timeouts need the socket
+        payloads = [bytes([n]) * (100 + 700 * n) for n in range(5)]  # up to 2.9 KB
+        peer.sendall(b"".join(_frame(n, p) for n, p in enumerate(payloads)))
+        assert [transport.read_frame() for _ in payloads] == [
+            (3, n, p) for n, p in enumerate(payloads)
+        ]
+        assert all(n >= 4096 for n in asked)
+        assert len(asked) < 3 * len(payloads) / 2  # exact reads: three per frame
+
+        # A frame cut short by a timeout is kept whole for the next read.
+        frame = _frame(7, b"x" * 5000)
+        peer.sendall(frame[:3000])
+        with pytest.raises(socket.timeout), transport.having_timeout(0.05):
+            transport.read_frame()
+        peer.sendall(frame[3000:] + _frame(8, b"next"))
+        with transport.having_timeout(1.0):
+            assert transport.read_frame() == (3, 7, b"x" * 5000)
+            assert transport.read_frame() == (3, 8, b"next")
+
+
+def test_read_ahead_leaves_other_transports_alone() -> None:
+    assert not broker.read_ahead(SimpleNamespace(transport=object()))
+    assert not broker.read_ahead(object())
+
+
+def test_a_run_of_drains_sets_the_socket_timeout_once_and_puts_it_back() -> None:
+    left, right = socket.socketpair()
+    try:
+        transport = SimpleNamespace(sock=left)
+        with broker.socket_timeout(transport, 0.25):
+            assert left.gettimeout() == 0.25
+        assert left.gettimeout() is None  # writes (acks) block as before
+        left.settimeout(0.25)
+        with broker.socket_timeout(transport, 0.25):
+            pass
+        assert left.gettimeout() == 0.25
+        left.settimeout(None)
+        with broker.socket_timeout(transport, 0.5):
+            left.close()  # the connection went away meanwhile: nothing to put back
+        with broker.socket_timeout(SimpleNamespace(sock=None), 0.5):
+            pass
+    finally:
+        left.close()
+        right.close()

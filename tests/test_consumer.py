@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import struct
 import subprocess
 import threading
 import time
@@ -13,7 +11,6 @@ from typing import Any
 
 import pika
 import pytest
-from amqp.transport import TCPTransport
 
 from worker.broker import connection, connection_name, declare_topology, ensure_connected
 from worker.consumer import (
@@ -21,7 +18,6 @@ from worker.consumer import (
     IntakeUnavailable,
     JobsConsumer,
     read_ahead,
-    socket_timeout,
 )
 from worker.settings import Settings
 
@@ -287,50 +283,6 @@ def test_consumer_connection_carries_heartbeat_and_prefetch(settings: Settings) 
     assert consumer._batch_max == settings.prefetch // 2
 
 
-def _frame(channel: int, payload: bytes) -> bytes:
-    return struct.pack(">BHI", 3, channel, len(payload)) + payload + b"\xce"
-
-
-def test_read_ahead_takes_whole_chunks_and_still_reads_frame_by_frame() -> None:
-    mine, broker = socket.socketpair()
-    with mine, broker:
-        transport = TCPTransport("127.0.0.1:5672")
-        transport.sock, transport._quick_recv = mine, mine.recv
-        asked: list[int] = []
-        real_recv = mine.recv
-
-        class Counting:
-            def recv(self, n: int) -> bytes:
-                asked.append(n)
-                return real_recv(n)
-
-        transport.sock = Counting()  # type: ignore[assignment]
-        assert read_ahead(SimpleNamespace(transport=transport), size=4096)
-        transport.sock = mine  # read_ahead took the counting recv; timeouts need the socket
-        payloads = [bytes([n]) * (100 + 700 * n) for n in range(5)]  # up to 2.9 KB
-        broker.sendall(b"".join(_frame(n, p) for n, p in enumerate(payloads)))
-        assert [transport.read_frame() for _ in payloads] == [
-            (3, n, p) for n, p in enumerate(payloads)
-        ]
-        assert all(n >= 4096 for n in asked)
-        assert len(asked) < 3 * len(payloads) / 2  # exact reads: three per frame
-
-        # A frame cut short by a timeout is kept whole for the next read.
-        frame = _frame(7, b"x" * 5000)
-        broker.sendall(frame[:3000])
-        with pytest.raises(socket.timeout), transport.having_timeout(0.05):
-            transport.read_frame()
-        broker.sendall(frame[3000:] + _frame(8, b"next"))
-        with transport.having_timeout(1.0):
-            assert transport.read_frame() == (3, 7, b"x" * 5000)
-            assert transport.read_frame() == (3, 8, b"next")
-
-
-def test_read_ahead_leaves_other_transports_alone() -> None:
-    assert not read_ahead(SimpleNamespace(transport=object()))
-    assert not read_ahead(object())
-
-
 def test_the_consumer_reads_ahead_on_a_real_connection(settings: Settings) -> None:
     with connection(settings, purpose="test") as conn:
         conn.ensure_connection(max_retries=1)
@@ -355,27 +307,6 @@ def test_heartbeats_are_checked_once_a_second_not_once_a_delivery(settings: Sett
     consumer._heartbeat_checked_at -= 1.0  # a second later
     consumer._drain(conn)
     assert conn.checks == 2
-
-
-def test_a_run_of_drains_sets_the_socket_timeout_once_and_puts_it_back() -> None:
-    left, right = socket.socketpair()
-    try:
-        transport = SimpleNamespace(sock=left)
-        with socket_timeout(transport, 0.25):
-            assert left.gettimeout() == 0.25
-        assert left.gettimeout() is None  # writes (acks) block as before
-        left.settimeout(0.25)
-        with socket_timeout(transport, 0.25):
-            pass
-        assert left.gettimeout() == 0.25
-        left.settimeout(None)
-        with socket_timeout(transport, 0.5):
-            left.close()  # the connection went away meanwhile: nothing to put back
-        with socket_timeout(SimpleNamespace(sock=None), 0.5):
-            pass
-    finally:
-        left.close()
-        right.close()
 
 
 def test_deliveries_already_read_are_drained_in_one_pass_up_to_a_batch(

@@ -30,18 +30,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from amqp import spec as amqp_spec
-from amqp.transport import TCPTransport
 from kombu.exceptions import OperationalError
 from kombu.messaging import Consumer, Queue
 from kombu.mixins import ConsumerMixin
 
-from worker.broker import CONNECT_RETRY, connection, declare_topology
+from worker.broker import (
+    CONNECT_RETRY,
+    buffered,
+    connection,
+    declare_topology,
+    read_ahead,
+    requeue_up_to,
+    socket_timeout,
+)
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,8 +58,6 @@ QUIET_SECONDS = 0.005
 # kombu asks for a check at least twice per heartbeat interval (seconds, not minutes);
 # once a second is plenty, and not once per message.
 HEARTBEAT_CHECK_SECONDS = 1.0
-# Bytes py-amqp may take from the socket per read (see read_ahead).
-READ_AHEAD_BYTES = 16_384
 _TAKEN, _FAILED, _UNAVAILABLE = "taken", "failed", "unavailable"
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
@@ -155,63 +159,6 @@ class _Batch:
     @property
     def written(self) -> bool:
         return self.stepped >= 2
-
-
-def read_ahead(connection: Any, size: int = READ_AHEAD_BYTES) -> bool:
-    """Let py-amqp's plain TCP transport take up to ``size`` bytes per socket read.
-
-    It reads exactly the bytes of the next frame part (header, payload, end octet), each a
-    poll and a recv: nine system calls per delivery, a tenth of the consumer's time in a
-    burst. Its read loop already keeps whatever a read returns beyond what it wanted in its
-    buffer for the next frame, so a larger read is all it takes. Only the plain TCP
-    transport (TLS reads are SSL records); False when left as it was.
-    """
-    transport = getattr(connection, "transport", None)
-    sock = getattr(transport, "sock", None)
-    if not isinstance(transport, TCPTransport) or sock is None:
-        return False
-    if not hasattr(transport, "_quick_recv") or not hasattr(transport, "_read_buffer"):
-        return False  # a py-amqp this was not written against: leave it alone
-    recv: Callable[[int], bytes] = sock.recv
-
-    def recv_ahead(wanted: int) -> bytes:
-        return recv(max(wanted, size))
-
-    transport._quick_recv = recv_ahead
-    return True
-
-
-@contextmanager
-def socket_timeout(transport: Any, seconds: float) -> Iterator[None]:
-    """The socket's timeout set once for a run of drains.
-
-    py-amqp sets the timeout a drain asks for around each frame it reads, and puts the old
-    one back after: two system calls a frame, six a delivery, unless the socket already has
-    that timeout. Writes (acks) still find the socket as it was (blocking).
-    """
-    sock = getattr(transport, "sock", None)
-    before = sock.gettimeout() if sock is not None else seconds
-    if before != seconds:
-        sock.settimeout(seconds)  # type: ignore[union-attr]
-    try:
-        yield
-    finally:
-        if before != seconds:
-            with suppress(OSError):  # the connection may have closed meanwhile
-                sock.settimeout(before)  # type: ignore[union-attr]
-
-
-def _buffered(transport: Any) -> bool:
-    """Bytes read from the socket and not yet taken as frames."""
-    return bool(getattr(transport, "_read_buffer", None))
-
-
-def _requeue_up_to(channel: Any, delivery_tag: int) -> None:
-    """basic.nack(multiple, requeue): every unsettled delivery up to ``delivery_tag``.
-
-    py-amqp has no ``basic_nack`` for consumers; the frame is RabbitMQ's extension.
-    """
-    channel.send_method(amqp_spec.Basic.Nack, "Lbb", (delivery_tag, True, True))
 
 
 class JobsConsumer(ConsumerMixin):
@@ -366,8 +313,9 @@ class JobsConsumer(ConsumerMixin):
             with socket_timeout(transport, timeout):
                 conn.drain_events(timeout=timeout)
                 # Whatever the last read brought is drained too, without coming round
-                # the loop for each: a read takes up to READ_AHEAD_BYTES, several deliveries.
-                while len(self._pending) < self._batch_max and _buffered(transport):
+                # the loop for each: a read takes up to broker.READ_AHEAD_BYTES, several
+                # deliveries.
+                while len(self._pending) < self._batch_max and buffered(transport):
                     conn.drain_events(timeout=timeout)
         except TimeoutError:
             self._quiet = True
@@ -546,7 +494,7 @@ class JobsConsumer(ConsumerMixin):
 
     def _give_back(self, channel: Any) -> None:
         if self._pending:
-            _requeue_up_to(channel, self._pending[-1].delivery_tag)
+            requeue_up_to(channel, self._pending[-1].delivery_tag)
             self._pending.clear()
 
     def _pause(self, why: str) -> None:
@@ -573,7 +521,7 @@ class JobsConsumer(ConsumerMixin):
             failures_in_a_row += 1
             if failures_in_a_row >= 2 and not taken:
                 # Not one poison message: everything fails. Give the rest back at once.
-                _requeue_up_to(channel, batch[-1].delivery_tag)
+                requeue_up_to(channel, batch[-1].delivery_tag)
                 return taken
             # Requeued alone: if it is poison, the delivery limit dead-letters it.
             channel.basic_reject(message.delivery_tag, requeue=True)
