@@ -72,6 +72,18 @@ def database_url(pg_server_url: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def pool(database_url: str) -> Iterator[Any]:
+    """A connection pool on the fresh database, with the worker's schema in it (modules
+    that need more connections define their own)."""
+    from worker import db
+
+    pool = db.open_pool(database_url, min_size=1, max_size=4)
+    db.ensure_schema(pool)
+    yield pool
+    pool.close()
+
+
 @dataclass(frozen=True)
 class AmqpNames:
     """Names no other test uses, so tests never see each other's messages."""

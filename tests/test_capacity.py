@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,15 +9,6 @@ from psycopg_pool import ConnectionPool
 
 from tests.test_store import FLEET, T0, insert, job
 from worker import capacity, db, store
-
-
-@pytest.fixture
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    pool = db.open_pool(database_url, min_size=1, max_size=4)
-    db.ensure_schema(pool)
-    yield pool
-    pool.close()
-
 
 FLEETS = ("f1", "f2")
 

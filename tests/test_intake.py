@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,14 +25,6 @@ PAYLOAD = {
     "output": {"type": "raster", "delivery": {"s3": {"url": "s3://b/out"}}},
     "description": "corsica",
 }
-
-
-@pytest.fixture
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    pool = db.open_pool(database_url, max_size=4)
-    db.ensure_schema(pool)
-    yield pool
-    pool.close()
 
 
 @pytest.fixture
@@ -250,24 +243,30 @@ def test_a_submit_and_a_cancel_for_one_new_job_in_one_batch(
     assert routing_keys(pool) == ["command.accepted", "command.accepted"]
 
 
-def test_a_job_created_by_another_intake_meanwhile_is_taken_as_a_resubmit(
-    intake: Intake, pool: ConnectionPool
-) -> None:
-    intake.handle_batch([msg(submit("j8"), message_id="first")])
-    original = store.start_intake_lookup
-    calls = []
+@contextmanager
+def first_lookup_blind() -> Iterator[list[set[str]]]:
+    """Intake's first lookup misses every row, as if another intake's transaction had not
+    committed yet; yields the job ids of each lookup made meanwhile."""
+    original, calls = store.start_intake_lookup, []
 
     def blind_once(conn: Any, fleet_id: str, job_ids: Any) -> Any:
         calls.append(set(job_ids))
         lookup = original(conn, fleet_id, job_ids)
-        # The first look misses the row, as if another transaction had not committed yet.
         return (lambda: (lookup()[0], {})) if len(calls) == 1 else lookup
 
     store.start_intake_lookup = blind_once  # type: ignore[assignment]
     try:
-        assert intake.handle_batch([msg(submit("j8"), message_id="second")]) == []
+        yield calls
     finally:
         store.start_intake_lookup = original
+
+
+def test_a_job_created_by_another_intake_meanwhile_is_taken_as_a_resubmit(
+    intake: Intake, pool: ConnectionPool
+) -> None:
+    intake.handle_batch([msg(submit("j8"), message_id="first")])
+    with first_lookup_blind() as calls:
+        assert intake.handle_batch([msg(submit("j8"), message_id="second")]) == []
     assert len(calls) == 2  # the insert found the row taken, and the batch looked again
     with pool.connection() as conn:
         assert capacity.count_active(conn, FLEET) == 1
@@ -338,19 +337,9 @@ def test_a_raced_batch_whose_commit_was_already_sent_leaves_nothing_behind(
         settings = Settings(fleet_id=FLEET, worker_name="w", dlq="t.dlq", events_exchange="t.ev")
         intake = Intake(settings, pool, clock=lambda: T0)
         intake.handle_batch([msg(submit("j8"), message_id="first")])
-        original, calls = store.start_intake_lookup, []
-
-        def blind_once(conn: Any, fleet_id: str, job_ids: Any) -> Any:
-            calls.append(set(job_ids))
-            lookup = original(conn, fleet_id, job_ids)
-            return (lambda: (lookup()[0], {})) if len(calls) == 1 else lookup
-
-        store.start_intake_lookup = blind_once  # type: ignore[assignment]
-        try:
+        with first_lookup_blind() as calls:
             batch = [msg(submit("j9"), message_id="new"), msg(submit("j8"), message_id="again")]
             assert intake.handle_batch(batch) == []
-        finally:
-            store.start_intake_lookup = original
         assert len(calls) == 2
         # The first attempt's insert of j9 and its events went with the failed transaction.
         assert routing_keys(pool) == ["command.accepted"] * 3

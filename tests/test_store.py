@@ -8,21 +8,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from psycopg_pool import ConnectionPool
 
-from worker import db, store
+from worker import store
 from worker.events import OutboxMessage
 from worker.lifecycle import JobState, Phase
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=60)
 FLEET = "f1"
-
-
-@pytest.fixture
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    pool = db.open_pool(database_url, min_size=1, max_size=4)
-    db.ensure_schema(pool)
-    yield pool
-    pool.close()
 
 
 def job(job_id: str = "j1", **changes: object) -> JobState:
