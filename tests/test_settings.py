@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from worker.settings import (
     ENV_PREFIX,
     Deployment,
+    Settings,
     SettingsError,
     load_settings,
     require_credentials,
@@ -164,3 +166,41 @@ def test_a_rejected_value_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None
     text = str(caught.value)
     assert "BATCH_WORKER_BROKER_URL" in text and "BATCH_WORKER_DATABASE_URL" in text
     assert "brokerpw123" not in text and "dbpw456" not in text
+
+
+DOCUMENTED = [
+    Path(__file__).resolve().parents[1] / "README.md",
+    Path(__file__).resolve().parents[1] / "docs" / "contract.md",
+]
+
+
+def documented_defaults(path: Path) -> dict[str, str]:
+    """``NAME -> default`` from a configuration table's rows that pair names with literal
+    defaults (`` `A`, `B` | `1`, `2` ``); rows whose default is prose are left out."""
+    found: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) < 4 or not cells[1].startswith("`"):
+            continue
+        names = re.findall(r"`([A-Z][A-Z0-9_]*)`", cells[1])
+        values = re.findall(r"`([^`]*)`", cells[2])
+        if names and len(names) == len(values) and re.fullmatch(r"(`[^`]*`(, )?)+", cells[2]):
+            found.update(zip(names, values, strict=True))
+    return found
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: p.name)
+def test_every_default_the_docs_give_is_the_one_the_settings_have(path: Path) -> None:
+    documented = documented_defaults(path)
+    assert {"PREFETCH", "MAX_IN_FLIGHT", "POLL_INTERVAL", "DATABASE_URL"} <= set(documented)
+    defaults = Settings.model_fields
+    for name, value in documented.items():
+        field = defaults[name.lower()]
+        default = field.default
+        if hasattr(default, "get_secret_value"):
+            default = default.get_secret_value()
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            assert float(value) == default, f"{path.name}: {name} is {default}, not {value}"
+            continue
+        shown = str(default.value if hasattr(default, "value") else default)
+        assert shown == value, f"{path.name}: {name} is documented as {value!r}, set to {shown!r}"
