@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -635,3 +636,46 @@ def test_a_step_that_fails_leaves_its_thread_idle(pool: ConnectionPool) -> None:
         engine.drive(claim, [])  # marked busy at its first step, then the create raised
     clock.now += 1000
     assert health.stalled() == []
+
+
+class Crawling(FakeApi):
+    """Running tasks never finish: each read finds their completion a step further on."""
+
+    def _advance(self, task: Task) -> Task:
+        if task.status == "PROCESSING":
+            return self._put(task, completion_percentage=(task.completion_percentage or 0) + 1)
+        return super()._advance(task)
+
+
+def test_progress_with_no_room_to_step_counts_as_read(pool: ConnectionPool) -> None:
+    api, jobs = Crawling(), ("j1", "j2", "j3")
+    for job_id in jobs:
+        add_job(pool, job_id)
+    running = make_engine(pool, api)
+    thread = threading.Thread(target=running.run)
+    thread.start()
+    try:
+        for _ in range(400):  # a hang guard: well under 2 s
+            if all(record(pool, j).state.status == "PROCESSING" for j in jobs):
+                break
+            time.sleep(0.05)
+    finally:
+        running.request_stop()
+        thread.join(10)
+    assert all(record(pool, j).state.status == "PROCESSING" for j in jobs)
+    with pool.connection() as conn:
+        conn.execute("UPDATE bw_jobs SET last_seen_at = now() - interval '1 hour'")
+    now = datetime.now(UTC)
+    engine = make_engine(pool, api, clock=lambda: now)  # time stands still
+    engine._progress_backlog = 0  # no room for a step that only shows progress
+    events = statuses(pool, "j1")
+    engine.poll_once()
+    assert "list" in api.calls  # three due: one page
+    with pool.connection() as conn:
+        seen = dict(conn.execute("SELECT job_id, last_seen_at FROM bw_jobs").fetchall())
+    assert seen == {job_id: now for job_id in jobs}  # read, and counted as read
+    assert statuses(pool, "j1") == events  # not stepped
+    # Nothing is due now: the next round reads nothing (left due, all three were read again).
+    calls = len(api.calls)
+    engine.poll_once()
+    assert len(api.calls) == calls
