@@ -218,7 +218,7 @@ class Daemon:
                 conn.commit()
                 capacity.compact(conn, self.settings.fleet_id)
         except (psycopg.Error, PoolTimeout) as exc:  # the relay reports DB trouble itself
-            log.debug("could not sample the outbox (%s)", type(exc).__name__)
+            log.debug("outbox gauge or active count fold skipped (%s)", type(exc).__name__)
 
     def _count_published(self, message: OutboxMessage) -> None:
         # Events only: reply_to copies and dead letters are not events of their own.
