@@ -24,7 +24,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from worker import capacity, db, lifecycle, store
+from worker import lifecycle
+from worker.store import capacity, db
+from worker.store import jobs as store
 
 PG_URL = os.environ.get(
     "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -43,14 +43,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from worker import db, lifecycle, store
+from worker import lifecycle
 from worker.api.budget import RequestBudget
 from worker.api.client import ApiHooks, BatchClient
-from worker.daemon import tune_gc
-from worker.engine import SWEEP_EVERY_POLLS, Engine
+from worker.daemon.engine import SWEEP_EVERY_POLLS, Engine
+from worker.daemon.supervisor import tune_gc
 from worker.lifecycle import Tiles
 from worker.settings import Settings
 from worker.simulator.server import TOKEN_PATH
+from worker.store import db
+from worker.store import jobs as store
 
 PG_URL = os.environ.get(
     "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

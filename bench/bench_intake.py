@@ -36,13 +36,14 @@ from urllib.parse import urlsplit, urlunsplit
 import amqp
 import psycopg
 
-from worker import capacity, db, outbox, store
 from worker.broker import connection, declare_topology
-from worker.consumer import JobsConsumer
-from worker.daemon import tune_gc
-from worker.intake import Intake
-from worker.relay import Relay
+from worker.daemon.consumer import JobsConsumer
+from worker.daemon.intake import Intake
+from worker.daemon.relay import Relay
+from worker.daemon.supervisor import tune_gc
 from worker.settings import Settings
+from worker.store import capacity, db, outbox
+from worker.store import jobs as store
 
 BROKER_URL = os.environ.get("BATCH_WORKER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 PG_URL = os.environ.get(

@@ -31,10 +31,10 @@ import psycopg
 from kombu import Connection, Producer
 from psycopg_pool import ConnectionPool
 
-from worker import outbox
-from worker import relay as current_relay
-from worker.events import OutboxMessage
+from worker.daemon import relay as current_relay
 from worker.settings import Settings
+from worker.store import outbox
+from worker.wire.events import OutboxMessage
 
 BROKER_URL = os.environ.get("BATCH_WORKER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 PG_URL = os.environ.get(

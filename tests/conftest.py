@@ -76,7 +76,7 @@ def database_url(pg_server_url: str) -> Iterator[str]:
 def pool(database_url: str) -> Iterator[Any]:
     """A connection pool on the fresh database, with the worker's schema in it (modules
     that need more connections define their own)."""
-    from worker import db
+    from worker.store import db
 
     pool = db.open_pool(database_url, min_size=1, max_size=4)
     db.ensure_schema(pool)

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker import lifecycle
-from worker.actions import ActionRunner
 from worker.api.errors import ClientError, NotFound, ServerError
 from worker.api.models import Page, Task
+from worker.daemon.actions import ActionRunner
 from worker.lifecycle import (
     ActionRefused,
     Create,

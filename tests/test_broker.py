@@ -14,7 +14,7 @@ from amqp.transport import TCPTransport
 
 from worker import broker
 from worker.settings import Settings
-from worker.topology import definitions, topology
+from worker.wire.topology import definitions, topology
 
 
 def test_connection_sets_heartbeat_and_names_its_purpose() -> None:

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
 from tests.test_store import FLEET, T0, insert, job
-from worker import capacity, db, store
+from worker.store import capacity, db
+from worker.store import jobs as store
 
 FLEETS = ("f1", "f2")
 

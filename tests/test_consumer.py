@@ -13,7 +13,7 @@ import pika
 import pytest
 
 from worker.broker import connection, connection_name, declare_topology, ensure_connected
-from worker.consumer import (
+from worker.daemon.consumer import (
     InboundMessage,
     IntakeUnavailable,
     JobsConsumer,

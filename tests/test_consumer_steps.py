@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from worker.consumer import InboundMessage, IntakeUnavailable, JobsConsumer
+from worker.daemon.consumer import InboundMessage, IntakeUnavailable, JobsConsumer
 from worker.settings import Settings
 
 PREFETCH = 20  # batches of 10

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.daemon import GC_YOUNG_THRESHOLD, tune_gc
+from worker.daemon.supervisor import GC_YOUNG_THRESHOLD, tune_gc
 
 
 @pytest.fixture
@@ -31,9 +31,10 @@ def test_the_young_generation_is_collected_less_often_and_the_rest_left_alone(
 
 def test_now_and_then_the_active_count_is_folded(database_url: str) -> None:
     from tests.test_store import job  # the store tests' job state
-    from worker import capacity, db, store
-    from worker.daemon import Daemon
+    from worker.daemon.supervisor import Daemon
     from worker.settings import Settings
+    from worker.store import capacity, db
+    from worker.store import jobs as store
 
     pool = db.open_pool(database_url, max_size=2)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from psycopg_pool import ConnectionPool
 
-from worker import db
+from worker.store import db
 
 
 def test_schema_is_idempotent_and_safe_to_apply_concurrently(database_url: str) -> None:
@@ -55,7 +55,7 @@ def test_statements_run_often_keep_being_planned_for_their_values(database_url: 
     generic plan for good (a sequential scan, chosen on an empty table). The pool's
     connections plan each run for its values: no generic plan is ever used.
     """
-    from worker import store
+    from worker.store import jobs as store
 
     pool = db.open_pool(database_url, max_size=1)
     try:

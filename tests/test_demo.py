@@ -19,7 +19,7 @@ pytest.register_assert_rewrite("tests.cli_support")
 
 from tests.cli_support import REPO, clean_env, run_cli  # noqa: E402
 from tests.conftest import AmqpNames  # noqa: E402
-from worker.demo import DEMO_DATABASE_PREFIX, EXAMPLES, run_demo  # noqa: E402
+from worker.commands.demo import DEMO_DATABASE_PREFIX, EXAMPLES, run_demo  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -61,7 +61,7 @@ def test_demo_runs_the_three_examples_to_done_and_moves_off_a_taken_port(
     assert sorted(rows) == _example_job_ids()
     assert set(rows.values()) == {"DONE"}
     log = (tmp_path / "demo-output" / "worker.log").read_text()
-    assert '"logger": "worker.daemon"' in log
+    assert '"logger": "worker.daemon.supervisor"' in log
 
 
 # `python -m worker demo` with SIGINT handled as at a terminal: a test run started in the

@@ -25,7 +25,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import liveness
+from worker.daemon import liveness
 from worker.settings import ENV_PREFIX, Settings, load_settings
 
 IN_CI = bool(os.environ.get("CI"))
@@ -529,7 +529,7 @@ def test_keda_query_counts_the_fleets_jobs_in_flight(chart: Any, database_url: s
     """The query runs against the worker's own schema (worker/db.py) on a real PostgreSQL."""
     import psycopg
 
-    from worker import db
+    from worker.store import db
 
     scaled = the(render(chart, FULL), "ScaledObject")["spec"]
     query = scaled["triggers"][0]["metadata"]["query"]

@@ -19,13 +19,15 @@ from typing import Any
 import pytest
 from psycopg_pool import ConnectionPool
 
-from worker import db, lifecycle, store
+from worker import lifecycle
 from worker.api.errors import ClientError, NotFound, TransportError
 from worker.api.models import Page, Task
-from worker.engine import STEPS_LOOP, Engine
-from worker.health import Health
+from worker.daemon.engine import STEPS_LOOP, Engine
+from worker.daemon.health import Health
 from worker.lifecycle import Phase, Policy, Tiles
 from worker.settings import Settings
+from worker.store import db
+from worker.store import jobs as store
 
 FLEET = "fleet-e"
 PAYLOAD: dict[str, Any] = {
@@ -549,7 +551,7 @@ def test_a_created_request_found_after_the_cancel_is_left_alone_and_logged(
     api, metrics = FakeApi(), Recorder()
     engine = cancelled_while_the_create_was_uncertain(pool, api, metrics)
     (landed,) = api.tasks.values()
-    with caplog.at_level(logging.WARNING, logger="worker.poller"):
+    with caplog.at_level(logging.WARNING, logger="worker.daemon.poller"):
         engine.poll_once()
     assert "list" in api.calls and "stop" not in api.calls
     assert api.tasks[landed.id].status == "CREATED"

@@ -21,16 +21,19 @@ import boto3
 import pytest
 from psycopg_pool import ConnectionPool
 
-from worker import db, lifecycle, messages, store
+from worker import lifecycle
 from worker.api.client import BatchClient
 from worker.api.errors import TransportError
 from worker.api.models import Task
-from worker.engine import Engine
+from worker.daemon.engine import Engine
+from worker.daemon.tiles import TileReader
 from worker.lifecycle import JobState, Phase
-from worker.messages import JobRequest
 from worker.settings import Settings
 from worker.simulator import Running, SimulatorConfig, start_background
-from worker.tiles import TileReader
+from worker.store import db
+from worker.store import jobs as store
+from worker.wire import messages
+from worker.wire.messages import JobRequest
 
 pytestmark = pytest.mark.integration
 

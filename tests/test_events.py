@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from worker.events import (
+from worker.lifecycle import KNOWN_STATUSES, Echo, JobError, JobState, Tiles
+from worker.wire.events import (
     APP_ID,
     DETAIL_HEADER,
     REASON_HEADER,
@@ -23,8 +24,7 @@ from worker.events import (
     rfc3339_ms,
     status_routing_key,
 )
-from worker.lifecycle import KNOWN_STATUSES, Echo, JobError, JobState, Tiles
-from worker.messages import CommandEventData, RejectCode, Rejection
+from worker.wire.messages import CommandEventData, RejectCode, Rejection
 
 NOW = datetime(2026, 11, 25, 21, 30, 0, 123_456, tzinfo=UTC)
 EVENTS = "batch.events"

@@ -12,9 +12,9 @@ import pika
 import pytest
 
 from tests.conftest import AmqpNames
-from worker.events import OutboxMessage, command_event, job_event
 from worker.lifecycle import Echo, JobState
-from worker.messages import JobRequest, parse_job_request
+from worker.wire.events import OutboxMessage, command_event, job_event
+from worker.wire.messages import JobRequest, parse_job_request
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
-from worker.follow import JobTracker, describe, summary
+from worker.commands.follow import JobTracker, describe, summary
 
 
 def _status(job_id: str, sequence: int, status: str, **data: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""worker.health: probe logic with a fake clock; the server over real loopback HTTP."""
+"""worker.daemon.health: probe logic with a fake clock; the server over real loopback HTTP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.health import Health, ProbeServer
+from worker.daemon.health import Health, ProbeServer
 from worker.metrics import Metrics
 
 
@@ -86,7 +86,7 @@ def test_a_stall_is_logged_once_at_error_and_its_recovery_once(
 ) -> None:
     health.register("poller", 60)
     health.register("relay", 60)
-    caplog.set_level(logging.DEBUG, logger="worker.health")
+    caplog.set_level(logging.DEBUG, logger="worker.daemon.health")
     clock.now += 61
     health.beat("relay")
     for _ in range(3):  # probes and the watchdog ask again and again

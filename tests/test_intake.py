@@ -12,10 +12,12 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from worker import capacity, db, messages, store
-from worker.consumer import InboundMessage
-from worker.intake import Intake
+from worker.daemon.consumer import InboundMessage
+from worker.daemon.intake import Intake
 from worker.settings import Settings
+from worker.store import capacity, db
+from worker.store import jobs as store
+from worker.wire import messages
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 FLEET = "fleet-a"
@@ -115,7 +117,7 @@ def test_resubmit_same_request_is_idempotent_and_republishes_last_status(
     # Give the job a last status event, as the engine would after its first step.
     with pool.connection() as conn:
         (claim,) = store.claim_due(conn, FLEET, "w", now=T0, lease=timedelta(seconds=30), limit=1)
-        from worker.events import OutboxMessage
+        from worker.wire.events import OutboxMessage
 
         event = OutboxMessage(exchange="t.ev", routing_key="job.created", body=b'{"id":"e7"}')
         store.save_step(

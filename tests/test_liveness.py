@@ -1,4 +1,4 @@
-"""worker.liveness: loop bounds from the settings, the watchdog, a blocked loop seen over HTTP."""
+"""worker.daemon.liveness: loop bounds from the settings, the watchdog, a blocked loop over HTTP."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker import liveness
 from worker.api.client import ApiHooks
-from worker.health import Health, ProbeServer
-from worker.liveness import Watchdog, progress_bounds
+from worker.daemon import liveness
+from worker.daemon.health import Health, ProbeServer
+from worker.daemon.liveness import Watchdog, progress_bounds
 from worker.metrics import Metrics
 from worker.settings import Settings
 

@@ -52,12 +52,12 @@ def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
 def test_auto_writes_json_lines_when_not_a_terminal() -> None:
     stream = io.StringIO()
     setup_logging("INFO", "auto", stream)
-    logging.getLogger("worker.engine").info(
+    logging.getLogger("worker.daemon.engine").info(
         "job %s moved", "corsica", extra={"job_id": "corsica", "batch_request_id": "6aa8"}
     )
     [entry] = json_lines(stream)
     assert entry["level"] == "INFO"
-    assert entry["logger"] == "worker.engine"
+    assert entry["logger"] == "worker.daemon.engine"
     assert entry["message"] == "job corsica moved"
     assert entry["job_id"] == "corsica"
     assert entry["batch_request_id"] == "6aa8"
@@ -67,11 +67,11 @@ def test_auto_writes_json_lines_when_not_a_terminal() -> None:
 def test_auto_writes_text_to_a_terminal() -> None:
     stream = Terminal()
     setup_logging("INFO", "auto", stream)
-    logging.getLogger("worker.engine").warning("slow", extra={"job_id": "corsica"})
+    logging.getLogger("worker.daemon.engine").warning("slow", extra={"job_id": "corsica"})
     line = stream.getvalue()
     assert not line.startswith("{")
     assert "WARNING" in line
-    assert "worker.engine: slow" in line
+    assert "worker.daemon.engine: slow" in line
     assert "job_id=corsica" in line
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.messages import (
+from worker.wire.messages import (
     SCHEMA_VERSION,
     JobRequest,
     RejectCode,

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import outbox
-from worker.events import OutboxMessage
+from worker.store import outbox
+from worker.wire.events import OutboxMessage
 
 pytestmark = pytest.mark.integration
 

@@ -10,11 +10,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worker import lifecycle
-from worker.actions import snapshot
 from worker.api.errors import NotFound
 from worker.api.models import Page, Task
-from worker.lifecycle import DuplicateFound, TaskMissing, TaskSeen
-from worker.poller import (
+from worker.daemon.actions import snapshot
+from worker.daemon.poller import (
     Poller,
     PollResult,
     SweepSchedule,
@@ -23,7 +22,8 @@ from worker.poller import (
     jobs_to_step,
     sweep_reach,
 )
-from worker.store import PollTarget
+from worker.lifecycle import DuplicateFound, TaskMissing, TaskSeen
+from worker.store.jobs import PollTarget
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 FLEET = "f"
@@ -342,7 +342,7 @@ def test_a_sweep_reports_a_running_request_of_an_ended_job_and_logs_a_created_on
     api = ListingApi([running, created], page_size=100)
     targets = [ended_target("j8"), ended_target("j9")]
     poller = Poller(api, FLEET)
-    with caplog.at_level(logging.WARNING, logger="worker.poller"):
+    with caplog.at_level(logging.WARNING, logger="worker.daemon.poller"):
         result = poller.round(targets, [], sweep=True)
         assert result.observations == {"j8": [DuplicateFound(batch_request_id="dup-j8")]}
         assert result.unchanged == []  # an ended job's status is never read

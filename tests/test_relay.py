@@ -10,9 +10,10 @@ import pika
 import pytest
 from psycopg_pool import ConnectionPool
 
-from worker import outbox, relay
-from worker.events import OutboxMessage
+from worker.daemon import relay
 from worker.settings import Settings
+from worker.store import outbox
+from worker.wire.events import OutboxMessage
 
 pytestmark = pytest.mark.integration
 

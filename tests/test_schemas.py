@@ -1,4 +1,4 @@
-"""The JSON Schemas in worker/schemas/: in step with the models, and true of what is sent."""
+"""The JSON Schemas in worker/wire/schemas/: in step with the models, and true of what is sent."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from worker.events import ROUTING_KEYS, OutboxMessage, command_event, job_event
 from worker.lifecycle import KNOWN_STATUSES, Echo, JobError, JobState, Tiles
-from worker.messages import (
+from worker.settings import Settings
+from worker.wire.events import ROUTING_KEYS, OutboxMessage, command_event, job_event
+from worker.wire.messages import (
     EVENT_TYPES,
     SCHEMA_DIR,
     RejectCode,
@@ -27,8 +28,7 @@ from worker.messages import (
     stale_schemas,
     write_schemas,
 )
-from worker.settings import Settings
-from worker.topology import topology
+from worker.wire.topology import topology
 
 CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "contract.md"
 NOW = datetime(2026, 11, 25, 21, 30, 0, 123_000, tzinfo=UTC)
@@ -59,7 +59,7 @@ def event_of(message: OutboxMessage) -> dict[str, Any]:
 
 
 def test_the_schema_files_are_what_the_models_generate() -> None:
-    assert stale_schemas() == [], "run: python -m worker.messages --write-schemas"
+    assert stale_schemas() == [], "run: python -m worker.wire.messages --write-schemas"
     assert main(["--check-schemas"]) == 0
 
 

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from psycopg_pool import ConnectionPool
 
-from worker import store
-from worker.events import OutboxMessage
 from worker.lifecycle import JobState, Phase
+from worker.store import jobs as store
+from worker.wire.events import OutboxMessage
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=60)

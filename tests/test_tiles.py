@@ -1,4 +1,4 @@
-"""worker.tiles against a real S3 endpoint (moto's server) with SQLite files made here."""
+"""worker.daemon.tiles against a real S3 endpoint (moto's server) with SQLite files made here."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import boto3
 import pytest
 
 from worker.api.artifacts import artifact_keys
+from worker.daemon.tiles import TileReader
 from worker.lifecycle import Tiles
 from worker.metrics import Metrics
-from worker.tiles import TileReader
 
 pytestmark = pytest.mark.integration
 
@@ -167,10 +167,10 @@ def test_manifest_not_written_yet_is_unknown_and_logged_once(
     bucket: Bucket, caplog: pytest.LogCaptureFixture
 ) -> None:
     reader = TileReader()
-    with caplog.at_level(logging.INFO, logger="worker.tiles"):
+    with caplog.at_level(logging.INFO, logger="worker.daemon.tiles"):
         for _ in range(3):
             assert reader.read(bucket.request, bucket.request_id, execution_db=True) is None
-    lines = [r for r in caplog.records if r.name == "worker.tiles"]
+    lines = [r for r in caplog.records if r.name == "worker.daemon.tiles"]
     assert len(lines) == 1
     assert lines[0].levelno == logging.INFO
     assert lines[0].batch_request_id == bucket.request_id  # type: ignore[attr-defined]

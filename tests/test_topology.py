@@ -14,7 +14,7 @@ import pytest
 
 from worker.broker import connection, declare_topology, ensure_connected
 from worker.settings import ENV_PREFIX, Settings
-from worker.topology import DEFINITIONS_PATH, definitions, render_definitions, topology
+from worker.wire.topology import DEFINITIONS_PATH, definitions, render_definitions, topology
 
 
 def pika_params(broker_url: str) -> pika.URLParameters:

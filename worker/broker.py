@@ -24,7 +24,7 @@ from amqp.transport import TCPTransport
 from kombu.connection import Connection
 
 from worker.settings import Settings, SettingsError, load_settings
-from worker.topology import (
+from worker.wire.topology import (
     DEFINITIONS_PATH,
     Topology,
     declare_on_channel,

@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(credentials=True)
     from psycopg_pool import PoolTimeout
 
-    from worker.daemon import Daemon
+    from worker.daemon.supervisor import Daemon
     from worker.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
@@ -58,22 +58,22 @@ def _run(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
-    from worker.submit import submit
+    from worker.commands.submit import submit
 
     return submit(settings, Path(args.job), wait=args.wait, timeout=args.timeout)
 
 
 def _status(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
-    from worker.status import print_status
+    from worker.commands.status import print_status
 
     return print_status(settings, args.job_id, as_json=args.json)
 
 
 def _dlq(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
-    from worker import dlq
-    from worker.follow import BROKER_ERRORS
+    from worker.commands import dlq
+    from worker.commands.follow import BROKER_ERRORS
     from worker.redact import redact_text
 
     try:
@@ -101,7 +101,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
-    from worker.demo import run_demo
+    from worker.commands.demo import run_demo
 
     return run_demo(settings, speed=args.speed, keep_going=args.keep_running)
 

@@ -76,7 +76,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-11-25 21:30:00,123 INFO  worker.engine: started job_id=corsica``."""
+    """``2026-11-25 21:30:00,123 INFO  worker.daemon.engine: started job_id=corsica``."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")

@@ -290,5 +290,5 @@ class Metrics:
     # --- tile artifacts ------------------------------------------------------------------
 
     def tile_read(self, file: str, outcome: str) -> None:
-        """One read of a tile artifact (see ``worker.tiles``)."""
+        """One read of a tile artifact (see ``worker.daemon.tiles``)."""
         self._tile_reads.labels(file=_label(file), outcome=_label(outcome)).inc()

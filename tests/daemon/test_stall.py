@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from tests.daemon.conftest import CLIENT_SECRET, Producer, Stack, WorkerProcess, free_port
-from worker import liveness
+from worker.daemon import liveness
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -149,11 +149,12 @@ def test_a_database_that_stops_answering_stalls_loops_and_the_worker_ends_itself
 
     log = worker.log()
     assert CLIENT_SECRET not in log
-    # The stall itself, logged by worker.health (the probe's own DEBUG lines quote it too).
+    # The stall itself, logged by worker.daemon.health (the probe's own DEBUG lines quote it too).
     stall_lines = [
         line
         for line in log.splitlines()
-        if '"logger": "worker.health", "message": "loop ' in line and "progress again" not in line
+        if '"logger": "worker.daemon.health", "message": "loop ' in line
+        and "progress again" not in line
     ]
     assert stall_lines and all('"level": "ERROR"' in line for line in stall_lines)
     assert all("stalled: no progress for" in line for line in stall_lines)

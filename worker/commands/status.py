@@ -11,9 +11,9 @@ from typing import Any
 
 import psycopg
 
-from worker import store
 from worker.redact import redact
 from worker.settings import Settings
+from worker.store import jobs as store
 
 
 def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:

@@ -120,7 +120,7 @@ class EventFollower:
         self._channel = self._connection.channel()
         exchange = Exchange(settings.events_exchange, type="topic", durable=True, passive=True)
         self._queue = Queue(
-            f"batch-worker.follow.{uuid.uuid4().hex[:12]}",
+            f"batch-worker.commands.follow.{uuid.uuid4().hex[:12]}",
             exchange=exchange,
             routing_key="#",
             exclusive=True,

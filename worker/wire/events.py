@@ -2,7 +2,7 @@
 messages the relay sends: events, copies to ``reply_to``, dead letters.
 
 Pure: the builders return ``OutboxMessage`` values; the relay publishes them with confirms.
-The wire shapes are the models of ``worker.messages`` (and the JSON Schemas made from them).
+The wire shapes are the models of ``worker.wire.messages`` (and the JSON Schemas made from them).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any, Literal
 import orjson
 
 from worker.lifecycle import KNOWN_STATUSES, Echo, JobState
-from worker.messages import (
+from worker.redact import redact
+from worker.wire.messages import (
     COMMAND_ACCEPTED,
     COMMAND_REJECTED,
     JOB_PROGRESS,
@@ -29,7 +30,6 @@ from worker.messages import (
     Rejection,
     TilesData,
 )
-from worker.redact import redact
 
 APP_ID = "batch-worker"
 CONTENT_TYPE = "application/cloudevents+json"

@@ -28,19 +28,20 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from worker import capacity, db, liveness, outbox
 from worker.api.client import BatchClient
-from worker.consumer import InboundMessage, JobsConsumer
-from worker.engine import Engine
-from worker.events import OutboxMessage
-from worker.health import Health, ProbeServer
-from worker.intake import Intake, ReadBatch, TakeSteps
-from worker.liveness import Watchdog
+from worker.daemon import liveness
+from worker.daemon.consumer import InboundMessage, JobsConsumer
+from worker.daemon.engine import Engine
+from worker.daemon.health import Health, ProbeServer
+from worker.daemon.intake import Intake, ReadBatch, TakeSteps
+from worker.daemon.liveness import Watchdog
+from worker.daemon.relay import Relay
+from worker.daemon.tiles import TileReader
 from worker.metrics import Metrics
 from worker.redact import register_secret
-from worker.relay import Relay
 from worker.settings import Settings
-from worker.tiles import TileReader
+from worker.store import capacity, db, outbox
+from worker.wire.events import OutboxMessage
 
 log = logging.getLogger(__name__)
 

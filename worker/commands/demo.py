@@ -24,12 +24,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 from rich.console import Console
 
-from worker.follow import EventFollower, JobTracker, describe, progress_bars, show, summary
+from worker.commands.follow import EventFollower, JobTracker, describe, progress_bars, show, summary
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "config" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 DEMO_BUCKET = "demo-bucket"
 # One database per run (dropped at its end), so demos on one server never share job state.
 DEMO_DATABASE_PREFIX = "batch_worker_demo_"
@@ -208,7 +208,7 @@ def _metrics_port(console: Console, wanted: int) -> int:
 
 
 def _run(console: Console, base: Settings, speed: float, keep_going: bool, log_path: Path) -> int:
-    from worker.daemon import Daemon
+    from worker.daemon.supervisor import Daemon
     from worker.simulator import SimulatorConfig, start_background
 
     broker_url = base.broker_url.get_secret_value()

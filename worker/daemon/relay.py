@@ -34,10 +34,10 @@ import psycopg
 from kombu.exceptions import OperationalError
 from psycopg_pool import ConnectionPool
 
-from worker import outbox
 from worker.broker import connection, declare_topology, ensure_connected
-from worker.events import OutboxMessage
 from worker.settings import Settings
+from worker.store import outbox
+from worker.wire.events import OutboxMessage
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,7 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFINITIONS_PATH = (
-    Path(__file__).resolve().parent.parent / "config" / "rabbitmq" / "definitions.json"
-)
+DEFINITIONS_PATH = Path(__file__).resolve().parents[2] / "config" / "rabbitmq" / "definitions.json"
 DEFAULT_EXCHANGE = ""
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from worker import capacity, outbox, store
 from worker.settings import Settings
+from worker.store import capacity, outbox
+from worker.store import jobs as store
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,15 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from worker import db, events, lifecycle, messages, outbox, store
-from worker.consumer import InboundMessage, IntakeUnavailable
-from worker.events import OutboxMessage
+from worker import lifecycle
+from worker.daemon.consumer import InboundMessage, IntakeUnavailable
 from worker.lifecycle import Echo
-from worker.messages import JobRequest, Rejection
 from worker.settings import Settings
+from worker.store import db, outbox
+from worker.store import jobs as store
+from worker.wire import events, messages
+from worker.wire.events import OutboxMessage
+from worker.wire.messages import JobRequest, Rejection
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """The wire formats: the job requests that arrive and the CloudEvents that leave.
 
 ``parse_job_request`` turns a message body into a ``JobRequest`` or a ``Rejection`` (never an
-exception); the event models describe what ``worker.events`` publishes. The JSON Schemas in
-``worker/schemas/`` are generated from these models::
+exception); the event models describe what ``worker.wire.events`` publishes. The JSON Schemas in
+``worker/wire/schemas/`` are generated from these models::
 
-    python -m worker.messages --write-schemas
+    python -m worker.wire.messages --write-schemas
 
 Decisions the contract leaves open (documented in docs/events.md and the schemas):
 
@@ -493,7 +493,7 @@ _SCHEMA_MODELS: dict[str, tuple[type[BaseModel], Literal["validation", "serializ
 
 
 def schema_documents() -> dict[str, str]:
-    """File name → JSON Schema text, exactly as it belongs in ``worker/schemas/``."""
+    """File name → JSON Schema text, exactly as it belongs in ``worker/wire/schemas/``."""
     documents = {}
     for name, (model, mode) in _SCHEMA_MODELS.items():
         schema = {"$schema": JSON_SCHEMA_DIALECT, **model.model_json_schema(mode=mode)}
@@ -523,7 +523,7 @@ def stale_schemas(directory: Path = SCHEMA_DIR) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.messages", description="The JSON Schemas of the wire formats."
+        prog="python -m worker.wire.messages", description="The JSON Schemas of the wire formats."
     )
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--write-schemas", action="store_true", help="regenerate the files")
@@ -535,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     stale = stale_schemas()
     for name in stale:
-        print(f"{name} differs from the models: run python -m worker.messages --write-schemas")
+        print(f"{name} differs from the models: run python -m worker.wire.messages --write-schemas")
     return 1 if stale else 0
 
 

@@ -1,7 +1,7 @@
 """The transactional outbox: AMQP publishes stored in PostgreSQL until the broker confirms them.
 
 Whoever changes job state calls :func:`enqueue` inside the same transaction, so a message
-exists exactly when the state that produced it was committed. The relay (``worker.relay``)
+exists exactly when the state that produced it was committed. The relay (``worker.daemon.relay``)
 claims rows in id order under its lock, publishes them with confirms, and deletes them in
 chunks as the confirms arrive.
 
@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from worker.events import OutboxMessage
+from worker.wire.events import OutboxMessage
 
 NOTIFY_CHANNEL = "bw_outbox"
 

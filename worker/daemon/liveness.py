@@ -34,12 +34,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from worker import consumer, relay, tiles
 from worker.api.client import ApiHooks
 from worker.api.retry import RetryPolicy
 from worker.broker import CONNECT_RETRY, CONNECT_TIMEOUT
-from worker.engine import ENGINE_LOOP, POLLER_LOOP, STEPS_LOOP
-from worker.health import Health
+from worker.daemon import consumer, relay, tiles
+from worker.daemon.engine import ENGINE_LOOP, POLLER_LOOP, STEPS_LOOP
+from worker.daemon.health import Health
 from worker.settings import Settings
 
 __all__ = [

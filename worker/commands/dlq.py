@@ -20,8 +20,8 @@ from amqp import Channel
 from amqp.basic_message import Message
 
 from worker.broker import connection
-from worker.events import DETAIL_HEADER, REASON_HEADER, REJECTED_AT_HEADER
 from worker.settings import Settings
+from worker.wire.events import DETAIL_HEADER, REASON_HEADER, REJECTED_AT_HEADER
 
 OUR_HEADERS = (REASON_HEADER, DETAIL_HEADER, REJECTED_AT_HEADER)
 # Headers the broker adds on dead-lettering or redelivery; not part of the original.

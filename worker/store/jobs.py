@@ -22,9 +22,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from worker import capacity, outbox
-from worker.events import OutboxMessage
 from worker.lifecycle import JobState, Phase
+from worker.store import capacity, outbox
+from worker.wire.events import OutboxMessage
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bw_jobs (

@@ -17,7 +17,7 @@ from kombu.messaging import Producer
 from rich.console import Console
 
 from worker.broker import connection
-from worker.follow import (
+from worker.commands.follow import (
     BROKER_ERRORS,
     EventFollower,
     JobTracker,
@@ -27,9 +27,9 @@ from worker.follow import (
     show,
     summary,
 )
-from worker.messages import Rejection, parse_job_request
 from worker.redact import redact_text
 from worker.settings import Settings
+from worker.wire.messages import Rejection, parse_job_request
 
 EXIT_DONE = 0
 EXIT_NOT_DONE = 1  # FAILED, STOPPED, rejected, or never published

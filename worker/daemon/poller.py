@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from worker import lifecycle
-from worker.actions import BatchApi, snapshot
 from worker.api.errors import ApiError, NotFound
 from worker.api.models import TaskStatus
+from worker.daemon.actions import BatchApi, snapshot
 from worker.lifecycle import DuplicateFound, Observation, TaskMissing, TaskSeen
-from worker.store import PollTarget
+from worker.store.jobs import PollTarget
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,16 @@ from typing import Protocol
 
 from psycopg_pool import ConnectionPool
 
-from worker import events, lifecycle, store
-from worker.actions import ActionRunner, BatchApi, TileSource
-from worker.events import OutboxMessage
+from worker import lifecycle
+from worker.daemon.actions import ActionRunner, BatchApi, TileSource
+from worker.daemon.poller import (
+    Poller,
+    PollResult,
+    SweepSchedule,
+    due_targets,
+    jobs_read,
+    jobs_to_step,
+)
 from worker.lifecycle import (
     CancelRequested,
     JobState,
@@ -34,15 +41,10 @@ from worker.lifecycle import (
     Transition,
     Wake,
 )
-from worker.poller import (
-    Poller,
-    PollResult,
-    SweepSchedule,
-    due_targets,
-    jobs_read,
-    jobs_to_step,
-)
 from worker.settings import Settings
+from worker.store import jobs as store
+from worker.wire import events
+from worker.wire.events import OutboxMessage
 
 log = logging.getLogger(__name__)
 

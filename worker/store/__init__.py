@@ -1,0 +1,2 @@
+"""PostgreSQL and nothing else: connections and schema, job rows and their leases, the
+outbox, the fleet's active count."""
