@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.daemon.conftest import (  # noqa: F401 - fixtures, found by pytest
+from tests.e2e.conftest import (  # noqa: F401 - fixtures, found by pytest
     REPO,
     Events,
     Producer,

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.daemon.conftest import CLIENT_SECRET, Producer, Stack, WorkerProcess, free_port
+from tests.e2e.conftest import CLIENT_SECRET, Producer, Stack, WorkerProcess, free_port
 from worker.daemon import liveness
 from worker.settings import Settings
 

@@ -1,4 +1,4 @@
-"""The daemon's process-wide settings (its loops are tested end to end in tests/daemon/)."""
+"""The daemon's process-wide settings (its loops are tested end to end in tests/e2e/)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_the_young_generation_is_collected_less_often_and_the_rest_left_alone(
 
 
 def test_now_and_then_the_active_count_is_folded(database_url: str) -> None:
-    from tests.test_store import job  # the store tests' job state
+    from tests.store.test_store import job  # the store tests' job state
     from worker.daemon.supervisor import Daemon
     from worker.settings import Settings
     from worker.store import capacity, db

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
-from tests.test_store import FLEET, T0, insert, job
+from tests.store.test_store import FLEET, T0, insert, job
 from worker.store import capacity, db
 from worker.store import jobs as store
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.daemon.conftest import (
+from tests.e2e.conftest import (
     CLIENT_SECRET,
     TERMINAL,
     Events,

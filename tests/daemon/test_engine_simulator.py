@@ -37,7 +37,7 @@ from worker.wire.messages import JobRequest
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "config" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 FLEET = "fleet-sim"
 CLIENT_ID, CLIENT_SECRET = "engine-test", "engine-test-secret"
 

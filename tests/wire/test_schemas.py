@@ -30,7 +30,7 @@ from worker.wire.messages import (
 )
 from worker.wire.topology import topology
 
-CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "contract.md"
+CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "contract.md"
 NOW = datetime(2026, 11, 25, 21, 30, 0, 123_000, tzinfo=UTC)
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.daemon.conftest import (
+from tests.e2e.conftest import (
     CLIENT_SECRET,
     Events,
     Producer,

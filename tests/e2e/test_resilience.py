@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon.conftest import (
+from tests.e2e.conftest import (
     Events,
     Producer,
     Stack,
