@@ -27,6 +27,8 @@ demo: $(STAMP) services
 lint: $(STAMP)
 	$(BIN)/ruff check worker tests bench examples
 	$(BIN)/ruff format --check worker tests bench examples
+	# the layers of docs/design.md: a module imports only from layers below its own
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
