@@ -34,7 +34,7 @@ from psycopg_pool import ConnectionPool
 from worker.daemon import relay as current_relay
 from worker.settings import Settings
 from worker.store import outbox
-from worker.wire.events import OutboxMessage
+from worker.wire.outgoing import OutboxMessage
 
 BROKER_URL = os.environ.get("BATCH_WORKER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 PG_URL = os.environ.get(

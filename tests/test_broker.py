@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import struct
@@ -14,7 +13,6 @@ from amqp.transport import TCPTransport
 
 from worker import broker
 from worker.settings import Settings
-from worker.wire.topology import definitions, topology
 
 
 def test_connection_sets_heartbeat_and_names_its_purpose() -> None:
@@ -55,26 +53,6 @@ def test_negotiated_heartbeat_and_client_properties(broker_url: str) -> None:
         assert conn.connection.client_properties["connection_name"] == "batch-worker w-hb consume"
     finally:
         conn.release()
-
-
-def test_render_definitions_command_writes_the_topology(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("BATCH_WORKER_JOBS_QUEUE", "other.jobs")
-    target = tmp_path / "defs.json"
-    assert broker.main(["render-definitions", str(target)]) == 0
-    written = json.loads(target.read_text(encoding="utf-8"))
-    expected = definitions(topology(Settings(jobs_queue="other.jobs")))
-    assert written == expected
-    assert "other.jobs" in {queue["name"] for queue in written["queues"]}
-
-
-def test_render_definitions_reports_bad_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("BATCH_WORKER_HEARTBEAT", "-1")
-    assert broker.main(["render-definitions", str(tmp_path / "x.json")]) == 2
-    assert "BATCH_WORKER_HEARTBEAT" in capsys.readouterr().err
 
 
 # -- py-amqp under the consumer -------------------------------------------------------

@@ -4,18 +4,23 @@ never a secret)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("tests.cli_support")
 
 from tests.cli_support import REPO, clean_env, run_cli  # noqa: E402
+from worker import cli  # noqa: E402
 from worker.cli import build_parser  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+from worker.wire.topology import definitions, topology  # noqa: E402
 
 SECRET = "s3cr3t-Zq81-never-printed"
 
@@ -155,3 +160,30 @@ def test_simulate_serves_the_batch_api_until_sigterm() -> None:
         output, _ = process.communicate(timeout=20)
     assert process.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_definitions_command_writes_the_topology(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCH_WORKER_JOBS_QUEUE", "other.jobs")
+    target = tmp_path / "defs.json"
+    assert cli.main(["definitions", str(target)]) == 0
+    written = json.loads(target.read_text(encoding="utf-8"))
+    expected = definitions(topology(Settings(jobs_queue="other.jobs")))
+    assert written == expected
+    assert "other.jobs" in {queue["name"] for queue in written["queues"]}
+
+
+def test_definitions_command_reports_bad_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BATCH_WORKER_HEARTBEAT", "-1")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["definitions", str(tmp_path / "x.json")])
+    assert exited.value.code == 2
+    assert "BATCH_WORKER_HEARTBEAT" in capsys.readouterr().err
+
+
+def test_schemas_command_checks_the_shipped_files(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["schemas", "--check"]) == 0
+    assert capsys.readouterr().err == ""

@@ -13,8 +13,9 @@ import pytest
 
 from tests.conftest import AmqpNames
 from worker.lifecycle import Echo, JobState
-from worker.wire.events import OutboxMessage, command_event, job_event
-from worker.wire.messages import JobRequest, parse_job_request
+from worker.wire.events import command_event, job_event
+from worker.wire.job_requests import JobRequest, parse_job_request
+from worker.wire.outgoing import OutboxMessage
 
 pytestmark = pytest.mark.integration
 

@@ -5,32 +5,27 @@ publishing connections only, so a blocked relay must not stall the consumer's ac
 heartbeats. Every connection carries a heartbeat (kombu's default is off, DESIGN-NOTES) and
 names itself in ``client_properties`` so operators can tell them apart in the management UI.
 
-``python -m worker.broker render-definitions [PATH]`` writes the definitions file.
+``batch-worker definitions [PATH]`` writes the definitions file.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import ssl
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
 from typing import Any
 
 from amqp import spec as amqp_spec
 from amqp.transport import TCPTransport
 from kombu.connection import Connection
 
-from worker.settings import Settings, SettingsError, load_settings
+from worker.settings import Settings
 from worker.wire.topology import (
-    DEFINITIONS_PATH,
     Topology,
     declare_on_channel,
     topology,
     unrouted_name,
-    write_definitions,
 )
 
 __all__ = [
@@ -174,26 +169,3 @@ def requeue_up_to(channel: Any, delivery_tag: int) -> None:
     py-amqp has no ``basic_nack`` for consumers; the frame is RabbitMQ's extension.
     """
     channel.send_method(amqp_spec.Basic.Nack, "Lbb", (delivery_tag, True, True))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.broker")
-    commands = parser.add_subparsers(dest="command", required=True)
-    render = commands.add_parser(
-        "render-definitions", help="write the RabbitMQ definitions file for the current settings"
-    )
-    render.add_argument("path", nargs="?", type=Path, default=DEFINITIONS_PATH)
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 2
-    path = write_definitions(settings, args.path)
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

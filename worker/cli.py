@@ -106,6 +106,27 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(settings, speed=args.speed, keep_going=args.keep_running)
 
 
+def _schemas(args: argparse.Namespace) -> int:
+    from worker.wire.schemas import stale_schemas, write_schemas
+
+    if args.write:
+        for path in write_schemas():
+            print(path)
+        return EXIT_OK
+    stale = stale_schemas()
+    for name in stale:
+        _problem(f"{name} differs from the models: run batch-worker schemas --write")
+    return EXIT_FAILURE if stale else EXIT_OK
+
+
+def _definitions(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    from worker.wire.topology import DEFINITIONS_PATH, write_definitions
+
+    print(write_definitions(settings, args.path or DEFINITIONS_PATH))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batch-worker",
@@ -160,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-running", action="store_true", help="keep serving after the jobs have ended"
     )
     demo.set_defaults(handler=_demo)
+
+    schemas = commands.add_parser(
+        "schemas", help="the JSON Schemas of the wire formats: check them, or write them anew"
+    )
+    what = schemas.add_mutually_exclusive_group(required=True)
+    what.add_argument("--check", action="store_true", help="exit 1 when a file drifts")
+    what.add_argument("--write", action="store_true", help="regenerate the files")
+    schemas.set_defaults(handler=_schemas)
+
+    definitions = commands.add_parser(
+        "definitions", help="write the RabbitMQ definitions file for the current settings"
+    )
+    definitions.add_argument(
+        "path", nargs="?", type=Path, help="where (default: config/rabbitmq/definitions.json)"
+    )
+    definitions.set_defaults(handler=_definitions)
     return parser
 
 

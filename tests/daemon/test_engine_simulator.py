@@ -32,8 +32,8 @@ from worker.settings import Settings
 from worker.simulator import Running, SimulatorConfig, start_background
 from worker.store import db
 from worker.store import jobs as store
-from worker.wire import messages
-from worker.wire.messages import JobRequest
+from worker.wire import job_requests
+from worker.wire.job_requests import JobRequest
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +96,7 @@ def example(name: str, bucket: str, **changes: Any) -> JobRequest:
     data = json.loads(text)
     data["job_id"] = f"{data['job_id']}-{uuid.uuid4().hex[:6]}"
     data.update(changes)
-    parsed = messages.parse_job_request(json.dumps(data).encode(), "application/json")
+    parsed = job_requests.parse_job_request(json.dumps(data).encode(), "application/json")
     assert isinstance(parsed, JobRequest), parsed
     return parsed
 
@@ -108,7 +108,7 @@ def submit(pool: ConnectionPool, req: JobRequest) -> str:
         fleet_id=FLEET,
         request=req.request,
         adopt_id=req.batch_request_id,
-        request_hash=messages.request_hash(req),
+        request_hash=job_requests.request_hash(req),
         auto_start=req.auto_start,
         deadline=req.deadline,
         max_cost_pu=req.max_cost_pu,

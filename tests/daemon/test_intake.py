@@ -17,7 +17,7 @@ from worker.daemon.intake import Intake
 from worker.settings import Settings
 from worker.store import capacity, db
 from worker.store import jobs as store
-from worker.wire import messages
+from worker.wire import job_requests
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 FLEET = "fleet-a"
@@ -117,7 +117,7 @@ def test_resubmit_same_request_is_idempotent_and_republishes_last_status(
     # Give the job a last status event, as the engine would after its first step.
     with pool.connection() as conn:
         (claim,) = store.claim_due(conn, FLEET, "w", now=T0, lease=timedelta(seconds=30), limit=1)
-        from worker.wire.events import OutboxMessage
+        from worker.wire.outgoing import OutboxMessage
 
         event = OutboxMessage(exchange="t.ev", routing_key="job.created", body=b'{"id":"e7"}')
         store.save_step(
@@ -281,9 +281,9 @@ def test_a_job_stored_with_a_version_1_hash_knows_its_resubmit_and_its_conflict(
     intake.handle_batch([msg(submit())])
     # As a worker before version 2 of the hash stored it.
     (v1,) = {
-        messages.request_hash_v1(r)
-        for r in [messages.parse_job_request(json.dumps(submit()).encode(), None)]
-        if isinstance(r, messages.JobRequest)
+        job_requests.request_hash_v1(r)
+        for r in [job_requests.parse_job_request(json.dumps(submit()).encode(), None)]
+        if isinstance(r, job_requests.JobRequest)
     }
     with pool.connection() as conn:
         conn.execute("UPDATE bw_jobs SET request_hash = %s", (v1,))
@@ -314,14 +314,14 @@ def test_a_string_that_is_not_text_is_refused_and_the_rest_of_its_batch_taken(
 def test_a_bug_reading_one_message_rejects_that_message_alone(
     intake: Intake, pool: ConnectionPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = messages.request_hash
+    original = job_requests.request_hash
 
-    def explode(req: messages.JobRequest) -> str:
+    def explode(req: job_requests.JobRequest) -> str:
         if req.job_id == "j1":
             raise RuntimeError("a bug")
         return original(req)
 
-    monkeypatch.setattr(messages, "request_hash", explode)
+    monkeypatch.setattr(job_requests, "request_hash", explode)
     batch = [msg(submit("j1")), msg(submit("j2"), message_id="m2")]
     read = intake.read(batch)
     assert intake.take(read) == []

@@ -13,7 +13,7 @@ from psycopg_pool import ConnectionPool
 from worker.daemon import relay
 from worker.settings import Settings
 from worker.store import outbox
-from worker.wire.events import OutboxMessage
+from worker.wire.outgoing import OutboxMessage
 
 pytestmark = pytest.mark.integration
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime
 from decimal import Decimal
 
 import psycopg
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from worker.store import outbox
-from worker.wire.events import OutboxMessage
+from worker.wire.outgoing import OutboxMessage
 
 pytestmark = pytest.mark.integration
 
@@ -110,37 +107,6 @@ def test_notify_is_sent_at_commit_only(conn: psycopg.Connection, database_url: s
             outbox.enqueue(conn, [_message(3)])
         got = list(listener.notifies(timeout=5, stop_after=1))
         assert [n.channel for n in got] == [outbox.NOTIFY_CHANNEL]
-
-
-def test_rejects_values_amqp_cannot_carry() -> None:
-    for bad in (object(), {"nested": object()}, [2**70, object()]):
-        with pytest.raises(TypeError):
-            outbox.encode_table({"bad": bad})
-
-
-amqp_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**80), 2**80)  # beyond 64 bits, orjson hands over to json
-    | st.floats(allow_nan=False)  # infinities too: tagged
-    | st.text(max_size=5)
-    | st.binary(max_size=5)
-    | st.datetimes()
-    | st.decimals(allow_nan=False, places=3),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
-    ),
-    max_leaves=10,
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.text(max_size=5), amqp_values, max_size=4))
-def test_a_table_comes_back_as_it_went_whichever_writer_wrote_it(table: dict) -> None:
-    written = outbox.encode_table(table)
-    assert outbox.decode_table(written) == table
-    # The same value as the json writer's, which older rows were written with.
-    assert json.loads(written) == json.loads(json.dumps(outbox._encode(table)))
 
 
 def test_infinities_and_nan_in_headers_survive_the_outbox(conn: psycopg.Connection) -> None:

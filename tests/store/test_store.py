@@ -10,7 +10,7 @@ from psycopg_pool import ConnectionPool
 
 from worker.lifecycle import JobState, Phase
 from worker.store import jobs as store
-from worker.wire.events import OutboxMessage
+from worker.wire.outgoing import OutboxMessage
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=60)

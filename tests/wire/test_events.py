@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from worker.lifecycle import KNOWN_STATUSES, Echo, JobError, JobState, Tiles
+from worker.wire.event_models import CommandEventData
 from worker.wire.events import (
     APP_ID,
     DETAIL_HEADER,
     REASON_HEADER,
     REJECTED_AT_HEADER,
     ROUTING_KEYS,
-    OutboxMessage,
     command_event,
     dead_letter,
     event_id,
@@ -24,7 +24,8 @@ from worker.wire.events import (
     rfc3339_ms,
     status_routing_key,
 )
-from worker.wire.messages import CommandEventData, RejectCode, Rejection
+from worker.wire.job_requests import RejectCode, Rejection
+from worker.wire.outgoing import OutboxMessage
 
 NOW = datetime(2026, 11, 25, 21, 30, 0, 123_456, tzinfo=UTC)
 EVENTS = "batch.events"

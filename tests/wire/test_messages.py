@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.wire.messages import (
+from worker.wire.job_requests import (
     SCHEMA_VERSION,
     JobRequest,
     RejectCode,
     Rejection,
-    _parse_fully,  # the full reading, the reference for the quick one
+    _parse_fully,
     _parse_quickly,
     parse_job_request,
     request_hash,

@@ -29,7 +29,7 @@ from worker.commands.follow import (
 )
 from worker.redact import redact_text
 from worker.settings import Settings
-from worker.wire.messages import Rejection, parse_job_request
+from worker.wire.job_requests import Rejection, parse_job_request
 
 EXIT_DONE = 0
 EXIT_NOT_DONE = 1  # FAILED, STOPPED, rejected, or never published

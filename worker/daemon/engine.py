@@ -44,7 +44,7 @@ from worker.lifecycle import (
 from worker.settings import Settings
 from worker.store import jobs as store
 from worker.wire import events
-from worker.wire.events import OutboxMessage
+from worker.wire.outgoing import OutboxMessage
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from worker.lifecycle import Echo
 from worker.settings import Settings
 from worker.store import db, outbox
 from worker.store import jobs as store
-from worker.wire import events, messages
-from worker.wire.events import OutboxMessage
-from worker.wire.messages import JobRequest, Rejection
+from worker.wire import events, job_requests
+from worker.wire.job_requests import JobRequest, Rejection
+from worker.wire.outgoing import OutboxMessage
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +150,13 @@ class Intake:
             return _Read(message, echo, _internal_error())
 
     def _read_one(self, message: InboundMessage, echo: Echo, now: datetime) -> _Read:
-        req = messages.parse_job_request(message.body, message.content_type)
+        req = job_requests.parse_job_request(message.body, message.content_type)
         if isinstance(req, Rejection):
             return _Read(message, echo, req)
         accepted = tuple(self._accepted(req, echo, now))
         if req.action != "submit":
             return _Read(message, echo, req, accepted=accepted)
-        digest = messages.request_hash(req)
+        digest = job_requests.request_hash(req)
         row = store.job_row(self._new_job(req, digest, echo, now))
         return _Read(message, echo, req, digest, row, accepted)
 
@@ -259,7 +259,7 @@ class Intake:
                     new_jobs.append(read.row)
                     known[req.job_id] = store.IntakeView(read.digest, None)
                     room -= 1
-                elif not messages.same_request(view.request_hash, req, read.digest):
+                elif not job_requests.same_request(view.request_hash, req, read.digest):
                     refusal = Rejection(
                         code=JOB_CONFLICT,
                         message=f"job {req.job_id!r} exists with a different request",

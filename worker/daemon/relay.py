@@ -37,7 +37,7 @@ from psycopg_pool import ConnectionPool
 from worker.broker import connection, declare_topology, ensure_connected
 from worker.settings import Settings
 from worker.store import outbox
-from worker.wire.events import OutboxMessage
+from worker.wire.outgoing import OutboxMessage
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from worker.metrics import Metrics
 from worker.redact import register_secret
 from worker.settings import Settings
 from worker.store import capacity, db, outbox
-from worker.wire.events import OutboxMessage
+from worker.wire.outgoing import OutboxMessage
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ generation and lease owner are still the claimer's. A worker that lost its lease
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,7 +23,7 @@ from psycopg.types.json import Jsonb
 
 from worker.lifecycle import JobState, Phase
 from worker.store import capacity, outbox
-from worker.wire.events import OutboxMessage
+from worker.wire.outgoing import OutboxMessage, message_from_json, message_to_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bw_jobs (
@@ -130,29 +129,6 @@ class PollTarget:
 # ------------------------------------------------------------------------------------------
 # Serialisation
 # ------------------------------------------------------------------------------------------
-
-
-def message_to_json(message: OutboxMessage) -> dict[str, Any]:
-    return {
-        "exchange": message.exchange,
-        "routing_key": message.routing_key,
-        "body": message.body.decode("utf-8"),
-        # AMQP tables may hold bytes or datetimes: the outbox's tagged JSON keeps them.
-        "properties": json.loads(outbox.encode_table(message.properties)),
-        "headers": json.loads(outbox.encode_table(message.headers)),
-        "mandatory": message.mandatory,
-    }
-
-
-def message_from_json(data: dict[str, Any]) -> OutboxMessage:
-    return OutboxMessage(
-        exchange=data["exchange"],
-        routing_key=data["routing_key"],
-        body=data["body"].encode("utf-8"),
-        properties=outbox.decode_table(data.get("properties") or {}),
-        headers=outbox.decode_table(data.get("headers") or {}),
-        mandatory=bool(data.get("mandatory", False)),
-    )
 
 
 def _columns(state: JobState) -> dict[str, Any]:

@@ -12,19 +12,12 @@ as the same Python values.
 
 from __future__ import annotations
 
-import base64
-import json
-import math
 from collections.abc import Sequence
-from contextlib import suppress
-from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
-import orjson
 import psycopg
 
-from worker.wire.events import OutboxMessage
+from worker.wire.outgoing import OutboxMessage, decode_table, encode_table
 
 NOTIFY_CHANNEL = "bw_outbox"
 
@@ -40,67 +33,6 @@ CREATE TABLE IF NOT EXISTS bw_outbox (
     enqueued_at timestamptz NOT NULL DEFAULT now()
 )
 """
-
-_TAG = "$amqp"
-
-
-def _encode(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        # JSON has no infinities (PostgreSQL refuses json.dumps' "Infinity"); AMQP has.
-        return {_TAG: "float", "v": repr(value)}
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {_TAG: "bytes", "v": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, datetime):
-        return {_TAG: "datetime", "v": value.isoformat()}
-    if isinstance(value, Decimal):
-        return {_TAG: "decimal", "v": str(value)}
-    if isinstance(value, dict):
-        return {str(key): _encode(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_encode(item) for item in value]
-    raise TypeError(f"not an AMQP field value: {type(value).__name__}")
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_decode(item) for item in value]
-    if not isinstance(value, dict):
-        return value
-    tag = value.get(_TAG)
-    if tag == "bytes":
-        return base64.b64decode(value["v"])
-    if tag == "datetime":
-        return datetime.fromisoformat(value["v"])
-    if tag == "decimal":
-        return Decimal(value["v"])
-    if tag == "float":
-        return float(value["v"])
-    return {key: _decode(item) for key, item in value.items()}
-
-
-def encode_table(table: dict[str, Any]) -> str:
-    """An AMQP table (properties or headers) as JSON text."""
-    if not table:
-        return "{}"  # most events carry no headers
-    if all(type(value) in _PLAIN for value in table.values()):
-        # An event's properties, on intake's hot path: orjson is several times faster.
-        with suppress(orjson.JSONEncodeError):  # an integer beyond 64 bits
-            return orjson.dumps(table).decode()
-    return json.dumps(_encode(table), separators=(",", ":"))
-
-
-_PLAIN = frozenset({str, int, bool, type(None)})
-
-
-def decode_table(data: Any) -> dict[str, Any]:
-    """The inverse of :func:`encode_table`; takes JSON text or an already parsed value."""
-    parsed = json.loads(data) if isinstance(data, str | bytes) else data
-    decoded = _decode(parsed)
-    if not isinstance(decoded, dict):
-        raise TypeError("an AMQP table must be an object")
-    return decoded
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:

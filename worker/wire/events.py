@@ -2,7 +2,8 @@
 messages the relay sends: events, copies to ``reply_to``, dead letters.
 
 Pure: the builders return ``OutboxMessage`` values; the relay publishes them with confirms.
-The wire shapes are the models of ``worker.wire.messages`` (and the JSON Schemas made from them).
+The wire shapes are the models of ``worker.wire.event_models`` (and the JSON Schemas made
+from them).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -20,16 +20,17 @@ import orjson
 
 from worker.lifecycle import KNOWN_STATUSES, Echo, JobState
 from worker.redact import redact
-from worker.wire.messages import (
+from worker.wire.event_models import (
     COMMAND_ACCEPTED,
     COMMAND_REJECTED,
     JOB_PROGRESS,
     JOB_STATUS,
     ErrorData,
     JobEventData,
-    Rejection,
     TilesData,
 )
+from worker.wire.job_requests import Rejection
+from worker.wire.outgoing import OutboxMessage
 
 APP_ID = "batch-worker"
 CONTENT_TYPE = "application/cloudevents+json"
@@ -43,23 +44,6 @@ REJECTED_AT_HEADER = "x-batch-worker-rejected-at"
 # Fixed forever: changing it would change the id of every re-published event.
 _EVENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:batch-worker:events")
 _NOT_A_ROUTING_WORD = re.compile(r"[^a-z0-9_]")
-
-
-@dataclass(frozen=True)
-class OutboxMessage:
-    """One AMQP publish, stored in the outbox until the broker confirms it.
-
-    ``properties`` are kombu/AMQP basic properties (``content_type``, ``message_id``,
-    ``correlation_id``, ``type``, ``app_id``, ``timestamp`` as int seconds,
-    ``delivery_mode``); ``headers`` are the AMQP headers table.
-    """
-
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, Any] = field(default_factory=dict)
-    mandatory: bool = False
 
 
 # ------------------------------------------------------------------------------------------

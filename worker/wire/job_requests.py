@@ -1,10 +1,7 @@
-"""The wire formats: the job requests that arrive and the CloudEvents that leave.
+"""Job requests: what arrives on the jobs queue, parsed, validated and hashed.
 
 ``parse_job_request`` turns a message body into a ``JobRequest`` or a ``Rejection`` (never an
-exception); the event models describe what ``worker.wire.events`` publishes. The JSON Schemas in
-``worker/wire/schemas/`` are generated from these models::
-
-    python -m worker.wire.messages --write-schemas
+exception). ``request_hash`` and ``same_request`` tell an idempotent re-submit from a conflict.
 
 Decisions the contract leaves open (documented in docs/events.md and the schemas):
 
@@ -17,18 +14,14 @@ Decisions the contract leaves open (documented in docs/events.md and the schemas
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
 import re
-import sys
-from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -41,7 +34,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
@@ -49,8 +41,6 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 ACTIONS = ("submit", "start", "cancel")
 SUBMIT_ONLY_FIELDS = ("request", "batch_request_id", "auto_start", "deadline", "max_cost_pu")
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
-SCHEMA_DIR = Path(__file__).parent / "schemas"
-JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
 class RejectCode(StrEnum):
@@ -355,189 +345,3 @@ def _first_problem(exc: ValidationError) -> tuple[RejectCode, str]:
                 name = field(err)
                 return code, (f"field '{name}': {err['msg']}" if name else err["msg"])
     raise AssertionError("a ValidationError without errors")  # pragma: no cover
-
-
-# ------------------------------------------------------------------------------------------
-# What leaves: CloudEvents 1.0, structured JSON (CONTRACT.md "Events")
-# ------------------------------------------------------------------------------------------
-
-JOB_STATUS = "batchworker.job.status"
-JOB_PROGRESS = "batchworker.job.progress"
-COMMAND_ACCEPTED = "batchworker.command.accepted"
-COMMAND_REJECTED = "batchworker.command.rejected"
-EVENT_TYPES = (COMMAND_ACCEPTED, COMMAND_REJECTED, JOB_STATUS, JOB_PROGRESS)
-RFC3339_MS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
-
-
-def _omitted_when_absent(schema: dict[str, Any]) -> None:
-    # Such a field is left out of the JSON when unset, never written as null.
-    schema.pop("default", None)
-
-
-class _Wire(BaseModel):
-    # Consumers must tolerate fields added later, so the schemas stay open.
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-
-class TilesData(_Wire):
-    """Tile counts from the delivery bucket; the whole object is null when unreadable."""
-
-    total: int | None = Field(description="Distinct features in the feature manifest.")
-    processed: int = Field(ge=0, description="DONE rows of the execution database.")
-    failed: int = Field(ge=0, description="FATAL rows of the execution database.")
-
-
-class ErrorData(_Wire):
-    source: Literal["worker", "api"]
-    http_status: int | None
-    code: str
-    message: str
-
-
-class JobEventData(_Wire):
-    job_id: str = Field(pattern=JOB_ID_PATTERN)
-    batch_request_id: str | None
-    status: str = Field(
-        pattern=r"^[A-Z][A-Z0-9_]*$",
-        description="The API's batch status; statuses the API adds later pass through.",
-    )
-    sequence: int = Field(
-        ge=1, description="Rises per job; drop an event at or below the last seen."
-    )
-    completion_percentage: float
-    tiles: TilesData | None
-    cost_pu: float | None
-    stopped_reason: str | None = Field(
-        description="With STOPPED: USER_ACTION, OUT_OF_PU, UNHEALTHY, DEADLINE, COST_LIMIT."
-    )
-    error: ErrorData | None
-    worker: str = Field(description="The worker process that published the event.")
-    # Always sent; optional in the schema because the contract's v1 example predates it.
-    duplicates_stopped: list[str] = Field(
-        default_factory=list,
-        description="Extension: duplicate batch requests of this job the worker stopped.",
-    )
-
-
-class CommandEventData(_Wire):
-    job_id: str | None = Field(description="Null when the message had no usable job_id.")
-    action: Literal["submit", "start", "cancel"] | None
-    code: str | SkipJsonSchema[None] = Field(
-        default=None,
-        json_schema_extra=_omitted_when_absent,
-        description="Rejections only: why (e.g. MALFORMED_JSON, JOB_CONFLICT).",
-    )
-    message: str | SkipJsonSchema[None] = Field(
-        default=None,
-        json_schema_extra=_omitted_when_absent,
-        description="Rejections only: what was wrong, naming the field.",
-    )
-    worker: str
-
-
-class _CloudEvent(_Wire):
-    specversion: Literal["1.0"]
-    id: str = Field(description="Stable for a re-published event: de-duplicate on it.")
-    source: str = Field(pattern=r"^/batch-worker/[A-Za-z0-9][A-Za-z0-9_-]*$")
-    time: str = Field(pattern=RFC3339_MS_PATTERN)
-    datacontenttype: Literal["application/json"]
-    correlationid: str | SkipJsonSchema[None] = Field(
-        default=None,
-        json_schema_extra=_omitted_when_absent,
-        description="Extension: the request message's correlation_id.",
-    )
-    causationid: str | SkipJsonSchema[None] = Field(
-        default=None,
-        json_schema_extra=_omitted_when_absent,
-        description="Extension: the request message's message_id.",
-    )
-
-
-class JobEvent(_CloudEvent):
-    """batchworker.job.status (routing key job.<status lower>) or .progress (job.progress)."""
-
-    model_config = ConfigDict(title="JobEvent")
-    type: Literal["batchworker.job.status", "batchworker.job.progress"]
-    subject: str = Field(pattern=JOB_ID_PATTERN, description="The job_id.")
-    data: JobEventData
-
-
-class CommandEvent(_CloudEvent):
-    """batchworker.command.accepted / .rejected (routing key command.accepted / .rejected)."""
-
-    model_config = ConfigDict(
-        title="CommandEvent",
-        json_schema_extra={
-            "if": {"properties": {"type": {"const": COMMAND_REJECTED}}},
-            "then": {"properties": {"data": {"required": ["code", "message"]}}},
-        },
-    )
-    type: Literal["batchworker.command.accepted", "batchworker.command.rejected"]
-    subject: str | SkipJsonSchema[None] = Field(
-        default=None,
-        json_schema_extra=_omitted_when_absent,
-        description="The job_id, when one could be read.",
-    )
-    data: CommandEventData
-
-
-# ------------------------------------------------------------------------------------------
-# JSON Schemas, generated from the models above
-# ------------------------------------------------------------------------------------------
-
-_SCHEMA_MODELS: dict[str, tuple[type[BaseModel], Literal["validation", "serialization"]]] = {
-    "job-request.schema.json": (JobRequest, "validation"),
-    "job-event.schema.json": (JobEvent, "serialization"),
-    "command-event.schema.json": (CommandEvent, "serialization"),
-}
-
-
-def schema_documents() -> dict[str, str]:
-    """File name → JSON Schema text, exactly as it belongs in ``worker/wire/schemas/``."""
-    documents = {}
-    for name, (model, mode) in _SCHEMA_MODELS.items():
-        schema = {"$schema": JSON_SCHEMA_DIALECT, **model.model_json_schema(mode=mode)}
-        documents[name] = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
-    return documents
-
-
-def write_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in schema_documents().items():
-        path = directory / name
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-    return written
-
-
-def stale_schemas(directory: Path = SCHEMA_DIR) -> list[str]:
-    """Names of schema files missing or differing from the models."""
-    stale = []
-    for name, text in schema_documents().items():
-        path = directory / name
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            stale.append(name)
-    return stale
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m worker.wire.messages", description="The JSON Schemas of the wire formats."
-    )
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--write-schemas", action="store_true", help="regenerate the files")
-    group.add_argument("--check-schemas", action="store_true", help="exit 1 when they drift")
-    args = parser.parse_args(argv)
-    if args.write_schemas:
-        for path in write_schemas():
-            print(path)
-        return 0
-    stale = stale_schemas()
-    for name in stale:
-        print(f"{name} differs from the models: run python -m worker.wire.messages --write-schemas")
-    return 1 if stale else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

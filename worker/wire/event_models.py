@@ -1,0 +1,141 @@
+"""The events' shapes: CloudEvents 1.0 in structured JSON, as the contract describes them.
+
+``worker.wire.events`` builds these; the JSON Schemas (``worker.wire.schemas``) are made
+from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+)
+from pydantic.json_schema import SkipJsonSchema
+
+from worker.wire.job_requests import JOB_ID_PATTERN
+
+# ------------------------------------------------------------------------------------------
+# What leaves: CloudEvents 1.0, structured JSON (CONTRACT.md "Events")
+# ------------------------------------------------------------------------------------------
+
+JOB_STATUS = "batchworker.job.status"
+JOB_PROGRESS = "batchworker.job.progress"
+COMMAND_ACCEPTED = "batchworker.command.accepted"
+COMMAND_REJECTED = "batchworker.command.rejected"
+EVENT_TYPES = (COMMAND_ACCEPTED, COMMAND_REJECTED, JOB_STATUS, JOB_PROGRESS)
+RFC3339_MS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
+
+
+def _omitted_when_absent(schema: dict[str, Any]) -> None:
+    # Such a field is left out of the JSON when unset, never written as null.
+    schema.pop("default", None)
+
+
+class _Wire(BaseModel):
+    # Consumers must tolerate fields added later, so the schemas stay open.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class TilesData(_Wire):
+    """Tile counts from the delivery bucket; the whole object is null when unreadable."""
+
+    total: int | None = Field(description="Distinct features in the feature manifest.")
+    processed: int = Field(ge=0, description="DONE rows of the execution database.")
+    failed: int = Field(ge=0, description="FATAL rows of the execution database.")
+
+
+class ErrorData(_Wire):
+    source: Literal["worker", "api"]
+    http_status: int | None
+    code: str
+    message: str
+
+
+class JobEventData(_Wire):
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    batch_request_id: str | None
+    status: str = Field(
+        pattern=r"^[A-Z][A-Z0-9_]*$",
+        description="The API's batch status; statuses the API adds later pass through.",
+    )
+    sequence: int = Field(
+        ge=1, description="Rises per job; drop an event at or below the last seen."
+    )
+    completion_percentage: float
+    tiles: TilesData | None
+    cost_pu: float | None
+    stopped_reason: str | None = Field(
+        description="With STOPPED: USER_ACTION, OUT_OF_PU, UNHEALTHY, DEADLINE, COST_LIMIT."
+    )
+    error: ErrorData | None
+    worker: str = Field(description="The worker process that published the event.")
+    # Always sent; optional in the schema because the contract's v1 example predates it.
+    duplicates_stopped: list[str] = Field(
+        default_factory=list,
+        description="Extension: duplicate batch requests of this job the worker stopped.",
+    )
+
+
+class CommandEventData(_Wire):
+    job_id: str | None = Field(description="Null when the message had no usable job_id.")
+    action: Literal["submit", "start", "cancel"] | None
+    code: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="Rejections only: why (e.g. MALFORMED_JSON, JOB_CONFLICT).",
+    )
+    message: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="Rejections only: what was wrong, naming the field.",
+    )
+    worker: str
+
+
+class _CloudEvent(_Wire):
+    specversion: Literal["1.0"]
+    id: str = Field(description="Stable for a re-published event: de-duplicate on it.")
+    source: str = Field(pattern=r"^/batch-worker/[A-Za-z0-9][A-Za-z0-9_-]*$")
+    time: str = Field(pattern=RFC3339_MS_PATTERN)
+    datacontenttype: Literal["application/json"]
+    correlationid: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="Extension: the request message's correlation_id.",
+    )
+    causationid: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="Extension: the request message's message_id.",
+    )
+
+
+class JobEvent(_CloudEvent):
+    """batchworker.job.status (routing key job.<status lower>) or .progress (job.progress)."""
+
+    model_config = ConfigDict(title="JobEvent")
+    type: Literal["batchworker.job.status", "batchworker.job.progress"]
+    subject: str = Field(pattern=JOB_ID_PATTERN, description="The job_id.")
+    data: JobEventData
+
+
+class CommandEvent(_CloudEvent):
+    """batchworker.command.accepted / .rejected (routing key command.accepted / .rejected)."""
+
+    model_config = ConfigDict(
+        title="CommandEvent",
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": COMMAND_REJECTED}}},
+            "then": {"properties": {"data": {"required": ["code", "message"]}}},
+        },
+    )
+    type: Literal["batchworker.command.accepted", "batchworker.command.rejected"]
+    subject: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="The job_id, when one could be read.",
+    )
+    data: CommandEventData
