@@ -49,7 +49,7 @@ BROKER_URL = os.environ.get("BATCH_WORKER_TEST_BROKER_URL", "amqp://guest:guest@
 PG_URL = os.environ.get(
     "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "examples" / "max-ndvi-geotiff.json"
+EXAMPLE = Path(__file__).resolve().parent.parent / "worker" / "examples" / "max-ndvi-geotiff.json"
 
 
 def bodies(n: int) -> list[bytes]:

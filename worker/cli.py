@@ -100,6 +100,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    try:  # what the demo needs beyond the worker's own dependencies: the `demo` extra
+        import moto.server  # noqa: F401
+        import pika  # noqa: F401
+    except ImportError as exc:
+        _problem(f"the demo needs {exc.name or 'its extra'}: pip install 'batch-worker[demo]'")
+        return EXIT_CONFIG
     settings = _settings_or_exit()
     from worker.commands.demo import run_demo
 
@@ -140,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     submit = commands.add_parser("submit", help="publish a job request")
-    submit.add_argument("job", metavar="JOB.json", help="a job request (see config/examples)")
+    submit.add_argument("job", metavar="JOB.json", help="a job request (see worker/examples)")
     submit.add_argument("--wait", action="store_true", help="show live progress until it ends")
     submit.add_argument(
         "--timeout", type=float, default=None, help="give up waiting after this many seconds"

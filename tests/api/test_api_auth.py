@@ -9,6 +9,7 @@ import pytest
 from api_support import FAST, MakeClient, Recorder
 from scripted_server import Reply, ScriptedServer, error_body, task_body
 
+from tests.fakes import FakeClock
 from worker.api.auth import TokenSource
 from worker.api.client import BatchClient
 from worker.api.errors import RateLimited, Unauthorized
@@ -16,14 +17,6 @@ from worker.api.errors import RateLimited, Unauthorized
 pytestmark = pytest.mark.integration
 
 RID = "7f1e3a52-0000-4000-8000-000000000002"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _source(server: ScriptedServer, clock: FakeClock, **kwargs: object) -> TokenSource:

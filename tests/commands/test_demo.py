@@ -37,7 +37,11 @@ def demo_env(
 
 
 def _example_job_ids() -> list[str]:
-    return sorted(json.loads(path.read_text())["job_id"] for path in EXAMPLES.glob("*.json"))
+    return sorted(
+        json.loads(entry.read_text())["job_id"]
+        for entry in EXAMPLES.iterdir()
+        if entry.name.endswith(".json")
+    )
 
 
 def test_demo_runs_the_three_examples_to_done_and_moves_off_a_taken_port(

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from psycopg_pool import ConnectionPool
 
+from tests.fakes import FakeClock
 from worker import lifecycle
 from worker.api.errors import ClientError, NotFound, TransportError
 from worker.api.models import Page, Task
@@ -562,14 +563,6 @@ def test_a_created_request_found_after_the_cancel_is_left_alone_and_logged(
 
 
 # --- liveness of the step threads -----------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class HangingCreate(FakeApi):

@@ -37,7 +37,7 @@ from worker.wire.job_requests import JobRequest
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "worker" / "examples"
 FLEET = "fleet-sim"
 CLIENT_ID, CLIENT_SECRET = "engine-test", "engine-test-secret"
 

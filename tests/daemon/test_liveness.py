@@ -8,21 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fakes import FakeClock
 from worker.api.client import ApiHooks
 from worker.daemon import liveness
 from worker.daemon.health import Health, ProbeServer
 from worker.daemon.liveness import Watchdog, progress_bounds
 from worker.metrics import Metrics
 from worker.settings import Settings
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 # --- bounds ----------------------------------------------------------------------------
 

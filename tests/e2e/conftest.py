@@ -31,7 +31,7 @@ from worker.broker import connection, declare_topology
 from worker.settings import Settings
 from worker.simulator import Running, SimulatorConfig, start_background
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "worker" / "examples"
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_ID = "test-client"
 CLIENT_SECRET = "test-secret-d41d8cd98f"

@@ -12,7 +12,7 @@ import requests
 
 from worker.simulator import Running, SimulatorConfig, start_background
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "worker" / "examples"
 
 # Fast enough that a few-feature job runs in about a second.
 FAST = {

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -29,7 +30,8 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
+# The example jobs are package data, so an installed `batch-worker demo` has them too.
+EXAMPLES = resources.files("worker") / "examples"
 DEMO_BUCKET = "demo-bucket"
 # One database per run (dropped at its end), so demos on one server never share job state.
 DEMO_DATABASE_PREFIX = "batch_worker_demo_"
@@ -104,8 +106,9 @@ def _prepare_bucket(endpoint: str) -> None:
     s3.create_bucket(
         Bucket=DEMO_BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-central-1"}
     )
-    for gpkg in EXAMPLES.glob("*.gpkg"):
-        s3.upload_file(str(gpkg), DEMO_BUCKET, f"inputs/{gpkg.name}")
+    for entry in EXAMPLES.iterdir():
+        if entry.name.endswith(".gpkg"):
+            s3.put_object(Bucket=DEMO_BUCKET, Key=f"inputs/{entry.name}", Body=entry.read_bytes())
 
 
 @contextmanager
@@ -125,8 +128,10 @@ def _demo_database(server_url: str) -> Iterator[str]:
 
 def _example_jobs() -> list[dict[str, Any]]:
     jobs = []
-    for path in sorted(EXAMPLES.glob("*.json")):
-        job = json.loads(path.read_text())
+    for entry in sorted(EXAMPLES.iterdir(), key=lambda entry: entry.name):
+        if not entry.name.endswith(".json"):
+            continue
+        job = json.loads(entry.read_text(encoding="utf-8"))
         if isinstance(job, dict) and "job_id" in job:
             jobs.append(job)
     return jobs

@@ -5,7 +5,7 @@ Written with the standard library's sqlite3 through ``worker.simulator.gpkg`` (G
 the columns the service reads (batch-v2-api.md §5.2): ``id`` (primary key), ``identifier``
 (unique text) and ``resolution`` (metres). Run from the repository root:
 
-    python -m config.examples.make_corsica_fields
+    python scripts/make_corsica_fields.py
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from worker.simulator import gpkg
 
-OUT = Path(__file__).with_name("corsica-fields.gpkg")
+OUT = Path(__file__).resolve().parents[1] / "worker" / "examples" / "corsica-fields.gpkg"
 
 # WKT of EPSG:32632 (WGS 84 / UTM zone 32N).
 UTM_32N = (
