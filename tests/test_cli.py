@@ -184,6 +184,15 @@ def test_definitions_command_reports_bad_settings(
     assert "BATCH_WORKER_HEARTBEAT" in capsys.readouterr().err
 
 
+def test_definitions_command_prints_them_without_a_path(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BATCH_WORKER_DLQ", "other.dlq")
+    assert cli.main(["definitions"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == definitions(topology(Settings(dlq="other.dlq")))
+
+
 def test_schemas_command_checks_the_shipped_files(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["schemas", "--check"]) == 0
     assert capsys.readouterr().err == ""

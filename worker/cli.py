@@ -127,9 +127,12 @@ def _schemas(args: argparse.Namespace) -> int:
 
 def _definitions(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
-    from worker.wire.topology import DEFINITIONS_PATH, write_definitions
+    from worker.wire.topology import render_definitions, write_definitions
 
-    print(write_definitions(settings, args.path or DEFINITIONS_PATH))
+    if args.path is None:
+        sys.stdout.write(render_definitions(settings))
+    else:
+        print(write_definitions(settings, args.path))
     return EXIT_OK
 
 
@@ -200,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         "definitions", help="write the RabbitMQ definitions file for the current settings"
     )
     definitions.add_argument(
-        "path", nargs="?", type=Path, help="where (default: config/rabbitmq/definitions.json)"
+        "path", nargs="?", type=Path, help="write them there (default: print them)"
     )
     definitions.set_defaults(handler=_definitions)
     return parser

@@ -14,7 +14,9 @@ import pytest
 
 from worker.broker import connection, declare_topology, ensure_connected
 from worker.settings import ENV_PREFIX, Settings
-from worker.wire.topology import DEFINITIONS_PATH, definitions, render_definitions, topology
+from worker.wire.topology import definitions, render_definitions, topology
+
+DEFINITIONS_PATH = Path(__file__).resolve().parents[2] / "config" / "rabbitmq" / "definitions.json"
 
 
 def pika_params(broker_url: str) -> pika.URLParameters:

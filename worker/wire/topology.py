@@ -18,7 +18,6 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFINITIONS_PATH = Path(__file__).resolve().parents[2] / "config" / "rabbitmq" / "definitions.json"
 DEFAULT_EXCHANGE = ""
 
 
@@ -166,7 +165,7 @@ def render_definitions(settings: Settings, *, vhost: str = "/") -> str:
     return json.dumps(definitions(topology(settings), vhost=vhost), indent=2) + "\n"
 
 
-def write_definitions(settings: Settings, path: Path = DEFINITIONS_PATH) -> Path:
+def write_definitions(settings: Settings, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_definitions(settings), encoding="utf-8")
     log.info("wrote RabbitMQ definitions", extra={"path": str(path)})
