@@ -20,6 +20,7 @@ from amqp import spec as amqp_spec
 from amqp.transport import TCPTransport
 from kombu.connection import Connection
 
+from worker import APP_ID
 from worker.settings import Settings
 from worker.wire.topology import (
     Topology,
@@ -41,7 +42,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-APP_ID = "batch-worker"
 CONNECT_TIMEOUT = 10.0
 
 # kombu's ensure_connection back-off: 0.5 s, then 1.5, 2.5, ... capped at 5 s. Bounded so

@@ -29,6 +29,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from worker import __version__
 from worker.lifecycle import KNOWN_STATUSES, TERMINAL
+from worker.wire.job_requests import ACTIONS
 
 if TYPE_CHECKING:
     from worker.api.client import ApiHooks
@@ -63,7 +64,6 @@ OTHER = "OTHER"
 NO_REASON = ""
 
 # A rejected message may name any action at all: only the contract's three become labels.
-ACTIONS = frozenset({"submit", "start", "cancel"})
 OUTCOMES = frozenset({"accepted", "rejected"})
 IN_FLIGHT_STATUSES = ("PENDING_CREATE", *(s for s in KNOWN_STATUSES if s not in TERMINAL))
 

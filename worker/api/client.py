@@ -20,6 +20,7 @@ from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 
+from worker import APP_ID, __version__
 from worker.api import pages
 from worker.api.auth import ENDPOINT as TOKEN_ENDPOINT
 from worker.api.auth import TokenSource, retry_after_seconds
@@ -45,7 +46,6 @@ __all__ = ["ApiHooks", "BatchClient", "RetryPolicy"]
 
 logger = logging.getLogger(__name__)
 
-_USER_AGENT = "batch-worker"
 _MESSAGE_LIMIT = 300  # characters of a non-JSON error body kept in an error message
 # Creates wait for tokens nobody else wants: a status read or an action on a running job
 # is what a job's latency waits on, and a storm of creates must not queue ahead of it.
@@ -158,7 +158,7 @@ class BatchClient:
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("https://", adapter)
         self._session.mount("http://", adapter)
-        self._session.headers["User-Agent"] = _USER_AGENT
+        self._session.headers["User-Agent"] = f"{APP_ID}/{__version__}"
 
     @classmethod
     def from_settings(cls, settings: Settings, *, hooks: ApiHooks | None = None) -> BatchClient:

@@ -23,9 +23,8 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from worker.broker import connection
+from worker.lifecycle import TERMINAL
 from worker.settings import Settings
-
-TERMINAL = frozenset({"DONE", "FAILED", "STOPPED"})
 
 # What a command-line client of the broker may meet: refused or lost connections (OSError,
 # kombu's OperationalError after retries) and the broker's own refusals (no such exchange).

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -42,11 +41,11 @@ from worker.api.errors import ApiError, NotFound
 from worker.api.models import TaskStatus
 from worker.daemon.actions import BatchApi, snapshot
 from worker.lifecycle import DuplicateFound, Observation, TaskMissing, TaskSeen
+from worker.lifecycle.jobs import TAG_WORD
 from worker.store.jobs import PollTarget
 
 log = logging.getLogger(__name__)
 
-_TAG_WORD = re.compile(r"\bbw[0-9a-f]{30}\b")
 # A duplicate is worth reporting only while a stop can still reach it and it can still
 # spend processing units (§3.2): CREATED costs nothing and cannot be stopped, and nobody
 # will start it; the final statuses are over.
@@ -323,7 +322,7 @@ class Poller:
     def _check_duplicate(
         self, task: TaskStatus, by_tag: dict[str, PollTarget], result: PollResult
     ) -> None:
-        for tag in _TAG_WORD.findall(task.description or ""):
+        for tag in TAG_WORD.findall(task.description or ""):
             target = by_tag.get(tag)
             if target is None or target.batch_request_id == task.id:
                 continue

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime
 from typing import Any
 
 from worker.lifecycle.state import Echo, JobState, Phase
 
 TAG_PREFIX = "bw"
+# A tag as a word of a description (the poller finds the fleet's requests by it).
+TAG_WORD = re.compile(rf"\b{TAG_PREFIX}[0-9a-f]{{30}}\b")
 
 
 def tag_for(fleet_id: str, job_id: str) -> str:

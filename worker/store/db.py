@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from worker import APP_ID
 from worker.settings import Settings
 from worker.store import capacity, outbox
 from worker.store import jobs as store
@@ -36,7 +37,7 @@ def open_pool(
         min_size=min_size,
         max_size=max_size,
         open=False,
-        name="batch-worker",
+        name=APP_ID,
         # Autocommit off: each `with pool.connection()` block is one transaction.
         kwargs={"autocommit": False},
         configure=_configure,

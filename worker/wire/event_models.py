@@ -15,7 +15,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from worker.wire.job_requests import JOB_ID_PATTERN
+from worker.wire.job_requests import JOB_ID_PATTERN, Action
 
 # ------------------------------------------------------------------------------------------
 # What leaves: CloudEvents 1.0, structured JSON (CONTRACT.md "Events")
@@ -81,7 +81,7 @@ class JobEventData(_Wire):
 
 class CommandEventData(_Wire):
     job_id: str | None = Field(description="Null when the message had no usable job_id.")
-    action: Literal["submit", "start", "cancel"] | None
+    action: Action | None
     code: str | SkipJsonSchema[None] = Field(
         default=None,
         json_schema_extra=_omitted_when_absent,

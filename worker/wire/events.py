@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import orjson
 
+from worker import APP_ID
 from worker.lifecycle import KNOWN_STATUSES, Echo, JobState
 from worker.redact import redact
 from worker.wire.event_models import (
@@ -29,10 +30,9 @@ from worker.wire.event_models import (
     JobEventData,
     TilesData,
 )
-from worker.wire.job_requests import Rejection
+from worker.wire.job_requests import ACTIONS, Rejection
 from worker.wire.outgoing import OutboxMessage
 
-APP_ID = "batch-worker"
 CONTENT_TYPE = "application/cloudevents+json"
 PERSISTENT = 2
 
@@ -163,7 +163,7 @@ def command_event(
     # one per message, and the model's validation and dump cost more than the rest here.
     data: dict[str, Any] = {
         "job_id": job_id,
-        "action": action if action in ("submit", "start", "cancel") else None,
+        "action": action if action in ACTIONS else None,
     }
     if rejection is not None:
         data["code"] = str(rejection.code)

@@ -22,7 +22,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 from pydantic import (
@@ -38,7 +38,8 @@ from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
-ACTIONS = ("submit", "start", "cancel")
+Action = Literal["submit", "start", "cancel"]
+ACTIONS: tuple[Action, ...] = get_args(Action)
 SUBMIT_ONLY_FIELDS = ("request", "batch_request_id", "auto_start", "deadline", "max_cost_pu")
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
@@ -111,7 +112,7 @@ class JobRequest(BaseModel):
     job_id: str = Field(
         pattern=JOB_ID_PATTERN, description="The producer's key for the job within its fleet."
     )
-    action: Literal["submit", "start", "cancel"] = "submit"
+    action: Action = "submit"
     request: dict[str, Any] | None = Field(
         default=None,
         description="A Batch V2 create payload, as the API takes it.",
