@@ -25,13 +25,14 @@ demo: $(STAMP) services
 	$(BIN)/batch-worker demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker tests bench examples
-	$(BIN)/ruff format --check worker tests bench examples
+	$(BIN)/ruff check worker tests bench examples scripts
+	$(BIN)/ruff format --check worker tests bench examples scripts
 	# the layers of docs/design.md: a module imports only from layers below its own
 	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy scripts/chart_readme.py
 
 # Most tests wait on I/O (jobs running in the simulator), so four processes share two cores
 # well; the few that restart the shared broker run alone afterwards.

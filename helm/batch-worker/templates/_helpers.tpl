@@ -34,6 +34,17 @@ app.kubernetes.io/component: worker
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/*
+The chart test pod's labels: the release's, but not the worker's selector labels, so that
+neither the Service nor the PodDisruptionBudget nor the NetworkPolicy selects it.
+*/}}
+{{- define "batch-worker.testLabels" -}}
+helm.sh/chart: {{ include "batch-worker.chart" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: chart-test
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "batch-worker.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "batch-worker.fullname" .) .Values.serviceAccount.name }}
@@ -51,7 +62,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- /* toString: a tag given as a number (the schema refuses one) never renders as %!s(...). */}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
 {{- end }}
 {{- end }}
 
@@ -123,7 +135,7 @@ probe must give it that long once /healthz fails, or it cuts the hand-back of it
 {{- end }}
 {{- end }}
 
-{{/* The KEDA query: this fleet's jobs in flight (see worker/store.py, table bw_jobs). */}}
+{{/* The KEDA query: this fleet's jobs in flight (see worker/store/jobs.py, table bw_jobs). */}}
 {{- define "batch-worker.activeJobsQuery" -}}
 {{- $fleet := default "default" .Values.config.FLEET_ID | toString }}
 {{- if not (regexMatch "^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$" $fleet) }}
