@@ -2,6 +2,10 @@
 
 The rules, and why, are in ``docs/lifecycle.md``; the sections of batch-v2-api.md cited
 here are where the API behaviour they rely on is documented.
+
+Past the ~450-line guide on purpose: this is one transition function. Its phases (pending,
+creating, tracking, ending) hand one draft to each other and to the guards (deadline, cost,
+cancel) that every phase applies; split across modules, a rule would be read in three files.
 """
 
 from __future__ import annotations
