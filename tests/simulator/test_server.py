@@ -92,6 +92,21 @@ def test_create_echoes_the_request_with_defaults_and_masked_keys(api: Api) -> No
         (lambda r: r.pop("output"), "output"),
         (lambda r: r["output"]["delivery"]["s3"].update(url="s3://b/<tileName>"), None),
         (lambda r: r["output"]["delivery"]["s3"].update(url="http://b"), "s3://"),
+        # What only the service checks, past the shared model the worker applies too:
+        (lambda r: r["processRequest"]["output"].update(width=512), "output.width' is not allowed"),
+        (
+            lambda r: r["output"]["delivery"]["s3"].update(url="s3://b/<tileName>/<colour>.tif"),
+            "Unknown placeholder <colour>",
+        ),
+        (
+            lambda r: r.update(
+                input={
+                    "type": "geopackage",
+                    "features": {"s3": {"url": "s3://b/fields.json", "iamRoleARN": "arn:r"}},
+                }
+            ),
+            "must point to a .gpkg file",
+        ),
     ],
 )
 def test_create_validates_like_the_api(api: Api, change, message: str | None) -> None:  # type: ignore[no-untyped-def]
@@ -101,6 +116,25 @@ def test_create_validates_like_the_api(api: Api, change, message: str | None) ->
     if message is None:
         assert response.status_code == 201
         return
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "COMMON_BAD_PAYLOAD" and message in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda r: r["output"]["delivery"]["s3"].update(url="s3://b/<tileName>/zarr"),
+            "may only contain the <requestId> placeholder",
+        ),
+        (lambda r: r["output"]["arrayParameters"].pop("dtype"), "has no 'dtype'"),
+    ],
+)
+def test_create_checks_zarr_outputs_like_the_api(api: Api, change, message: str) -> None:  # type: ignore[no-untyped-def]
+    request = example_request("max-ndvi-zarr.json")
+    change(request)
+    response = api.post("/process", json=request)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "COMMON_BAD_PAYLOAD" and message in error["message"]

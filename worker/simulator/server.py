@@ -15,8 +15,6 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from pydantic import ValidationError
 
-from worker.api.errors import PayloadInvalid
-from worker.api.models import validate_create_payload
 from worker.simulator.grids import GRIDS
 from worker.simulator.jobs import Conflict, IllegalAction
 from worker.simulator.service import Simulator
@@ -160,20 +158,15 @@ async def token(request: web.Request) -> web.Response:
 async def create(request: web.Request) -> web.Response:
     sim = request.app[SIMULATOR]
     try:
-        payload, in_part = await _create_payload(request)
-        # The shared payload rules first (worker.api.models), then the service-side checks
-        # a client cannot make (grids and their resolutions, credentials).
-        validate_create_payload(payload)
-        validate_create(payload, evalscript_in_part=in_part)
-    except PayloadInvalid as exc:
-        return error(400, exc.message, "COMMON_BAD_PAYLOAD")
+        payload = await _create_payload(request)
+        validate_create(payload)
     except PayloadError as exc:
         return error(400, str(exc), "COMMON_BAD_PAYLOAD")
     job = sim.create(payload, time.time())
     return web.json_response(job.to_api(time.time()), status=201)
 
 
-async def _create_payload(request: web.Request) -> tuple[Any, bool]:
+async def _create_payload(request: web.Request) -> Any:
     """JSON body, or multipart with ``request`` and ``evalscript`` parts (§2, §5)."""
     if request.content_type.startswith("multipart/"):
         parts: dict[str, str] = {}
@@ -189,9 +182,9 @@ async def _create_payload(request: web.Request) -> tuple[Any, bool]:
             process = payload.get("processRequest")
             if isinstance(process, dict):
                 process["evalscript"] = parts["evalscript"]
-        return payload, "evalscript" in parts
+        return payload
     try:
-        return await request.json(), False
+        return await request.json()
     except ValueError as exc:
         raise PayloadError("The request body is not valid JSON.") from exc
 
