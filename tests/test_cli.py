@@ -93,6 +93,28 @@ def test_run_reports_a_taken_metrics_port_as_configuration() -> None:
     )
 
 
+def test_a_mistyped_variable_is_named_beside_the_problem_it_causes() -> None:
+    env = clean_env(CLIENTID="client", CLIENT_SECRET=SECRET)
+    result = run_cli("run", env=env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "batch-worker: configuration: BATCH_WORKER_CLIENT_ID: required to run the worker",
+        "batch-worker: warning: BATCH_WORKER_CLIENTID (in the environment) is not a setting"
+        " and is ignored; did you mean BATCH_WORKER_CLIENT_ID?",
+    ]
+
+
+def test_other_commands_warn_about_unknown_names_before_they_start(tmp_path: Path) -> None:
+    env = clean_env(BROKER_ULR=f"amqp://guest:{SECRET}@rabbit//")
+    result = run_cli("submit", str(tmp_path / "no-such-job.json"), env=env)
+    assert result.returncode == 2  # the missing file: nothing was published
+    assert result.stderr.splitlines()[0] == (
+        "batch-worker: warning: BATCH_WORKER_BROKER_ULR (in the environment) is not a setting"
+        " and is ignored; did you mean BATCH_WORKER_BROKER_URL?"
+    )
+    assert SECRET not in result.stderr + result.stdout
+
+
 def test_every_command_has_help() -> None:
     parser = build_parser()
     commands = ["run", "submit", "status", "dlq", "simulate", "demo"]

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from worker import __version__
-from worker.settings import Settings, SettingsError, load_settings, require_credentials
+from worker.settings import (
+    Settings,
+    SettingsError,
+    load_settings,
+    require_credentials,
+    unknown_settings,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 
-def _settings_or_exit(*, credentials: bool = False) -> Settings:
+def _settings_or_exit(*, credentials: bool = False, warn: bool = True) -> Settings:
+    """The settings, or exit 2 with one line per problem. Names given that are not settings
+    are warned about here (``warn``), or by the caller once its logging is set up."""
     try:
         settings = load_settings()
         if credentials:
@@ -24,7 +33,13 @@ def _settings_or_exit(*, credentials: bool = False) -> Settings:
     except SettingsError as exc:
         for problem in exc.problems:
             _problem(f"configuration: {problem}")
+        # A mistyped name is often the cause of a missing setting: say so in the same place.
+        for line in unknown_settings():
+            _problem(f"warning: {line}")
         raise SystemExit(EXIT_CONFIG) from None
+    if warn:
+        for line in unknown_settings():
+            _problem(f"warning: {line}")
     return settings
 
 
@@ -33,13 +48,16 @@ def _problem(text: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit(credentials=True)
+    settings = _settings_or_exit(credentials=True, warn=False)
     from psycopg_pool import PoolTimeout
 
     from worker.daemon.supervisor import Daemon
     from worker.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
+    # Into the worker's own log, where whoever runs it reads the rest of its start-up.
+    for line in unknown_settings():
+        logging.getLogger("worker.settings").warning(line)
     try:
         return Daemon(settings).run()
     except OSError as exc:
