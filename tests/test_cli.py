@@ -89,7 +89,21 @@ def test_run_reports_a_taken_metrics_port_as_configuration() -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip() == (
-        f"batch-worker: configuration: BATCH_WORKER_METRICS_PORT: port {port} is in use"
+        "batch-worker: configuration: BATCH_WORKER_METRICS_PORT:"
+        f" cannot listen on 0.0.0.0:{port}: address already in use"
+    )
+
+
+def test_simulate_on_a_taken_port_says_so_in_one_line_and_exits_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("simulate", "--port", str(port), env=clean_env())
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip() == (
+        f"batch-worker: simulate: cannot listen on 127.0.0.1:{port}: address already in use"
     )
 
 

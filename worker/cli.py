@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,10 +47,17 @@ def _problem(text: str) -> None:
     print(f"batch-worker: {text}", file=sys.stderr)
 
 
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    # The system's words for the errno: asyncio's strerror repeats the address.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return f"cannot listen on {host}:{port}: {reason[:1].lower()}{reason[1:]}"
+
+
 def _run(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(credentials=True, warn=False)
     from psycopg_pool import PoolTimeout
 
+    from worker.daemon.health import ListenError
     from worker.daemon.supervisor import Daemon
     from worker.logs import setup_logging
 
@@ -60,12 +67,10 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("worker.settings").warning(line)
     try:
         return Daemon(settings).run()
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
+    except ListenError as exc:
         # The probe server binds first; a taken port is a configuration problem.
         _problem(
-            f"configuration: BATCH_WORKER_METRICS_PORT: port {settings.metrics_port} is in use"
+            f"configuration: BATCH_WORKER_METRICS_PORT: {_cannot_listen(exc.host, exc.port, exc)}"
         )
         return EXIT_CONFIG
     except PoolTimeout:
@@ -113,7 +118,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from worker.simulator import config_from_args, serve
 
     setup_logging("INFO", "auto")
-    serve(config_from_args(args), host=args.host, port=args.port)
+    try:
+        serve(config_from_args(args), host=args.host, port=args.port)
+    except OSError as exc:
+        _problem(f"simulate: {_cannot_listen(args.host, args.port, exc)}")
+        return EXIT_CONFIG
     return EXIT_OK
 
 
