@@ -55,11 +55,10 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(credentials=True, warn=False)
-    from psycopg_pool import PoolTimeout
-
     from worker.daemon.health import ListenError
     from worker.daemon.supervisor import Daemon
     from worker.logs import setup_logging
+    from worker.store.db import DatabaseUnusable
 
     setup_logging(settings.log_level, settings.log_format)
     # Into the worker's own log, where whoever runs it reads the rest of its start-up.
@@ -73,10 +72,11 @@ def _run(args: argparse.Namespace) -> int:
             f"configuration: BATCH_WORKER_METRICS_PORT: {_cannot_listen(exc.host, exc.port, exc)}"
         )
         return EXIT_CONFIG
-    except PoolTimeout:
-        # The pool's own message says nothing useful; the URL's password must not be shown.
-        _problem("cannot reach PostgreSQL (BATCH_WORKER_DATABASE_URL); giving up")
-        return EXIT_FAILURE
+    except DatabaseUnusable as exc:
+        # A missing database or a refused login is configuration; an unreachable server
+        # is not (it may be on its way up), and was waited for.
+        _problem(f"{exc} (BATCH_WORKER_DATABASE_URL); giving up")
+        return EXIT_CONFIG if exc.configuration else EXIT_FAILURE
 
 
 def _submit(args: argparse.Namespace) -> int:

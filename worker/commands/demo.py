@@ -170,18 +170,21 @@ def _publish(broker_url: str, queue: str, jobs: list[dict[str, Any]]) -> None:
 
 def run_demo(base: Settings, *, speed: float | None = None, keep_going: bool = False) -> int:
     """Run the demo to its end: 0 when every example job has ended, 2 when RabbitMQ or
-    PostgreSQL is not reachable, 130 on Ctrl-C (everything it started is stopped)."""
+    PostgreSQL is not usable, 130 on Ctrl-C (everything it started is stopped)."""
     from worker.logs import setup_logging
+    from worker.store.db import probe
 
     console = Console()
     problems = []
     if not _reachable(base.broker_url.get_secret_value(), 5672):
         problems.append("RabbitMQ is not reachable (BATCH_WORKER_BROKER_URL)")
-    if not _reachable(base.database_url.get_secret_value(), 5432):
-        problems.append("PostgreSQL is not reachable (BATCH_WORKER_DATABASE_URL)")
+    database = probe(base.database_url.get_secret_value())
+    if database is not None:
+        problems.append(f"{database} (BATCH_WORKER_DATABASE_URL)")
     if problems:
         for problem in problems:
-            console.print(f"[red]demo: {problem}[/]; `make demo` starts local ones.")
+            console.print(f"demo: {problem}", style="red", markup=False, highlight=False)
+        console.print("`make demo` starts local ones when none is reachable.", markup=False)
         return 2
 
     log_path = Path("demo-output") / "worker.log"
