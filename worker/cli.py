@@ -95,9 +95,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _dlq(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
+    from worker.broker import broker_problem
     from worker.commands import dlq
     from worker.commands.follow import BROKER_ERRORS
-    from worker.redact import redact_text
 
     try:
         if args.dlq_command == "list":
@@ -109,7 +109,8 @@ def _dlq(args: argparse.Namespace) -> int:
         return dlq.purge(settings, confirmed=args.yes)
     except BROKER_ERRORS as exc:
         # Whatever was fetched and not acked goes back to the DLQ with the channel.
-        _problem(f"dlq {args.dlq_command}: {redact_text(str(exc)) or type(exc).__name__}")
+        url = settings.broker_url.get_secret_value()
+        _problem(f"dlq {args.dlq_command}: {broker_problem(url, exc)}")
         return EXIT_FAILURE
 
 

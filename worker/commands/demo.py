@@ -40,13 +40,17 @@ DEFAULT_SPEED = 30.0
 EXIT_INTERRUPTED = 130
 
 
-def _reachable(url: str, port: int) -> bool:
-    parts = urlsplit(url)
+def _broker_problem(settings: Settings) -> str | None:
+    """None when the broker takes a connection, else one line naming what was tried."""
+    from worker.broker import broker_problem, connection
+    from worker.commands.follow import BROKER_ERRORS
+
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or port), 2):
-            return True
-    except OSError:
-        return False
+        with connection(settings, purpose="demo check") as conn:
+            conn.ensure_connection(max_retries=1)
+    except BROKER_ERRORS as exc:
+        return broker_problem(settings.broker_url.get_secret_value(), exc)
+    return None
 
 
 def _free_port() -> int:
@@ -176,8 +180,9 @@ def run_demo(base: Settings, *, speed: float | None = None, keep_going: bool = F
 
     console = Console()
     problems = []
-    if not _reachable(base.broker_url.get_secret_value(), 5672):
-        problems.append("RabbitMQ is not reachable (BATCH_WORKER_BROKER_URL)")
+    broker = _broker_problem(base)
+    if broker is not None:
+        problems.append(f"{broker} (BATCH_WORKER_BROKER_URL)")
     database = probe(base.database_url.get_secret_value())
     if database is not None:
         problems.append(f"{database} (BATCH_WORKER_DATABASE_URL)")
