@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from worker.settings import (
+    DEFAULT_SECRETS_DIR,
     ENV_PREFIX,
     Deployment,
     Settings,
@@ -197,6 +198,9 @@ def test_every_default_the_docs_give_is_the_one_the_settings_have(path: Path) ->
     assert {"PREFETCH", "MAX_IN_FLIGHT", "POLL_INTERVAL", "DATABASE_URL"} <= set(documented)
     defaults = Settings.model_fields
     for name, value in documented.items():
+        if name == "SECRETS_DIR":  # read before the settings are, so not one of their fields
+            assert value == DEFAULT_SECRETS_DIR, f"{path.name}: SECRETS_DIR is not {value}"
+            continue
         field = defaults[name.lower()]
         default = field.default
         if hasattr(default, "get_secret_value"):
@@ -297,3 +301,29 @@ def test_kubernetes_service_links_are_not_taken_for_mistakes(
     # Without the service's host, BATCH_WORKER_PORT is somebody's guess at a setting.
     monkeypatch.delenv("BATCH_WORKER_SERVICE_HOST")
     assert any(line.startswith("BATCH_WORKER_PORT ") for line in unknown_settings())
+
+
+def table_names(path: Path) -> set[str]:
+    """Every ``NAME`` in the first cell of the configuration table (the rows whose first
+    cell is a list of code-spelled upper-case names)."""
+    found: set[str] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) < 4 or not re.fullmatch(r"(`[A-Z][A-Z0-9_]*`(, )?)+", cells[1]):
+            continue
+        found.update(re.findall(r"`([A-Z][A-Z0-9_]*)`", cells[1]))
+    return found
+
+
+def test_the_readme_table_lists_every_setting_and_nothing_else() -> None:
+    listed = table_names(DOCUMENTED[0])
+    settings = {name.removeprefix(ENV_PREFIX) for name in setting_names()}
+
+    assert settings - listed == set(), "settings missing from the README's table"
+    assert listed - settings == set(), "names in the README's table that are not settings"
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: p.name)
+def test_every_name_a_configuration_table_gives_is_a_setting(path: Path) -> None:
+    settings = {name.removeprefix(ENV_PREFIX) for name in setting_names()}
+    assert table_names(path) - settings == set()
