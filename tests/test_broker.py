@@ -7,7 +7,9 @@ import ssl
 import struct
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlsplit, urlunsplit
 
+import kombu.exceptions
 import pytest
 from amqp.transport import TCPTransport
 
@@ -121,3 +123,86 @@ def test_a_run_of_drains_sets_the_socket_timeout_once_and_puts_it_back() -> None
     finally:
         left.close()
         right.close()
+
+
+PASSWORD = "pw-Zq81x-never-shown"
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        (
+            f"amqp://worker:{PASSWORD}@rabbit.example:5672//",
+            'rabbit.example:5672 vhost "/" (no TLS)',
+        ),
+        # kombu's defaults: vhost "/" when none is given, port 5671 with TLS
+        ("amqp://rabbit.example", 'rabbit.example:5672 vhost "/" (no TLS)'),
+        (f"amqps://u:{PASSWORD}@rabbit.example/prod", 'rabbit.example:5671 vhost "prod" (TLS)'),
+        ("amqps://rabbit.example:5000/%2Fprod", 'rabbit.example:5000 vhost "/prod" (TLS)'),
+        ("amqp://u@[::1]:5673//", '[::1]:5673 vhost "/" (no TLS)'),
+        (
+            f"amqp://u:{PASSWORD}@a.example//;amqps://u:{PASSWORD}@b.example/prod",
+            'a.example:5672 vhost "/" (no TLS) or b.example:5671 vhost "prod" (TLS)',
+        ),
+    ],
+)
+def test_the_target_names_each_host_its_vhost_and_tls_never_the_credentials(
+    url: str, target: str
+) -> None:
+    assert broker.broker_target(url) == target
+
+
+def _connect_error(url: str) -> BaseException:
+    conn = broker.connection(Settings(broker_url=url), purpose="test")
+    try:
+        conn.ensure_connection(max_retries=1, interval_start=0.01)
+    except Exception as exc:
+        return exc
+    finally:
+        conn.release()
+    raise AssertionError(f"connected to {url}")
+
+
+def test_a_broker_that_is_down_is_named_with_every_host_tried() -> None:
+    # Nothing listens on ports 1 and 2 of this machine.
+    url = f"amqp://guest:{PASSWORD}@127.0.0.1:1//;amqp://guest:{PASSWORD}@127.0.0.1:2/prod"
+
+    text = broker.broker_problem(url, _connect_error(url))
+
+    assert text == (
+        'cannot reach RabbitMQ at 127.0.0.1:1 vhost "/" (no TLS) or 127.0.0.1:2 vhost "prod"'
+        " (no TLS): [Errno 111] Connection refused"
+    )
+
+
+@pytest.mark.integration
+def test_a_refused_login_names_the_broker_and_the_user_not_the_password(broker_url: str) -> None:
+    parts = urlsplit(broker_url)
+    url = urlunsplit(parts._replace(netloc=f"guest:{PASSWORD}@{parts.hostname}:{parts.port}"))
+
+    text = broker.broker_problem(url, _connect_error(url))
+
+    assert text.startswith(
+        f'RabbitMQ at {parts.hostname}:{parts.port} vhost "/" (no TLS) refused the login'
+        " of user 'guest': ACCESS_REFUSED"
+    )
+    assert PASSWORD not in text
+
+
+def test_retrying_to_connect_logs_what_it_tries(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(broker.CONNECT_RETRY, "max_retries", 1)
+    monkeypatch.setitem(broker.CONNECT_RETRY, "interval_start", 0.01)
+    settings = Settings(broker_url=f"amqp://guest:{PASSWORD}@127.0.0.1:1/jobs")
+
+    with (
+        caplog.at_level("WARNING", logger="worker.broker"),
+        pytest.raises(kombu.exceptions.OperationalError),
+    ):
+        broker.ensure_connected(broker.connection(settings, purpose="publish"))
+
+    assert [r.getMessage() for r in caplog.records] == [
+        'cannot reach RabbitMQ at 127.0.0.1:1 vhost "jobs" (no TLS): [Errno 111] Connection'
+        " refused; retrying in 0.0 s"
+    ]

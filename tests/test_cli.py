@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -89,8 +91,102 @@ def test_run_reports_a_taken_metrics_port_as_configuration() -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip() == (
-        f"batch-worker: configuration: BATCH_WORKER_METRICS_PORT: port {port} is in use"
+        "batch-worker: configuration: BATCH_WORKER_METRICS_PORT:"
+        f" cannot listen on 0.0.0.0:{port}: address already in use"
     )
+
+
+def test_simulate_on_a_taken_port_says_so_in_one_line_and_exits_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("simulate", "--port", str(port), env=clean_env())
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip() == (
+        f"batch-worker: simulate: cannot listen on 127.0.0.1:{port}: address already in use"
+    )
+
+
+def test_a_mistyped_variable_is_named_beside_the_problem_it_causes() -> None:
+    env = clean_env(CLIENTID="client", CLIENT_SECRET=SECRET)
+    result = run_cli("run", env=env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "batch-worker: configuration: BATCH_WORKER_CLIENT_ID: required to run the worker",
+        "batch-worker: warning: BATCH_WORKER_CLIENTID (in the environment) is not a setting"
+        " and is ignored; did you mean BATCH_WORKER_CLIENT_ID?",
+    ]
+
+
+def test_other_commands_warn_about_unknown_names_before_they_start(tmp_path: Path) -> None:
+    env = clean_env(BROKER_ULR=f"amqp://guest:{SECRET}@rabbit//")
+    result = run_cli("submit", str(tmp_path / "no-such-job.json"), env=env)
+    assert result.returncode == 2  # the missing file: nothing was published
+    assert result.stderr.splitlines()[0] == (
+        "batch-worker: warning: BATCH_WORKER_BROKER_ULR (in the environment) is not a setting"
+        " and is ignored; did you mean BATCH_WORKER_BROKER_URL?"
+    )
+    assert SECRET not in result.stderr + result.stdout
+
+
+def _missing_database(server_url: str) -> str:
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/bw_missing_{uuid.uuid4().hex[:8]}"))
+
+
+@pytest.mark.integration
+def test_run_against_a_database_that_does_not_exist_says_so_at_once(pg_server_url: str) -> None:
+    url = _missing_database(pg_server_url)
+    parts = urlsplit(url)
+    env = clean_env(
+        CLIENT_ID="client",
+        CLIENT_SECRET=SECRET,
+        DATABASE_URL=url,
+        METRICS_PORT=0,
+        LOG_FORMAT="json",
+        POLL_INTERVL="5",
+    )
+    started = time.monotonic()
+    result = run_cli("run", env=env)
+    assert result.returncode == 2
+    assert time.monotonic() - started < 25  # not the 30 s a server that is down gets
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip() == (
+        f"batch-worker: PostgreSQL at {parts.hostname}:{parts.port or 5432}{parts.path}:"
+        " the database does not exist (BATCH_WORKER_DATABASE_URL); giving up"
+    )
+    # The unknown name went to the worker's log, where its start-up is read.
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    warnings = [r for r in records if r["level"] == "WARNING" and r["logger"] == "worker.settings"]
+    assert [r["message"] for r in warnings] == [
+        "BATCH_WORKER_POLL_INTERVL (in the environment) is not a setting and is ignored;"
+        " did you mean BATCH_WORKER_POLL_INTERVAL?"
+    ]
+
+
+@pytest.mark.integration
+def test_run_with_a_login_postgresql_refuses_names_the_user_not_the_password(
+    pg_server_url: str,
+) -> None:
+    # The test server trusts every local login it knows, so a wrong password cannot be
+    # shown here; a role it does not know is a login it refuses all the same.
+    parts = urlsplit(pg_server_url)
+    role = f"bw_nobody_{uuid.uuid4().hex[:6]}"
+    netloc = f"{role}:{SECRET}@{parts.hostname}:{parts.port or 5432}"
+    env = clean_env(
+        CLIENT_ID="client",
+        CLIENT_SECRET="another-one",
+        DATABASE_URL=urlunsplit(parts._replace(netloc=netloc)),
+        METRICS_PORT=0,
+    )
+    result = run_cli("run", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"batch-worker: PostgreSQL at {parts.hostname}:{parts.port or 5432}{parts.path}:"
+        f" authentication failed for user '{role}' (BATCH_WORKER_DATABASE_URL); giving up"
+    )
+    assert SECRET not in result.stderr + result.stdout
 
 
 def test_every_command_has_help() -> None:

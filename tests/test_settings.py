@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 
 from worker.settings import (
+    DEFAULT_SECRETS_DIR,
     ENV_PREFIX,
     Deployment,
     Settings,
     SettingsError,
     load_settings,
     require_credentials,
+    setting_names,
+    unknown_settings,
 )
 
 SECRET = "cl13nt-s3cr3t-value"
@@ -195,6 +198,9 @@ def test_every_default_the_docs_give_is_the_one_the_settings_have(path: Path) ->
     assert {"PREFETCH", "MAX_IN_FLIGHT", "POLL_INTERVAL", "DATABASE_URL"} <= set(documented)
     defaults = Settings.model_fields
     for name, value in documented.items():
+        if name == "SECRETS_DIR":  # read before the settings are, so not one of their fields
+            assert value == DEFAULT_SECRETS_DIR, f"{path.name}: SECRETS_DIR is not {value}"
+            continue
         field = defaults[name.lower()]
         default = field.default
         if hasattr(default, "get_secret_value"):
@@ -204,3 +210,120 @@ def test_every_default_the_docs_give_is_the_one_the_settings_have(path: Path) ->
             continue
         shown = str(default.value if hasattr(default, "value") else default)
         assert shown == value, f"{path.name}: {name} is documented as {value!r}, set to {shown!r}"
+
+
+def test_a_mistyped_variable_is_named_with_the_closest_setting_and_never_its_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BATCH_WORKER_CLIENTID", SECRET)
+    monkeypatch.setenv("BATCH_WORKER_CLIENT_SECRET", SECRET)
+
+    lines = unknown_settings()
+
+    assert lines == [
+        "BATCH_WORKER_CLIENTID (in the environment) is not a setting and is ignored;"
+        " did you mean BATCH_WORKER_CLIENT_ID?"
+    ]
+    assert load_settings().client_id == ""  # ignored indeed: that is why it is worth a line
+
+
+def test_unknown_names_in_the_dot_env_file_and_the_secrets_directory_are_named_too(
+    monkeypatch: pytest.MonkeyPatch, clean_environment: Path
+) -> None:
+    (clean_environment / ".env").write_text(
+        f"BATCH_WORKER_FLEET_ID=ok\nBATCH_WORKER_PREFECH=10\nAWS_REGION=eu-central-1\n"
+        f"BATCH_WORKER_DATABASE_ULR=postgresql://pg:{SECRET}@db/jobs\n"
+    )
+    secrets = clean_environment / "secrets"
+    secrets.mkdir()
+    (secrets / "BATCH_WORKER_CLIENT_SECRET").write_text(SECRET)
+    (secrets / "BATCH_WORKER_CLIENT_SECRETS").write_text(SECRET)
+    (secrets / "..data").mkdir()  # what a Kubernetes Secret mount holds besides the keys
+    monkeypatch.setenv("BATCH_WORKER_SECRETS_DIR", str(secrets))
+
+    lines = unknown_settings()
+
+    assert lines == [
+        f"BATCH_WORKER_CLIENT_SECRETS (in the secrets directory {secrets}) is not a setting"
+        " and is ignored; did you mean BATCH_WORKER_CLIENT_SECRET?",
+        "BATCH_WORKER_DATABASE_ULR (in .env) is not a setting and is ignored;"
+        " did you mean BATCH_WORKER_DATABASE_URL?",
+        "BATCH_WORKER_PREFECH (in .env) is not a setting and is ignored;"
+        " did you mean BATCH_WORKER_PREFETCH?",
+    ]
+    assert SECRET not in "\n".join(lines)
+
+
+def test_every_setting_in_any_case_and_the_projects_own_names_are_not_warned_about(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in setting_names():
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("batch_worker_poll_interval", "5")  # matched case-insensitively
+    monkeypatch.setenv("BATCH_WORKER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    monkeypatch.setenv("SH_CLIENT_ID", "another program's")
+
+    assert unknown_settings() == []
+
+
+def test_a_name_like_no_setting_points_to_the_readme(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_WORKER_ZZZ", "1")
+
+    assert unknown_settings() == [
+        "BATCH_WORKER_ZZZ (in the environment) is not a setting and is ignored;"
+        " see the README's configuration table"
+    ]
+
+
+def test_kubernetes_service_links_are_not_taken_for_mistakes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What Kubernetes injects into every pod of a namespace with a Service named
+    # batch-worker (the chart's, for a release called batch-worker).
+    injected = {
+        "BATCH_WORKER_SERVICE_HOST": "10.0.0.7",
+        "BATCH_WORKER_SERVICE_PORT": "9400",
+        "BATCH_WORKER_SERVICE_PORT_METRICS": "9400",
+        "BATCH_WORKER_PORT": "tcp://10.0.0.7:9400",
+        "BATCH_WORKER_PORT_9400_TCP": "tcp://10.0.0.7:9400",
+        "BATCH_WORKER_PORT_9400_TCP_PROTO": "tcp",
+        "BATCH_WORKER_PORT_9400_TCP_PORT": "9400",
+        "BATCH_WORKER_PORT_9400_TCP_ADDR": "10.0.0.7",
+    }
+    for name, value in injected.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BATCH_WORKER_METRIC_PORT", "9401")
+
+    assert unknown_settings() == [
+        "BATCH_WORKER_METRIC_PORT (in the environment) is not a setting and is ignored;"
+        " did you mean BATCH_WORKER_METRICS_PORT?"
+    ]
+    # Without the service's host, BATCH_WORKER_PORT is somebody's guess at a setting.
+    monkeypatch.delenv("BATCH_WORKER_SERVICE_HOST")
+    assert any(line.startswith("BATCH_WORKER_PORT ") for line in unknown_settings())
+
+
+def table_names(path: Path) -> set[str]:
+    """Every ``NAME`` in the first cell of the configuration table (the rows whose first
+    cell is a list of code-spelled upper-case names)."""
+    found: set[str] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) < 4 or not re.fullmatch(r"(`[A-Z][A-Z0-9_]*`(, )?)+", cells[1]):
+            continue
+        found.update(re.findall(r"`([A-Z][A-Z0-9_]*)`", cells[1]))
+    return found
+
+
+def test_the_readme_table_lists_every_setting_and_nothing_else() -> None:
+    listed = table_names(DOCUMENTED[0])
+    settings = {name.removeprefix(ENV_PREFIX) for name in setting_names()}
+
+    assert settings - listed == set(), "settings missing from the README's table"
+    assert listed - settings == set(), "names in the README's table that are not settings"
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: p.name)
+def test_every_name_a_configuration_table_gives_is_a_setting(path: Path) -> None:
+    settings = {name.removeprefix(ENV_PREFIX) for name in setting_names()}
+    assert table_names(path) - settings == set()

@@ -14,13 +14,17 @@ import logging
 import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import lru_cache
 from typing import Any
 
+import amqp.exceptions
+import kombu.exceptions
 from amqp import spec as amqp_spec
 from amqp.transport import TCPTransport
 from kombu.connection import Connection
 
 from worker import APP_ID
+from worker.redact import redact_text
 from worker.settings import Settings
 from worker.wire.topology import (
     Topology,
@@ -32,6 +36,8 @@ from worker.wire.topology import (
 __all__ = [
     "CONNECT_RETRY",
     "Topology",
+    "broker_problem",
+    "broker_target",
     "connection",
     "connection_name",
     "declare_topology",
@@ -93,11 +99,52 @@ def connection(settings: Settings, *, purpose: str) -> Connection:
     )
 
 
+@lru_cache(maxsize=16)
+def broker_target(url: str) -> str:
+    """Where a broker URL points, as kombu reads it: ``host:port vhost "/" (TLS)`` or
+    ``(no TLS)``, each host of a failover URL (``amqp://a//;amqp://b//``) joined by " or ".
+    No user, no password."""
+    with Connection(url) as whole:
+        urls = list(whole.alt) or [url]
+    places = []
+    for one in urls:
+        with Connection(one) as conn:
+            host = str(conn.hostname or "localhost")
+            if ":" in host:
+                host = f"[{host}]"  # an IPv6 address
+            # The transport's defaults, as kombu connects: amqps:// turns TLS on, port 5671.
+            defaults = conn.transport.default_connection_params
+            port = conn.port or defaults["port"]
+            tls = bool(conn.ssl)
+            vhost = conn.virtual_host
+        places.append(f'{host}:{port} vhost "{vhost}" ({"TLS" if tls else "no TLS"})')
+    return " or ".join(places)
+
+
+def _connection_url(conn: Connection) -> str:
+    """The URL a kombu connection was made from, all its hosts (the password masked)."""
+    return ";".join(conn.alt) if conn.alt else str(conn.as_uri())
+
+
+def broker_problem(url: str, exc: BaseException) -> str:
+    """One line for a failed broker connection, naming what was tried (never a password)."""
+    where = broker_target(url)
+    # The broker's own words (ACCESS_REFUSED - ...), without py-amqp's frame numbers.
+    text = redact_text(str(getattr(exc, "reply_text", "") or exc)) or type(exc).__name__
+    if isinstance(exc, amqp.exceptions.AccessRefused):
+        with Connection(url) as conn:
+            user = conn.userid
+        return f"RabbitMQ at {where} refused the login of user {user!r}: {text}"
+    if isinstance(exc, OSError | kombu.exceptions.OperationalError):
+        return f"cannot reach RabbitMQ at {where}: {text}"
+    return f"RabbitMQ at {where}: {text}"
+
+
 def ensure_connected(conn: Connection) -> Connection:
     """Connect with bounded retries; raises the last connection error past them."""
 
     def _on_error(exc: Exception, interval: float) -> None:
-        log.warning("broker unreachable (%s); retrying in %.1f s", type(exc).__name__, interval)
+        log.warning("%s; retrying in %.1f s", broker_problem(_connection_url(conn), exc), interval)
 
     conn.ensure_connection(_on_error, **CONNECT_RETRY)
     return conn

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import errno
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from worker import __version__
-from worker.settings import Settings, SettingsError, load_settings, require_credentials
+from worker.settings import (
+    Settings,
+    SettingsError,
+    load_settings,
+    require_credentials,
+    unknown_settings,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 
-def _settings_or_exit(*, credentials: bool = False) -> Settings:
+def _settings_or_exit(*, credentials: bool = False, warn: bool = True) -> Settings:
+    """The settings, or exit 2 with one line per problem. Names given that are not settings
+    are warned about here (``warn``), or by the caller once its logging is set up."""
     try:
         settings = load_settings()
         if credentials:
@@ -24,7 +33,13 @@ def _settings_or_exit(*, credentials: bool = False) -> Settings:
     except SettingsError as exc:
         for problem in exc.problems:
             _problem(f"configuration: {problem}")
+        # A mistyped name is often the cause of a missing setting: say so in the same place.
+        for line in unknown_settings():
+            _problem(f"warning: {line}")
         raise SystemExit(EXIT_CONFIG) from None
+    if warn:
+        for line in unknown_settings():
+            _problem(f"warning: {line}")
     return settings
 
 
@@ -32,28 +47,36 @@ def _problem(text: str) -> None:
     print(f"batch-worker: {text}", file=sys.stderr)
 
 
-def _run(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit(credentials=True)
-    from psycopg_pool import PoolTimeout
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    # The system's words for the errno: asyncio's strerror repeats the address.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return f"cannot listen on {host}:{port}: {reason[:1].lower()}{reason[1:]}"
 
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit(credentials=True, warn=False)
+    from worker.daemon.health import ListenError
     from worker.daemon.supervisor import Daemon
     from worker.logs import setup_logging
+    from worker.store.db import DatabaseUnusable
 
     setup_logging(settings.log_level, settings.log_format)
+    # Into the worker's own log, where whoever runs it reads the rest of its start-up.
+    for line in unknown_settings():
+        logging.getLogger("worker.settings").warning(line)
     try:
         return Daemon(settings).run()
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
+    except ListenError as exc:
         # The probe server binds first; a taken port is a configuration problem.
         _problem(
-            f"configuration: BATCH_WORKER_METRICS_PORT: port {settings.metrics_port} is in use"
+            f"configuration: BATCH_WORKER_METRICS_PORT: {_cannot_listen(exc.host, exc.port, exc)}"
         )
         return EXIT_CONFIG
-    except PoolTimeout:
-        # The pool's own message says nothing useful; the URL's password must not be shown.
-        _problem("cannot reach PostgreSQL (BATCH_WORKER_DATABASE_URL); giving up")
-        return EXIT_FAILURE
+    except DatabaseUnusable as exc:
+        # A missing database or a refused login is configuration; an unreachable server
+        # is not (it may be on its way up), and was waited for.
+        _problem(f"{exc} (BATCH_WORKER_DATABASE_URL); giving up")
+        return EXIT_CONFIG if exc.configuration else EXIT_FAILURE
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -72,9 +95,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _dlq(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
+    from worker.broker import broker_problem
     from worker.commands import dlq
     from worker.commands.follow import BROKER_ERRORS
-    from worker.redact import redact_text
 
     try:
         if args.dlq_command == "list":
@@ -86,7 +109,8 @@ def _dlq(args: argparse.Namespace) -> int:
         return dlq.purge(settings, confirmed=args.yes)
     except BROKER_ERRORS as exc:
         # Whatever was fetched and not acked goes back to the DLQ with the channel.
-        _problem(f"dlq {args.dlq_command}: {redact_text(str(exc)) or type(exc).__name__}")
+        url = settings.broker_url.get_secret_value()
+        _problem(f"dlq {args.dlq_command}: {broker_problem(url, exc)}")
         return EXIT_FAILURE
 
 
@@ -95,7 +119,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from worker.simulator import config_from_args, serve
 
     setup_logging("INFO", "auto")
-    serve(config_from_args(args), host=args.host, port=args.port)
+    try:
+        serve(config_from_args(args), host=args.host, port=args.port)
+    except OSError as exc:
+        _problem(f"simulate: {_cannot_listen(args.host, args.port, exc)}")
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -7,11 +7,15 @@ mounts a Secret as one file per key: ``/run/secrets/batch-worker/BATCH_WORKER_CL
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -159,15 +163,19 @@ def _field_env_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + "_".join(str(part) for part in loc).upper() if loc else ENV_PREFIX
 
 
+def _secrets_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get(ENV_PREFIX + "SECRETS_DIR", DEFAULT_SECRETS_DIR))
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings, or raise SettingsError with one line per problem.
 
     Values never appear in the message: a mistyped secret must not be printed.
     """
-    secrets_dir = os.environ.get(ENV_PREFIX + "SECRETS_DIR", DEFAULT_SECRETS_DIR)
+    secrets_dir = _secrets_dir()
     kwargs: dict[str, Any] = dict(overrides)
-    if Path(secrets_dir).is_dir():
-        kwargs["_secrets_dir"] = secrets_dir
+    if secrets_dir.is_dir():
+        kwargs["_secrets_dir"] = str(secrets_dir)
     try:
         return Settings(**kwargs)
     except ValidationError as exc:
@@ -187,3 +195,63 @@ def require_credentials(settings: Settings) -> None:
         problems.append(f"{ENV_PREFIX}CLIENT_SECRET: required to run the worker")
     if problems:
         raise SettingsError(problems)
+
+
+def setting_names() -> list[str]:
+    """Every variable the worker reads: one per setting, and the secrets directory."""
+    return [ENV_PREFIX + name.upper() for name in Settings.model_fields] + [
+        ENV_PREFIX + "SECRETS_DIR"
+    ]
+
+
+# BATCH_WORKER_* names that are not settings and not mistakes: the tests' and benches' own
+# service URLs, and what Kubernetes injects for a Service named batch-worker (the Helm
+# chart's, when the release is called batch-worker): BATCH_WORKER_SERVICE_HOST,
+# BATCH_WORKER_PORT_9400_TCP_ADDR, ... Those come as a set, always with SERVICE_HOST.
+_NOT_SETTINGS = re.compile(ENV_PREFIX + r"TEST_[A-Z0-9_]+")
+_SERVICE_LINK = re.compile(
+    ENV_PREFIX + r"(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)"
+)
+
+
+def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per ``BATCH_WORKER_*`` name that no setting reads, wherever it was given (the
+    environment, the ``.env`` file, the secrets directory), with the closest known name.
+
+    pydantic-settings ignores such names without a word, so a mistyped variable (say
+    ``BATCH_WORKER_CLIENTID``) would leave its setting at the default. Only names appear,
+    never values: the value of a mistyped ``CLIENT_SECRET`` is still a secret.
+    """
+    environ = os.environ if environ is None else environ
+    given: dict[str, str] = {}
+    env_file = Path(str(Settings.model_config.get("env_file") or ".env"))
+    if env_file.is_file():
+        for name in dotenv_values(env_file):
+            given.setdefault(name, f"in {env_file}")
+    secrets_dir = _secrets_dir(environ)
+    if secrets_dir.is_dir():
+        for entry in sorted(secrets_dir.iterdir()):
+            given.setdefault(entry.name, f"in the secrets directory {secrets_dir}")
+    for name in environ:
+        given[name] = "in the environment"  # the first place anyone looks
+    known = setting_names()
+    service_links = ENV_PREFIX + "SERVICE_HOST" in {name.upper() for name in environ}
+    lines = []
+    for name, where in sorted(given.items()):
+        upper = name.upper()  # pydantic-settings matches names case-insensitively
+        if not upper.startswith(ENV_PREFIX) or upper in known or _NOT_SETTINGS.fullmatch(upper):
+            continue
+        if service_links and _SERVICE_LINK.fullmatch(upper) and where == "in the environment":
+            continue
+        # Compared without the prefix, which every name shares and which would make any
+        # name look close to any other.
+        close = difflib.get_close_matches(
+            upper.removeprefix(ENV_PREFIX), [k.removeprefix(ENV_PREFIX) for k in known], n=1
+        )
+        hint = (
+            f"did you mean {ENV_PREFIX}{close[0]}?"
+            if close
+            else "see the README's configuration table"
+        )
+        lines.append(f"{name} ({where}) is not a setting and is ignored; {hint}")
+    return lines

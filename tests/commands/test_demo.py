@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -128,3 +129,21 @@ def test_the_demo_leaves_no_thread_or_server_behind(
     assert {k: v for k, v in os.environ.items() if k.startswith("AWS_")} == aws_before
     left = [thread.name for thread in set(threading.enumerate()) - before if thread.is_alive()]
     assert left == []
+
+
+def test_the_demo_names_what_it_cannot_use_and_exits_2(pg_server_url: str) -> None:
+    parts = urlsplit(pg_server_url)
+    env = clean_env(
+        broker_url="amqp://guest:pw-Zq81x@127.0.0.1:1//",  # nothing listens on port 1
+        database_url=urlunsplit(parts._replace(path="/bw_no_such_database")),
+    )
+    result = run_cli("demo", env=env)
+    assert result.returncode == 2
+    assert result.stdout.splitlines()[:2] == [
+        'demo: cannot reach RabbitMQ at 127.0.0.1:1 vhost "/" (no TLS): [Errno 111] Connection'
+        " refused (BATCH_WORKER_BROKER_URL)",
+        f"demo: PostgreSQL at {parts.hostname}:{parts.port or 5432}/bw_no_such_database: the"
+        " database does not exist (BATCH_WORKER_DATABASE_URL)",
+    ]
+    assert "pw-Zq81x" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

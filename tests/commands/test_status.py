@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -81,5 +82,19 @@ def test_status_with_postgresql_unreachable_exits_1_without_the_password(stack: 
     env = stack.env(database_url="postgresql://postgres:pw-Zq81x@127.0.0.1:1/jobs")
     result = run_cli("status", "any-job", env=env)
     assert result.returncode == 1
-    assert result.stderr.strip() == "cannot reach PostgreSQL (BATCH_WORKER_DATABASE_URL)"
+    assert result.stderr.strip() == (
+        "cannot reach PostgreSQL at 127.0.0.1:1/jobs: Connection refused"
+        " (BATCH_WORKER_DATABASE_URL)"
+    )
     assert "pw-Zq81x" not in result.stderr + result.stdout
+
+
+def test_status_against_a_database_that_does_not_exist_says_so(stack: Stack) -> None:
+    parts = urlsplit(stack.database_url)
+    missing = urlunsplit(parts._replace(path="/bw_no_such_database"))
+    result = run_cli("status", "any-job", env=stack.env(database_url=missing))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"PostgreSQL at {parts.hostname}:{parts.port or 5432}/bw_no_such_database:"
+        " the database does not exist (BATCH_WORKER_DATABASE_URL)"
+    )

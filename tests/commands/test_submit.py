@@ -99,7 +99,10 @@ def test_submit_with_the_broker_unreachable_exits_1_without_the_password(
     env = stack.env(broker_url="amqp://guest:pw-Zq81x@127.0.0.1:1//")
     result = run_cli("submit", str(path), env=env)
     assert result.returncode == 1
-    assert "not published" in result.stderr
+    assert result.stderr.strip() == (
+        'submit: not published: cannot reach RabbitMQ at 127.0.0.1:1 vhost "/" (no TLS):'
+        " [Errno 111] Connection refused"
+    )
     assert "pw-Zq81x" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
 

@@ -343,3 +343,20 @@ def test_stop_releases_the_port(health: Health) -> None:
 def test_port_before_start_is_an_error(health: Health) -> None:
     with pytest.raises(RuntimeError):
         _ = ProbeServer(Metrics(), health, port=0).port
+
+
+@pytest.mark.integration
+def test_a_taken_port_is_a_listen_error_naming_the_address(health: Health) -> None:
+    import errno
+    import socket
+
+    from worker.daemon.health import ListenError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError) as caught:
+            ProbeServer(Metrics(), health, host="127.0.0.1", port=port).start()
+    assert (caught.value.host, caught.value.port) == ("127.0.0.1", port)
+    assert caught.value.errno == errno.EADDRINUSE

@@ -40,13 +40,17 @@ DEFAULT_SPEED = 30.0
 EXIT_INTERRUPTED = 130
 
 
-def _reachable(url: str, port: int) -> bool:
-    parts = urlsplit(url)
+def _broker_problem(settings: Settings) -> str | None:
+    """None when the broker takes a connection, else one line naming what was tried."""
+    from worker.broker import broker_problem, connection
+    from worker.commands.follow import BROKER_ERRORS
+
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or port), 2):
-            return True
-    except OSError:
-        return False
+        with connection(settings, purpose="demo check") as conn:
+            conn.ensure_connection(max_retries=1)
+    except BROKER_ERRORS as exc:
+        return broker_problem(settings.broker_url.get_secret_value(), exc)
+    return None
 
 
 def _free_port() -> int:
@@ -170,18 +174,22 @@ def _publish(broker_url: str, queue: str, jobs: list[dict[str, Any]]) -> None:
 
 def run_demo(base: Settings, *, speed: float | None = None, keep_going: bool = False) -> int:
     """Run the demo to its end: 0 when every example job has ended, 2 when RabbitMQ or
-    PostgreSQL is not reachable, 130 on Ctrl-C (everything it started is stopped)."""
+    PostgreSQL is not usable, 130 on Ctrl-C (everything it started is stopped)."""
     from worker.logs import setup_logging
+    from worker.store.db import probe
 
     console = Console()
     problems = []
-    if not _reachable(base.broker_url.get_secret_value(), 5672):
-        problems.append("RabbitMQ is not reachable (BATCH_WORKER_BROKER_URL)")
-    if not _reachable(base.database_url.get_secret_value(), 5432):
-        problems.append("PostgreSQL is not reachable (BATCH_WORKER_DATABASE_URL)")
+    broker = _broker_problem(base)
+    if broker is not None:
+        problems.append(f"{broker} (BATCH_WORKER_BROKER_URL)")
+    database = probe(base.database_url.get_secret_value())
+    if database is not None:
+        problems.append(f"{database} (BATCH_WORKER_DATABASE_URL)")
     if problems:
         for problem in problems:
-            console.print(f"[red]demo: {problem}[/]; `make demo` starts local ones.")
+            console.print(f"demo: {problem}", style="red", markup=False, highlight=False)
+        console.print("`make demo` starts local ones when none is reachable.", markup=False)
         return 2
 
     log_path = Path("demo-output") / "worker.log"

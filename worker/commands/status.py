@@ -13,12 +13,14 @@ import psycopg
 
 from worker.redact import redact
 from worker.settings import Settings
+from worker.store import db
 from worker.store import jobs as store
 
 
 def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:
     """The job's state as a reader wants it, or None when the fleet has no such job."""
-    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+    url = settings.database_url.get_secret_value()
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         record = store.get_job(conn, settings.fleet_id, job_id)
     if record is None:
         return None
@@ -60,9 +62,9 @@ def print_status(settings: Settings, job_id: str, *, as_json: bool) -> int:
         status = job_status(settings, job_id)
     except psycopg.errors.UndefinedTable:
         status = None  # no worker of this database has ever started: it holds no job
-    except psycopg.OperationalError:
-        # psycopg's message may quote the connection string; say only what failed.
-        print("cannot reach PostgreSQL (BATCH_WORKER_DATABASE_URL)", file=sys.stderr)
+    except psycopg.OperationalError as exc:
+        url = settings.database_url.get_secret_value()
+        print(f"{db.connect_problem(url, exc)} (BATCH_WORKER_DATABASE_URL)", file=sys.stderr)
         return 1
     if status is None:
         print(f"no job {job_id!r} in fleet {settings.fleet_id!r}", file=sys.stderr)

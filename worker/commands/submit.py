@@ -16,7 +16,7 @@ from pathlib import Path
 from kombu.messaging import Producer
 from rich.console import Console
 
-from worker.broker import connection
+from worker.broker import broker_problem, connection
 from worker.commands.follow import (
     BROKER_ERRORS,
     EventFollower,
@@ -86,7 +86,7 @@ def _broker_problem(settings: Settings, exc: BaseException) -> str:
         return f"no queue {settings.jobs_queue!r} (has a worker declared the topology?)"
     if "NOT_FOUND" in text:
         return f"{text} (has a worker declared the topology?)"
-    return text
+    return broker_problem(settings.broker_url.get_secret_value(), exc)
 
 
 def _publish(settings: Settings, body: bytes) -> str:

@@ -41,6 +41,7 @@ from kombu.mixins import ConsumerMixin
 
 from worker.broker import (
     CONNECT_RETRY,
+    broker_problem,
     buffered,
     connection,
     declare_topology,
@@ -223,7 +224,10 @@ class JobsConsumer(ConsumerMixin):
                 for _ in self.consume():
                     self._on_progress()
             except errors as exc:
-                log.warning("jobs consumer lost the broker (%s); reconnecting", type(exc).__name__)
+                log.warning(
+                    "jobs consumer lost the broker: %s; reconnecting",
+                    broker_problem(self.settings.broker_url.get_secret_value(), exc),
+                )
             except Exception:
                 # A bug must not end consumption for good; the connection is gone with it.
                 log.exception("jobs consumer failed; reconnecting")
@@ -257,7 +261,11 @@ class JobsConsumer(ConsumerMixin):
 
     def on_connection_error(self, exc: Exception, interval: float) -> None:
         self._set_connected(False)
-        log.warning("broker unreachable (%s); retrying in %.1f s", type(exc).__name__, interval)
+        log.warning(
+            "%s; retrying in %.1f s",
+            broker_problem(self.settings.broker_url.get_secret_value(), exc),
+            interval,
+        )
 
     def consume(  # type: ignore[override]
         self, limit: int | None = None, timeout: float | None = None, **kwargs: Any

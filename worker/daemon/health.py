@@ -243,6 +243,15 @@ class _QuietHandler(WSGIRequestHandler):
         logger.debug("probe %s: " + format, self.address_string(), *args)
 
 
+class ListenError(OSError):
+    """The probe server could not bind its address: taken, or not this process's to take."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.host = host
+        self.port = port
+
+
 class ProbeServer:
     """Serves ``probe_app`` on ``host:port`` from a daemon thread."""
 
@@ -259,13 +268,16 @@ class ProbeServer:
         """Bind and serve in a daemon thread. Port 0 picks a free port (see ``port``)."""
         if self._server is not None:
             raise RuntimeError("probe server already started")
-        server = make_server(
-            self._host,
-            self._requested_port,
-            self._app,
-            server_class=ThreadingWSGIServer,
-            handler_class=_QuietHandler,
-        )
+        try:
+            server = make_server(
+                self._host,
+                self._requested_port,
+                self._app,
+                server_class=ThreadingWSGIServer,
+                handler_class=_QuietHandler,
+            )
+        except OSError as exc:
+            raise ListenError(self._host, self._requested_port, exc) from exc
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, args=(_SHUTDOWN_POLL,), name="probe-server", daemon=True

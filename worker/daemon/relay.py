@@ -34,7 +34,7 @@ import psycopg
 from kombu.exceptions import OperationalError
 from psycopg_pool import ConnectionPool
 
-from worker.broker import connection, declare_topology, ensure_connected
+from worker.broker import broker_problem, connection, declare_topology, ensure_connected
 from worker.settings import Settings
 from worker.store import outbox
 from worker.wire.outgoing import OutboxMessage
@@ -174,7 +174,10 @@ class Relay:
                         # Waiting reads the connection too: a broker gone away shows here.
                         self._wait_for_work()
                 except _AMQP_ERRORS as exc:
-                    log.warning("relay round failed (%s); retrying", type(exc).__name__)
+                    log.warning(
+                        "relay: %s; retrying",
+                        broker_problem(self._settings.broker_url.get_secret_value(), exc),
+                    )
                     self._drop_channel()
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX)

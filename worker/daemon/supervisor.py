@@ -122,7 +122,11 @@ class Daemon:
             "batch-worker starting",
             extra={"fleet_id": settings.fleet_id, "worker": settings.worker_name},
         )
-        pool = db.open_pool(settings, min_size=2, max_size=16)
+        try:
+            pool = db.open_pool(settings, min_size=2, max_size=16)
+        except BaseException:
+            probes.stop()
+            raise
         try:
             db.ensure_schema(pool)
             return self._run_loops(pool)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
 import select
+from itertools import zip_longest
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from worker import APP_ID
+from worker.redact import redact_text
 from worker.settings import Settings
 from worker.store import capacity, outbox
 from worker.store import jobs as store
@@ -24,14 +29,134 @@ Pool = ConnectionPool
 _SCHEMA_LOCK_KEY = 0x6277_5F73_6368_656D  # "bw_schem"
 
 
+# How long a worker starting waits for a server that does not answer (yet): in a cluster
+# started at once, PostgreSQL may come up after the workers.
+OPEN_TIMEOUT = 30.0
+_PROBE_TIMEOUT = 10
+
+
+class DatabaseUnusable(Exception):
+    """The job-state database cannot be used; the text names the server, never a password.
+
+    ``configuration``: the server answered and refused (no such database, a login it does
+    not take): waiting will not help, the URL or the server's setup must change.
+    """
+
+    def __init__(self, text: str, *, configuration: bool) -> None:
+        super().__init__(text)
+        self.configuration = configuration
+
+
+def _libpq_defaults() -> dict[str, str]:
+    """What libpq fills in for what a URL leaves out (PGHOST, PGPORT, PGUSER, ... included)."""
+    return {
+        option.keyword.decode(): (option.val or option.compiled or b"").decode()
+        for option in pq.Conninfo.get_defaults()
+    }
+
+
+def database_target(url: str) -> str:
+    """``host:port/dbname`` as libpq reads the URL (``h1:5432,h2:5432/db`` for several hosts);
+    no user, no password."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "(BATCH_WORKER_DATABASE_URL cannot be parsed)"
+    defaults = _libpq_defaults()
+    hosts = str(params.get("host") or defaults.get("host") or "").split(",")
+    ports = str(params.get("port") or "").split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)  # libpq: one port for every host
+    places = []
+    for host, port in zip_longest(hosts, ports, fillvalue=""):
+        shown = host or "local socket"
+        if ":" in shown:
+            shown = f"[{shown}]"  # an IPv6 address
+        places.append(f"{shown}:{port or defaults.get('port') or 5432}")
+    # libpq's default database is the user's name.
+    dbname = params.get("dbname") or params.get("user") or defaults.get("user") or ""
+    return f"{','.join(places)}/{dbname}"
+
+
+def _database_user(url: str) -> str:
+    try:
+        return str(conninfo_to_dict(url).get("user") or _libpq_defaults().get("user") or "")
+    except psycopg.ProgrammingError:
+        return ""
+
+
+# What the server says when it refuses a connection at start-up. libpq gives no SQLSTATE
+# for a failed connection, only the text; servers speak English unless lc_messages says
+# otherwise, and an unrecognised refusal is still shown as the server said it.
+_NO_DATABASE = re.compile(r'database "[^"]*" does not exist')
+_LOGIN_REFUSED = re.compile(
+    r'authentication failed|no password supplied|role "[^"]*" does not exist'
+    r"|no pg_hba\.conf entry|pg_hba\.conf rejects"
+)
+_SERVER_SAID = re.compile(r"FATAL:\s+([^\n]*)")
+
+
+def connect_problem(url: str, exc: psycopg.Error) -> DatabaseUnusable:
+    """What a failed connection attempt means, in one line naming ``host:port/dbname``:
+    a server that cannot be reached, a missing database, a refused login."""
+    target = database_target(url)
+    text = redact_text(str(exc))
+    if _NO_DATABASE.search(text):
+        return DatabaseUnusable(
+            f"PostgreSQL at {target}: the database does not exist", configuration=True
+        )
+    if _LOGIN_REFUSED.search(text):
+        user = _database_user(url)
+        return DatabaseUnusable(
+            f"PostgreSQL at {target}: authentication failed for user {user!r}",
+            configuration=True,
+        )
+    said = _SERVER_SAID.search(text)
+    if said:
+        # The server answered and turned us away for another reason (starting up, too
+        # many connections): it may pass.
+        return DatabaseUnusable(
+            f"PostgreSQL at {target} refused the connection: {said.group(1).strip()}",
+            configuration=False,
+        )
+    # libpq: 'connection to server at "h", port 1 failed: Connection refused', a line a host.
+    reasons = dict.fromkeys(
+        line.rsplit("failed: ", 1)[1].strip() for line in text.splitlines() if "failed: " in line
+    )
+    reason = "; ".join(reasons) or (text.splitlines() or [type(exc).__name__])[0]
+    return DatabaseUnusable(f"cannot reach PostgreSQL at {target}: {reason}", configuration=False)
+
+
+def probe(url: str, *, timeout: int = _PROBE_TIMEOUT) -> DatabaseUnusable | None:
+    """Connect once: None when that works, else what stands in the way."""
+    try:
+        psycopg.connect(url, connect_timeout=timeout).close()
+    except psycopg.Error as exc:
+        return connect_problem(url, exc)
+    return None
+
+
 def open_pool(
-    settings_or_url: Settings | str, *, min_size: int = 1, max_size: int = 10
+    settings_or_url: Settings | str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout: float = OPEN_TIMEOUT,
 ) -> ConnectionPool:
-    """Open a connection pool and wait until its first connection works."""
+    """Open a connection pool and wait until its first connection works.
+
+    Raises DatabaseUnusable at once when the server refuses (no such database, a refused
+    login), or after ``timeout`` when it cannot be reached.
+    """
     if isinstance(settings_or_url, Settings):
         url = settings_or_url.database_url.get_secret_value()
     else:
         url = settings_or_url
+    problem = probe(url)
+    if problem is not None:
+        if problem.configuration:
+            raise problem
+        log.warning("%s; waiting up to %.0f s", problem, timeout)
     pool = ConnectionPool(
         url,
         min_size=min_size,
@@ -42,7 +167,16 @@ def open_pool(
         kwargs={"autocommit": False},
         configure=_configure,
     )
-    pool.open(wait=True, timeout=30)
+    try:
+        pool.open(wait=True, timeout=timeout)
+    except PoolTimeout:
+        pool.close()
+        # The pool's own message says only that it timed out: ask the server once more.
+        raise probe(url) or DatabaseUnusable(
+            f"cannot reach PostgreSQL at {database_target(url)}: no connection within"
+            f" {timeout:g} s",
+            configuration=False,
+        ) from None
     return pool
 
 
