@@ -292,3 +292,19 @@ def test_definitions_command_prints_them_without_a_path(
 def test_schemas_command_checks_the_shipped_files(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["schemas", "--check"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    # `batch-worker definitions | head -c0`: the reader is gone before the first write.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "definitions"],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert err == ""

@@ -21,6 +21,7 @@ from worker.settings import (
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_SIGPIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader left
 
 
 def _settings_or_exit(*, credentials: bool = False, warn: bool = True) -> Settings:
@@ -247,6 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`batch-worker status JOB | head`): nothing of ours failed.
+        # What is still buffered would raise again at exit; it goes nowhere instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_SIGPIPE
