@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,7 @@ import boto3
 import pytest
 
 from worker.api.artifacts import artifact_keys
-from worker.daemon.tiles import TileReader
+from worker.daemon.tiles import IN_MEMORY_BYTES, TEMP_PREFIX, TileReader, sweep_stale_temp_dirs
 from worker.lifecycle import Tiles
 from worker.metrics import Metrics
 
@@ -268,3 +272,94 @@ def test_every_mib_of_a_download_counts_as_progress(bucket: Bucket) -> None:
     assert mib_read >= 4
     # Each object's answer, then each MiB of it (the manifest is one).
     assert len(marks) >= 2 + 1 + mib_read
+
+
+# --- hostile files in the producer's bucket (the reads are bounded) ---------------------------
+
+
+def _sqlite_bytes(path: Path, *statements: str) -> bytes:
+    conn = sqlite3.connect(path)
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+    return path.read_bytes()
+
+
+ENDLESS = (
+    "WITH RECURSIVE r(status) AS (SELECT 'DONE' UNION ALL SELECT status FROM r) SELECT * FROM r"
+)
+
+
+def test_a_features_view_that_never_ends_is_refused_not_run(bucket: Bucket) -> None:
+    # An endlessly recursive view named `features` stalled the worker until it exited, and
+    # the next worker the same way: it is no table, so it is not read.
+    bucket.put_manifest()
+    bucket.put(
+        bucket.execution_key,
+        _sqlite_bytes(bucket.tmp / "view.db", f"CREATE VIEW features AS {ENDLESS}"),
+    )
+    assert TileReader().read(bucket.request, bucket.request_id, execution_db=True) is None
+
+
+def test_a_manifest_view_is_not_counted(bucket: Bucket) -> None:
+    data = _sqlite_bytes(
+        bucket.tmp / "m.gpkg",
+        "CREATE TABLE gpkg_contents (table_name TEXT)",
+        f"CREATE VIEW feature_4326 AS SELECT status AS identifier FROM ({ENDLESS})",
+    )
+    bucket.put(bucket.manifest_key, data)
+    assert TileReader().read(bucket.request, bucket.request_id, execution_db=False) is None
+
+
+def test_a_table_without_the_counted_column_is_unknown(bucket: Bucket) -> None:
+    bucket.put_manifest()
+    bucket.put(
+        bucket.execution_key,
+        _sqlite_bytes(bucket.tmp / "x.db", "CREATE TABLE features (id INTEGER, state TEXT)"),
+    )
+    assert TileReader().read(bucket.request, bucket.request_id, execution_db=True) is None
+
+
+def test_a_query_past_its_time_is_interrupted(tmp_path: Path) -> None:
+    # The bound itself, on whatever a file makes SQLite do.
+    from worker.daemon.tiles import _bounded
+
+    conn = _bounded(sqlite3.connect(":memory:"), seconds=0.2)
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        conn.execute(f"SELECT COUNT(*) FROM ({ENDLESS})").fetchone()
+
+
+def test_small_files_leave_nothing_on_disk_and_large_ones_are_deleted(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    bucket.put_manifest()
+    path = bucket.tmp / "large.sqlite"
+    make_execution_db(path, STATUSES)
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE padding (data BLOB)")
+    conn.execute(f"INSERT INTO padding VALUES (zeroblob({IN_MEMORY_BYTES + 2**20}))")
+    conn.commit()
+    conn.close()
+    bucket.put(bucket.execution_key, path.read_bytes())
+    reader = TileReader()
+    assert reader.read(bucket.request, bucket.request_id, execution_db=True) == Tiles(
+        total=7, processed=5, failed=2
+    )
+    # The large database went through a file of the reader's folder, gone once read.
+    folders = list((tmp_path / "tmp").glob(f"{TEMP_PREFIX}*"))
+    assert [list(folder.iterdir()) for folder in folders] == [[]]
+
+
+def test_what_a_killed_reader_left_is_swept_at_start(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    stale = tmp_path / f"{TEMP_PREFIX}{dead.pid}-0a1b2c3d"
+    stale.mkdir()
+    (stale / "left-behind").write_bytes(b"x" * 1024)
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-9f8e7d6c"
+    live.mkdir()
+    assert sweep_stale_temp_dirs(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()

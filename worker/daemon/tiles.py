@@ -10,18 +10,28 @@ service writes next to the outputs hold them:
   table ``features`` with a ``status`` per feature; ``DONE`` rows are processed, ``FATAL``
   rows failed for good.
 
-Both are SQLite files: each is downloaded to a temporary file and opened read-only with the
-standard library. Reading is best effort: whatever goes wrong (no bucket, access denied, a
-file not written yet, a corrupt or oversized file) makes the part unknown, is logged once
-per request, and never raises into the engine.
+Both are SQLite files in the producer's own bucket, so both are read as hostile input: at
+most ``max_bytes`` of them, held in memory up to ``IN_MEMORY_BYTES`` (a temporary file past
+that, in a folder of this process's that the next start sweeps if the process was killed),
+opened read-only with the schema checked before any query (the counted tables must be
+tables, not views or virtual tables, with the columns counted), and every query bounded in
+time (``SQLITE_SECONDS``): a recursive view named ``features`` is refused, not run forever.
+Reading is best effort: whatever goes wrong (no bucket, access denied, a file not written
+yet, a corrupt, oversized, hostile or slow file) makes the part unknown, is logged once per
+request, and never raises into the engine.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import shutil
 import sqlite3
 import tempfile
 import threading
+import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import closing
@@ -49,6 +59,13 @@ _CHUNK = 1 << 20
 S3_CONNECT_TIMEOUT = 5.0
 S3_READ_TIMEOUT = 30.0
 S3_MAX_ATTEMPTS = 3
+# Files up to this size are read in memory (most execution databases: ~100 bytes a feature);
+# larger ones go through a temporary file, so memory stays bounded whatever the job.
+IN_MEMORY_BYTES = 8 * 2**20
+# One file's queries; the bound holds whatever the file's tables make SQLite do.
+SQLITE_SECONDS = 10.0
+# This process's folder for the larger files: <tmp>/batch-worker-tiles-<pid>-<random>.
+TEMP_PREFIX = "batch-worker-tiles-"
 # Codes S3 (and S3-compatible stores) answer for a key that is not there (yet).
 _ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
@@ -121,6 +138,10 @@ class TileReader:
         # The execution database changes every upload: remember its ETag to skip re-reads.
         self._executions: _Bounded[str, _ExecutionCounts] = _Bounded(cache_size)
         self._reported: _Bounded[tuple[str, str], bool] = _Bounded(cache_size)
+        # Files past IN_MEMORY_BYTES go here; what a killed process left is swept now.
+        root = Path(tempfile.gettempdir())
+        sweep_stale_temp_dirs(root)
+        self._temp_dir = root / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Tiles | None:
         """Tile counts of batch request ``request_id`` (``request``: its create payload).
@@ -156,10 +177,9 @@ class TileReader:
         if cached is not None:
             return cached
         try:
-            with tempfile.TemporaryDirectory(prefix="batch-worker-tiles-") as tmp:
-                path = Path(tmp) / "manifest.gpkg"
-                self._download(bucket, key, path, etag=None)
-                total = _count_features(path)
+            _, data = self._download(bucket, key, etag=None)
+            with data:
+                total = _count_features(data)
         except (_Absent, _Unreadable) as exc:
             absent = isinstance(exc, _Absent)
             self._count(MANIFEST, "absent" if absent else "unreadable")
@@ -175,10 +195,9 @@ class TileReader:
         with self._lock:
             previous = self._executions.get(request_id)
         try:
-            with tempfile.TemporaryDirectory(prefix="batch-worker-tiles-") as tmp:
-                path = Path(tmp) / "execution.sqlite"
-                etag = self._download(bucket, key, path, etag=previous.etag if previous else None)
-                processed, failed = _count_statuses(path)
+            etag, data = self._download(bucket, key, etag=previous.etag if previous else None)
+            with data:
+                processed, failed = _count_statuses(data)
         except _NotModified:
             self._count(EXECUTION_DB, "not_modified")
             return previous
@@ -215,11 +234,12 @@ class TileReader:
                 )
             return self._client
 
-    def _download(self, bucket: str, key: str, dest: Path, *, etag: str | None) -> str | None:
-        """Save the object to ``dest``; its ETag. Raises _Absent, _NotModified, _Unreadable."""
+    def _download(self, bucket: str, key: str, *, etag: str | None) -> tuple[str | None, _File]:
+        """The object and its ETag. Raises _Absent, _NotModified, _Unreadable."""
         params: dict[str, Any] = {"Bucket": bucket, "Key": key}
         if etag:
             params["IfNoneMatch"] = etag
+        file = _File(self._temp_dir)
         try:
             response = self._s3().get_object(**params)
             self._progress()
@@ -228,17 +248,15 @@ class TileReader:
                 length = response.get("ContentLength")
                 if isinstance(length, int) and length > self._max_bytes:
                     raise _Unreadable(f"{length} bytes, more than the {self._max_bytes} allowed")
-                written = 0
-                with dest.open("wb") as out:
-                    for chunk in body.iter_chunks(_CHUNK):
-                        written += len(chunk)
-                        if written > self._max_bytes:
-                            raise _Unreadable(f"more than the {self._max_bytes} bytes allowed")
-                        out.write(chunk)
-                        self._progress()
+                for chunk in body.iter_chunks(_CHUNK):
+                    if file.size + len(chunk) > self._max_bytes:
+                        raise _Unreadable(f"more than the {self._max_bytes} bytes allowed")
+                    file.write(chunk)
+                    self._progress()
             finally:
                 body.close()
         except ClientError as exc:
+            file.close()
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -249,9 +267,13 @@ class TileReader:
             # The code only (AccessDenied, NoSuchBucket, ...): messages may quote the request.
             raise _Unreadable(code or f"HTTP {status}") from None
         except (BotoCoreError, OSError) as exc:
+            file.close()
             raise _Unreadable(type(exc).__name__) from None
+        except BaseException:
+            file.close()
+            raise
         tag = response.get("ETag")
-        return tag if isinstance(tag, str) else None
+        return (tag if isinstance(tag, str) else None), file
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -273,32 +295,133 @@ class TileReader:
         )
 
 
+# --- temporary files -------------------------------------------------------------------------
+
+
+class _File:
+    """A downloaded object: bytes in memory, or past ``IN_MEMORY_BYTES`` a temporary file in
+    this process's folder, deleted when closed."""
+
+    def __init__(self, temp_dir: Path) -> None:
+        self._temp_dir = temp_dir
+        self._buffer: io.BytesIO | None = io.BytesIO()
+        self.path: Path | None = None
+        self._out: io.BufferedWriter | None = None
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self._buffer is not None and self.size > IN_MEMORY_BYTES:
+            self._temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.path = self._temp_dir / uuid.uuid4().hex
+            self._out = self.path.open("wb")
+            self._out.write(self._buffer.getbuffer())
+            self._buffer = None
+        if self._out is not None:
+            self._out.write(chunk)
+        elif self._buffer is not None:
+            self._buffer.write(chunk)
+
+    def open(self) -> sqlite3.Connection:
+        """A read-only connection on the file's database."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        if self.path is not None:
+            # immutable=1: a private snapshot; SQLite neither locks it nor looks for a
+            # journal, and nothing is ever written next to it.
+            uri = f"file:{quote(str(self.path))}?mode=ro&immutable=1"
+            return sqlite3.connect(uri, uri=True)
+        conn = sqlite3.connect(":memory:")
+        assert self._buffer is not None
+        conn.deserialize(self._buffer.getvalue())
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        self._buffer = None
+
+    def __enter__(self) -> _File:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def sweep_stale_temp_dirs(root: Path) -> list[Path]:
+    """Remove the temporary folders of tile readers whose process is gone (a SIGKILL or an
+    OOM kill skips every cleanup); those of live processes are left alone."""
+    removed = []
+    for folder in root.glob(f"{TEMP_PREFIX}*"):
+        pid_text = folder.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    return True
+
+
 # --- SQLite ------------------------------------------------------------------------------------
 
 
-def _open_read_only(path: Path) -> sqlite3.Connection:
-    # immutable=1: the file is a private snapshot; SQLite need not lock it or look for a
-    # journal, and nothing is ever written next to it.
-    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True)
+def _bounded(conn: sqlite3.Connection, seconds: float = SQLITE_SECONDS) -> sqlite3.Connection:
+    """Queries on ``conn`` that run past ``seconds`` are interrupted (sqlite3.OperationalError)."""
+    deadline = time.monotonic() + seconds
+    # Called every 10,000 virtual-machine steps; a non-zero answer interrupts the query.
+    conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+    # Views and triggers of a producer's file may not call functions with side effects.
+    conn.execute("PRAGMA trusted_schema = OFF")
+    return conn
+
+
+def _plain_tables(conn: sqlite3.Connection, where: str, *args: str) -> list[str]:
+    """Names of real tables (not views, not virtual tables) matching ``where``."""
+    return [
+        str(name)
+        for name, sql in conn.execute(
+            f"SELECT name, sql FROM sqlite_master WHERE type = 'table' AND {where}", args
+        )
+        if not str(sql or "").lstrip().upper().startswith("CREATE VIRTUAL")
+    ]
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {str(row[1]) for row in conn.execute(f"PRAGMA table_info({_quote_identifier(table)})")}
 
 
 def _quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _count_features(path: Path) -> int:
+def _interrupted(exc: sqlite3.Error) -> bool:
+    return "interrupted" in str(exc)
+
+
+def _count_features(file: _File) -> int:
     """Distinct feature identifiers across every ``feature_*`` table of a manifest."""
     try:
-        with closing(_open_read_only(path)) as conn:
-            tables = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table' "
-                    "AND name LIKE 'feature\\_%' ESCAPE '\\'"
-                )
-            ]
+        with closing(_bounded(file.open())) as conn:
+            tables = _plain_tables(conn, "name LIKE 'feature\\_%' ESCAPE '\\'")
             if not tables:
                 raise _Unreadable("no feature_* tables: not a feature manifest")
+            for table in tables:
+                if "identifier" not in _columns(conn, table):
+                    raise _Unreadable(f"table {table} has no identifier column")
             # One row per feature *and output*: only DISTINCT de-duplicates within a table.
             rows = " UNION ALL ".join(
                 f"SELECT identifier FROM {_quote_identifier(t)} WHERE identifier IS NOT NULL"
@@ -306,19 +429,27 @@ def _count_features(path: Path) -> int:
             )
             (count,) = conn.execute(f"SELECT COUNT(DISTINCT identifier) FROM ({rows})").fetchone()
     except sqlite3.Error as exc:
+        if _interrupted(exc):
+            raise _Unreadable(f"reading took longer than {SQLITE_SECONDS:g} s") from None
         raise _Unreadable(f"not a readable GeoPackage ({exc})") from None
     return int(count)
 
 
-def _count_statuses(path: Path) -> tuple[int, int]:
+def _count_statuses(file: _File) -> tuple[int, int]:
     """(DONE rows, FATAL rows) of the execution database's ``features`` table."""
     try:
-        with closing(_open_read_only(path)) as conn:
+        with closing(_bounded(file.open())) as conn:
+            if not _plain_tables(conn, "name = ?", "features"):
+                raise _Unreadable("no features table (a view or a virtual table is not read)")
+            if "status" not in _columns(conn, "features"):
+                raise _Unreadable("the features table has no status column")
             rows = conn.execute(
                 "SELECT status, COUNT(*) FROM features "
                 "WHERE status IN ('DONE', 'FATAL') GROUP BY status"
             ).fetchall()
     except sqlite3.Error as exc:
+        if _interrupted(exc):
+            raise _Unreadable(f"reading took longer than {SQLITE_SECONDS:g} s") from None
         raise _Unreadable(f"not a readable execution database ({exc})") from None
     counts = {str(status): int(n) for status, n in rows}
     return counts.get("DONE", 0), counts.get("FATAL", 0)
