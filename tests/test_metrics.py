@@ -199,10 +199,31 @@ def test_watched_loop_age_is_read_at_scrape_time(metrics: Metrics) -> None:
     assert sample(metrics, "batch_worker_loop_progress_bound_seconds", loop="poller") == 213.0
 
 
-def test_build_info_names_the_version(metrics: Metrics) -> None:
+def test_build_info_names_the_version_and_the_fleet(metrics: Metrics) -> None:
     from worker import __version__
 
-    assert sample(metrics, "batch_worker_build_info", version=__version__) == 1
+    assert sample(metrics, "batch_worker_build_info", version=__version__, fleet="default") == 1
+    other = Metrics(fleet_id="eu-north")
+    assert sample(other, "batch_worker_build_info", version=__version__, fleet="eu-north") == 1
+
+
+def test_budget_gauge_holds_the_setting_and_defaults_match_the_settings() -> None:
+    from worker.settings import Settings
+
+    assert sample(Metrics(api_budget_per_minute=120), "batch_worker_api_budget_per_minute") == 120
+    defaults = Settings.model_fields
+    assert sample(Metrics(), "batch_worker_api_budget_per_minute") == (
+        defaults["api_budget_per_minute"].default
+    )
+    assert defaults["fleet_id"].default == "default"
+
+
+def test_cost_share_is_a_gauge_that_never_goes_negative(metrics: Metrics) -> None:
+    assert sample(metrics, "batch_worker_jobs_cost_share_max") == 0  # exists from the start
+    metrics.cost_share(0.85)
+    assert sample(metrics, "batch_worker_jobs_cost_share_max") == 0.85
+    metrics.cost_share(-1.0)
+    assert sample(metrics, "batch_worker_jobs_cost_share_max") == 0
 
 
 def test_api_hooks_feed_the_api_metrics(metrics: Metrics) -> None:
