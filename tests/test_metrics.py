@@ -96,6 +96,11 @@ def test_series_exist_before_anything_happens(metrics: Metrics) -> None:
     assert sample(metrics, "batch_worker_outbox_pending") == 0
     assert sample(metrics, "batch_worker_jobs_in_flight", status="PROCESSING") == 0
     assert sample(metrics, "batch_worker_jobs_in_flight", status="PENDING_CREATE") == 0
+    # Counters alerts take the increase() of: born at 0, so their first step is seen.
+    finished = "batch_worker_jobs_finished_total"
+    assert sample(metrics, finished, status="STOPPED", reason="OUT_OF_PU") == 0
+    assert sample(metrics, finished, status="STOPPED", reason="COST_LIMIT") == 0
+    assert sample(metrics, finished, status="DONE", reason="") == 0
 
 
 def test_commands_fold_unknown_actions(metrics: Metrics) -> None:

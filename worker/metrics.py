@@ -28,7 +28,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from worker import __version__
-from worker.lifecycle import KNOWN_STATUSES, TERMINAL
+from worker.lifecycle import KNOWN_STATUSES, TERMINAL, StoppedReason
 from worker.wire.job_requests import ACTIONS
 
 if TYPE_CHECKING:
@@ -222,6 +222,12 @@ class Metrics:
         self._status_lag.set(0)
         self._cost_share.set(0)
         self._budget.set(api_budget_per_minute)
+        # rate() and increase() miss a counter's first step when its series is born at 1:
+        # an alert on the first OUT_OF_PU stop would never fire. The fixed reasons (and
+        # plain DONE) start at 0; failures' error codes are open-ended and cannot.
+        self._jobs_finished.labels(status="DONE", reason=NO_REASON)
+        for stopped in StoppedReason:
+            self._jobs_finished.labels(status="STOPPED", reason=stopped.value)
         self.set_in_flight({})
 
     # --- intake --------------------------------------------------------------------------
