@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -245,7 +243,6 @@ def test_api_hooks_feed_the_api_metrics(metrics: Metrics) -> None:
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "batch-worker-dashboard.json"
-ALERTS = ROOT / "config" / "prometheus" / "alerts.yaml"
 METRIC_NAME = re.compile(r"\b((?:batch_worker|process|python)_[a-z_]+)\b")
 
 
@@ -263,11 +260,6 @@ def dashboard_queries() -> list[str]:
     ]
     queries += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
     return queries
-
-
-def alert_rules() -> list[dict[str, Any]]:
-    document = yaml.safe_load(ALERTS.read_text())
-    return [rule for group in document["groups"] for rule in group["rules"]]
 
 
 def test_dashboard_queries_only_metrics_that_exist() -> None:
@@ -295,30 +287,3 @@ def test_dashboard_panels_are_well_formed() -> None:
         if panel["type"] != "row":
             assert panel["targets"], panel["title"]
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
-
-
-def test_alert_rules_query_only_metrics_that_exist() -> None:
-    exposed = exposed_sample_names()
-    rules = alert_rules()
-    referenced = {name for rule in rules for name in METRIC_NAME.findall(rule["expr"])}
-    assert referenced <= exposed, referenced - exposed
-
-
-def test_alert_rules_cover_what_operators_page_on() -> None:
-    rules = alert_rules()
-    expressions = " ".join(rule["expr"] for rule in rules)
-    for metric in (
-        "batch_worker_broker_connected",
-        "batch_worker_status_lag_seconds",
-        "batch_worker_outbox_pending",
-        "batch_worker_duplicates_stopped_total",
-    ):
-        assert metric in expressions, metric
-    assert 'code=~"5.."' in expressions
-    assert 'code="429"' in expressions
-    names = [rule["alert"] for rule in rules]
-    assert len(names) == len(set(names))
-    for rule in rules:
-        assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
-        assert rule["annotations"]["summary"], rule["alert"]
-        assert re.fullmatch(r"\d+[smh]", str(rule.get("for", "0s"))), rule["alert"]
