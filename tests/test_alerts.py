@@ -17,20 +17,19 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_metrics import METRIC_NAME, exposed_sample_names
+from tests.test_metrics import (
+    ALERTS,
+    RABBITMQ_NAME,
+    exposed_sample_names,
+    metric_names,
+    rabbitmq_metric_names,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "config" / "prometheus"
-ALERTS = PROMETHEUS / "alerts.yaml"
 RULE_TESTS = sorted((PROMETHEUS / "tests").glob("*.yaml"))
 OPERATIONS = ROOT / "docs" / "operations.md"
-RABBITMQ_NAME = re.compile(r"\b(rabbitmq_[a-z_]+)\b")
 IN_CI = bool(os.environ.get("CI"))
-
-
-def rabbitmq_metric_names() -> set[str]:
-    lines = (Path(__file__).parent / "rabbitmq_prometheus_metrics.txt").read_text().splitlines()
-    return {line for line in lines if line and not line.startswith("#")}
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -74,9 +73,9 @@ def test_every_alert_has_a_unit_test_that_fires_it() -> None:
 
 def test_alert_rules_query_only_metrics_that_exist() -> None:
     rules = alert_rules()
-    referenced = {name for rule in rules for name in METRIC_NAME.findall(rule["expr"])}
+    referenced = {name for rule in rules for name in metric_names(rule["expr"])}
     assert referenced <= exposed_sample_names(), referenced - exposed_sample_names()
-    rabbitmq = {name for rule in rules for name in RABBITMQ_NAME.findall(rule["expr"])}
+    rabbitmq = {name for rule in rules for name in metric_names(rule["expr"], RABBITMQ_NAME)}
     assert rabbitmq, "the queue rules read RabbitMQ's own metrics"
     assert rabbitmq <= rabbitmq_metric_names(), rabbitmq - rabbitmq_metric_names()
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -243,7 +244,26 @@ def test_api_hooks_feed_the_api_metrics(metrics: Metrics) -> None:
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "batch-worker-dashboard.json"
+ALERTS = ROOT / "config" / "prometheus" / "alerts.yaml"
 METRIC_NAME = re.compile(r"\b((?:batch_worker|process|python)_[a-z_]+)\b")
+RABBITMQ_NAME = re.compile(r"\b(rabbitmq_[a-z_]+)\b")
+
+
+# Label lists (by, on, group_left, ...), selectors and label_values' label argument hold label
+# names, which look like metric names (rabbitmq_cluster).
+_LABEL_PARTS = re.compile(
+    r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)|\{[^}]*\}|,\s*\w+\)\s*$"
+)
+
+
+def metric_names(query: str, pattern: re.Pattern[str] = METRIC_NAME) -> set[str]:
+    return set(pattern.findall(_LABEL_PARTS.sub(" ", query)))
+
+
+def rabbitmq_metric_names() -> set[str]:
+    """What RabbitMQ's Prometheus plugin serves (tests/rabbitmq_prometheus_metrics.txt)."""
+    lines = (Path(__file__).parent / "rabbitmq_prometheus_metrics.txt").read_text().splitlines()
+    return {line for line in lines if line and not line.startswith("#")}
 
 
 def exposed_sample_names() -> set[str]:
@@ -264,9 +284,42 @@ def dashboard_queries() -> list[str]:
 
 def test_dashboard_queries_only_metrics_that_exist() -> None:
     exposed = exposed_sample_names()
-    referenced = {name for query in dashboard_queries() for name in METRIC_NAME.findall(query)}
+    referenced = {name for query in dashboard_queries() for name in metric_names(query)}
     assert referenced
     assert referenced <= exposed, referenced - exposed
+    rabbitmq = {n for query in dashboard_queries() for n in metric_names(query, RABBITMQ_NAME)}
+    assert rabbitmq
+    assert rabbitmq <= rabbitmq_metric_names(), rabbitmq - rabbitmq_metric_names()
+
+
+def test_every_signal_an_alert_reads_has_a_panel() -> None:
+    rules = yaml.safe_load(ALERTS.read_text())["groups"]
+    alerting = " ".join(rule["expr"] for group in rules for rule in group["rules"])
+    read = metric_names(alerting) | metric_names(alerting, RABBITMQ_NAME)
+    shown = {
+        name
+        for query in dashboard_queries()
+        for name in metric_names(query) | metric_names(query, RABBITMQ_NAME)
+    }
+    assert read <= shown, read - shown
+
+
+def test_the_fleet_selector_narrows_every_panel() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    # The fleet comes from the one series that carries it; the workers follow the fleet.
+    assert variables["fleet"]["definition"] == "label_values(batch_worker_build_info, fleet)"
+    assert 'batch_worker_build_info{fleet=~"$fleet"}' in variables["instance"]["definition"]
+    # "All" must mean the fleet's workers, not every worker (a custom allValue of .* would).
+    assert "allValue" not in variables["instance"]
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            if METRIC_NAME.search(expr):
+                assert 'instance=~"$instance"' in expr, panel["title"]
+            if RABBITMQ_NAME.search(expr):
+                assert '$rabbitmq_cluster"' in expr, panel["title"]
+            assert not re.search(r"\$job\b", expr), panel["title"]  # the old selector
 
 
 def test_every_worker_metric_is_on_the_dashboard() -> None:
@@ -279,8 +332,16 @@ def test_every_worker_metric_is_on_the_dashboard() -> None:
 
 def test_dashboard_panels_are_well_formed() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["schemaVersion"] >= 36  # Grafana 9.0 on; 10 and 11 migrate it on load
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
     for panel in dashboard["panels"]:
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
