@@ -20,6 +20,7 @@ import yaml
 from tests.test_metrics import (
     ALERTS,
     RABBITMQ_NAME,
+    dashboard_queries,
     exposed_sample_names,
     metric_names,
     rabbitmq_metric_names,
@@ -122,3 +123,33 @@ def test_every_alert_says_what_happened_and_where_its_runbook_is() -> None:
         assert page == "docs/operations.md", rule["alert"]
         assert anchor == rule["alert"].lower(), rule["alert"]
         assert anchor in anchors, f"docs/operations.md has no section {rule['alert']}"
+
+
+# Grafana's variables, as a Prometheus sees them once Grafana has substituted them.
+_GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__range": "6h",
+    "$instance": "(10\\\\.0\\\\.0\\\\.1:9400|10\\\\.0\\\\.0\\\\.2:9400)",
+    "$fleet": "eu",
+    "$rabbitmq_cluster": ".*",
+    "$jobs_queue": "batch.jobs",
+    "$unrouted_queue": "batch.events.unrouted",
+    "$dlq": "batch.jobs.dlq",
+}
+
+
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each panel's query, as a recording rule (it has no query checker)."""
+    rules = []
+    for number, query in enumerate(dashboard_queries()):
+        if query.startswith("label_values("):
+            continue  # Grafana's own function, not PromQL
+        expr = query
+        for name in sorted(_GRAFANA_VARIABLES, key=len, reverse=True):
+            expr = expr.replace(name, _GRAFANA_VARIABLES[name])
+        assert "$" not in expr, query
+        rules.append({"record": f"dashboard:query_{number}", "expr": expr})
+    path = tmp_path / "dashboard-queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
