@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck services install clean
+.PHONY: demo test lint typecheck services tools install clean
 
 $(STAMP): pyproject.toml
 	# Debian's python3 comes without venv; on such a machine, install it first.
@@ -20,6 +20,15 @@ install: $(STAMP)
 
 services:
 	scripts/ensure-services.sh
+
+# promtool, for the alert rules' tests (tests/test_alerts.py). Debian ships it only inside
+# the prometheus package (19 MB; no daemon starts without an init system); the recommended
+# node exporter is left out.
+tools:
+	@command -v promtool >/dev/null || { apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus >/dev/null; }
+	@promtool --version | head -n1
 
 demo: $(STAMP) services
 	$(BIN)/batch-worker demo
@@ -36,7 +45,7 @@ typecheck: $(STAMP)
 
 # Most tests wait on I/O (jobs running in the simulator), so four processes share two cores
 # well; the few that restart the shared broker run alone afterwards.
-test: $(STAMP) services lint typecheck
+test: $(STAMP) services tools lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider -n 4 -m "not serial"
 	$(BIN)/pytest -q -p no:cacheprovider -m serial
 

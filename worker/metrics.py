@@ -28,7 +28,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from worker import __version__
-from worker.lifecycle import KNOWN_STATUSES, TERMINAL
+from worker.lifecycle import KNOWN_STATUSES, TERMINAL, StoppedReason
 from worker.wire.job_requests import ACTIONS
 
 if TYPE_CHECKING:
@@ -77,7 +77,15 @@ def _label(value: str | None, *, empty: str = OTHER) -> str:
 class Metrics:
     """Every metric the worker exposes, and the few methods the rest of the code calls."""
 
-    def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        registry: CollectorRegistry | None = None,
+        fleet_id: str = "default",
+        api_budget_per_minute: int = 300,
+    ) -> None:
+        """``fleet_id`` and ``api_budget_per_minute``: the process's settings (their
+        defaults are the settings' defaults)."""
         # The `_created` series double what is scraped and no dashboard here reads them.
         # (A process-wide switch in prometheus-client; the worker exposes nothing else.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -143,6 +151,17 @@ class Metrics:
             "Age of the stalest job status this process holds.",
             registry=r,
         )
+        self._budget = Gauge(
+            f"{PREFIX}_api_budget_per_minute",
+            "The process's API request budget (API_BUDGET_PER_MINUTE).",
+            registry=r,
+        )
+        self._cost_share = Gauge(
+            f"{PREFIX}_jobs_cost_share_max",
+            "Highest share of its cost cap (max_cost_pu) spent by a job in flight "
+            "(0 when no job in flight has a cap).",
+            registry=r,
+        )
         self._events_published = Counter(
             f"{PREFIX}_events_published_total",
             "Events the broker confirmed, by CloudEvents type.",
@@ -184,8 +203,10 @@ class Metrics:
             ["loop"],
             registry=r,
         )
-        info = Info(f"{PREFIX}_build", "The running worker's version.", registry=r)
-        info.info({"version": __version__})
+        # The fleet rides on the info series (one per process) rather than on every
+        # series: dashboards and alerts join it in by (job, instance).
+        info = Info(f"{PREFIX}_build", "The running worker's version and fleet.", registry=r)
+        info.info({"version": __version__, "fleet": fleet_id})
         # The process's own CPU, memory, file descriptors and GC: the first things an
         # operator looks at when a pod misbehaves. (Their defaults live in the global
         # registry; this registry gets its own instances.)
@@ -199,6 +220,14 @@ class Metrics:
         self._broker_connected.set(0)
         self._outbox_pending.set(0)
         self._status_lag.set(0)
+        self._cost_share.set(0)
+        self._budget.set(api_budget_per_minute)
+        # rate() and increase() miss a counter's first step when its series is born at 1:
+        # an alert on the first OUT_OF_PU stop would never fire. The fixed reasons (and
+        # plain DONE) start at 0; failures' error codes are open-ended and cannot.
+        self._jobs_finished.labels(status="DONE", reason=NO_REASON)
+        for stopped in StoppedReason:
+            self._jobs_finished.labels(status="STOPPED", reason=stopped.value)
         self.set_in_flight({})
 
     # --- intake --------------------------------------------------------------------------
@@ -248,6 +277,10 @@ class Metrics:
 
     def status_lag(self, seconds: float) -> None:
         self._status_lag.set(max(0.0, seconds))
+
+    def cost_share(self, share: float) -> None:
+        """The highest ``cost_pu / max_cost_pu`` among the fleet's jobs in flight."""
+        self._cost_share.set(max(0.0, share))
 
     # --- the API -------------------------------------------------------------------------
 

@@ -156,6 +156,7 @@ class Recorder:
         self.duplicates = 0
         self.lag: list[float] = []
         self.in_flight: list[dict[str, int]] = []
+        self.cost_shares: list[float] = []
 
     def job_finished(self, status: str, reason: str | None, duration_seconds: float | None) -> None:
         self.finished.append((status, reason))
@@ -171,6 +172,9 @@ class Recorder:
 
     def status_lag(self, seconds: float) -> None:
         self.lag.append(seconds)
+
+    def cost_share(self, share: float) -> None:
+        self.cost_shares.append(share)
 
 
 @pytest.fixture
@@ -387,6 +391,36 @@ def test_request_stop_hands_jobs_back_at_once(pool: ConnectionPool) -> None:
         store.request_action(conn, FLEET, "j1", "start", now=datetime.now(UTC))
     run_until_ended(pool, make_engine(pool, api, "w2"))
     assert record(pool).state.status == "DONE"
+
+
+class CostlyAnalysis(FakeApi):
+    """Analysis that has already cost 150 PU (the real API bills while processing)."""
+
+    def _advance(self, task: Task) -> Task:
+        task = super()._advance(task)
+        return self._put(task, cost_pu=150.0) if task.status == "ANALYSIS_DONE" else task
+
+
+def test_the_gauges_report_the_share_of_its_cost_cap_a_job_has_spent(
+    pool: ConnectionPool,
+) -> None:
+    api, metrics = CostlyAnalysis(), Recorder()
+    add_job(pool, auto_start=False, max_cost_pu=200.0)  # rests after analysis, in flight
+    add_job(pool, "uncapped", auto_start=False)
+    engine = make_engine(pool, api, metrics=metrics)
+    thread = threading.Thread(target=engine.run)
+    thread.start()
+    try:
+        for _ in range(200):
+            if 0.75 in metrics.cost_shares:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        engine.request_stop()
+        thread.join(10)
+    assert record(pool).state.cost_pu == 150.0
+    assert 0.75 in metrics.cost_shares
+    assert max(metrics.cost_shares) == 0.75  # the uncapped job counts for nothing
 
 
 class CreateWaitsForTheTest(FakeApi):

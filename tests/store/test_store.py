@@ -241,6 +241,35 @@ def test_poll_targets_counts_and_bulk_touch(pool: ConnectionPool) -> None:
     assert record is not None and record.last_seen_at == seen
 
 
+def test_max_cost_share_is_the_highest_share_of_its_cap_among_active_jobs(
+    pool: ConnectionPool,
+) -> None:
+    with pool.connection() as conn:
+        assert store.max_cost_share(conn, FLEET) == 0.0  # no job at all
+    insert(pool, job("uncapped"))
+    insert(pool, job("capped-fresh", max_cost_pu=100.0))  # no cost read yet
+    insert(pool, job("capped", max_cost_pu=200.0))
+    insert(pool, job("ended", max_cost_pu=10.0))
+    with pool.connection() as conn:
+        assert store.max_cost_share(conn, FLEET) == 0.0
+        for c in store.claim_due(conn, FLEET, "w1", now=T0, lease=LEASE, limit=10):
+            changes: dict[str, object] = {
+                "capped": {"cost_pu": 150.0, "status": "PROCESSING"},
+                "uncapped": {"cost_pu": 9000.0, "status": "PROCESSING"},
+                "ended": {
+                    "cost_pu": 50.0,
+                    "status": "STOPPED",
+                    "phase": Phase.ENDED,
+                    "ended_at": T0,
+                },
+            }.get(c.state.job_id, {})
+            if changes:
+                state = c.state.model_copy(update=changes)
+                store.save_step(conn, state, generation=c.generation, owner="w1")
+        assert store.max_cost_share(conn, FLEET) == 0.75
+        assert store.max_cost_share(conn, "other-fleet") == 0.0
+
+
 def test_a_request_arriving_during_a_step_makes_the_save_write_nothing(
     pool: ConnectionPool,
 ) -> None:

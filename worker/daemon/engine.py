@@ -85,6 +85,7 @@ class EngineMetrics(Protocol):
     def tiles(self, processed_delta: int, failed_delta: int) -> None: ...
     def duplicate_stopped(self) -> None: ...
     def status_lag(self, seconds: float) -> None: ...
+    def cost_share(self, share: float) -> None: ...
 
 
 def utc_now() -> datetime:
@@ -360,9 +361,11 @@ class Engine:
         with self._pool.connection() as conn:
             counts = store.count_active_by_status(conn, self._fleet)
             oldest = store.oldest_seen(conn, self._fleet)
+            cost_share = store.max_cost_share(conn, self._fleet)
         self._metrics.set_in_flight(counts)
         lag = (self._clock() - oldest).total_seconds() if oldest is not None else 0.0
         self._metrics.status_lag(max(0.0, lag))
+        self._metrics.cost_share(cost_share)
 
     # -- one job ------------------------------------------------------------------------
 

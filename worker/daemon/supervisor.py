@@ -107,7 +107,9 @@ def register_settings_secrets(settings: Settings) -> None:
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(
+            fleet_id=settings.fleet_id, api_budget_per_minute=settings.api_budget_per_minute
+        )
         self.health = Health()
         self._stopping = threading.Event()
         self._bounds = liveness.progress_bounds(settings)

@@ -615,6 +615,20 @@ def count_active_by_status(conn: Conn, fleet_id: str) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
+def max_cost_share(conn: Conn, fleet_id: str) -> float:
+    """The highest ``cost_pu / max_cost_pu`` among active jobs with a cap (0 if none)."""
+    row = conn.execute(
+        """
+        SELECT COALESCE(max(COALESCE((state->>'cost_pu')::float8, 0)
+                            / (state->>'max_cost_pu')::float8), 0)
+        FROM bw_jobs
+        WHERE fleet_id = %s AND ended_at IS NULL AND (state->>'max_cost_pu')::float8 > 0
+        """,
+        (fleet_id,),
+    ).fetchone()
+    return float(row[0]) if row else 0.0
+
+
 def oldest_seen(conn: Conn, fleet_id: str) -> datetime | None:
     """The stalest status held among tracked jobs (for ``status_lag_seconds``)."""
     row = conn.execute(
