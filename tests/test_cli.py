@@ -91,9 +91,48 @@ def test_run_reports_a_taken_metrics_port_as_configuration() -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip() == (
-        "batch-worker: configuration: BATCH_WORKER_METRICS_PORT:"
+        "batch-worker: configuration: BATCH_WORKER_METRICS_HOST/PORT:"
         f" cannot listen on 0.0.0.0:{port}: address already in use"
     )
+
+
+def test_run_binds_the_probe_server_where_it_is_told() -> None:
+    # 127.0.0.2 is loopback too: a probe server bound there is not on 127.0.0.1.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.2", 0))
+        port = sock.getsockname()[1]
+    env = clean_env(
+        CLIENT_ID="client",
+        CLIENT_SECRET=SECRET,
+        METRICS_HOST="127.0.0.2",
+        METRICS_PORT=port,
+        DATABASE_URL="postgresql://postgres@127.0.0.1:1/none",  # never reached: stops it
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run"], cwd=REPO, env=env, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.2:{port}/healthz", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("no probe server on 127.0.0.2")
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_metrics_host_that_is_no_address_stops_start_up() -> None:
+    env = clean_env(CLIENT_ID="client", CLIENT_SECRET=SECRET, METRICS_HOST="all-of-them")
+    result = run_cli("run", env=env)
+    assert result.returncode == 2
+    assert "BATCH_WORKER_METRICS_HOST" in result.stderr
 
 
 def test_simulate_on_a_taken_port_says_so_in_one_line_and_exits_2() -> None:

@@ -70,7 +70,8 @@ def _run(args: argparse.Namespace) -> int:
     except ListenError as exc:
         # The probe server binds first; a taken port is a configuration problem.
         _problem(
-            f"configuration: BATCH_WORKER_METRICS_PORT: {_cannot_listen(exc.host, exc.port, exc)}"
+            "configuration: BATCH_WORKER_METRICS_HOST/PORT: "
+            + _cannot_listen(exc.host, exc.port, exc)
         )
         return EXIT_CONFIG
     except DatabaseUnusable as exc:

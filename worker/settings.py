@@ -12,11 +12,19 @@ import os
 import re
 from collections.abc import Mapping
 from enum import StrEnum
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    IPvAnyAddress,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "BATCH_WORKER_"
@@ -101,6 +109,9 @@ class Settings(BaseSettings):
     # Multiplies every loop's progress bound (docs/operations.md "Liveness"): above 1 where
     # pauses are legitimately longer than the defaults allow for; tests go below.
     liveness_factor: float = Field(default=1.0, ge=0.01, le=100)
+    # The probe server's address: all interfaces by default, since a kubelet probes and
+    # Prometheus scrapes the pod's IP; 127.0.0.1 keeps it to the host (docs/deployment.md).
+    metrics_host: IPvAnyAddress = Field(default=IPv4Address("0.0.0.0"))
     metrics_port: int = Field(default=9400, ge=0, le=65_535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -63,7 +64,7 @@ def _free_port() -> int:
 def _port_is_free(port: int) -> bool:
     with socket.socket() as sock:
         try:
-            sock.bind(("0.0.0.0", port))  # as the probe server binds
+            sock.bind(("127.0.0.1", port))  # as the demo's probe server binds
         except OSError:
             return False
         return True
@@ -249,6 +250,8 @@ def _run(console: Console, base: Settings, speed: float, keep_going: bool, log_p
                     "database_url": type(base.database_url)(database_url),
                     "fleet_id": "demo",
                     "poll_interval": 2.0,
+                    # A demo's probe server is for this machine only.
+                    "metrics_host": IPv4Address("127.0.0.1"),
                     "metrics_port": _metrics_port(console, base.metrics_port),
                 }
             )

@@ -118,7 +118,9 @@ class Daemon:
         settings = self.settings
         register_settings_secrets(settings)
         tune_gc()
-        probes = ProbeServer(self.metrics, self.health, port=settings.metrics_port)
+        probes = ProbeServer(
+            self.metrics, self.health, host=str(settings.metrics_host), port=settings.metrics_port
+        )
         probes.start()
         log.info(
             "batch-worker starting",
