@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from worker.daemon.consumer import InboundMessage, IntakeUnavailable, JobsConsumer
+from worker.daemon.consumer import JobsConsumer
+from worker.daemon.inbound import InboundMessage, IntakeUnavailable
 from worker.settings import Settings
 
 PREFETCH = 20  # batches of 10

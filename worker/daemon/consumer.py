@@ -29,11 +29,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from kombu.exceptions import OperationalError
 from kombu.messaging import Consumer, Queue
@@ -48,6 +48,7 @@ from worker.broker import (
     requeue_up_to,
     socket_timeout,
 )
+from worker.daemon.inbound import BatchIntake, InboundMessage, IntakeUnavailable, TakeSteps
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,90 +62,6 @@ HEARTBEAT_CHECK_SECONDS = 1.0
 _TAKEN, _FAILED, _UNAVAILABLE = "taken", "failed", "unavailable"
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
-
-
-class IntakeUnavailable(Exception):
-    """Raised by intake when its store is unreachable: the batch is fine, try later."""
-
-
-@dataclass(frozen=True)
-class InboundMessage:
-    """One delivery, with everything needed to dead-letter it byte for byte.
-
-    ``properties`` are the AMQP basic properties without the headers table
-    (``timestamp`` as int seconds); ``headers`` is that table.
-    """
-
-    body: bytes
-    content_type: str | None
-    properties: dict[str, Any]
-    headers: dict[str, Any]
-    delivery_tag: int
-    redelivered: bool
-
-    @property
-    def message_id(self) -> str | None:
-        return self.properties.get("message_id")
-
-    @property
-    def correlation_id(self) -> str | None:
-        return self.properties.get("correlation_id")
-
-    @property
-    def reply_to(self) -> str | None:
-        return self.properties.get("reply_to")
-
-    @classmethod
-    def from_delivery(cls, message: Any) -> InboundMessage:
-        """From a kombu message, undecoded (the body stays the bytes that were sent)."""
-        properties = {
-            key: value
-            for key, value in message.properties.items()
-            if key != "application_headers" and value is not None
-        }
-        body = message.body
-        return cls(
-            body=body.encode("utf-8") if isinstance(body, str) else bytes(body),
-            content_type=message.content_type or None,
-            properties=properties,
-            headers=dict(message.headers or {}),
-            delivery_tag=int(message.delivery_tag),
-            redelivered=bool(message.delivery_info.get("redelivered", False)),
-        )
-
-
-ReadBatch = TypeVar("ReadBatch")
-
-
-TakeSteps = Generator[None, None, "list[InboundMessage] | None"]
-
-
-class BatchIntake(Protocol[ReadBatch]):
-    """Intake in two halves (worker/intake.py). ``read`` is pure work and never raises on
-    input. ``take_in_steps`` is the transaction in steps (between two, the database works
-    and the caller may too); it ends returning the messages it deferred (held by the
-    consumer and offered again later), or raises (``IntakeUnavailable``: hold them all)."""
-
-    def read(self, batch: list[InboundMessage]) -> ReadBatch: ...
-
-    def take_in_steps(self, batch: ReadBatch) -> TakeSteps: ...
-
-
-Handler = Callable[[list[InboundMessage]], list[InboundMessage] | None]
-
-
-class _Whole:
-    """A plain handler as intake with nothing to read ahead (tests, tools)."""
-
-    def __init__(self, handle: Handler) -> None:
-        self._handle = handle
-
-    def read(self, batch: list[InboundMessage]) -> list[InboundMessage]:
-        return batch
-
-    def take_in_steps(self, batch: list[InboundMessage]) -> TakeSteps:
-        return self._handle(batch)
-        yield  # a generator: one step
 
 
 @dataclass
@@ -165,7 +82,7 @@ class JobsConsumer(ConsumerMixin):
     def __init__(
         self,
         settings: Settings,
-        intake: BatchIntake[Any] | Handler,
+        intake: BatchIntake[Any],
         *,
         on_connection_change: Callable[[bool], None] | None = None,
         on_progress: Callable[[], None] | None = None,
@@ -174,7 +91,7 @@ class JobsConsumer(ConsumerMixin):
     ) -> None:
         self.settings = settings
         self.connection = connection(settings, purpose="consume")
-        self._intake: BatchIntake[Any] = _Whole(intake) if callable(intake) else intake
+        self._intake = intake
         self._on_connection_change = on_connection_change
         # Called each time round, idle or not: the daemon's liveness watch (worker/health.py).
         self._on_progress = on_progress or (lambda: None)
@@ -545,7 +462,7 @@ class JobsConsumer(ConsumerMixin):
         try:
             next(steps)
         except StopIteration as done:
-            return _TAKEN, list(done.value or [])
+            return _TAKEN, done.value
         except IntakeUnavailable as exc:
             log.warning("intake unavailable (%s)", exc)
             return _UNAVAILABLE, []

@@ -19,7 +19,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from worker import lifecycle
-from worker.daemon.consumer import InboundMessage, IntakeUnavailable
+from worker.daemon.inbound import InboundMessage, IntakeUnavailable, TakeSteps
 from worker.lifecycle import Echo
 from worker.settings import Settings
 from worker.store import db, outbox
@@ -80,7 +80,7 @@ class Intake:
     """Job-request messages into the job table and the outbox, a batch per transaction.
 
     Two halves, so that a consumer can read the next batch while this one's transaction
-    runs (worker/consumer.py): ``read`` is pure work (parse, validate, hash, build rows and
+    runs (worker/daemon/consumer.py): ``read`` is pure work (parse, validate, hash, build rows and
     events) and never touches the database; ``take`` is the transaction.
     ``handle_batch`` is both, one after the other.
     """
@@ -362,7 +362,6 @@ class Intake:
         return out
 
 
-TakeSteps = Generator[None, None, list[InboundMessage]]
 T = TypeVar("T")
 
 
