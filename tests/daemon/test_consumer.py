@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,12 +13,8 @@ import pika
 import pytest
 
 from worker.broker import connection, connection_name, declare_topology, ensure_connected
-from worker.daemon.consumer import (
-    InboundMessage,
-    IntakeUnavailable,
-    JobsConsumer,
-    read_ahead,
-)
+from worker.daemon.consumer import JobsConsumer, read_ahead
+from worker.daemon.inbound import InboundMessage, IntakeUnavailable
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -47,13 +43,33 @@ def settings(broker_url: str, amqp_names) -> Settings:
     )
 
 
+Handler = Callable[[list[InboundMessage]], list[InboundMessage] | None]
+
+
+class Whole:
+    """A plain handler as intake, in one step with nothing to read ahead: it takes a batch
+    in by returning (the messages it defers, or None for none) and fails it by raising."""
+
+    def __init__(self, handle: Handler) -> None:
+        self._handle = handle
+
+    def read(self, batch: list[InboundMessage]) -> list[InboundMessage]:
+        return batch
+
+    def take_in_steps(
+        self, batch: list[InboundMessage]
+    ) -> Generator[None, None, list[InboundMessage]]:
+        return self._handle(batch) or []
+        yield  # a generator: one step
+
+
 class Running:
     """A consumer on its own thread, stopped and joined at the end of the test."""
 
-    def __init__(self, settings: Settings, handle: Callable[[list[InboundMessage]], None]):
+    def __init__(self, settings: Settings, handle: Handler):
         self.changes: list[bool] = []
         self.consumer = JobsConsumer(
-            settings, handle, on_connection_change=self.changes.append, batch_wait=0.02
+            settings, Whole(handle), on_connection_change=self.changes.append, batch_wait=0.02
         )
         self.thread = threading.Thread(target=self.consumer.run)
         self.thread.start()
@@ -69,7 +85,7 @@ class Running:
 def run_consumer(settings: Settings) -> Iterator[Callable[..., Running]]:
     started: list[Running] = []
 
-    def start(handle: Callable[[list[InboundMessage]], None]) -> Running:
+    def start(handle: Handler) -> Running:
         running = Running(settings, handle)
         started.append(running)
         return running
@@ -277,7 +293,7 @@ def test_reconnects_after_the_broker_closes_the_connection(
 
 
 def test_consumer_connection_carries_heartbeat_and_prefetch(settings: Settings) -> None:
-    consumer = JobsConsumer(settings, lambda batch: None)
+    consumer = JobsConsumer(settings, Whole(lambda batch: None))
     assert consumer.connection.heartbeat == settings.heartbeat
     # Half the window: the next batch arrives while this one is in its transaction.
     assert consumer._batch_max == settings.prefetch // 2
@@ -300,7 +316,7 @@ def test_heartbeats_are_checked_once_a_second_not_once_a_delivery(settings: Sett
         def heartbeat_check(self) -> None:
             self.checks += 1
 
-    consumer, conn = JobsConsumer(settings, lambda batch: None), Conn()
+    consumer, conn = JobsConsumer(settings, Whole(lambda batch: None)), Conn()
     for _ in range(50):
         consumer._drain(conn)
     assert conn.checks == 1
@@ -334,7 +350,7 @@ def test_deliveries_already_read_are_drained_in_one_pass_up_to_a_batch(
             delivery_info={"redelivered": False},
         )
 
-    consumer = JobsConsumer(settings, lambda batch: None, batch_max=4)
+    consumer = JobsConsumer(settings, Whole(lambda batch: None), batch_max=4)
     transport = SimpleNamespace(sock=None, _read_buffer=b"xxxxxxxx")  # 8 frames' worth
     consumer._transport = transport
     conn = Conn(transport, consumer)

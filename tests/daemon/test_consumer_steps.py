@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from worker.daemon.consumer import InboundMessage, IntakeUnavailable, JobsConsumer
+from worker.daemon.consumer import JobsConsumer
+from worker.daemon.inbound import InboundMessage, IntakeUnavailable
 from worker.settings import Settings
 
 PREFETCH = 20  # batches of 10
@@ -44,10 +45,11 @@ class Channel:
 class Scripted:
     """Intake in three steps (lookup, writes, commit), logging what happens when."""
 
-    def __init__(self, unavailable_once_at: int | None = None) -> None:
+    def __init__(self, unavailable_once_at: int | None = None, poison: int | None = None) -> None:
         self.log: list[tuple[str, int]] = []
         self.taken: list[int] = []
         self._unavailable_at = unavailable_once_at
+        self._poison = poison
 
     def read(self, batch: list[InboundMessage]) -> list[InboundMessage]:
         self.log.append(("read", batch[0].delivery_tag))
@@ -64,6 +66,8 @@ class Scripted:
         if self._unavailable_at == first:  # at commit: the next batch has been read
             self._unavailable_at = None
             raise IntakeUnavailable("database down")
+        if any(m.delivery_tag == self._poison for m in batch):
+            raise ValueError("a bug one message provokes")
         self.taken += [m.delivery_tag for m in batch]
         self.log.append(("commit", first))
         return []
@@ -75,7 +79,8 @@ def message(tag: int) -> InboundMessage:
 
 def run(intake: Scripted, total: int, channel: Channel) -> JobsConsumer:
     """Deliver ``total`` messages as a broker would (never more unsettled than the
-    prefetch window), a few per drain, and turn the pipeline until all are settled."""
+    prefetch window), a few per drain, and turn the pipeline until all are settled
+    (acked, or requeued: not delivered again here)."""
     # Batches form only when full (the totals are whole batches).
     consumer = JobsConsumer(Settings(prefetch=PREFETCH), intake, batch_wait=60.0)
     delivered = 0
@@ -89,7 +94,7 @@ def run(intake: Scripted, total: int, channel: Channel) -> JobsConsumer:
         consumer._quiet = arriving == 0  # what the drain would have found
         consumer._resume_at = 0.0  # no real back-off in a unit test
         consumer._advance(channel)
-        if len(set(channel.acked)) == total:
+        if len(set(channel.acked) | set(channel.requeued)) == total:
             return consumer
     raise AssertionError("the pipeline stopped moving")
 
@@ -126,3 +131,16 @@ def test_a_failed_transaction_puts_the_batch_read_ahead_back_behind_it() -> None
     assert channel.requeued == []
     reads = [tag for what, tag in intake.log if what == "read"]
     assert reads.count(21) == 2  # read ahead, dropped with its predecessor, read again
+
+
+def test_a_failed_batch_is_taken_in_alone_but_its_poison_message() -> None:
+    intake, channel = Scripted(poison=13), Channel()
+    run(intake, 30, channel)
+    # Batch 11-20 failed with 21-30 read ahead: 21-30 went back behind it, 11-20 was taken
+    # in one message at a time, each acked as it went in, 13 requeued alone; then 21-30.
+    good = [tag for tag in range(1, 31) if tag != 13]
+    assert intake.taken == good
+    assert channel.acked == good
+    assert channel.requeued == [13]
+    alone = [(tag, True) for tag in range(11, 21) if tag != 13]
+    assert channel.ack_calls == [(10, True), *alone, (30, True)]

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from worker.daemon.consumer import InboundMessage
+from worker.daemon.inbound import InboundMessage
 from worker.daemon.intake import Intake
 from worker.settings import Settings
 from worker.store import capacity, db

@@ -11,17 +11,10 @@ Batches are therefore at most half the prefetch window, or batch N+1 could not a
 before N is acked. ``drain_events`` never blocks longer than a second, so heartbeats are
 serviced between batches.
 
-When intake raises, nothing was committed; the messages go back to the queue
-(``basic.reject``/``basic.nack`` with requeue). So that one poison message cannot fail its
-whole batch forever, a failed batch is retried one message at a time: the poison one is
-requeued alone (the quorum queue's delivery limit then dead-letters it) while the others
-are taken in. Two failures in a row with no success look like an outage rather than poison:
-the rest of the batch is requeued at once and intake is left alone for a growing back-off.
-
-An outage intake can name (it raises ``IntakeUnavailable``: the database is down) costs no
-delivery attempt at all: the batch stays in hand, unacked, and is tried again after a
-growing back-off. Requeueing it instead would spend the quorum queue's delivery limit and
-send good requests to the DLQ during a long outage.
+How a batch is settled once intake is done with it (acked, rejected, held, given back; a
+failed batch retried one message at a time, an unavailable intake paused without spending a
+delivery attempt) is decided in worker/daemon/settlement.py, a pure function of the batch
+and intake's outcome; this module performs it on the channel.
 """
 
 from __future__ import annotations
@@ -29,11 +22,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from kombu.exceptions import OperationalError
 from kombu.messaging import Consumer, Queue
@@ -49,6 +42,18 @@ from worker.broker import (
     requeue_up_to,
     socket_timeout,
 )
+from worker.daemon.inbound import BatchIntake, InboundMessage, IntakeUnavailable, TakeSteps
+from worker.daemon.settlement import (
+    FAILED,
+    TAKEN,
+    UNAVAILABLE,
+    Outcome,
+    Settlement,
+    Trial,
+    after_trial,
+    settle,
+    settle_alone,
+)
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,93 +64,8 @@ QUIET_SECONDS = 0.005
 # kombu asks for a check at least twice per heartbeat interval (seconds, not minutes);
 # once a second is plenty, and not once per message.
 HEARTBEAT_CHECK_SECONDS = 1.0
-_TAKEN, _FAILED, _UNAVAILABLE = "taken", "failed", "unavailable"
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
-
-
-class IntakeUnavailable(Exception):
-    """Raised by intake when its store is unreachable: the batch is fine, try later."""
-
-
-@dataclass(frozen=True)
-class InboundMessage:
-    """One delivery, with everything needed to dead-letter it byte for byte.
-
-    ``properties`` are the AMQP basic properties without the headers table
-    (``timestamp`` as int seconds); ``headers`` is that table.
-    """
-
-    body: bytes
-    content_type: str | None
-    properties: dict[str, Any]
-    headers: dict[str, Any]
-    delivery_tag: int
-    redelivered: bool
-
-    @property
-    def message_id(self) -> str | None:
-        return self.properties.get("message_id")
-
-    @property
-    def correlation_id(self) -> str | None:
-        return self.properties.get("correlation_id")
-
-    @property
-    def reply_to(self) -> str | None:
-        return self.properties.get("reply_to")
-
-    @classmethod
-    def from_delivery(cls, message: Any) -> InboundMessage:
-        """From a kombu message, undecoded (the body stays the bytes that were sent)."""
-        properties = {
-            key: value
-            for key, value in message.properties.items()
-            if key != "application_headers" and value is not None
-        }
-        body = message.body
-        return cls(
-            body=body.encode("utf-8") if isinstance(body, str) else bytes(body),
-            content_type=message.content_type or None,
-            properties=properties,
-            headers=dict(message.headers or {}),
-            delivery_tag=int(message.delivery_tag),
-            redelivered=bool(message.delivery_info.get("redelivered", False)),
-        )
-
-
-ReadBatch = TypeVar("ReadBatch")
-
-
-TakeSteps = Generator[None, None, "list[InboundMessage] | None"]
-
-
-class BatchIntake(Protocol[ReadBatch]):
-    """Intake in two halves (worker/intake.py). ``read`` is pure work and never raises on
-    input. ``take_in_steps`` is the transaction in steps (between two, the database works
-    and the caller may too); it ends returning the messages it deferred (held by the
-    consumer and offered again later), or raises (``IntakeUnavailable``: hold them all)."""
-
-    def read(self, batch: list[InboundMessage]) -> ReadBatch: ...
-
-    def take_in_steps(self, batch: ReadBatch) -> TakeSteps: ...
-
-
-Handler = Callable[[list[InboundMessage]], list[InboundMessage] | None]
-
-
-class _Whole:
-    """A plain handler as intake with nothing to read ahead (tests, tools)."""
-
-    def __init__(self, handle: Handler) -> None:
-        self._handle = handle
-
-    def read(self, batch: list[InboundMessage]) -> list[InboundMessage]:
-        return batch
-
-    def take_in_steps(self, batch: list[InboundMessage]) -> TakeSteps:
-        return self._handle(batch)
-        yield  # a generator: one step
 
 
 @dataclass
@@ -166,7 +86,7 @@ class JobsConsumer(ConsumerMixin):
     def __init__(
         self,
         settings: Settings,
-        intake: BatchIntake[Any] | Handler,
+        intake: BatchIntake[Any],
         *,
         on_connection_change: Callable[[bool], None] | None = None,
         on_progress: Callable[[], None] | None = None,
@@ -175,7 +95,7 @@ class JobsConsumer(ConsumerMixin):
     ) -> None:
         self.settings = settings
         self.connection = connection(settings, purpose="consume")
-        self._intake: BatchIntake[Any] = _Whole(intake) if callable(intake) else intake
+        self._intake = intake
         self._on_connection_change = on_connection_change
         # Called each time round, idle or not: the daemon's liveness watch (worker/health.py).
         self._on_progress = on_progress or (lambda: None)
@@ -392,7 +312,7 @@ class JobsConsumer(ConsumerMixin):
             self._finish_taking(channel, stopping=False)
             if self._pending[0] is batch[0]:
                 del self._pending[: len(batch)]
-                self._settle(channel, batch, _FAILED, [], stopping=False)
+                self._settle(channel, batch, Outcome(FAILED), stopping=False)
 
     def _step(self, channel: Any) -> None:
         """One step of the batch in its transaction; settle it if that was the last."""
@@ -416,157 +336,93 @@ class JobsConsumer(ConsumerMixin):
         self._settle_taken(channel, taking, outcome, stopping=stopping)
 
     def _settle_taken(
-        self,
-        channel: Any,
-        batch: _Batch,
-        outcome: tuple[str, list[InboundMessage]],
-        *,
-        stopping: bool,
+        self, channel: Any, batch: _Batch, outcome: Outcome, *, stopping: bool
     ) -> None:
-        result, deferred = outcome
-        if (result != _TAKEN or deferred) and self._read is not None:
+        if not outcome.taken_whole and self._read is not None:
             # The batch read ahead goes back first, in order: held or retried messages
             # of this batch go in front of it, and it is read again when its turn comes.
             self._pending[:0] = self._read.messages
             self._first_pending_at = time.monotonic()
             self._read = None
-        self._settle(channel, batch.messages, result, deferred, stopping=stopping)
+        self._settle(channel, batch.messages, outcome, stopping=stopping)
 
     def _flush(self, channel: Any, *, stopping: bool = False) -> None:
         """Take a batch in on this thread and settle it (stopping: nothing else to overlap)."""
         batch = self._next_batch()
-        outcome, deferred = self._try(batch)
-        self._settle(channel, batch, outcome, deferred, stopping=stopping)
+        self._settle(channel, batch, self._try(batch), stopping=stopping)
 
     def _settle(
-        self,
-        channel: Any,
-        batch: list[InboundMessage],
-        outcome: str,
-        deferred: list[InboundMessage],
-        *,
-        stopping: bool,
+        self, channel: Any, batch: list[InboundMessage], outcome: Outcome, *, stopping: bool
     ) -> None:
-        if outcome == _TAKEN and deferred:
-            self._settle_all_but_deferred(channel, batch, deferred, stopping=stopping)
+        settlement = settle(batch, outcome)
+        if not settlement.one_by_one:
+            self._perform(channel, settlement, stopping=stopping)
             return
-        if outcome == _TAKEN:
-            self._ack(channel, batch)
+        trial = Trial()
+        for index, message in enumerate(batch):
+            settlement, trial = settle_alone(batch, index, self._try([message]), trial)
+            self._perform(channel, settlement, stopping=stopping)
+            if trial.over:
+                break
+        self._perform(channel, after_trial(trial), stopping=stopping)
+
+    def _perform(self, channel: Any, settlement: Settlement, *, stopping: bool) -> None:
+        """Do what ``settlement`` says, on the channel and to intake's pace."""
+        if settlement.ack_up_to is not None:
+            channel.basic_ack(settlement.ack_up_to, multiple=True)
+        for tag in settlement.ack:
+            channel.basic_ack(tag)
+        for tag in settlement.reject:
+            channel.basic_reject(tag, requeue=True)
+        if settlement.give_back_up_to is not None:
+            requeue_up_to(channel, settlement.give_back_up_to)
+        if settlement.hold:
+            # In hand, unacked: no delivery attempt spent.
+            self._pending[:0] = settlement.hold
+            self._first_pending_at = time.monotonic()
+        if settlement.taken:
             self._backoff = BACKOFF_FIRST
+        if settlement.pause is None:
             return
-        if outcome == _UNAVAILABLE:
-            self._hold(channel, batch, stopping=stopping)
-            return
-        taken = self._one_by_one(channel, batch, stopping=stopping) if len(batch) > 1 else 0
-        if len(batch) == 1:
-            channel.basic_reject(batch[0].delivery_tag, requeue=True)
-        if taken:
-            self._backoff = BACKOFF_FIRST
-        elif stopping:
+        if stopping:
             # Nothing more to try before exit: hand back whatever is still pending.
             self._give_back(channel)
         else:
-            self._pause("intake failed")
-
-    def _settle_all_but_deferred(
-        self,
-        channel: Any,
-        batch: list[InboundMessage],
-        deferred: list[InboundMessage],
-        *,
-        stopping: bool,
-    ) -> None:
-        """Intake is at capacity (MAX_IN_FLIGHT): ack what it took, hold what it deferred."""
-        deferred_tags = {m.delivery_tag for m in deferred}
-        for message in batch:
-            if message.delivery_tag not in deferred_tags:
-                channel.basic_ack(message.delivery_tag)
-        held = [m for m in batch if m.delivery_tag in deferred_tags]
-        self._hold(channel, held, stopping=stopping, why="at capacity (MAX_IN_FLIGHT)")
-
-    def _hold(
-        self,
-        channel: Any,
-        batch: list[InboundMessage],
-        *,
-        stopping: bool,
-        why: str = "intake unavailable",
-    ) -> None:
-        """Keep ``batch`` in hand (unacked, no delivery attempt spent) and pause."""
-        self._pending[:0] = batch
-        self._first_pending_at = time.monotonic()
-        if stopping:
-            self._give_back(channel)
-        else:
-            self._pause(why)
+            log.warning("%s; pausing %.0f s before the next batch", settlement.pause, self._backoff)
+            self._resume_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
 
     def _give_back(self, channel: Any) -> None:
         if self._pending:
             requeue_up_to(channel, self._pending[-1].delivery_tag)
             self._pending.clear()
 
-    def _pause(self, why: str) -> None:
-        log.warning("%s; pausing %.0f s before the next batch", why, self._backoff)
-        self._resume_at = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-
-    def _one_by_one(self, channel: Any, batch: list[InboundMessage], *, stopping: bool) -> int:
-        """Settle ``batch`` message by message (in delivery order); return how many were taken."""
-        taken = failures_in_a_row = 0
-        for index, message in enumerate(batch):
-            outcome, deferred = self._try([message])
-            if outcome == _TAKEN and deferred:
-                self._hold(channel, batch[index:], stopping=stopping, why="at capacity")
-                return taken
-            if outcome == _TAKEN:
-                self._ack(channel, [message])
-                taken += 1
-                failures_in_a_row = 0
-                continue
-            if outcome == _UNAVAILABLE:
-                self._hold(channel, batch[index:], stopping=stopping)
-                return taken
-            failures_in_a_row += 1
-            if failures_in_a_row >= 2 and not taken:
-                # Not one poison message: everything fails. Give the rest back at once.
-                requeue_up_to(channel, batch[-1].delivery_tag)
-                return taken
-            # Requeued alone: if it is poison, the delivery limit dead-letters it.
-            channel.basic_reject(message.delivery_tag, requeue=True)
-        return taken
-
-    def _try(self, batch: list[InboundMessage]) -> tuple[str, list[InboundMessage]]:
+    def _try(self, batch: list[InboundMessage]) -> Outcome:
         """Read and take ``batch``, all at once."""
         try:
             steps = self._intake.take_in_steps(self._intake.read(batch))
         except Exception:
             log.exception("intake could not read a batch of %d message(s)", len(batch))
-            return _FAILED, []
+            return Outcome(FAILED)
         outcome = None
         while outcome is None:
             outcome = self._next_step(steps)
         return outcome
 
     @staticmethod
-    def _next_step(steps: TakeSteps) -> tuple[str, list[InboundMessage]] | None:
+    def _next_step(steps: TakeSteps) -> Outcome | None:
         """One step of a transaction; its outcome once it has ended, None before."""
         try:
             next(steps)
         except StopIteration as done:
-            return _TAKEN, list(done.value or [])
+            return Outcome(TAKEN, done.value)
         except IntakeUnavailable as exc:
             log.warning("intake unavailable (%s)", exc)
-            return _UNAVAILABLE, []
+            return Outcome(UNAVAILABLE)
         except Exception:
             log.exception("intake failed on a batch")
-            return _FAILED, []
+            return Outcome(FAILED)
         return None
-
-    @staticmethod
-    def _ack(channel: Any, batch: list[InboundMessage]) -> None:
-        # Batches are settled in delivery order, so every earlier delivery is already
-        # settled and one multiple-ack covers exactly this batch.
-        channel.basic_ack(batch[-1].delivery_tag, multiple=True)
 
     def _set_connected(self, connected: bool) -> None:
         if connected == self._connected:

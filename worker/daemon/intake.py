@@ -3,7 +3,9 @@
 The consumer acks a batch only after its transaction has committed (the last step of
 ``take_in_steps``, or ``handle_batch`` returning): a crash before it leaves the messages to
 be redelivered, and taking them in again is idempotent (same job id and request → no new
-job).
+job). What becomes of each message (inserted, requested, refused, held) is decided in
+worker/daemon/admission.py, a pure function of the batch and the lookup's answer; this
+module reads the batch, looks up, performs the decisions and commits.
 """
 
 from __future__ import annotations
@@ -19,20 +21,18 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from worker import lifecycle
-from worker.daemon.consumer import InboundMessage, IntakeUnavailable
+from worker.daemon import admission
+from worker.daemon.admission import ACCEPTED, HELD, REJECTED, Decision
+from worker.daemon.inbound import InboundMessage, IntakeUnavailable, TakeSteps
 from worker.lifecycle import Echo
 from worker.settings import Settings
 from worker.store import db, outbox
 from worker.store import jobs as store
 from worker.wire import events, job_requests
-from worker.wire.job_requests import JobRequest, Rejection
+from worker.wire.job_requests import JobRequest, RejectCode, Rejection
 from worker.wire.outgoing import OutboxMessage
 
 log = logging.getLogger(__name__)
-
-JOB_CONFLICT = "JOB_CONFLICT"
-JOB_NOT_FOUND = "JOB_NOT_FOUND"
-INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 class CommandMetrics(Protocol):
@@ -41,13 +41,6 @@ class CommandMetrics(Protocol):
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    action: str
-    accepted: bool
-    deferred: bool = False  # a new job while the fleet is at MAX_IN_FLIGHT: try again later
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +73,7 @@ class Intake:
     """Job-request messages into the job table and the outbox, a batch per transaction.
 
     Two halves, so that a consumer can read the next batch while this one's transaction
-    runs (worker/consumer.py): ``read`` is pure work (parse, validate, hash, build rows and
+    runs (worker/daemon/consumer.py): ``read`` is pure work (parse, validate, hash, build rows and
     events) and never touches the database; ``take`` is the transaction.
     ``handle_batch`` is both, one after the other.
     """
@@ -127,17 +120,15 @@ class Intake:
             return []
         try:
             with self._pool.connection() as conn:
-                outcomes = yield from self._take_in(conn, batch.reads, batch.now)
+                decisions = yield from self._take_in(conn, batch.reads, batch.now)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             # Nothing was committed; the consumer keeps the batch and tries it again.
             raise IntakeUnavailable(f"the database is unavailable ({type(exc).__name__})") from exc
         if self._metrics is not None:
-            for outcome in outcomes:
-                if not outcome.deferred:
-                    self._metrics.command(
-                        outcome.action, "accepted" if outcome.accepted else "rejected"
-                    )
-        return [m for m, o in zip(batch.messages, outcomes, strict=True) if o.deferred]
+            for decision in decisions:
+                if decision.outcome != HELD:
+                    self._metrics.command(decision.action, decision.outcome)
+        return [m for m, d in zip(batch.messages, decisions, strict=True) if d.outcome == HELD]
 
     def _read(self, message: InboundMessage, now: datetime) -> _Read:
         echo = _echo(message)
@@ -162,7 +153,7 @@ class Intake:
 
     def _take_in(
         self, conn: store.Conn, reads: list[_Read], now: datetime
-    ) -> Generator[None, None, list[_Outcome]]:
+    ) -> Generator[None, None, list[Decision]]:
         """The whole batch in one transaction in pipeline mode (statements go out together,
         answers are read a step later); one message at a time (each in a savepoint) only
         when something in the batch goes wrong."""
@@ -184,7 +175,7 @@ class Intake:
 
     def _take_committing_early(
         self, conn: store.Conn, reads: list[_Read], now: datetime
-    ) -> Generator[None, None, list[_Outcome]]:
+    ) -> Generator[None, None, list[Decision]]:
         """``_take`` with its COMMIT sent right behind the writes, before any answer is read.
 
         The commit (a WAL flush) then runs while the consumer reads the next batch, instead
@@ -210,7 +201,7 @@ class Intake:
                     conn.rollback()  # a failed or abandoned transaction
                 conn.autocommit = False
 
-    def _take_alone(self, conn: store.Conn, read: _Read, now: datetime) -> _Outcome:
+    def _take_alone(self, conn: store.Conn, read: _Read, now: datetime) -> Decision:
         try:
             # A savepoint: whatever one message does is undone alone if it goes wrong.
             with conn.transaction():
@@ -223,11 +214,11 @@ class Intake:
             rejection = _internal_error()
             with conn.transaction():
                 outbox.enqueue(conn, self._rejected(read.message, rejection, read.echo, now))
-            return _Outcome("", accepted=False)
+            return Decision("", REJECTED, refusal=rejection)
 
     def _take(
         self, conn: store.Conn, reads: list[_Read], now: datetime, *, commit: bool = False
-    ) -> Generator[None, None, list[_Outcome]]:
+    ) -> Generator[None, None, list[Decision]]:
         """Decide every message in order against what the database holds, then write it all
         at once. Two steps: the lookup, then the writes (and, with ``commit``, the COMMIT of
         a transaction begun by the caller)."""
@@ -237,55 +228,30 @@ class Intake:
         )
         yield
         active, known = lookup()
-        room = self._settings.max_in_flight - active
+        decisions = admission.decide(
+            reads,
+            active=active,
+            known=known,
+            max_in_flight=self._settings.max_in_flight,
+            fleet_id=fleet,
+        )
         new_jobs: list[store.JobRow] = []
         requests: list[tuple[str, str]] = []
         out: list[OutboxMessage] = []
-        outcomes: list[_Outcome] = []
-        for read in reads:
-            req, echo = read.request, read.echo
-            if isinstance(req, Rejection):
-                out += self._rejected(read.message, req, echo, now)
-                outcomes.append(_Outcome(req.action or "", accepted=False))
-                continue
-            view = known.get(req.job_id)
-            refusal: Rejection | None = None
-            if req.action == "submit":
-                if view is None and room <= 0:
-                    outcomes.append(_Outcome("submit", accepted=False, deferred=True))
-                    continue
-                if view is None:
-                    assert read.row is not None  # every submit read has its row
-                    new_jobs.append(read.row)
-                    known[req.job_id] = store.IntakeView(read.digest, None)
-                    room -= 1
-                elif not job_requests.same_request(view.request_hash, req, read.digest):
-                    refusal = Rejection(
-                        code=JOB_CONFLICT,
-                        message=f"job {req.job_id!r} exists with a different request",
-                        job_id=req.job_id,
-                        action="submit",
-                    )
-            elif view is None:
-                refusal = Rejection(
-                    code=JOB_NOT_FOUND,
-                    message=f"no job {req.job_id!r} in fleet {fleet!r}",
-                    job_id=req.job_id,
-                    action=req.action,
-                )
-            else:
-                requests.append((req.job_id, req.action))
-            if refusal is not None:
-                out += self._rejected(read.message, refusal, echo, now)
-                outcomes.append(_Outcome(req.action, accepted=False))
-                continue
-            out += read.accepted
-            if req.action == "submit" and view is not None and view.last_status_event:
-                # Idempotent re-submit: the job's latest status again, same id.
-                out.append(view.last_status_event)
-                if echo.reply_to:
-                    out.append(_copy_to(view.last_status_event, echo.reply_to))
-            outcomes.append(_Outcome(req.action, accepted=True))
+        for read, decision in zip(reads, decisions, strict=True):
+            if decision.outcome == ACCEPTED:
+                out += read.accepted
+                if decision.insert is not None:
+                    new_jobs.append(decision.insert)
+                elif decision.request is not None:
+                    requests.append(decision.request)
+                elif decision.republish is not None:
+                    # Idempotent re-submit: the job's latest status again, same id.
+                    out.append(decision.republish)
+                    if read.echo.reply_to:
+                        out.append(_copy_to(decision.republish, read.echo.reply_to))
+            elif decision.refusal is not None:
+                out += self._rejected(read.message, decision.refusal, read.echo, now)
         # In statement order on the server: a cancel may be for a job this batch creates.
         inserted = store.start_insert_jobs(conn, new_jobs, next_run_at=now, or_fail=commit)
         store.request_actions(conn, fleet, requests, now=now)
@@ -296,7 +262,7 @@ class Intake:
         yield
         if len(inserted()) < len(new_jobs):
             raise _Raced
-        return outcomes
+        return decisions
 
     def _new_job(
         self, req: JobRequest, digest: str, echo: Echo, now: datetime
@@ -362,7 +328,6 @@ class Intake:
         return out
 
 
-TakeSteps = Generator[None, None, list[InboundMessage]]
 T = TypeVar("T")
 
 
@@ -381,7 +346,7 @@ class _Raced(Exception):
 
 def _internal_error() -> Rejection:
     return Rejection(
-        code=INTERNAL_ERROR,
+        code=RejectCode.INTERNAL_ERROR,
         message="the worker could not process this message",
         job_id=None,
         action=None,

@@ -30,10 +30,11 @@ from psycopg_pool import PoolTimeout
 
 from worker.api.client import BatchClient
 from worker.daemon import liveness
-from worker.daemon.consumer import InboundMessage, JobsConsumer
+from worker.daemon.consumer import JobsConsumer
 from worker.daemon.engine import Engine
 from worker.daemon.health import Health, ProbeServer
-from worker.daemon.intake import Intake, ReadBatch, TakeSteps
+from worker.daemon.inbound import InboundMessage, TakeSteps
+from worker.daemon.intake import Intake, ReadBatch
 from worker.daemon.liveness import Watchdog
 from worker.daemon.relay import Relay
 from worker.daemon.tiles import TileReader
