@@ -127,11 +127,12 @@ def test_5xx_exhausted_is_an_ambiguous_server_error(
 
 
 def test_retry_time_is_bounded(make_client: MakeClient, server: ScriptedServer) -> None:
-    policy = dataclasses.replace(FAST, max_attempts=100, max_total_seconds=0.3)
+    policy = dataclasses.replace(FAST, max_attempts=100, max_total_seconds=3.0)
     client = make_client(retry=policy)
-    # Each answer asks for 0.2 s: the second wait would end past the 0.3 s bound.
+    # Each answer asks for 2 s: the first wait ends inside the 3 s bound, the second would end
+    # past it. The margins (1 s each way) outlast a loaded machine's scheduling delays.
     server.on(
-        "GET", f"/process/{RID}", *[Reply(429, RATE_LIMITED, headers={"Retry-After": "200"})] * 5
+        "GET", f"/process/{RID}", *[Reply(429, RATE_LIMITED, headers={"Retry-After": "2000"})] * 5
     )
 
     with pytest.raises(RateLimited):
