@@ -135,7 +135,12 @@ def test_resubmit_same_request_is_idempotent_and_republishes_last_status(
     assert new[2][2] == {"id": "e7"}
     with pool.connection() as conn:
         count = conn.execute("SELECT count(*) FROM bw_jobs").fetchone()
+        # Both copies for reply_to are mandatory: a vanished reply queue returns them.
+        mandatory = conn.execute(
+            "SELECT mandatory FROM bw_outbox WHERE routing_key = 'my.replies' ORDER BY id"
+        ).fetchall()
     assert count is not None and count[0] == 1
+    assert mandatory == [(True,), (True,)]
 
 
 def test_resubmit_with_other_request_conflicts(intake: Intake, pool: ConnectionPool) -> None:

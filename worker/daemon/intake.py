@@ -249,7 +249,7 @@ class Intake:
                     # Idempotent re-submit: the job's latest status again, same id.
                     out.append(decision.republish)
                     if read.echo.reply_to:
-                        out.append(_copy_to(decision.republish, read.echo.reply_to))
+                        out.append(events.reply_copy(decision.republish, read.echo.reply_to))
             elif decision.refusal is not None:
                 out += self._rejected(read.message, decision.refusal, read.echo, now)
         # In statement order on the server: a cancel may be for a job this batch creates.
@@ -358,15 +358,4 @@ def _echo(message: InboundMessage) -> Echo:
         message_id=message.message_id,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
-    )
-
-
-def _copy_to(message: OutboxMessage, reply_to: str) -> OutboxMessage:
-    """The same event (same id, same body) for a ``reply_to`` queue, via the default exchange."""
-    return OutboxMessage(
-        exchange="",
-        routing_key=reply_to,
-        body=message.body,
-        properties=message.properties,
-        headers=message.headers,
     )

@@ -255,10 +255,24 @@ def _publishes(
         properties["correlation_id"] = echo.correlation_id
     published = [OutboxMessage(exchange, routing_key, body, properties)]
     if echo.reply_to:
-        # The default exchange routes by queue name; mandatory, so a vanished reply
-        # queue comes back as a return instead of vanishing.
-        published.append(OutboxMessage("", echo.reply_to, body, dict(properties), mandatory=True))
+        published.append(reply_copy(published[0], echo.reply_to))
     return published
+
+
+def reply_copy(message: OutboxMessage, reply_to: str) -> OutboxMessage:
+    """The same event (same id, body and properties) for a ``reply_to`` queue.
+
+    Through the default exchange, which routes by queue name; mandatory, so a vanished reply
+    queue comes back as a return instead of vanishing.
+    """
+    return OutboxMessage(
+        exchange="",
+        routing_key=reply_to,
+        body=message.body,
+        properties=dict(message.properties),
+        headers=dict(message.headers),
+        mandatory=True,
+    )
 
 
 def _json(envelope: dict[str, Any]) -> bytes:
