@@ -88,6 +88,13 @@ def _submit(args: argparse.Namespace) -> int:
     return submit(settings, Path(args.job), wait=args.wait, timeout=args.timeout)
 
 
+def _act(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    from worker.commands.submit import act
+
+    return act(settings, args.job_id, args.command, wait=args.wait, timeout=args.timeout)
+
+
 def _status(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     from worker.commands.status import print_status
@@ -185,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=None, help="give up waiting after this many seconds"
     )
     submit.set_defaults(handler=_submit)
+
+    for verb, does in (
+        ("cancel", "stop a job (its batch request too, when one runs)"),
+        ("start", "start a job resting after analysis (auto_start false)"),
+    ):
+        act = commands.add_parser(verb, help=f"{does}: publishes a `{verb}` for JOB_ID")
+        act.add_argument("job_id", metavar="JOB_ID")
+        act.add_argument("--wait", action="store_true", help="show live progress until it ends")
+        act.add_argument(
+            "--timeout", type=float, default=None, help="give up waiting after this many seconds"
+        )
+        act.set_defaults(handler=_act)
 
     status = commands.add_parser("status", help="a job's latest state, from the durable state")
     status.add_argument("job_id", metavar="JOB_ID")

@@ -157,6 +157,40 @@ def test_wait_stops_at_analysis_done_without_auto_start(
     assert "PROCESSING" not in events.statuses(job["job_id"])
 
 
+def test_start_by_id_carries_a_resting_job_to_done(
+    stack: Stack, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    start_worker()
+    job = stack.payload(GEOTIFF, features=2)
+    job["auto_start"] = False
+    rest = run_cli(
+        "submit", str(write_job(tmp_path, job)), "--wait", "--timeout", "90", env=stack.env()
+    )
+    assert rest.returncode == 0, rest.stderr
+    done = run_cli(
+        "start", job["job_id"], "--wait", "--timeout", "90", env=stack.env(), timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"published start of job {job['job_id']}" in done.stderr
+    assert "DONE" in _summary_row(done.stdout, job["job_id"])
+
+
+def test_cancel_by_id_publishes_the_request_a_producer_would(stack: Stack) -> None:
+    # No worker runs: what reaches the jobs queue is the message itself.
+    result = run_cli("cancel", "corsica-2019", env=stack.env())
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(body) for _, body in _queued(stack)] == [
+        {"schema_version": 1, "job_id": "corsica-2019", "action": "cancel"}
+    ]
+
+
+def test_an_id_no_job_could_have_is_refused_before_publishing(stack: Stack) -> None:
+    result = run_cli("cancel", "no spaces allowed", env=stack.env())
+    assert result.returncode == 2
+    assert "is not a valid job request" in result.stderr
+    assert _queued(stack) == []
+
+
 def test_wait_gives_up_with_exit_3_after_the_timeout(stack: Stack, tmp_path: Path) -> None:
     # No worker runs: nothing will ever answer.
     job = stack.payload(GEOTIFF)

@@ -29,7 +29,7 @@ from worker.commands.follow import (
 )
 from worker.redact import redact_text
 from worker.settings import Settings
-from worker.wire.job_requests import Rejection, parse_job_request
+from worker.wire.job_requests import SCHEMA_VERSION, Rejection, parse_job_request
 
 EXIT_DONE = 0
 EXIT_NOT_DONE = 1  # FAILED, STOPPED, rejected, or never published
@@ -41,17 +41,32 @@ _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.5, "interval_step": 1.0, 
 
 
 def submit(settings: Settings, path: Path, *, wait: bool, timeout: float | None) -> int:
-    notes = Console(stderr=True)
     try:
         body = path.read_bytes()
     except OSError as exc:
-        notes.print(f"submit: cannot read {path}: {exc.strerror}", markup=False)
+        Console(stderr=True).print(f"submit: cannot read {path}: {exc.strerror}", markup=False)
         return EXIT_USAGE
+    return publish_request(settings, body, source=str(path), wait=wait, timeout=timeout)
+
+
+def act(settings: Settings, job_id: str, action: str, *, wait: bool, timeout: float | None) -> int:
+    """``batch-worker cancel|start JOB_ID``: the same request a producer would publish."""
+    body = json.dumps({"schema_version": SCHEMA_VERSION, "job_id": job_id, "action": action})
+    return publish_request(
+        settings, body.encode(), source=f"{action} {job_id}", wait=wait, timeout=timeout
+    )
+
+
+def publish_request(
+    settings: Settings, body: bytes, *, source: str, wait: bool, timeout: float | None
+) -> int:
+    """Publish one job request (``source`` names it in messages); with ``wait``, follow it."""
+    notes = Console(stderr=True)
     parsed = parse_job_request(body, "application/json")
     if isinstance(parsed, Rejection):
         # The worker would dead-letter it; say why now instead.
         notes.print(
-            f"submit: {path} is not a valid job request ({parsed.code}): {parsed.message}",
+            f"submit: {source} is not a valid job request ({parsed.code}): {parsed.message}",
             markup=False,
         )
         return EXIT_USAGE
