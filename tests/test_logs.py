@@ -169,9 +169,18 @@ def test_noisy_libraries_are_quiet_at_info(name: str) -> None:
     assert [e["message"] for e in json_lines(stream)] == ["worth seeing"]
 
 
-def test_noisy_libraries_speak_when_debugging() -> None:
+@pytest.mark.parametrize("name", NOISY_LOGGERS)
+def test_debug_shows_the_workers_decisions_not_the_libraries_wire(name: str) -> None:
     stream = io.StringIO()
     setup_logging("DEBUG", "json", stream)
+    logging.getLogger(f"{name}.endpoint").debug("request details")
+    logging.getLogger("worker.daemon.engine").debug("stepped")
+    assert [e["message"] for e in json_lines(stream)] == ["stepped"]
+
+
+def test_the_libraries_wire_logging_when_asked_for() -> None:
+    stream = io.StringIO()
+    setup_logging("DEBUG", "json", stream, wire=True)
     logging.getLogger("botocore.endpoint").debug("request details")
     assert [e["message"] for e in json_lines(stream)] == ["request details"]
 

@@ -96,11 +96,15 @@ def _wants_json(fmt: str, stream: TextIO) -> bool:
     return fmt == "json"
 
 
-def setup_logging(level: str, fmt: str = "auto", stream: TextIO | None = None) -> None:
+def setup_logging(
+    level: str, fmt: str = "auto", stream: TextIO | None = None, *, wire: bool = False
+) -> None:
     """Configure the root logger. Calling it again replaces what an earlier call set up.
 
     ``fmt``: ``json``, ``text``, or ``auto`` (JSON lines unless ``stream`` is a terminal).
     ``stream`` defaults to standard output (CONTRACT.md "Configuration": ``LOG_FORMAT``).
+    The libraries' wire logging (``NOISY_LOGGERS``: every HTTP request, every AMQP frame)
+    stays at WARNING whatever ``level`` says, unless ``wire`` asks for it (``LOG_WIRE``).
     """
     if fmt not in ("auto", "json", "text"):
         raise ValueError(f"log format must be auto, json or text, not {fmt!r}")
@@ -122,7 +126,7 @@ def setup_logging(level: str, fmt: str = "auto", stream: TextIO | None = None) -
     root.addHandler(handler)
     root.setLevel(numeric_level)
 
-    noisy_level = logging.WARNING if numeric_level >= logging.INFO else logging.NOTSET
+    noisy_level = logging.NOTSET if wire else logging.WARNING
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(noisy_level)
     # Library warnings (deprecations, TLS) are log records too, and pass the same redaction.

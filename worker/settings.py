@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9400, ge=0, le=65_535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
+    # The libraries' wire logging (botocore, urllib3, kombu, ...) at LOG_LEVEL too: off, so
+    # DEBUG shows the worker's own decisions, not every request and frame.
+    log_wire: bool = False
     worker_name: str = Field(
         default_factory=lambda: os.environ.get("HOSTNAME") or os.uname().nodename
     )
