@@ -5,7 +5,7 @@ the relay's figure runs from N outbox rows to all of them confirmed and deleted.
 
     PYTHONPATH=. python bench/bench_relay.py [N] [--baseline REV] [--repeat K] [--chunks 100,1000]
 
-``--baseline REV`` also runs worker/relay.py as it was at git revision REV (say, before a
+``--baseline REV`` also runs worker/daemon/relay.py as it was at git revision REV (say, before a
 change to the relay), in the same run, alternating with the current one ``--repeat`` times:
 the ratio between them is the figure, not the absolute rates of a shared machine.
 
@@ -69,10 +69,10 @@ def kombu_rate(n: int, queue: str, *, confirms: bool) -> float:
 
 
 def relay_at(rev: str) -> ModuleType:
-    """worker/relay.py as it was at ``rev``, imported as a module of its own."""
+    """worker/daemon/relay.py as it was at ``rev``, imported as a module of its own."""
     root = Path(__file__).resolve().parent.parent
     source = subprocess.run(
-        ["git", "show", f"{rev}:worker/relay.py"], cwd=root, check=True, capture_output=True
+        ["git", "show", f"{rev}:worker/daemon/relay.py"], cwd=root, check=True, capture_output=True
     ).stdout
     path = Path(f"/tmp/bw_relay_{rev.replace('/', '_')}.py")
     path.write_bytes(source)
@@ -131,7 +131,7 @@ def relay_rate(
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("n", nargs="?", type=int, default=20_000)
-    parser.add_argument("--baseline", help="git revision of worker/relay.py to compare with")
+    parser.add_argument("--baseline", help="git revision of worker/daemon/relay.py to compare with")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(
         "--chunks",

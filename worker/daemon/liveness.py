@@ -1,6 +1,6 @@
 """Progress-based liveness: how long each loop may legitimately pause, and what a stall does.
 
-Every loop of the daemon beats ``Health`` each time round, idle or not (worker/health.py).
+Every loop of the daemon beats ``Health`` each time round, idle or not (worker/daemon/health.py).
 A loop's *bound* is the sum of every wait one turn of it may legitimately contain (its
 sleep, its back-off cap, a reconnect with kombu's bounded retries, a database call behind
 the pool's checkout timeout, an API call with its retries), plus slack for a loaded

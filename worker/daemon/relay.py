@@ -140,7 +140,7 @@ class Relay:
         confirm_timeout: float = CONFIRM_TIMEOUT,
     ) -> None:
         """``on_progress`` is called each time round and after each chunk (the daemon's
-        liveness watch, worker/health.py)."""
+        liveness watch, worker/daemon/health.py)."""
         if batch_size < 1 or chunk_size < 1:
             raise ValueError("batch_size and chunk_size must be positive")
         self._settings = settings

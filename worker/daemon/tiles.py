@@ -126,7 +126,7 @@ class TileReader:
     ) -> None:
         """``on_progress`` is called on the reading thread as a download moves on (the
         object's answer, then every MiB): a large file on a slow link is progress, not a
-        hang (the daemon's liveness watch, worker/health.py)."""
+        hang (the daemon's liveness watch, worker/daemon/health.py)."""
         self._client = s3_client
         self._client_lock = threading.Lock()
         self._max_bytes = max_bytes

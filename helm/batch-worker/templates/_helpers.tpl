@@ -114,7 +114,7 @@ once, rounded down so the fleet never exceeds the account's limit.
 
 {{/*
 The liveness probe is the backstop: a stalled worker stops itself (exit code 1) within
-gracePeriodSeconds, or ends itself 10 s after that (worker/liveness.py EXIT_MARGIN). The
+gracePeriodSeconds, or ends itself 10 s after that (worker/daemon/liveness.py EXIT_MARGIN). The
 probe must give it that long once /healthz fails, or it cuts the hand-back of its jobs short.
 */}}
 {{- define "batch-worker.checkLivenessProbe" -}}
