@@ -1,8 +1,8 @@
 """HTTP probes and metrics: ``/metrics``, ``/healthz``, ``/readyz`` on one port.
 
 - ``/healthz`` (liveness) answers whether the process's loops are making progress. Each loop
-  registers with a bound (its longest legitimate pause, worker/daemon/liveness.py derives them from
-  the settings) and calls ``Health.beat`` each time round, idle or not. A loop whose thread
+  registers with a bound (its longest legitimate pause; worker/daemon/liveness.py derives
+  them from the settings) and calls ``Health.beat`` each time round, idle or not. A loop whose thread
   is alive but that has not gone round within its bound is *stalled* (a read without a
   timeout, a deadlock, a database call that never returns): the probe answers 503 naming
   it, and the stall is logged once at ERROR. A broker outage does not fail it: a restart
