@@ -97,7 +97,7 @@ class JobsConsumer(ConsumerMixin):
         self.connection = connection(settings, purpose="consume")
         self._intake = intake
         self._on_connection_change = on_connection_change
-        # Called each time round, idle or not: the daemon's liveness watch (worker/daemon/health.py).
+        # Called each time round, idle or not: the daemon's liveness watch (daemon/health.py).
         self._on_progress = on_progress or (lambda: None)
         # Half the prefetch window, so that the next batch can arrive (and be read) while
         # this one is in its transaction; a window of one still works, one at a time.

@@ -2,8 +2,8 @@
 
 - ``/healthz`` (liveness) answers whether the process's loops are making progress. Each loop
   registers with a bound (its longest legitimate pause; worker/daemon/liveness.py derives
-  them from the settings) and calls ``Health.beat`` each time round, idle or not. A loop whose thread
-  is alive but that has not gone round within its bound is *stalled* (a read without a
+  them from the settings) and calls ``Health.beat`` each time round, idle or not. A loop
+  whose thread is alive but that has not gone round within its bound is *stalled* (a read without a
   timeout, a deadlock, a database call that never returns): the probe answers 503 naming
   it, and the stall is logged once at ERROR. A broker outage does not fail it: a restart
   would not bring the broker back (DESIGN-NOTES "Kubernetes"), and loops keep going round
