@@ -49,6 +49,7 @@ from worker.lifecycle.observations import (
     TilesUnavailable,
     Wake,
 )
+from worker.lifecycle.polling import PollView, poll_view
 from worker.lifecycle.state import (
     KNOWN_STATUSES,
     STATUS_RANK,
@@ -89,6 +90,7 @@ __all__ = [
     "Phase",
     "Policy",
     "Poll",
+    "PollView",
     "ReadTiles",
     "Start",
     "StartRequested",
@@ -107,6 +109,7 @@ __all__ = [
     "fold_requests",
     "is_active",
     "new_job",
+    "poll_view",
     "step",
     "tag_for",
 ]
