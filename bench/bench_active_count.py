@@ -25,8 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from worker import lifecycle
-from worker.store import capacity, db
-from worker.store import jobs as store
+from worker.store import capacity, db, jobs
 
 PG_URL = os.environ.get(
     "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -62,10 +61,10 @@ def add_jobs(pool: db.Pool, start: int, stop: int) -> None:
     with pool.connection() as conn:
         for first in range(start, stop, 200):
             rows = [
-                store.job_row(state.model_copy(update={"job_id": f"j{n:07d}"}))
+                jobs.job_row(state.model_copy(update={"job_id": f"j{n:07d}"}))
                 for n in range(first, min(first + 200, stop))
             ]
-            store.insert_jobs(conn, rows, next_run_at=NOW)
+            jobs.insert_jobs(conn, rows, next_run_at=NOW)
             conn.commit()
 
 

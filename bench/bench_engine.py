@@ -51,8 +51,7 @@ from worker.daemon.supervisor import tune_gc
 from worker.lifecycle import Tiles
 from worker.settings import Settings
 from worker.simulator.server import TOKEN_PATH
-from worker.store import db
-from worker.store import jobs as store
+from worker.store import db, jobs
 
 PG_URL = os.environ.get(
     "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -150,7 +149,7 @@ def insert_jobs(pool: db.Pool, n: int) -> None:
                 echo=lifecycle.Echo(),
                 now=now,
             )
-            store.insert_job(conn, state, next_run_at=now)
+            jobs.insert_job(conn, state, next_run_at=now)
 
 
 def vacuum(db_url: str) -> None:
@@ -165,7 +164,7 @@ def vacuum(db_url: str) -> None:
 
 def active_jobs(pool: db.Pool) -> int:
     with pool.connection() as conn:
-        return sum(store.count_active_by_status(conn, FLEET).values())
+        return sum(jobs.count_active_by_status(conn, FLEET).values())
 
 
 def status_events(pool: db.Pool) -> dict[str, dict[str, datetime]]:

@@ -42,8 +42,7 @@ from worker.daemon.intake import Intake
 from worker.daemon.relay import Relay
 from worker.daemon.supervisor import tune_gc
 from worker.settings import Settings
-from worker.store import capacity, db, outbox
-from worker.store import jobs as store
+from worker.store import capacity, db, jobs, outbox
 
 BROKER_URL = os.environ.get("BATCH_WORKER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 PG_URL = os.environ.get(
@@ -146,7 +145,7 @@ def absorb(
         # time at 10,000) would weigh on what is measured. One consumer commits in delivery
         # order, so the last job is in when everything is; the count confirms it, once.
         with pool.connection() as pg:
-            if count == 1 and processes == 0 and store.get_job(pg, settings.fleet_id, last) is None:
+            if count == 1 and processes == 0 and jobs.get_job(pg, settings.fleet_id, last) is None:
                 return False
             return capacity.count_active(pg, settings.fleet_id) >= n
 

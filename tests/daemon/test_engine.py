@@ -27,8 +27,7 @@ from worker.daemon.engine import STEPS_LOOP, Engine
 from worker.daemon.health import Health
 from worker.lifecycle import Phase, Policy, Tiles
 from worker.settings import Settings
-from worker.store import db
-from worker.store import jobs as store
+from worker.store import db, jobs, leases
 
 FLEET = "fleet-e"
 PAYLOAD: dict[str, Any] = {
@@ -217,12 +216,12 @@ def add_job(pool: ConnectionPool, job_id: str = "j1", **fields: Any) -> None:
     args.update(fields)
     state = lifecycle.new_job(job_id=job_id, fleet_id=FLEET, request_hash="h", now=now, **args)
     with pool.connection() as conn:
-        store.insert_job(conn, state, next_run_at=now)
+        jobs.insert_job(conn, state, next_run_at=now)
 
 
-def record(pool: ConnectionPool, job_id: str = "j1") -> store.JobRecord:
+def record(pool: ConnectionPool, job_id: str = "j1") -> jobs.JobRecord:
     with pool.connection() as conn:
-        found = store.get_job(conn, FLEET, job_id)
+        found = jobs.get_job(conn, FLEET, job_id)
     assert found is not None
     return found
 
@@ -322,7 +321,7 @@ def test_cancel_before_create_never_analyses(pool: ConnectionPool) -> None:
     api = FakeApi()
     add_job(pool)
     with pool.connection() as conn:
-        store.request_action(conn, FLEET, "j1", "cancel", now=datetime.now(UTC))
+        jobs.request_action(conn, FLEET, "j1", "cancel", now=datetime.now(UTC))
     run_until_ended(pool, make_engine(pool, api))
     state = record(pool).state
     assert state.status == "STOPPED" and state.stopped_reason == "USER_ACTION"
@@ -334,14 +333,14 @@ def test_lost_lease_means_no_action_runs(pool: ConnectionPool) -> None:
     add_job(pool)
     now = datetime.now(UTC)
     with pool.connection() as conn:
-        (stale,) = store.claim_due(conn, FLEET, "w1", now=now, lease=timedelta(seconds=1), limit=1)
+        (stale,) = leases.claim_due(conn, FLEET, "w1", now=now, lease=timedelta(seconds=1), limit=1)
         # The lease runs out (w1 paused) and w2 takes the job over.
-        (fresh,) = store.claim_due(
+        (fresh,) = leases.claim_due(
             conn, FLEET, "w2", now=now + timedelta(seconds=5), lease=timedelta(seconds=30), limit=1
         )
     assert fresh.generation == stale.generation + 1
     engine = make_engine(pool, api, name="w1")
-    with pytest.raises(store.LeaseLost):
+    with pytest.raises(leases.LeaseLost):
         engine.drive(stale, [])
     assert api.calls == []
     assert record(pool).state == stale.state
@@ -350,20 +349,20 @@ def test_lost_lease_means_no_action_runs(pool: ConnectionPool) -> None:
 
 def test_two_engines_never_hold_one_job_at_once(pool: ConnectionPool) -> None:
     api = FakeApi()
-    jobs = [f"j{i}" for i in range(12)]
-    for job_id in jobs:
+    job_ids = [f"j{i}" for i in range(12)]
+    for job_id in job_ids:
         add_job(pool, job_id)
     first, second = make_engine(pool, api, "w1"), make_engine(pool, api, "w2")
     other = threading.Thread(target=second.run)
     other.start()
     try:
-        run_until_ended(pool, first, *jobs)
+        run_until_ended(pool, first, *job_ids)
     finally:
         second.request_stop()
         other.join(10)
     # Every job ran exactly one batch request; generations only ever rose (fenced saves).
-    assert api.calls.count("create") == len(jobs)
-    for job_id in jobs:
+    assert api.calls.count("create") == len(job_ids)
+    for job_id in job_ids:
         events = statuses(pool, job_id)
         assert events[-1][1] == "DONE"
         assert len({s for s, _ in events}) == len(events)  # no sequence written twice
@@ -388,7 +387,7 @@ def test_request_stop_hands_jobs_back_at_once(pool: ConnectionPool) -> None:
     assert record(pool).state.status == "ANALYSIS_DONE"
     # Start it now; another engine carries it to the end.
     with pool.connection() as conn:
-        store.request_action(conn, FLEET, "j1", "start", now=datetime.now(UTC))
+        jobs.request_action(conn, FLEET, "j1", "start", now=datetime.now(UTC))
     run_until_ended(pool, make_engine(pool, api, "w2"))
     assert record(pool).state.status == "DONE"
 
@@ -441,7 +440,7 @@ def drive_with_request_during_create(
     pool: ConnectionPool, api: CreateWaitsForTheTest, action: str
 ) -> None:
     with pool.connection() as conn:
-        (claim,) = store.claim_due(
+        (claim,) = leases.claim_due(
             conn, FLEET, "w1", now=datetime.now(UTC), lease=timedelta(seconds=30), limit=1
         )
     engine = make_engine(pool, api)
@@ -450,7 +449,7 @@ def drive_with_request_during_create(
     try:
         assert api.entered.wait(10)
         with pool.connection() as conn:  # intake, committed while the POST is in flight
-            assert store.request_action(conn, FLEET, "j1", action, now=datetime.now(UTC))
+            assert jobs.request_action(conn, FLEET, "j1", action, now=datetime.now(UTC))
     finally:
         api.answer.set()
         driving.join(10)
@@ -534,11 +533,13 @@ def cancelled_while_the_create_was_uncertain(
     engine = make_engine(pool, api, policy=SLOW_LIST, metrics=metrics)
     now = datetime.now(UTC)
     with pool.connection() as conn:
-        (claim,) = store.claim_due(conn, FLEET, "w1", now=now, lease=timedelta(seconds=30), limit=1)
+        (claim,) = leases.claim_due(
+            conn, FLEET, "w1", now=now, lease=timedelta(seconds=30), limit=1
+        )
     engine.drive(claim, [])  # Wake -> Create -> CreateUncertain; released to scan later
     with pool.connection() as conn:
-        assert store.request_action(conn, FLEET, "j1", "cancel", now=now)
-        (claim,) = store.claim_due(
+        assert jobs.request_action(conn, FLEET, "j1", "cancel", now=now)
+        (claim,) = leases.claim_due(
             conn, FLEET, "w1", now=now, lease=timedelta(seconds=30), limit=1, job_ids=["j1"]
         )
     engine.drive(claim, [])
@@ -658,7 +659,7 @@ def test_a_step_that_fails_leaves_its_thread_idle(pool: ConnectionPool) -> None:
     engine, health, clock = watched(pool, BrokenCreate())
     add_job(pool)
     with pool.connection() as conn:
-        (claim,) = store.claim_due(
+        (claim,) = leases.claim_due(
             conn, FLEET, "w1", now=datetime.now(UTC), lease=timedelta(seconds=30), limit=1
         )
     with pytest.raises(RuntimeError):
@@ -677,21 +678,21 @@ class Crawling(FakeApi):
 
 
 def test_progress_with_no_room_to_step_counts_as_read(pool: ConnectionPool) -> None:
-    api, jobs = Crawling(), ("j1", "j2", "j3")
-    for job_id in jobs:
+    api, job_ids = Crawling(), ("j1", "j2", "j3")
+    for job_id in job_ids:
         add_job(pool, job_id)
     running = make_engine(pool, api)
     thread = threading.Thread(target=running.run)
     thread.start()
     try:
         for _ in range(400):  # a hang guard: well under 2 s
-            if all(record(pool, j).state.status == "PROCESSING" for j in jobs):
+            if all(record(pool, j).state.status == "PROCESSING" for j in job_ids):
                 break
             time.sleep(0.05)
     finally:
         running.request_stop()
         thread.join(10)
-    assert all(record(pool, j).state.status == "PROCESSING" for j in jobs)
+    assert all(record(pool, j).state.status == "PROCESSING" for j in job_ids)
     with pool.connection() as conn:
         conn.execute("UPDATE bw_jobs SET last_seen_at = now() - interval '1 hour'")
     now = datetime.now(UTC)
@@ -702,7 +703,7 @@ def test_progress_with_no_room_to_step_counts_as_read(pool: ConnectionPool) -> N
     assert "list" in api.calls  # three due: one page
     with pool.connection() as conn:
         seen = dict(conn.execute("SELECT job_id, last_seen_at FROM bw_jobs").fetchall())
-    assert seen == {job_id: now for job_id in jobs}  # read, and counted as read
+    assert seen == {job_id: now for job_id in job_ids}  # read, and counted as read
     assert statuses(pool, "j1") == events  # not stepped
     # Nothing is due now: the next round reads nothing (left due, all three were read again).
     calls = len(api.calls)

@@ -30,8 +30,7 @@ from worker.daemon.tiles import TileReader
 from worker.lifecycle import JobState, Phase
 from worker.settings import Settings
 from worker.simulator import Running, SimulatorConfig, start_background
-from worker.store import db
-from worker.store import jobs as store
+from worker.store import db, jobs
 from worker.wire import job_requests
 from worker.wire.job_requests import JobRequest
 
@@ -116,13 +115,13 @@ def submit(pool: ConnectionPool, req: JobRequest) -> str:
         now=now,
     )
     with pool.connection() as conn:
-        assert store.insert_job(conn, state, next_run_at=now)
+        assert jobs.insert_job(conn, state, next_run_at=now)
     return req.job_id
 
 
 def state_of(pool: ConnectionPool, job_id: str) -> JobState:
     with pool.connection() as conn:
-        found = store.get_job(conn, FLEET, job_id)
+        found = jobs.get_job(conn, FLEET, job_id)
     assert found is not None
     return found.state
 
@@ -240,7 +239,7 @@ def test_cancel_during_processing_stops_the_request_with_user_action(
         driver = drive(api)
         wait_until(lambda: state_of(pool, job_id).status == "PROCESSING", "PROCESSING")
         with pool.connection() as conn:
-            store.request_action(conn, FLEET, job_id, "cancel", now=datetime.now(UTC))
+            jobs.request_action(conn, FLEET, job_id, "cancel", now=datetime.now(UTC))
         wait_until(ended(pool, job_id), "the job to end")
         driver.stop()
     state = state_of(pool, job_id)

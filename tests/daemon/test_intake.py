@@ -15,8 +15,7 @@ from psycopg_pool import ConnectionPool
 from worker.daemon.inbound import InboundMessage
 from worker.daemon.intake import Intake
 from worker.settings import Settings
-from worker.store import capacity, db
-from worker.store import jobs as store
+from worker.store import capacity, db, jobs, leases
 from worker.wire import job_requests
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -81,9 +80,9 @@ def routing_keys(pool: ConnectionPool) -> list[str]:
     return [key for _, key, _, _ in outbox_rows(pool)]
 
 
-def get(pool: ConnectionPool, job_id: str) -> store.JobRecord | None:
+def get(pool: ConnectionPool, job_id: str) -> jobs.JobRecord | None:
     with pool.connection() as conn:
-        return store.get_job(conn, FLEET, job_id)
+        return jobs.get_job(conn, FLEET, job_id)
 
 
 def test_new_submit_inserts_a_due_job_and_accepts(intake: Intake, pool: ConnectionPool) -> None:
@@ -116,11 +115,11 @@ def test_resubmit_same_request_is_idempotent_and_republishes_last_status(
     intake.handle_batch([msg(submit())])
     # Give the job a last status event, as the engine would after its first step.
     with pool.connection() as conn:
-        (claim,) = store.claim_due(conn, FLEET, "w", now=T0, lease=timedelta(seconds=30), limit=1)
+        (claim,) = leases.claim_due(conn, FLEET, "w", now=T0, lease=timedelta(seconds=30), limit=1)
         from worker.wire.outgoing import OutboxMessage
 
         event = OutboxMessage(exchange="t.ev", routing_key="job.created", body=b'{"id":"e7"}')
-        store.save_step(
+        leases.save_step(
             conn, claim.state, generation=claim.generation, owner="w", status_event=event
         )
     before = len(outbox_rows(pool))
@@ -197,7 +196,7 @@ def test_an_error_on_one_message_rejects_only_that_message(
     class Boom(Exception):
         pass
 
-    original = store.request_actions
+    original = jobs.request_actions
 
     def explode(conn: Any, fleet_id: str, requests: Any, *, now: datetime) -> None:
         if requests:  # only the cancel provokes it
@@ -205,14 +204,14 @@ def test_an_error_on_one_message_rejects_only_that_message(
         original(conn, fleet_id, requests, now=now)
 
     intake.handle_batch([msg(submit("j0"))])
-    store.request_actions = explode  # type: ignore[assignment]
+    jobs.request_actions = explode  # type: ignore[assignment]
     try:
         # An unexpected error on one message rejects that message only.
         intake.handle_batch(
             [msg(submit("j2"), message_id="m2"), msg({"job_id": "j0", "action": "cancel"})]
         )
     finally:
-        store.request_actions = original
+        jobs.request_actions = original
     assert get(pool, "j2") is not None
     assert routing_keys(pool)[-2:] == ["command.rejected", "t.dlq"]
 
@@ -232,9 +231,9 @@ def test_new_jobs_beyond_max_in_flight_are_deferred_but_commands_are_not(
     deferred = intake.handle_batch([extra, resubmit, cancel])
     assert deferred == [extra]
     with pool.connection() as conn:
-        assert store.get_job(conn, FLEET, "j3") is None
+        assert jobs.get_job(conn, FLEET, "j3") is None
         assert capacity.count_active(conn, FLEET) == 2
-        j2 = store.get_job(conn, FLEET, "j2")
+        j2 = jobs.get_job(conn, FLEET, "j2")
     assert j2 is not None and j2.cancel_requested_at == T0  # the cancel went through
 
 
@@ -245,7 +244,7 @@ def test_a_submit_and_a_cancel_for_one_new_job_in_one_batch(
         [msg(submit("j7"), message_id="a"), msg({"job_id": "j7", "action": "cancel"})]
     )
     with pool.connection() as conn:
-        record = store.get_job(conn, FLEET, "j7")
+        record = jobs.get_job(conn, FLEET, "j7")
     assert record is not None and record.cancel_requested_at == T0
     assert routing_keys(pool) == ["command.accepted", "command.accepted"]
 
@@ -254,18 +253,18 @@ def test_a_submit_and_a_cancel_for_one_new_job_in_one_batch(
 def first_lookup_blind() -> Iterator[list[set[str]]]:
     """Intake's first lookup misses every row, as if another intake's transaction had not
     committed yet; yields the job ids of each lookup made meanwhile."""
-    original, calls = store.start_intake_lookup, []
+    original, calls = jobs.start_intake_lookup, []
 
     def blind_once(conn: Any, fleet_id: str, job_ids: Any) -> Any:
         calls.append(set(job_ids))
         lookup = original(conn, fleet_id, job_ids)
         return (lambda: (lookup()[0], {})) if len(calls) == 1 else lookup
 
-    store.start_intake_lookup = blind_once  # type: ignore[assignment]
+    jobs.start_intake_lookup = blind_once  # type: ignore[assignment]
     try:
         yield calls
     finally:
-        store.start_intake_lookup = original
+        jobs.start_intake_lookup = original
 
 
 def test_a_job_created_by_another_intake_meanwhile_is_taken_as_a_resubmit(

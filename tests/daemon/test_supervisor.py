@@ -30,18 +30,17 @@ def test_the_young_generation_is_collected_less_often_and_the_rest_left_alone(
 
 
 def test_now_and_then_the_active_count_is_folded(database_url: str) -> None:
-    from tests.store.test_store import job  # the store tests' job state
+    from tests.store.store_support import job  # the store tests' job state
     from worker.daemon.supervisor import Daemon
     from worker.settings import Settings
-    from worker.store import capacity, db
-    from worker.store import jobs as store
+    from worker.store import capacity, db, jobs
 
     pool = db.open_pool(database_url, max_size=2)
     try:
         db.ensure_schema(pool)
         with pool.connection() as conn:
             for n in range(capacity.COMPACT_BEYOND + 1):  # a delta row each
-                store.insert_job(conn, job(f"j{n}", fleet_id="f"), next_run_at=job().accepted_at)
+                jobs.insert_job(conn, job(f"j{n}", fleet_id="f"), next_run_at=job().accepted_at)
                 conn.commit()
         Daemon(Settings(fleet_id="f", worker_name="w"))._now_and_then(pool)
         with pool.connection() as conn:

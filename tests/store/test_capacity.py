@@ -7,9 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
-from tests.store.test_store import FLEET, T0, insert, job
-from worker.store import capacity, db
-from worker.store import jobs as store
+from tests.store.store_support import FLEET, T0, insert, job
+from worker.store import capacity, db, jobs
 
 FLEETS = ("f1", "f2")
 
@@ -52,11 +51,11 @@ def test_the_active_count_agrees_with_counting_the_rows_after_any_changes(
         ids = [f"j{n}" for n in sorted(numbers)]
         with pool.connection() as conn:
             if op == "insert":  # intake's batch statement; ids that exist are left out
-                store.insert_jobs(
-                    conn, [store.job_row(job(i, fleet_id=fleet)) for i in ids], next_run_at=T0
+                jobs.insert_jobs(
+                    conn, [jobs.job_row(job(i, fleet_id=fleet)) for i in ids], next_run_at=T0
                 )
             elif op == "insert_one":
-                store.insert_job(conn, job(ids[0], fleet_id=fleet), next_run_at=T0)
+                jobs.insert_job(conn, job(ids[0], fleet_id=fleet), next_run_at=T0)
             elif op in ("end", "reopen"):  # as a save writes it: every column, ended_at too
                 conn.execute(
                     "UPDATE bw_jobs SET ended_at = %s, phase = phase"
@@ -77,7 +76,7 @@ def test_a_fleet_that_had_jobs_before_the_count_was_kept_is_counted_from_its_row
     pool: ConnectionPool,
 ) -> None:
     with pool.connection() as conn:
-        store.insert_jobs(conn, [store.job_row(job(f"j{n}")) for n in range(5)], next_run_at=T0)
+        jobs.insert_jobs(conn, [jobs.job_row(job(f"j{n}")) for n in range(5)], next_run_at=T0)
         conn.execute("UPDATE bw_jobs SET ended_at = %s WHERE job_id = 'j0'", (T0,))
         # As a worker from before the count left the database: no triggers, no delta rows.
         for name in capacity.TRIGGERS:
@@ -95,9 +94,7 @@ def test_folding_the_count_leaves_alone_what_it_cannot_see_yet(pool: ConnectionP
     for n in range(3):
         insert(pool, job(f"j{n}"))  # three delta rows
     with pool.connection() as writer, pool.connection() as folder:
-        store.insert_jobs(
-            writer, [store.job_row(job("j7")), store.job_row(job("j8"))], next_run_at=T0
-        )
+        jobs.insert_jobs(writer, [jobs.job_row(job("j7")), jobs.job_row(job("j8"))], next_run_at=T0)
         # The writer's transaction is still open: its delta row is not folded in, nor lost.
         capacity.COMPACT_BEYOND, before = 1, capacity.COMPACT_BEYOND
         try:

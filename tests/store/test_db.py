@@ -58,14 +58,14 @@ def test_statements_run_often_keep_being_planned_for_their_values(database_url: 
     generic plan for good (a sequential scan, chosen on an empty table). The pool's
     connections plan each run for its values: no generic plan is ever used.
     """
-    from worker.store import jobs as store
+    from worker.store import jobs
 
     pool = db.open_pool(database_url, max_size=1)
     try:
         db.ensure_schema(pool)
         with pool.connection() as conn:
             for n in range(12):
-                store.start_intake_lookup(conn, "fleet", [f"job-{n}", f"job-{n + 1}"])()
+                jobs.start_intake_lookup(conn, "fleet", [f"job-{n}", f"job-{n + 1}"])()
             plans = conn.execute(
                 "SELECT sum(generic_plans), sum(custom_plans) FROM pg_prepared_statements"
                 " WHERE statement LIKE '%%ids.job_id%%'"

@@ -13,15 +13,14 @@ import psycopg
 
 from worker.redact import redact
 from worker.settings import Settings
-from worker.store import db
-from worker.store import jobs as store
+from worker.store import db, jobs
 
 
 def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:
     """The job's state as a reader wants it, or None when the fleet has no such job."""
     url = settings.database_url.get_secret_value()
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        record = store.get_job(conn, settings.fleet_id, job_id)
+        record = jobs.get_job(conn, settings.fleet_id, job_id)
     if record is None:
         return None
     state = record.state

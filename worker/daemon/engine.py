@@ -42,7 +42,7 @@ from worker.lifecycle import (
     Wake,
 )
 from worker.settings import Settings
-from worker.store import jobs as store
+from worker.store import jobs, leases
 from worker.wire import events
 from worker.wire.outgoing import OutboxMessage
 
@@ -233,7 +233,7 @@ class Engine:
         if free <= 0:
             return 0
         with self._pool.connection() as conn:
-            claims = store.claim_due(
+            claims = leases.claim_due(
                 conn,
                 self._fleet,
                 self._owner,
@@ -246,7 +246,7 @@ class Engine:
         return len(claims)
 
     def _submit(
-        self, executor: ThreadPoolExecutor, claim: store.Claim, observations: list[Observation]
+        self, executor: ThreadPoolExecutor, claim: leases.Claim, observations: list[Observation]
     ) -> None:
         future = executor.submit(self._drive_safely, claim, observations)
         with self._lock:
@@ -274,10 +274,10 @@ class Engine:
         interval, rest = self._policy.poll_interval, self._policy.rest_poll_interval
         sweeps = self._sweeps
         with self._pool.connection() as conn:
-            active = store.active_poll_targets(conn, self._fleet)
+            active = jobs.active_poll_targets(conn, self._fleet)
             ended = (
                 sweeps.lingering(
-                    store.ended_doubtful_targets(
+                    jobs.ended_doubtful_targets(
                         conn, self._fleet, ended_since=now - self._ended_sweep_window
                     )
                 )
@@ -310,9 +310,9 @@ class Engine:
             sweeps.done(targets, started=now, complete=result.swept)
         to_step = self._to_step(result, active)
         with self._pool.connection() as conn:
-            store.touch_seen(conn, self._fleet, jobs_read(result, to_step), seen_at=now)
+            jobs.touch_seen(conn, self._fleet, jobs_read(result, to_step), seen_at=now)
             claims = (
-                store.claim_due(
+                leases.claim_due(
                     conn,
                     self._fleet,
                     self._owner,
@@ -350,7 +350,7 @@ class Engine:
         with self._lock:
             self._steps_pending -= 1
 
-    def _to_step(self, result: PollResult, targets: list[store.PollTarget]) -> list[str]:
+    def _to_step(self, result: PollResult, targets: list[jobs.PollTarget]) -> list[str]:
         with self._lock:
             room = max(0, self._progress_backlog - self._steps_pending)
         return jobs_to_step(result, targets, progress_room=room)
@@ -359,9 +359,9 @@ class Engine:
         if self._metrics is None:
             return
         with self._pool.connection() as conn:
-            counts = store.count_active_by_status(conn, self._fleet)
-            oldest = store.oldest_seen(conn, self._fleet)
-            cost_share = store.max_cost_share(conn, self._fleet)
+            counts = jobs.count_active_by_status(conn, self._fleet)
+            oldest = jobs.oldest_seen(conn, self._fleet)
+            cost_share = jobs.max_cost_share(conn, self._fleet)
         self._metrics.set_in_flight(counts)
         lag = (self._clock() - oldest).total_seconds() if oldest is not None else 0.0
         self._metrics.status_lag(max(0.0, lag))
@@ -369,16 +369,16 @@ class Engine:
 
     # -- one job ------------------------------------------------------------------------
 
-    def _drive_safely(self, claim: store.Claim, observations: list[Observation]) -> None:
+    def _drive_safely(self, claim: leases.Claim, observations: list[Observation]) -> None:
         try:
             self.drive(claim, observations)
-        except store.LeaseLost as exc:
+        except leases.LeaseLost as exc:
             log.warning("%s; its actions were not performed", exc)
         except Exception:
             # The lease expires and this or another worker resumes from the saved state.
             log.exception("job %s: step failed", claim.state.job_id)
 
-    def drive(self, claim: store.Claim, observations: list[Observation]) -> None:
+    def drive(self, claim: leases.Claim, observations: list[Observation]) -> None:
         """Run a claimed job until it asks for nothing more, then release it."""
         try:
             self._drive(claim, observations)
@@ -387,7 +387,7 @@ class Engine:
             # on: an idle step thread must not read as a stalled one.
             self._idle(STEPS_LOOP)
 
-    def _drive(self, claim: store.Claim, observations: list[Observation]) -> None:
+    def _drive(self, claim: leases.Claim, observations: list[Observation]) -> None:
         state = claim.state
         pending: deque[Observation] = deque()
         if claim.cancel_requested_at is not None and not state.cancel_wanted:
@@ -425,7 +425,7 @@ class Engine:
                 transition = lifecycle.step(known, observation, now, self._policy)
                 self._progress(STEPS_LOOP)
                 arrived = self._save(held, transition, now, seen)
-            seen = store.Requests()
+            seen = leases.Requests()
             wake_at = transition.wake_at
             for action in transition.actions:
                 if self._stop.is_set():
@@ -442,8 +442,8 @@ class Engine:
         self._release(held, wake_at)
 
     def _save(
-        self, held: _Held, transition: Transition, now: datetime, seen: store.Requests
-    ) -> store.Requests | None:
+        self, held: _Held, transition: Transition, now: datetime, seen: leases.Requests
+    ) -> leases.Requests | None:
         """Save the step (state, events, requests cleared); None when saved, else the
         requests that arrived since ``seen`` (nothing was written)."""
         previous, state = held.state, transition.state
@@ -464,7 +464,7 @@ class Engine:
                     (m for m in out if m.exchange == self._settings.events_exchange), None
                 )
         with self._pool.connection() as conn:
-            arrived = store.save_step(
+            arrived = leases.save_step(
                 conn,
                 state,
                 generation=held.generation,
@@ -504,7 +504,7 @@ class Engine:
             wake_at = self._clock() + self._policy.create_retry
         # A tracked job without a wake-up is the status poller's (it reads every one).
         with self._pool.connection() as conn:
-            released = store.release(
+            released = leases.release(
                 conn,
                 self._fleet,
                 held.state.job_id,

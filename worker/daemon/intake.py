@@ -26,8 +26,7 @@ from worker.daemon.admission import ACCEPTED, HELD, REJECTED, Decision
 from worker.daemon.inbound import InboundMessage, IntakeUnavailable, TakeSteps
 from worker.lifecycle import Echo
 from worker.settings import Settings
-from worker.store import db, outbox
-from worker.store import jobs as store
+from worker.store import db, jobs, outbox
 from worker.wire import events, job_requests
 from worker.wire.job_requests import JobRequest, RejectCode, Rejection
 from worker.wire.outgoing import OutboxMessage
@@ -56,7 +55,7 @@ class _Read:
     echo: Echo
     request: JobRequest | Rejection
     digest: str = ""
-    row: store.JobRow | None = None
+    row: jobs.JobRow | None = None
     accepted: tuple[OutboxMessage, ...] = ()
 
 
@@ -148,11 +147,11 @@ class Intake:
         if req.action != "submit":
             return _Read(message, echo, req, accepted=accepted)
         digest = job_requests.request_hash(req)
-        row = store.job_row(self._new_job(req, digest, echo, now))
+        row = jobs.job_row(self._new_job(req, digest, echo, now))
         return _Read(message, echo, req, digest, row, accepted)
 
     def _take_in(
-        self, conn: store.Conn, reads: list[_Read], now: datetime
+        self, conn: jobs.Conn, reads: list[_Read], now: datetime
     ) -> Generator[None, None, list[Decision]]:
         """The whole batch in one transaction in pipeline mode (statements go out together,
         answers are read a step later); one message at a time (each in a savepoint) only
@@ -174,7 +173,7 @@ class Intake:
             return [self._take_alone(conn, read, now) for read in reads]
 
     def _take_committing_early(
-        self, conn: store.Conn, reads: list[_Read], now: datetime
+        self, conn: jobs.Conn, reads: list[_Read], now: datetime
     ) -> Generator[None, None, list[Decision]]:
         """``_take`` with its COMMIT sent right behind the writes, before any answer is read.
 
@@ -192,7 +191,7 @@ class Intake:
                 conn.execute("BEGIN")
                 return (yield from self._take(conn, reads, now, commit=True))
         except psycopg.errors.UniqueViolation as exc:
-            if exc.diag.constraint_name == store.JOBS_KEY:
+            if exc.diag.constraint_name == jobs.JOBS_KEY:
                 raise _Raced from exc
             raise
         finally:
@@ -201,7 +200,7 @@ class Intake:
                     conn.rollback()  # a failed or abandoned transaction
                 conn.autocommit = False
 
-    def _take_alone(self, conn: store.Conn, read: _Read, now: datetime) -> Decision:
+    def _take_alone(self, conn: jobs.Conn, read: _Read, now: datetime) -> Decision:
         try:
             # A savepoint: whatever one message does is undone alone if it goes wrong.
             with conn.transaction():
@@ -217,13 +216,13 @@ class Intake:
             return Decision("", REJECTED, refusal=rejection)
 
     def _take(
-        self, conn: store.Conn, reads: list[_Read], now: datetime, *, commit: bool = False
+        self, conn: jobs.Conn, reads: list[_Read], now: datetime, *, commit: bool = False
     ) -> Generator[None, None, list[Decision]]:
         """Decide every message in order against what the database holds, then write it all
         at once. Two steps: the lookup, then the writes (and, with ``commit``, the COMMIT of
         a transaction begun by the caller)."""
         fleet = self._settings.fleet_id
-        lookup = store.start_intake_lookup(
+        lookup = jobs.start_intake_lookup(
             conn, fleet, {r.request.job_id for r in reads if isinstance(r.request, JobRequest)}
         )
         yield
@@ -235,7 +234,7 @@ class Intake:
             max_in_flight=self._settings.max_in_flight,
             fleet_id=fleet,
         )
-        new_jobs: list[store.JobRow] = []
+        new_jobs: list[jobs.JobRow] = []
         requests: list[tuple[str, str]] = []
         out: list[OutboxMessage] = []
         for read, decision in zip(reads, decisions, strict=True):
@@ -253,8 +252,8 @@ class Intake:
             elif decision.refusal is not None:
                 out += self._rejected(read.message, decision.refusal, read.echo, now)
         # In statement order on the server: a cancel may be for a job this batch creates.
-        inserted = store.start_insert_jobs(conn, new_jobs, next_run_at=now, or_fail=commit)
-        store.request_actions(conn, fleet, requests, now=now)
+        inserted = jobs.start_insert_jobs(conn, new_jobs, next_run_at=now, or_fail=commit)
+        jobs.request_actions(conn, fleet, requests, now=now)
         outbox.enqueue(conn, out)
         if commit:
             conn.execute("COMMIT")

@@ -16,8 +16,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from worker import APP_ID
 from worker.redact import redact_text
 from worker.settings import Settings
-from worker.store import capacity, outbox
-from worker.store import jobs as store
+from worker.store import capacity, jobs, outbox
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +208,8 @@ def send_all(conn: psycopg.Connection[Any], timeout: float = 30.0) -> None:
 
 
 def ensure_schema(pool: ConnectionPool) -> None:
-    """Create the job and outbox tables if missing; safe to run from many processes."""
+    """Create the job and outbox tables if missing, or bring them up to this version; safe
+    to run from many processes."""
     with pool.connection() as conn:
         apply_schema(conn)
 
@@ -217,7 +217,8 @@ def ensure_schema(pool: ConnectionPool) -> None:
 def apply_schema(conn: psycopg.Connection[object]) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-        conn.execute(store.SCHEMA)
+        conn.execute(jobs.SCHEMA)
+        jobs.upgrade(conn)
         conn.execute(capacity.SCHEMA)
         conn.execute(outbox.SCHEMA)
         capacity.install(conn)

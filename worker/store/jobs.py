@@ -1,29 +1,33 @@
-"""Job rows in PostgreSQL: durable lifecycle state, leases, and the requests intake leaves.
+"""Job rows in PostgreSQL: durable lifecycle state, and the requests intake leaves.
 
 Every function takes a connection and runs inside the caller's transaction, so intake can
 take a whole batch of messages in one commit and the engine can save a step together with
 its outbox rows. Times are passed in (``now``) rather than read from the database clock so
-the lifecycle, leases and wake-ups all reason with one clock.
+the lifecycle, leases and wake-ups all reason with one clock. The leases the engine holds
+on these rows: worker/store/leases.py.
 
-Fencing: every claim bumps ``generation``; a save or release only applies where the
-generation and lease owner are still the claimer's. A worker that lost its lease gets
-``LeaseLost`` and must not perform the step's actions.
+The state is stored as JSON and only ever read back whole: what queries select or filter
+on is written next to it in columns of its own, derived from the state in Python at every
+insert and save (``columns``), the status poller's from ``lifecycle.poll_view``.
+
+Longer than most modules on purpose: every statement on ``bw_jobs`` but the leases' is
+here, beside the schema and the derived columns they write and read; apart, a column could
+be added to the schema and not to an insert, or the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
-from worker.lifecycle import JobState, Phase
-from worker.store import capacity, outbox
-from worker.wire.outgoing import OutboxMessage, message_from_json, message_to_json
+from worker.lifecycle import JobState, Phase, poll_view
+from worker.store import capacity
+from worker.wire.outgoing import OutboxMessage, message_from_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bw_jobs (
@@ -51,41 +55,80 @@ CREATE INDEX IF NOT EXISTS bw_jobs_due
     ON bw_jobs (fleet_id, next_run_at) WHERE next_run_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS bw_jobs_active
     ON bw_jobs (fleet_id, upstream_created) WHERE ended_at IS NULL;
-CREATE INDEX IF NOT EXISTS bw_jobs_ended_doubtful
-    ON bw_jobs (fleet_id, ended_at)
-    WHERE ended_at IS NOT NULL AND (state->>'create_doubtful')::boolean;
-
 """
+
+# The columns that came after the first release, and their types: the status poller's
+# (``lifecycle.PollView``, whose field names they carry), and the cost cap (for the cost
+# gauge). Added to tables made before them by ``upgrade``, which also makes new ones.
+DERIVED: dict[str, str] = {
+    "read_status": "text",
+    "completion": "float8",
+    "cost_pu": "float8",
+    "resting": "boolean",
+    "create_doubtful": "boolean",
+    "intent_at": "timestamptz",
+    "max_cost_pu": "float8",
+}
+_ADD_DERIVED = ", ".join(
+    f"ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind in DERIVED.items()
+)
+_FORGET_DERIVED = " ".join(f"NEW.{name} := NULL;" for name in DERIVED)
+# ``derived_rev`` rises with every write of the columns above. An older worker (a rollout
+# runs old and new pods side by side) saves the state without them; the trigger then sees
+# the state written and ``derived_rev`` unchanged, and sets them to NULL: unknown until
+# this version saves the job again, which the queries below take as "read it, sweep for
+# it" rather than trusting what an older state said.
+_UPGRADE = f"""
+ALTER TABLE bw_jobs
+    {_ADD_DERIVED},
+    ADD COLUMN IF NOT EXISTS derived_rev bigint;
+UPDATE bw_jobs SET
+    read_status = COALESCE(state->>'upstream_status', status),
+    completion = COALESCE((state->>'completion')::float8, 0),
+    cost_pu = (state->>'cost_pu')::float8,
+    resting = COALESCE(
+        COALESCE(state->>'upstream_status', status) = 'ANALYSIS_DONE'
+        AND NOT COALESCE((state->>'start_wanted')::boolean, true)
+        AND NOT COALESCE((state->>'cancel_wanted')::boolean, false), false),
+    create_doubtful = COALESCE((state->>'create_doubtful')::boolean, false),
+    intent_at = (state->>'intent_at')::timestamptz,
+    max_cost_pu = (state->>'max_cost_pu')::float8,
+    derived_rev = 1;
+CREATE OR REPLACE FUNCTION bw_jobs_derived_unknown() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    {_FORGET_DERIVED}
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS bw_jobs_derived_unknown ON bw_jobs;
+CREATE TRIGGER bw_jobs_derived_unknown BEFORE UPDATE OF state ON bw_jobs
+    FOR EACH ROW WHEN (NEW.derived_rev IS NOT DISTINCT FROM OLD.derived_rev)
+    EXECUTE FUNCTION bw_jobs_derived_unknown();
+CREATE INDEX IF NOT EXISTS bw_jobs_doubtful_ended
+    ON bw_jobs (fleet_id, ended_at)
+    WHERE ended_at IS NOT NULL AND create_doubtful IS NOT false;
+"""
+
+
+def upgrade(conn: psycopg.Connection[Any]) -> None:
+    """Bring the table up to this version: the derived columns, once, filled in from the
+    states already stored (the one read of the state's JSON in SQL, of the fields as they
+    were named when the columns came). In the caller's transaction, under db.apply_schema's
+    lock: the whole upgrade commits at once or not at all."""
+    # What older versions filter ended jobs by (the state's JSON); one may have made it
+    # again at its start during a rollout.
+    conn.execute("DROP INDEX IF EXISTS bw_jobs_ended_doubtful")
+    row = conn.execute(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = 'bw_jobs'::regclass"
+        " AND attname = ANY(%s) AND NOT attisdropped",
+        ([*DERIVED, "derived_rev"],),
+    ).fetchone()
+    if row is not None and row[0] == len(DERIVED) + 1:
+        return
+    conn.execute(_UPGRADE)
+
 
 Conn = psycopg.Connection[Any]
 JOBS_KEY = "bw_jobs_pkey"  # the primary key's constraint name, as PostgreSQL names it
-
-
-class LeaseLost(Exception):
-    """The job's generation or lease owner changed: another worker owns it now."""
-
-
-@dataclass(frozen=True)
-class Requests:
-    """The ``start`` / ``cancel`` intake recorded on a job row and no step has folded in."""
-
-    cancel_requested_at: datetime | None = None
-    start_requested_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A job this worker holds the lease of, with the requests intake left pending."""
-
-    state: JobState
-    generation: int
-    cancel_requested_at: datetime | None
-    start_requested_at: datetime | None
-    last_status_event: OutboxMessage | None
-
-    @property
-    def requests(self) -> Requests:
-        return Requests(self.cancel_requested_at, self.start_requested_at)
 
 
 @dataclass(frozen=True)
@@ -126,12 +169,7 @@ class PollTarget:
     intent_at: datetime | None = None  # the job's last create attempt
 
 
-# ------------------------------------------------------------------------------------------
-# Serialisation
-# ------------------------------------------------------------------------------------------
-
-
-def _columns(state: JobState) -> dict[str, Any]:
+def columns(state: JobState) -> dict[str, Any]:
     """The queried columns, always derived from the state they sit next to.
 
     ``state`` is the JSON text pydantic writes, cast to jsonb by the statement: parsing it
@@ -145,7 +183,18 @@ def _columns(state: JobState) -> dict[str, Any]:
         "upstream_created": state.upstream_created,
         "ended_at": state.ended_at,
         "last_seen_at": state.last_seen_at,
+        **poll_view(state)._asdict(),
+        "max_cost_pu": state.max_cost_pu,
     }
+
+
+# The derived columns set from ``columns`` by a save (worker/store/leases.py).
+DERIVED_SET = ", ".join(
+    [*(f"{name} = %({name})s" for name in DERIVED), "derived_rev = COALESCE(derived_rev, 0) + 1"]
+)
+_DERIVED_NAMES = ", ".join(DERIVED)
+_DERIVED_VALUES = ", ".join(f"%({name})s" for name in DERIVED)
+_DERIVED_ARRAYS = ", ".join(f"%({name})b::{kind}[]" for name, kind in DERIVED.items())
 
 
 # ------------------------------------------------------------------------------------------
@@ -156,17 +205,18 @@ def _columns(state: JobState) -> dict[str, Any]:
 def insert_job(conn: Conn, state: JobState, *, next_run_at: datetime) -> bool:
     """Insert a new job; False when the (fleet, job id) already exists."""
     cur = conn.execute(
-        """
+        f"""
         INSERT INTO bw_jobs (fleet_id, job_id, state, phase, status, batch_request_id,
                              upstream_created, request_hash, next_run_at, accepted_at,
-                             ended_at, last_seen_at)
+                             ended_at, last_seen_at, {_DERIVED_NAMES}, derived_rev)
         VALUES (%(fleet_id)s, %(job_id)s, %(state)s::jsonb, %(phase)s, %(status)s,
                 %(batch_request_id)s, %(upstream_created)s, %(request_hash)s,
-                %(next_run_at)s, %(accepted_at)s, %(ended_at)s, %(last_seen_at)s)
+                %(next_run_at)s, %(accepted_at)s, %(ended_at)s, %(last_seen_at)s,
+                {_DERIVED_VALUES}, 1)
         ON CONFLICT (fleet_id, job_id) DO NOTHING
         """,
         {
-            **_columns(state),
+            **columns(state),
             "fleet_id": state.fleet_id,
             "job_id": state.job_id,
             "request_hash": state.request_hash,
@@ -271,8 +321,27 @@ class JobRow:
 
 def job_row(state: JobState) -> JobRow:
     return JobRow(
-        state.fleet_id, state.job_id, state.request_hash, state.accepted_at, _columns(state)
+        state.fleet_id, state.job_id, state.request_hash, state.accepted_at, columns(state)
     )
+
+
+_INSERT_MANY = f"""
+    INSERT INTO bw_jobs (fleet_id, job_id, state, phase, status, batch_request_id,
+                         upstream_created, request_hash, next_run_at, accepted_at,
+                         ended_at, last_seen_at, {_DERIVED_NAMES}, derived_rev)
+    SELECT fleet_id, job_id, state::jsonb, phase, status, batch_request_id,
+           upstream_created, request_hash, %(next_run_at)s, accepted_at, ended_at,
+           last_seen_at, {_DERIVED_NAMES}, 1
+    FROM unnest(%(fleet_id)b::text[], %(job_id)b::text[], %(state)b::text[],
+                %(phase)b::text[], %(status)b::text[], %(batch_request_id)b::text[],
+                %(upstream_created)b::timestamptz[], %(request_hash)b::text[],
+                %(accepted_at)b::timestamptz[], %(ended_at)b::timestamptz[],
+                %(last_seen_at)b::timestamptz[],
+                {_DERIVED_ARRAYS})
+        AS new (fleet_id, job_id, state, phase, status, batch_request_id,
+                upstream_created, request_hash, accepted_at, ended_at, last_seen_at,
+                {_DERIVED_NAMES})
+"""
 
 
 def insert_jobs(conn: Conn, rows: Sequence[JobRow], *, next_run_at: datetime) -> set[str]:
@@ -299,21 +368,7 @@ def start_insert_jobs(
     if not rows:
         return set
     cursor = conn.execute(
-        """
-        INSERT INTO bw_jobs (fleet_id, job_id, state, phase, status, batch_request_id,
-                             upstream_created, request_hash, next_run_at, accepted_at,
-                             ended_at, last_seen_at)
-        SELECT fleet_id, job_id, state::jsonb, phase, status, batch_request_id,
-               upstream_created, request_hash, %(next_run_at)s, accepted_at, ended_at,
-               last_seen_at
-        FROM unnest(%(fleet_id)b::text[], %(job_id)b::text[], %(state)b::text[],
-                    %(phase)b::text[], %(status)b::text[], %(batch_request_id)b::text[],
-                    %(upstream_created)b::timestamptz[], %(request_hash)b::text[],
-                    %(accepted_at)b::timestamptz[], %(ended_at)b::timestamptz[],
-                    %(last_seen_at)b::timestamptz[])
-            AS new (fleet_id, job_id, state, phase, status, batch_request_id,
-                    upstream_created, request_hash, accepted_at, ended_at, last_seen_at)
-        """
+        _INSERT_MANY
         + ("" if or_fail else "ON CONFLICT (fleet_id, job_id) DO NOTHING")
         + """
         RETURNING job_id
@@ -371,197 +426,23 @@ def request_action(conn: Conn, fleet_id: str, job_id: str, action: str, *, now: 
 
 
 # ------------------------------------------------------------------------------------------
-# Engine side
+# The status poller's side
 # ------------------------------------------------------------------------------------------
-
-
-def claim_due(
-    conn: Conn,
-    fleet_id: str,
-    owner: str,
-    *,
-    now: datetime,
-    lease: timedelta,
-    limit: int,
-    job_ids: Sequence[str] | None = None,
-) -> list[Claim]:
-    """Lease up to ``limit`` due jobs (or the given ``job_ids`` when free: due or not,
-    ended or not).
-
-    SKIP LOCKED lets many workers claim at once without waiting on each other's rows.
-    A claimed job is due again when its lease runs out: should this worker die mid-step,
-    the next owner resumes it then, even if it is a tracked job with no timed wake-up.
-    """
-    # Given jobs may have ended: a duplicate found for one must still be stopped (and told).
-    where = "next_run_at <= %(now)s" if job_ids is None else "job_id = ANY(%(job_ids)s)"
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            f"""
-            WITH due AS (
-                SELECT fleet_id, job_id FROM bw_jobs
-                WHERE fleet_id = %(fleet_id)s AND {where}
-                  AND (lease_until IS NULL OR lease_until < %(now)s)
-                ORDER BY next_run_at NULLS LAST
-                LIMIT %(limit)s
-                FOR UPDATE SKIP LOCKED
-            )
-            UPDATE bw_jobs j
-            SET generation = j.generation + 1, lease_owner = %(owner)s,
-                lease_until = %(lease_until)s, next_run_at = %(lease_until)s
-            FROM due WHERE j.fleet_id = due.fleet_id AND j.job_id = due.job_id
-            RETURNING j.state, j.generation, j.cancel_requested_at, j.start_requested_at,
-                      j.last_status_event
-            """,
-            {
-                "fleet_id": fleet_id,
-                "now": now,
-                "limit": limit,
-                "owner": owner,
-                "lease_until": now + lease,
-                "job_ids": list(job_ids or ()),
-            },
-        ).fetchall()
-    return [
-        Claim(
-            state=JobState.model_validate(row["state"]),
-            generation=row["generation"],
-            cancel_requested_at=row["cancel_requested_at"],
-            start_requested_at=row["start_requested_at"],
-            last_status_event=(
-                message_from_json(row["last_status_event"]) if row["last_status_event"] else None
-            ),
-        )
-        for row in rows
-    ]
-
-
-def save_step(
-    conn: Conn,
-    state: JobState,
-    *,
-    generation: int,
-    owner: str,
-    messages: Sequence[OutboxMessage] = (),
-    status_event: OutboxMessage | None = None,
-    folded_cancel: datetime | None = None,
-    folded_start: datetime | None = None,
-    lease_until: datetime | None = None,
-) -> Requests | None:
-    """Save a step's state and its outbox rows, fenced on ``generation`` and ``owner``;
-    None when saved.
-
-    ``folded_cancel`` / ``folded_start`` are the request columns as the caller last read
-    them, all folded into ``state``. The save applies only while they are still what the
-    row holds, and clears them. When intake recorded another request since, nothing is
-    written and the row's requests are returned: the step was decided without them, so its
-    actions must not run (fold them in, step again, save again). The check is the save's
-    own WHERE, so no request can slip in between it and the actions but after the commit.
-
-    Raises LeaseLost (the caller's transaction must roll back, and the step's actions must
-    not run). ``lease_until`` extends the lease for a long step.
-    """
-    cur = conn.execute(
-        """
-        UPDATE bw_jobs
-        SET state = %(state)s::jsonb, phase = %(phase)s, status = %(status)s,
-            batch_request_id = %(batch_request_id)s, upstream_created = %(upstream_created)s,
-            ended_at = %(ended_at)s,
-            last_seen_at = GREATEST(last_seen_at, %(last_seen_at)s),
-            last_status_event = COALESCE(%(status_event)s, last_status_event),
-            cancel_requested_at = NULL,
-            start_requested_at = NULL,
-            lease_until = COALESCE(%(lease_until)s, lease_until),
-            next_run_at = COALESCE(%(lease_until)s, next_run_at)
-        WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
-          AND generation = %(generation)s AND lease_owner = %(owner)s
-          AND cancel_requested_at IS NOT DISTINCT FROM %(folded_cancel)s
-          AND start_requested_at IS NOT DISTINCT FROM %(folded_start)s
-        """,
-        {
-            **_columns(state),
-            "status_event": Jsonb(message_to_json(status_event)) if status_event else None,
-            "folded_cancel": folded_cancel,
-            "folded_start": folded_start,
-            "lease_until": lease_until,
-            "fleet_id": state.fleet_id,
-            "job_id": state.job_id,
-            "generation": generation,
-            "owner": owner,
-        },
-    )
-    if cur.rowcount != 1:
-        row = conn.execute(
-            """
-            SELECT generation, lease_owner, cancel_requested_at, start_requested_at
-            FROM bw_jobs WHERE fleet_id = %s AND job_id = %s
-            """,
-            (state.fleet_id, state.job_id),
-        ).fetchone()
-        if row is None or row[0] != generation or row[1] != owner:
-            raise LeaseLost(f"job {state.job_id}: lease lost before save (generation {generation})")
-        return Requests(cancel_requested_at=row[2], start_requested_at=row[3])
-    if messages:
-        outbox.enqueue(conn, list(messages))
-    return None
-
-
-def release(
-    conn: Conn,
-    fleet_id: str,
-    job_id: str,
-    *,
-    generation: int,
-    owner: str,
-    next_run_at: datetime | None,
-    now: datetime,
-) -> bool:
-    """Give the lease back and schedule the next wake-up; False if the lease was lost.
-
-    ``next_run_at`` None leaves a tracked job to the status poller (no timed wake-up).
-    A request intake recorded while we held the lease wakes the job at once, whatever
-    ``next_run_at`` the step asked for; an ended job sleeps for good.
-    """
-    cur = conn.execute(
-        """
-        UPDATE bw_jobs
-        SET lease_owner = NULL, lease_until = NULL,
-            next_run_at = CASE
-                WHEN ended_at IS NOT NULL THEN NULL
-                WHEN cancel_requested_at IS NOT NULL OR start_requested_at IS NOT NULL
-                    THEN %(now)s
-                ELSE %(next_run_at)s END
-        WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
-          AND generation = %(generation)s AND lease_owner = %(owner)s
-        """,
-        {
-            "now": now,
-            "next_run_at": next_run_at,
-            "fleet_id": fleet_id,
-            "job_id": job_id,
-            "generation": generation,
-            "owner": owner,
-        },
-    )
-    return cur.rowcount == 1
 
 
 def active_poll_targets(conn: Conn, fleet_id: str) -> list[PollTarget]:
     """Active jobs that have a batch request, newest upstream first.
 
     The status compared is the last one *read* (an event may be held back for tiles), so a
-    held status is not mistaken for a change.
+    held status is not mistaken for a change. A job an older worker saved last has its
+    derived columns unknown (``upgrade``): no status to compare (so a read steps it, and
+    the save derives them again), doubtful (so a sweep looks for it).
     """
     rows = conn.execute(
         """
-        SELECT job_id, batch_request_id, upstream_created,
-               COALESCE(state->>'upstream_status', status),
-               COALESCE((state->>'completion')::float8, 0), (state->>'cost_pu')::float8,
-               last_seen_at,
-               COALESCE(state->>'upstream_status', status) = 'ANALYSIS_DONE'
-                   AND NOT COALESCE((state->>'start_wanted')::boolean, true)
-                   AND NOT COALESCE((state->>'cancel_wanted')::boolean, false),
-               COALESCE((state->>'create_doubtful')::boolean, false),
-               accepted_at
+        SELECT job_id, batch_request_id, upstream_created, read_status,
+               COALESCE(completion, 0), cost_pu, last_seen_at,
+               COALESCE(resting, false), COALESCE(create_doubtful, true), accepted_at
         FROM bw_jobs
         WHERE fleet_id = %s AND ended_at IS NULL AND batch_request_id IS NOT NULL
         ORDER BY upstream_created DESC NULLS LAST
@@ -572,16 +453,16 @@ def active_poll_targets(conn: Conn, fleet_id: str) -> list[PollTarget]:
 
 
 def ended_doubtful_targets(conn: Conn, fleet_id: str, *, ended_since: datetime) -> list[PollTarget]:
-    """Jobs that ended at or after ``ended_since`` with a doubtful create: a request they
-    never knew may exist, so duplicate sweeps keep looking for their tag a while."""
+    """Jobs that ended at or after ``ended_since`` with a doubtful create (or one not known
+    to be certain, ``active_poll_targets``): a request they never knew may exist, so
+    duplicate sweeps keep looking for their tag a while."""
     rows = conn.execute(
         """
         SELECT job_id, batch_request_id, upstream_created, status,
-               COALESCE((state->>'completion')::float8, 0), (state->>'cost_pu')::float8,
-               last_seen_at, false, true, accepted_at, true,
-               (state->>'intent_at')::timestamptz
+               COALESCE(completion, 0), cost_pu, last_seen_at, false, true, accepted_at, true,
+               intent_at
         FROM bw_jobs
-        WHERE fleet_id = %s AND ended_at >= %s AND (state->>'create_doubtful')::boolean
+        WHERE fleet_id = %s AND ended_at >= %s AND create_doubtful IS NOT false
         """,
         (fleet_id, ended_since),
     ).fetchall()
@@ -619,10 +500,9 @@ def max_cost_share(conn: Conn, fleet_id: str) -> float:
     """The highest ``cost_pu / max_cost_pu`` among active jobs with a cap (0 if none)."""
     row = conn.execute(
         """
-        SELECT COALESCE(max(COALESCE((state->>'cost_pu')::float8, 0)
-                            / (state->>'max_cost_pu')::float8), 0)
+        SELECT COALESCE(max(COALESCE(cost_pu, 0) / max_cost_pu), 0)
         FROM bw_jobs
-        WHERE fleet_id = %s AND ended_at IS NULL AND (state->>'max_cost_pu')::float8 > 0
+        WHERE fleet_id = %s AND ended_at IS NULL AND max_cost_pu > 0
         """,
         (fleet_id,),
     ).fetchone()

@@ -1,0 +1,224 @@
+"""Leases on job rows: the engine claims due jobs, saves each step, and gives them back.
+
+Fencing: every claim bumps ``generation``; a save or release only applies where the
+generation and lease owner are still the claimer's. A worker that lost its lease gets
+``LeaseLost`` and must not perform the step's actions.
+
+Like worker/store/jobs.py, every function runs in the caller's transaction and takes its
+times as arguments (``now``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from worker.lifecycle import JobState
+from worker.store import jobs, outbox
+from worker.store.jobs import Conn
+from worker.wire.outgoing import OutboxMessage, message_from_json, message_to_json
+
+
+class LeaseLost(Exception):
+    """The job's generation or lease owner changed: another worker owns it now."""
+
+
+@dataclass(frozen=True)
+class Requests:
+    """The ``start`` / ``cancel`` intake recorded on a job row and no step has folded in."""
+
+    cancel_requested_at: datetime | None = None
+    start_requested_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this worker holds the lease of, with the requests intake left pending."""
+
+    state: JobState
+    generation: int
+    cancel_requested_at: datetime | None
+    start_requested_at: datetime | None
+    last_status_event: OutboxMessage | None
+
+    @property
+    def requests(self) -> Requests:
+        return Requests(self.cancel_requested_at, self.start_requested_at)
+
+
+def claim_due(
+    conn: Conn,
+    fleet_id: str,
+    owner: str,
+    *,
+    now: datetime,
+    lease: timedelta,
+    limit: int,
+    job_ids: Sequence[str] | None = None,
+) -> list[Claim]:
+    """Lease up to ``limit`` due jobs (or the given ``job_ids`` when free: due or not,
+    ended or not).
+
+    SKIP LOCKED lets many workers claim at once without waiting on each other's rows.
+    A claimed job is due again when its lease runs out: should this worker die mid-step,
+    the next owner resumes it then, even if it is a tracked job with no timed wake-up.
+    """
+    # Given jobs may have ended: a duplicate found for one must still be stopped (and told).
+    where = "next_run_at <= %(now)s" if job_ids is None else "job_id = ANY(%(job_ids)s)"
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"""
+            WITH due AS (
+                SELECT fleet_id, job_id FROM bw_jobs
+                WHERE fleet_id = %(fleet_id)s AND {where}
+                  AND (lease_until IS NULL OR lease_until < %(now)s)
+                ORDER BY next_run_at NULLS LAST
+                LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE bw_jobs j
+            SET generation = j.generation + 1, lease_owner = %(owner)s,
+                lease_until = %(lease_until)s, next_run_at = %(lease_until)s
+            FROM due WHERE j.fleet_id = due.fleet_id AND j.job_id = due.job_id
+            RETURNING j.state, j.generation, j.cancel_requested_at, j.start_requested_at,
+                      j.last_status_event
+            """,
+            {
+                "fleet_id": fleet_id,
+                "now": now,
+                "limit": limit,
+                "owner": owner,
+                "lease_until": now + lease,
+                "job_ids": list(job_ids or ()),
+            },
+        ).fetchall()
+    return [
+        Claim(
+            state=JobState.model_validate(row["state"]),
+            generation=row["generation"],
+            cancel_requested_at=row["cancel_requested_at"],
+            start_requested_at=row["start_requested_at"],
+            last_status_event=(
+                message_from_json(row["last_status_event"]) if row["last_status_event"] else None
+            ),
+        )
+        for row in rows
+    ]
+
+
+_SAVE = f"""
+    UPDATE bw_jobs
+    SET state = %(state)s::jsonb, phase = %(phase)s, status = %(status)s,
+        batch_request_id = %(batch_request_id)s, upstream_created = %(upstream_created)s,
+        ended_at = %(ended_at)s,
+        last_seen_at = GREATEST(last_seen_at, %(last_seen_at)s),
+        {jobs.DERIVED_SET},
+        last_status_event = COALESCE(%(status_event)s, last_status_event),
+        cancel_requested_at = NULL,
+        start_requested_at = NULL,
+        lease_until = COALESCE(%(lease_until)s, lease_until),
+        next_run_at = COALESCE(%(lease_until)s, next_run_at)
+    WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
+      AND generation = %(generation)s AND lease_owner = %(owner)s
+      AND cancel_requested_at IS NOT DISTINCT FROM %(folded_cancel)s
+      AND start_requested_at IS NOT DISTINCT FROM %(folded_start)s
+"""
+
+
+def save_step(
+    conn: Conn,
+    state: JobState,
+    *,
+    generation: int,
+    owner: str,
+    messages: Sequence[OutboxMessage] = (),
+    status_event: OutboxMessage | None = None,
+    folded_cancel: datetime | None = None,
+    folded_start: datetime | None = None,
+    lease_until: datetime | None = None,
+) -> Requests | None:
+    """Save a step's state and its outbox rows, fenced on ``generation`` and ``owner``;
+    None when saved.
+
+    ``folded_cancel`` / ``folded_start`` are the request columns as the caller last read
+    them, all folded into ``state``. The save applies only while they are still what the
+    row holds, and clears them. When intake recorded another request since, nothing is
+    written and the row's requests are returned: the step was decided without them, so its
+    actions must not run (fold them in, step again, save again). The check is the save's
+    own WHERE, so no request can slip in between it and the actions but after the commit.
+
+    Raises LeaseLost (the caller's transaction must roll back, and the step's actions must
+    not run). ``lease_until`` extends the lease for a long step.
+    """
+    cur = conn.execute(
+        _SAVE,
+        {
+            **jobs.columns(state),
+            "status_event": Jsonb(message_to_json(status_event)) if status_event else None,
+            "folded_cancel": folded_cancel,
+            "folded_start": folded_start,
+            "lease_until": lease_until,
+            "fleet_id": state.fleet_id,
+            "job_id": state.job_id,
+            "generation": generation,
+            "owner": owner,
+        },
+    )
+    if cur.rowcount != 1:
+        row = conn.execute(
+            """
+            SELECT generation, lease_owner, cancel_requested_at, start_requested_at
+            FROM bw_jobs WHERE fleet_id = %s AND job_id = %s
+            """,
+            (state.fleet_id, state.job_id),
+        ).fetchone()
+        if row is None or row[0] != generation or row[1] != owner:
+            raise LeaseLost(f"job {state.job_id}: lease lost before save (generation {generation})")
+        return Requests(cancel_requested_at=row[2], start_requested_at=row[3])
+    if messages:
+        outbox.enqueue(conn, list(messages))
+    return None
+
+
+def release(
+    conn: Conn,
+    fleet_id: str,
+    job_id: str,
+    *,
+    generation: int,
+    owner: str,
+    next_run_at: datetime | None,
+    now: datetime,
+) -> bool:
+    """Give the lease back and schedule the next wake-up; False if the lease was lost.
+
+    ``next_run_at`` None leaves a tracked job to the status poller (no timed wake-up).
+    A request intake recorded while we held the lease wakes the job at once, whatever
+    ``next_run_at`` the step asked for; an ended job sleeps for good.
+    """
+    cur = conn.execute(
+        """
+        UPDATE bw_jobs
+        SET lease_owner = NULL, lease_until = NULL,
+            next_run_at = CASE
+                WHEN ended_at IS NOT NULL THEN NULL
+                WHEN cancel_requested_at IS NOT NULL OR start_requested_at IS NOT NULL
+                    THEN %(now)s
+                ELSE %(next_run_at)s END
+        WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
+          AND generation = %(generation)s AND lease_owner = %(owner)s
+        """,
+        {
+            "now": now,
+            "next_run_at": next_run_at,
+            "fleet_id": fleet_id,
+            "job_id": job_id,
+            "generation": generation,
+            "owner": owner,
+        },
+    )
+    return cur.rowcount == 1
