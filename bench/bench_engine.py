@@ -1,4 +1,5 @@
-"""One Engine driving N jobs against the simulator (a separate process), within a budget.
+"""One Engine and its StatusLoop driving N jobs against the simulator (a separate process),
+within a budget.
 
 Prints: peak RSS of this process (the engine, its pools and threads; the simulator runs
 apart), API requests per job, status change -> event latency (the simulator's transition
@@ -46,7 +47,8 @@ import psycopg
 from worker import lifecycle
 from worker.api.budget import RequestBudget
 from worker.api.client import ApiHooks, BatchClient
-from worker.daemon.engine import SWEEP_EVERY_POLLS, Engine
+from worker.daemon.engine import Engine
+from worker.daemon.status_loop import SWEEP_EVERY_POLLS, StatusLoop
 from worker.daemon.supervisor import tune_gc
 from worker.lifecycle import Tiles
 from worker.settings import Settings
@@ -317,11 +319,23 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
             tiles=NoTiles(),
             worker_name="bench",
             threads=args.threads,
+        )
+        status = StatusLoop(
+            settings,
+            pool,
+            client,
+            engine,
+            worker_name="bench",
+            threads=args.threads,
             sweep_every_polls=SWEEP_EVERY_POLLS if sweeps else None,
         )
-        thread = threading.Thread(target=engine.run, name="engine")
+        loops = [
+            threading.Thread(target=status.run, name="poller"),
+            threading.Thread(target=engine.run, name="engine"),
+        ]
         started, started_at = time.monotonic(), time.time()
-        thread.start()
+        for thread in loops:
+            thread.start()
         remaining = args.jobs
         while remaining and time.monotonic() - started < args.timeout:
             time.sleep(10)
@@ -333,8 +347,10 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
             elapsed = time.monotonic() - started
             print(f"  {elapsed:6.0f} s: {remaining} active, {sent} API requests", flush=True)
         elapsed = time.monotonic() - started
+        status.request_stop()
         engine.request_stop()
-        thread.join()
+        for thread in loops:
+            thread.join()
         # Before the report reads every event into memory: the engine's peak, not ours.
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         events = status_events(pool)

@@ -1,7 +1,5 @@
-"""The engine against a real PostgreSQL and a small scripted Batch API fake.
-
-The fake answers like the API (batch-v2-api.md §3.2 transitions) but moves a task one
-status per read, so a job runs through its whole lifecycle in a fraction of a second.
+"""The engine, with the status loop beside it, against a real PostgreSQL and a small
+scripted Batch API fake (tests/daemon/engine_support.py).
 """
 
 from __future__ import annotations
@@ -9,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,161 +16,26 @@ from typing import Any
 import pytest
 from psycopg_pool import ConnectionPool
 
+from tests.daemon.engine_support import (
+    FAST,
+    FLEET,
+    PAYLOAD,
+    FakeApi,
+    Recorder,
+    Worker,
+    add_job,
+    make_engine,
+    make_worker,
+    record,
+    run_until_ended,
+    statuses,
+)
 from tests.fakes import FakeClock
 from worker import lifecycle
-from worker.api.errors import ClientError, NotFound, TransportError
-from worker.api.models import Page, Task
+from worker.api.models import Task
 from worker.daemon.engine import STEPS_LOOP, Engine
 from worker.daemon.health import Health
-from worker.lifecycle import Phase, Policy, Tiles
-from worker.settings import Settings
 from worker.store import db, jobs, leases
-
-FLEET = "fleet-e"
-PAYLOAD: dict[str, Any] = {
-    "processRequest": {
-        "input": {
-            "bounds": {"bbox": [8.44, 41.31, 9.66, 43.1]},
-            "data": [{"type": "sentinel-2-l2a"}],
-        },
-        "output": {"responses": [{"identifier": "default", "format": {"type": "image/tiff"}}]},
-        "evalscript": "//VERSION=3\nfunction setup() {}",
-    },
-    "input": {"type": "tiling-grid", "id": 0, "resolution": 60.0},
-    "output": {
-        "type": "raster",
-        "delivery": {"s3": {"url": "s3://bucket/out", "iamRoleARN": "arn:aws:iam::1:role/r"}},
-    },
-    "description": "Max NDVI over Corsica",
-}
-FAST = Policy(
-    poll_interval=timedelta(milliseconds=100),
-    rest_poll_interval=timedelta(milliseconds=300),
-    action_lag=timedelta(milliseconds=300),
-    not_found_window=timedelta(milliseconds=300),
-    list_lag_window=timedelta(milliseconds=200),
-    clock_skew=timedelta(seconds=1),
-    create_retry=timedelta(milliseconds=50),
-    not_found_retry=timedelta(milliseconds=50),
-    tiles_wait=timedelta(milliseconds=50),
-)
-NEXT = {"ANALYSING": "ANALYSIS_DONE", "PROCESSING": "DONE"}
-
-
-class FakeApi:
-    def __init__(self) -> None:
-        self.tasks: dict[str, Task] = {}
-        self.calls: list[str] = []
-        self.refuse_create = False
-        self.create_times_out = False
-        self.lock = threading.Lock()
-
-    def _put(self, task: Task, **changes: Any) -> Task:
-        updated = task.model_copy(update=changes)
-        self.tasks[task.id] = updated
-        return updated
-
-    def create(self, payload: dict[str, Any]) -> Task:
-        with self.lock:
-            self.calls.append("create")
-            if self.refuse_create:
-                raise ClientError("bad grid", http_status=400, code="COMMON_BAD_PAYLOAD")
-            task = Task(
-                id=str(uuid.uuid4()),
-                request=payload,
-                status="CREATED",
-                created=datetime.now(UTC),
-            )
-            self.tasks[task.id] = task
-            if self.create_times_out:
-                self.create_times_out = False
-                raise TransportError("read timed out", ambiguous=True)
-            return task
-
-    def get(self, task_id: str, *, created_at: datetime | None = None) -> Task:
-        with self.lock:
-            self.calls.append("get")
-            task = self.tasks.get(task_id)
-            if task is None:
-                raise NotFound("no such task", http_status=404)
-            return self._advance(task)
-
-    def _advance(self, task: Task) -> Task:
-        """Each read finds a running task one status further on."""
-        if task.status not in NEXT:
-            return task
-        done = NEXT[task.status] == "DONE"
-        return self._put(
-            task,
-            status=NEXT[task.status],
-            completion_percentage=100.0 if done else 0.0,
-            cost_pu=100.0 if done else 0.0,
-        )
-
-    def iter_pages(
-        self, *, sort: str = "created:desc", search: str | None = None, count: int | None = None
-    ) -> Iterator[Page]:
-        with self.lock:
-            self.calls.append("list")
-            tasks = [self._advance(t) for t in list(self.tasks.values())]
-            tasks.sort(key=lambda t: t.created or datetime.min)
-        yield Page(tasks=list(reversed(tasks)))
-
-    def analyse(self, task_id: str) -> None:
-        self._action("analyse", task_id, {"CREATED": "ANALYSING"})
-
-    def start(self, task_id: str) -> None:
-        self._action("start", task_id, {"CREATED": "ANALYSING", "ANALYSIS_DONE": "PROCESSING"})
-
-    def stop(self, task_id: str) -> None:
-        moves = {s: "STOPPED" for s in ("ANALYSING", "ANALYSIS_DONE", "PROCESSING")}
-        self._action("stop", task_id, moves)
-        with self.lock:
-            if self.tasks[task_id].status == "STOPPED":
-                self._put(self.tasks[task_id], stopped_status_reason="USER_ACTION")
-
-    def _action(self, name: str, task_id: str, moves: dict[str, str]) -> None:
-        with self.lock:
-            self.calls.append(name)
-            task = self.tasks.get(task_id)
-            if task is None:
-                raise NotFound("no such task", http_status=404)
-            if task.status not in moves:
-                raise ClientError(f"cannot {name}", http_status=400, code="COMMON_BAD_PAYLOAD")
-            self._put(task, status=moves[task.status])
-
-
-class NoTiles:
-    def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Tiles | None:
-        return Tiles(total=4, processed=4 if execution_db else 0)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.finished: list[tuple[str, str | None]] = []
-        self.tile_deltas: list[tuple[int, int]] = []
-        self.duplicates = 0
-        self.lag: list[float] = []
-        self.in_flight: list[dict[str, int]] = []
-        self.cost_shares: list[float] = []
-
-    def job_finished(self, status: str, reason: str | None, duration_seconds: float | None) -> None:
-        self.finished.append((status, reason))
-
-    def set_in_flight(self, counts: dict[str, int]) -> None:
-        self.in_flight.append(dict(counts))
-
-    def tiles(self, processed_delta: int, failed_delta: int) -> None:
-        self.tile_deltas.append((processed_delta, failed_delta))
-
-    def duplicate_stopped(self) -> None:
-        self.duplicates += 1
-
-    def status_lag(self, seconds: float) -> None:
-        self.lag.append(seconds)
-
-    def cost_share(self, share: float) -> None:
-        self.cost_shares.append(share)
 
 
 @pytest.fixture
@@ -184,84 +46,10 @@ def pool(database_url: str) -> Iterator[ConnectionPool]:
     pool.close()
 
 
-SETTINGS = Settings(fleet_id=FLEET, events_exchange="ev", lease_seconds=30)
-
-
-def make_engine(pool: ConnectionPool, api: FakeApi, name: str = "w1", **kw: Any) -> Engine:
-    return Engine(
-        SETTINGS,
-        pool,
-        api,
-        tiles=NoTiles(),
-        metrics=kw.pop("metrics", None),
-        policy=kw.pop("policy", FAST),
-        worker_name=name,
-        threads=4,
-        idle_wait=0.02,
-        gauges_every=0.1,
-        **kw,
-    )
-
-
-def add_job(pool: ConnectionPool, job_id: str = "j1", **fields: Any) -> None:
-    now = datetime.now(UTC)
-    args: dict[str, Any] = {
-        "request": PAYLOAD,
-        "adopt_id": None,
-        "auto_start": True,
-        "deadline": None,
-        "max_cost_pu": None,
-        "echo": lifecycle.Echo(),
-    }
-    args.update(fields)
-    state = lifecycle.new_job(job_id=job_id, fleet_id=FLEET, request_hash="h", now=now, **args)
-    with pool.connection() as conn:
-        jobs.insert_job(conn, state, next_run_at=now)
-
-
-def record(pool: ConnectionPool, job_id: str = "j1") -> jobs.JobRecord:
-    with pool.connection() as conn:
-        found = jobs.get_job(conn, FLEET, job_id)
-    assert found is not None
-    return found
-
-
-def statuses(pool: ConnectionPool, job_id: str = "j1") -> list[tuple[int, str]]:
-    with pool.connection() as conn:
-        rows = conn.execute(
-            "SELECT body FROM bw_outbox WHERE exchange = 'ev' ORDER BY id"
-        ).fetchall()
-    out = []
-    for (body,) in rows:
-        event = json.loads(bytes(body))
-        if event["type"] == "batchworker.job.status" and event["subject"] == job_id:
-            out.append((event["data"]["sequence"], event["data"]["status"]))
-    return out
-
-
-def run_until_ended(pool: ConnectionPool, engine: Engine, *job_ids: str) -> None:
-    """Runs the engine until the jobs end. The one place these tests wait: the engine is
-    a loop; 20 s is a hang guard, not an expected duration (a run takes well under 2 s)."""
-    thread = threading.Thread(target=engine.run)
-    thread.start()
-    ended = threading.Event()
-    try:
-        for _ in range(400):
-            if all(record(pool, j).state.phase is Phase.ENDED for j in job_ids or ("j1",)):
-                ended.set()
-                break
-            ended.wait(0.05)
-    finally:
-        engine.request_stop()
-        thread.join(10)
-    assert not thread.is_alive()
-    assert ended.is_set(), [record(pool, j).state.status for j in job_ids or ("j1",)]
-
-
 def test_submitted_job_runs_to_done_with_events_in_order(pool: ConnectionPool) -> None:
     api, metrics = FakeApi(), Recorder()
     add_job(pool)
-    run_until_ended(pool, make_engine(pool, api, metrics=metrics))
+    run_until_ended(pool, make_worker(pool, api, metrics=metrics))
     seen = statuses(pool)
     assert seen[-1][1] == "DONE"
     assert [s for s, _ in seen] == sorted(s for s, _ in seen)  # sequence only rises
@@ -275,7 +63,7 @@ def test_submitted_job_runs_to_done_with_events_in_order(pool: ConnectionPool) -
 def test_payload_refused_by_the_worker_fails_with_source_worker(pool: ConnectionPool) -> None:
     api = FakeApi()
     add_job(pool, request={**PAYLOAD, "input": {"type": "no-such-input"}})
-    run_until_ended(pool, make_engine(pool, api))
+    run_until_ended(pool, make_worker(pool, api))
     state = record(pool).state
     assert state.status == "FAILED"
     assert state.error is not None and state.error.source == "worker"
@@ -286,7 +74,7 @@ def test_payload_refused_by_the_api_fails_with_its_code(pool: ConnectionPool) ->
     api = FakeApi()
     api.refuse_create = True
     add_job(pool)
-    run_until_ended(pool, make_engine(pool, api))
+    run_until_ended(pool, make_worker(pool, api))
     state = record(pool).state
     assert state.status == "FAILED"
     assert state.error is not None
@@ -301,7 +89,7 @@ def test_uncertain_create_is_found_by_tag_not_created_twice(pool: ConnectionPool
     api = FakeApi()
     api.create_times_out = True
     add_job(pool)
-    run_until_ended(pool, make_engine(pool, api))
+    run_until_ended(pool, make_worker(pool, api))
     assert api.calls.count("create") == 1
     assert "list" in api.calls
     assert len(api.tasks) == 1
@@ -311,7 +99,7 @@ def test_uncertain_create_is_found_by_tag_not_created_twice(pool: ConnectionPool
 
 def test_adopting_an_unknown_request_fails_upstream_not_found(pool: ConnectionPool) -> None:
     add_job(pool, request=None, adopt_id=str(uuid.uuid4()))
-    run_until_ended(pool, make_engine(pool, FakeApi()))
+    run_until_ended(pool, make_worker(pool, FakeApi()))
     state = record(pool).state
     assert state.status == "FAILED"
     assert state.error is not None and state.error.code == lifecycle.UPSTREAM_NOT_FOUND
@@ -322,7 +110,7 @@ def test_cancel_before_create_never_analyses(pool: ConnectionPool) -> None:
     add_job(pool)
     with pool.connection() as conn:
         jobs.request_action(conn, FLEET, "j1", "cancel", now=datetime.now(UTC))
-    run_until_ended(pool, make_engine(pool, api))
+    run_until_ended(pool, make_worker(pool, api))
     state = record(pool).state
     assert state.status == "STOPPED" and state.stopped_reason == "USER_ACTION"
     assert "analyse" not in api.calls and "start" not in api.calls
@@ -352,7 +140,7 @@ def test_two_engines_never_hold_one_job_at_once(pool: ConnectionPool) -> None:
     job_ids = [f"j{i}" for i in range(12)]
     for job_id in job_ids:
         add_job(pool, job_id)
-    first, second = make_engine(pool, api, "w1"), make_engine(pool, api, "w2")
+    first, second = make_worker(pool, api, "w1"), make_worker(pool, api, "w2")
     other = threading.Thread(target=second.run)
     other.start()
     try:
@@ -371,8 +159,8 @@ def test_two_engines_never_hold_one_job_at_once(pool: ConnectionPool) -> None:
 def test_request_stop_hands_jobs_back_at_once(pool: ConnectionPool) -> None:
     api = FakeApi()
     add_job(pool, auto_start=False)
-    engine = make_engine(pool, api)
-    thread = threading.Thread(target=engine.run)
+    worker = make_worker(pool, api)
+    thread = threading.Thread(target=worker.run)
     thread.start()
     try:
         for _ in range(200):
@@ -380,7 +168,7 @@ def test_request_stop_hands_jobs_back_at_once(pool: ConnectionPool) -> None:
                 break
             threading.Event().wait(0.05)
     finally:
-        engine.request_stop()
+        worker.request_stop()
         thread.join(10)
     assert not thread.is_alive()
     assert record(pool).lease_owner is None
@@ -388,7 +176,7 @@ def test_request_stop_hands_jobs_back_at_once(pool: ConnectionPool) -> None:
     # Start it now; another engine carries it to the end.
     with pool.connection() as conn:
         jobs.request_action(conn, FLEET, "j1", "start", now=datetime.now(UTC))
-    run_until_ended(pool, make_engine(pool, api, "w2"))
+    run_until_ended(pool, make_worker(pool, api, "w2"))
     assert record(pool).state.status == "DONE"
 
 
@@ -406,8 +194,8 @@ def test_the_gauges_report_the_share_of_its_cost_cap_a_job_has_spent(
     api, metrics = CostlyAnalysis(), Recorder()
     add_job(pool, auto_start=False, max_cost_pu=200.0)  # rests after analysis, in flight
     add_job(pool, "uncapped", auto_start=False)
-    engine = make_engine(pool, api, metrics=metrics)
-    thread = threading.Thread(target=engine.run)
+    worker = make_worker(pool, api, metrics=metrics)
+    thread = threading.Thread(target=worker.run)
     thread.start()
     try:
         for _ in range(200):
@@ -415,7 +203,7 @@ def test_the_gauges_report_the_share_of_its_cost_cap_a_job_has_spent(
                 break
             threading.Event().wait(0.05)
     finally:
-        engine.request_stop()
+        worker.request_stop()
         thread.join(10)
     assert record(pool).state.cost_pu == 150.0
     assert 0.75 in metrics.cost_shares
@@ -498,7 +286,7 @@ class CreateAlsoLeavesADuplicate(FakeApi):
 def test_a_single_job_read_by_get_still_has_its_duplicates_swept(pool: ConnectionPool) -> None:
     api, metrics = CreateAlsoLeavesADuplicate(), Recorder()
     add_job(pool)
-    run_until_ended(pool, make_engine(pool, api, metrics=metrics))
+    run_until_ended(pool, make_worker(pool, api, metrics=metrics))
     (lost,) = (t for t in api.tasks.values() if t.id.startswith("lost-"))
     state = record(pool).state
     assert state.status == "DONE" and state.duplicates_stopped == (lost.id,)
@@ -512,7 +300,7 @@ def test_without_sweeps_a_single_job_never_lists(pool: ConnectionPool) -> None:
     # The baseline the test above improves on: GETs alone never see a duplicate.
     api = CreateAlsoLeavesADuplicate()
     add_job(pool)
-    run_until_ended(pool, make_engine(pool, api, sweep_every_polls=None))
+    run_until_ended(pool, make_worker(pool, api, sweep_every_polls=None))
     assert record(pool).state.duplicates_stopped == ()
     assert "list" not in api.calls
 
@@ -526,11 +314,12 @@ SLOW_LIST = replace(FAST, list_lag_window=timedelta(seconds=30))
 
 def cancelled_while_the_create_was_uncertain(
     pool: ConnectionPool, api: FakeApi, metrics: Recorder
-) -> Engine:
+) -> Worker:
     """The POST lands but times out; a cancel then ends the job before it learns of it."""
     api.create_times_out = True
     add_job(pool)
-    engine = make_engine(pool, api, policy=SLOW_LIST, metrics=metrics)
+    worker = make_worker(pool, api, policy=SLOW_LIST, metrics=metrics)
+    engine = worker.engine
     now = datetime.now(UTC)
     with pool.connection() as conn:
         (claim,) = leases.claim_due(
@@ -546,7 +335,7 @@ def cancelled_while_the_create_was_uncertain(
     state = record(pool).state
     assert (state.status, state.batch_request_id, state.create_doubtful) == ("STOPPED", None, True)
     assert api.calls == ["create"]
-    return engine
+    return worker
 
 
 def job_events(pool: ConnectionPool, job_id: str = "j1") -> list[dict[str, Any]]:
@@ -562,10 +351,10 @@ def test_a_running_request_found_after_the_cancel_is_stopped_and_reported(
     pool: ConnectionPool,
 ) -> None:
     api, metrics = FakeApi(), Recorder()
-    engine = cancelled_while_the_create_was_uncertain(pool, api, metrics)
+    worker = cancelled_while_the_create_was_uncertain(pool, api, metrics)
     (landed,) = api.tasks.values()
     api.tasks[landed.id] = landed.model_copy(update={"status": "ANALYSIS_DONE"})  # someone ran it
-    engine.poll_once()  # a sweep at once for the ended doubtful job
+    worker.status.poll_once()  # a sweep at once for the ended doubtful job
     assert api.tasks[landed.id].status == "STOPPED"
     state = record(pool).state
     assert (state.status, state.duplicates_stopped) == ("STOPPED", (landed.id,))
@@ -585,10 +374,10 @@ def test_a_created_request_found_after_the_cancel_is_left_alone_and_logged(
     pool: ConnectionPool, caplog: pytest.LogCaptureFixture
 ) -> None:
     api, metrics = FakeApi(), Recorder()
-    engine = cancelled_while_the_create_was_uncertain(pool, api, metrics)
+    worker = cancelled_while_the_create_was_uncertain(pool, api, metrics)
     (landed,) = api.tasks.values()
     with caplog.at_level(logging.WARNING, logger="worker.daemon.poller"):
-        engine.poll_once()
+        worker.status.poll_once()
     assert "list" in api.calls and "stop" not in api.calls
     assert api.tasks[landed.id].status == "CREATED"
     assert record(pool).state.duplicates_stopped == ()
@@ -666,46 +455,3 @@ def test_a_step_that_fails_leaves_its_thread_idle(pool: ConnectionPool) -> None:
         engine.drive(claim, [])  # marked busy at its first step, then the create raised
     clock.now += 1000
     assert health.stalled() == []
-
-
-class Crawling(FakeApi):
-    """Running tasks never finish: each read finds their completion a step further on."""
-
-    def _advance(self, task: Task) -> Task:
-        if task.status == "PROCESSING":
-            return self._put(task, completion_percentage=(task.completion_percentage or 0) + 1)
-        return super()._advance(task)
-
-
-def test_progress_with_no_room_to_step_counts_as_read(pool: ConnectionPool) -> None:
-    api, job_ids = Crawling(), ("j1", "j2", "j3")
-    for job_id in job_ids:
-        add_job(pool, job_id)
-    running = make_engine(pool, api)
-    thread = threading.Thread(target=running.run)
-    thread.start()
-    try:
-        for _ in range(400):  # a hang guard: well under 2 s
-            if all(record(pool, j).state.status == "PROCESSING" for j in job_ids):
-                break
-            time.sleep(0.05)
-    finally:
-        running.request_stop()
-        thread.join(10)
-    assert all(record(pool, j).state.status == "PROCESSING" for j in job_ids)
-    with pool.connection() as conn:
-        conn.execute("UPDATE bw_jobs SET last_seen_at = now() - interval '1 hour'")
-    now = datetime.now(UTC)
-    engine = make_engine(pool, api, clock=lambda: now)  # time stands still
-    engine._progress_backlog = 0  # no room for a step that only shows progress
-    events = statuses(pool, "j1")
-    engine.poll_once()
-    assert "list" in api.calls  # three due: one page
-    with pool.connection() as conn:
-        seen = dict(conn.execute("SELECT job_id, last_seen_at FROM bw_jobs").fetchall())
-    assert seen == {job_id: now for job_id in job_ids}  # read, and counted as read
-    assert statuses(pool, "j1") == events  # not stepped
-    # Nothing is due now: the next round reads nothing (left due, all three were read again).
-    calls = len(api.calls)
-    engine.poll_once()
-    assert len(api.calls) == calls

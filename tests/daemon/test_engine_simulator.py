@@ -1,6 +1,7 @@
-"""The engine against the real parts: the simulator over HTTP, the real ``BatchClient``, the
-real ``TileReader`` on the moto S3 server, and PostgreSQL. No broker: events are read from
-the outbox the engine writes (the relay's side is tested elsewhere).
+"""The engine and its status loop against the real parts: the simulator over HTTP, the
+real ``BatchClient``, the real ``TileReader`` on the moto S3 server, and PostgreSQL. No
+broker: events are read from the outbox the engine writes (the relay's side is tested
+elsewhere).
 
 The simulator runs at speed 300, so a whole example job takes a few seconds.
 """
@@ -26,6 +27,7 @@ from worker.api.client import BatchClient
 from worker.api.errors import TransportError
 from worker.api.models import Task
 from worker.daemon.engine import Engine
+from worker.daemon.status_loop import StatusLoop
 from worker.daemon.tiles import TileReader
 from worker.lifecycle import JobState, Phase
 from worker.settings import Settings
@@ -138,12 +140,18 @@ def job_events(pool: ConnectionPool, job_id: str) -> list[dict[str, Any]]:
 @dataclass
 class Driver:
     engine: Engine
-    thread: threading.Thread
+    status: StatusLoop
+    threads: list[threading.Thread]
 
     def stop(self) -> None:
+        self.status.request_stop()
         self.engine.request_stop()
-        self.thread.join(15)
-        assert not self.thread.is_alive()
+        for thread in self.threads:
+            thread.join(15)
+            assert not thread.is_alive()
+
+    def running(self) -> bool:
+        return any(thread.is_alive() for thread in self.threads)
 
 
 @pytest.fixture
@@ -151,8 +159,9 @@ def drive(pool: ConnectionPool, s3_endpoint: str) -> Iterator[Callable[..., Driv
     drivers: list[Driver] = []
 
     def start(api: Any, **overrides: Any) -> Driver:
+        config = settings(**overrides)
         engine = Engine(
-            settings(**overrides),
+            config,
             pool,
             api,
             tiles=TileReader(),
@@ -160,15 +169,20 @@ def drive(pool: ConnectionPool, s3_endpoint: str) -> Iterator[Callable[..., Driv
             threads=4,
             idle_wait=0.05,
         )
-        thread = threading.Thread(target=engine.run, name="engine-under-test")
-        thread.start()
-        driver = Driver(engine, thread)
+        status = StatusLoop(config, pool, api, engine, worker_name="w-sim", threads=4)
+        threads = [
+            threading.Thread(target=status.run, name="poller-under-test"),
+            threading.Thread(target=engine.run, name="engine-under-test"),
+        ]
+        for thread in threads:
+            thread.start()
+        driver = Driver(engine, status, threads)
         drivers.append(driver)
         return driver
 
     yield start
     for driver in drivers:
-        if driver.thread.is_alive():
+        if driver.running():
             driver.stop()
 
 

@@ -49,3 +49,42 @@ def test_now_and_then_the_active_count_is_folded(database_url: str) -> None:
             assert capacity.count_active(conn, "f") == capacity.COMPACT_BEYOND + 1
     finally:
         pool.close()
+
+
+def test_the_step_threads_stay_watched_while_a_loop_that_runs_steps_is_left() -> None:
+    """The supervisor stops every loop alike; the job steps (threads of both the status loop
+    and the engine) are watched until neither is left running, whatever their names."""
+    import threading
+
+    from worker.daemon import liveness
+    from worker.daemon.supervisor import Daemon, _Loop
+    from worker.settings import Settings
+
+    def runs(stop: threading.Event, *, stops: bool) -> _Loop:
+        release = threading.Event()  # a loop that ignores its stop waits for this instead
+
+        def target() -> None:
+            (stop if stops else release).wait(30)
+
+        loop = _Loop("?", target, stop.set)
+        loop.thread = threading.Thread(target=target, daemon=True)
+        loop.thread.start()
+        return loop
+
+    for engine_stops in (False, True):
+        daemon = Daemon(Settings(fleet_id="f", worker_name="w", grace_period=0.3))
+        names = ["supervisor", "poller", "engine", liveness.STEPS_LOOP]
+        for name in names:
+            daemon.health.register(name, 100, per_thread=name in liveness.PER_THREAD_LOOPS)
+        steps = (liveness.STEPS_LOOP,)
+        loops = []
+        for name, stops, shares in [("poller", True, steps), ("engine", engine_stops, steps)]:
+            loop = runs(threading.Event(), stops=stops)
+            loop.name, loop.shares = name, shares
+            loops.append(loop)
+        assert daemon._shutdown(loops) is engine_stops
+        watched = set(daemon.health.progress())
+        if engine_stops:
+            assert watched == set()
+        else:  # the engine is still running: its own and its steps' liveness still count
+            assert watched == {"engine", liveness.STEPS_LOOP}

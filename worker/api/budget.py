@@ -10,7 +10,7 @@ it, so such requests are served in arrival order and nobody spins. A ``LOW`` req
 create) never goes into debt: creates line up FIFO, and the first of them takes a token
 only when one is left over after every reservation, so a read that arrives behind a queue
 of creates goes first. Creates are not starved: the poller spends at most a share of the
-budget (engine's ``STATUS_BUDGET_SHARE``), and every token it leaves is theirs.
+budget (the status loop's ``STATUS_BUDGET_SHARE``), and every token it leaves is theirs.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ fold pending start/cancel requests → ``step`` → SAVE (state + events, fenced
 claim's generation) → perform the actions → their outcomes are observations → step →
 save → … → release with the next wake-up. A lost lease aborts before any action runs.
 
-Jobs run on a bounded thread pool; nothing per job lives in memory between steps.
+Jobs run on a bounded thread pool; nothing per job lives in memory between steps. The
+engine claims the jobs that are due (a timed wake-up, a request intake recorded); the jobs
+whose status moved upstream are claimed by the status loop (worker/daemon/status_loop.py),
+which steps them by the same ``drive``.
 """
 
 from __future__ import annotations
@@ -23,14 +26,6 @@ from psycopg_pool import ConnectionPool
 
 from worker import lifecycle
 from worker.daemon.actions import ActionRunner, BatchApi, TileSource
-from worker.daemon.poller import (
-    Poller,
-    PollResult,
-    SweepSchedule,
-    due_targets,
-    jobs_read,
-    jobs_to_step,
-)
 from worker.lifecycle import (
     CancelRequested,
     JobState,
@@ -50,27 +45,12 @@ log = logging.getLogger(__name__)
 
 # A job stepping more often than this in one claim is looping; hand it back for later.
 MAX_STEPS_PER_CLAIM = 32
-# Status reads may spend this share of the request budget; creates and actions get the rest.
-STATUS_BUDGET_SHARE = 0.75
-# A duplicate sweep (a list scan back to the oldest active job, for duplicates; see
-# worker/poller.py) at least this many poll intervals apart, and soon after a doubtful create.
-SWEEP_EVERY_POLLS = 4
-# An ended doubtful job is swept for until list_lag_window and this many poll intervals
-# after its end: room for a few sweeps (SWEEP_EVERY_POLLS apart when the budget cuts them).
-ENDED_SWEEP_MARGIN_POLLS = 3 * SWEEP_EVERY_POLLS
-# The names the two loops report their progress under (``on_progress``).
+# The name the claim loop reports its progress under (``on_progress``).
 ENGINE_LOOP = "engine"
-POLLER_LOOP = "poller"
 # The name job steps report their progress under, on whichever thread runs them (the
-# engine-N and poll-step-N pools): ``on_progress`` as a step moves on, ``on_idle`` when its
-# thread is done with the job.
+# engine-N pool, and the status loop's poll-step-N): ``on_progress`` as a step moves on,
+# ``on_idle`` when its thread is done with the job.
 STEPS_LOOP = "engine-steps"
-# Steps that only publish progress (completion or cost moved, same status) are taken while
-# fewer than this many status steps per step thread are waiting; the rest count as read and
-# show their progress at their next read (poller.jobs_read). Without it, with thousands of
-# jobs processing, every round queued a progress step for each of them and a new status
-# waited behind them all (docs/performance.md, runs H).
-PROGRESS_BACKLOG_PER_THREAD = 8
 # The shortest retry the derived timings go down to.
 _FLOOR = timedelta(milliseconds=100)
 
@@ -139,17 +119,15 @@ class Engine:
         claim_batch: int = 64,
         idle_wait: float = 0.5,
         gauges_every: float = 10.0,
-        sweep_every_polls: int | None = SWEEP_EVERY_POLLS,
         on_progress: Callable[[str], None] | None = None,
         on_idle: Callable[[str], None] | None = None,
     ) -> None:
-        """``sweep_every_polls`` None: no duplicate sweeps at all (a baseline for
-        bench/bench_engine.py; a deployment wants them). ``on_progress`` is called with
-        ``ENGINE_LOOP`` or ``POLLER_LOOP`` each time that loop goes round, idle or not, and
-        with ``STEPS_LOOP`` on the thread driving a job each time its step moves on (each
-        lifecycle step and save, each action, the release); ``on_idle`` with ``STEPS_LOOP``
-        when that thread is done with the job, however it ended. Both feed the daemon's
-        liveness watch (worker/health.py); they run on every step, so must be cheap."""
+        """``on_progress`` is called with ``ENGINE_LOOP`` each time the claim loop goes
+        round, idle or not, and with ``STEPS_LOOP`` on the thread driving a job each time
+        its step moves on (each lifecycle step and save, each action, the release);
+        ``on_idle`` with ``STEPS_LOOP`` when that thread is done with the job, however it
+        ended. Both feed the daemon's liveness watch (worker/daemon/health.py); they run on
+        every step, so must be cheap."""
         self._settings = settings
         self._pool = pool
         self._fleet = settings.fleet_id
@@ -169,33 +147,11 @@ class Engine:
             tiles,
             on_duplicate_stopped=metrics.duplicate_stopped if metrics else (lambda: None),
         )
-        self._poller = Poller(client, self._fleet, clock_skew=self._policy.clock_skew)
-        self._sweeps = (
-            SweepSchedule(
-                every=self._policy.poll_interval * sweep_every_polls,
-                list_lag=self._policy.list_lag_window,
-            )
-            if sweep_every_polls is not None
-            else None
-        )
-        # How long after its end a doubtful job is still swept for (docs/lifecycle.md
-        # "Duplicate sweeps"): its last POST (no later than the end) shows in the list
-        # within list_lag_window; the rest is room for a sweep the budget cut short. Past
-        # it, a request nobody started stays CREATED, spending nothing.
-        self._ended_sweep_window = self._policy.list_lag_window + self._policy.poll_interval * (
-            ENDED_SWEEP_MARGIN_POLLS
-        )
-        poll_seconds = self._policy.poll_interval.total_seconds()
-        self._round_requests = max(
-            1, int(settings.api_budget_per_minute * poll_seconds / 60 * STATUS_BUDGET_SHARE)
-        )
         self._stop = threading.Event()
         self._in_hand: set[Future[None]] = set()
         self._lock = threading.Lock()
-        self._progress_backlog = threads * PROGRESS_BACKLOG_PER_THREAD
-        self._steps_pending = 0  # status steps submitted and not finished
 
-    # -- the loops ------------------------------------------------------------------------
+    # -- the loop -------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Stop claiming; steps in hand finish their current action, save and release."""
@@ -203,8 +159,6 @@ class Engine:
 
     def run(self) -> None:
         """Block until ``request_stop``; every exception is logged and the loop goes on."""
-        poll_thread = threading.Thread(target=self._poll_loop, name="engine-poller", daemon=True)
-        poll_thread.start()
         next_gauges = 0.0
         backoff = 0.0
         with ThreadPoolExecutor(self._threads, thread_name_prefix="engine") as executor:
@@ -223,7 +177,6 @@ class Engine:
                     continue
                 if not claimed:
                     self._stop.wait(self._idle_wait)
-        poll_thread.join()
         log.info("engine stopped")
 
     def _claim_and_submit(self, executor: ThreadPoolExecutor) -> int:
@@ -248,112 +201,9 @@ class Engine:
     def _submit(
         self, executor: ThreadPoolExecutor, claim: leases.Claim, observations: list[Observation]
     ) -> None:
-        future = executor.submit(self._drive_safely, claim, observations)
+        future = executor.submit(self.drive_safely, claim, observations)
         with self._lock:
             self._in_hand.add(future)
-
-    def _poll_loop(self) -> None:
-        with ThreadPoolExecutor(self._threads, thread_name_prefix="poll-step") as executor:
-            while not self._stop.is_set():
-                self._progress(POLLER_LOOP)
-                try:
-                    waited = self.poll_once(executor)
-                except Exception as exc:  # noqa: BLE001 - the loop must outlive any error
-                    log.error("poller error (%s)", exc)
-                    waited = 1.0
-                self._stop.wait(waited)
-
-    def poll_once(self, executor: ThreadPoolExecutor | None = None) -> float:
-        """One status round; returns how long to wait before the next one.
-
-        Changed jobs are claimed and stepped with what was read; unchanged ones only get
-        ``last_seen_at`` touched (no claim, no step): tracked jobs cost nothing between
-        changes but this one bulk UPDATE.
-        """
-        now = self._clock()
-        interval, rest = self._policy.poll_interval, self._policy.rest_poll_interval
-        sweeps = self._sweeps
-        with self._pool.connection() as conn:
-            active = jobs.active_poll_targets(conn, self._fleet)
-            ended = (
-                sweeps.lingering(
-                    jobs.ended_doubtful_targets(
-                        conn, self._fleet, ended_since=now - self._ended_sweep_window
-                    )
-                )
-                if sweeps is not None
-                else []
-            )
-        # Ended jobs only widen a sweep (for their tag); their statuses are never read.
-        targets = active + ended
-        due = due_targets(active, now=now, interval=interval, rest_interval=rest)
-        sweep = sweeps is not None and sweeps.wanted(targets, now)
-        if not due and not sweep:
-            soonest = min(
-                (
-                    t.last_seen_at + (rest if t.resting else interval)
-                    for t in active
-                    if t.last_seen_at is not None
-                ),
-                default=now + interval,
-            )
-            if sweeps is not None:
-                soonest = min(soonest, sweeps.next_at(targets) or soonest)
-            return float(max(0.2, min((soonest - now).total_seconds(), interval.total_seconds())))
-        # Jobs due within half an interval are read too where the scan can reach them: the
-        # rounds then fall into step, one scan through the list doing for many.
-        soon = due_targets(active, now=now + interval / 2, interval=interval, rest_interval=rest)
-        result = self._poller.round(
-            targets, due, max_requests=self._round_requests, sweep=sweep, due_soon=soon
-        )
-        if sweep and sweeps is not None:
-            sweeps.done(targets, started=now, complete=result.swept)
-        to_step = self._to_step(result, active)
-        with self._pool.connection() as conn:
-            jobs.touch_seen(conn, self._fleet, jobs_read(result, to_step), seen_at=now)
-            claims = (
-                leases.claim_due(
-                    conn,
-                    self._fleet,
-                    self._owner,
-                    now=self._clock(),
-                    lease=self._lease,
-                    limit=len(to_step),
-                    job_ids=to_step,
-                )
-                if to_step
-                else []
-            )
-        # The executor is first come, first served: new statuses go ahead of progress.
-        claims.sort(key=lambda claim: claim.state.job_id not in result.urgent)
-        log.debug(
-            "status round: %d due, %s, %d requests, %d changed, %d unchanged",
-            len(due),
-            result.method,
-            result.requests,
-            len(result.observations),
-            len(result.unchanged),
-        )
-        for claim in claims:
-            observations = result.observations[claim.state.job_id]
-            if executor is None:
-                self._drive_safely(claim, observations)
-                continue
-            with self._lock:
-                self._steps_pending += 1
-            executor.submit(self._drive_safely, claim, observations).add_done_callback(
-                self._step_done
-            )
-        return 0.2
-
-    def _step_done(self, _future: Future[None]) -> None:
-        with self._lock:
-            self._steps_pending -= 1
-
-    def _to_step(self, result: PollResult, targets: list[jobs.PollTarget]) -> list[str]:
-        with self._lock:
-            room = max(0, self._progress_backlog - self._steps_pending)
-        return jobs_to_step(result, targets, progress_room=room)
 
     def _update_gauges(self) -> None:
         if self._metrics is None:
@@ -369,25 +219,44 @@ class Engine:
 
     # -- one job ------------------------------------------------------------------------
 
-    def _drive_safely(self, claim: leases.Claim, observations: list[Observation]) -> None:
+    def drive_safely(
+        self,
+        claim: leases.Claim,
+        observations: list[Observation],
+        *,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """``drive``, with whatever it raises logged: the job's saved state is what a
+        worker resumes from, once the lease runs out."""
         try:
-            self.drive(claim, observations)
+            self.drive(claim, observations, stop=stop)
         except leases.LeaseLost as exc:
             log.warning("%s; its actions were not performed", exc)
         except Exception:
             # The lease expires and this or another worker resumes from the saved state.
             log.exception("job %s: step failed", claim.state.job_id)
 
-    def drive(self, claim: leases.Claim, observations: list[Observation]) -> None:
-        """Run a claimed job until it asks for nothing more, then release it."""
+    def drive(
+        self,
+        claim: leases.Claim,
+        observations: list[Observation],
+        *,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Run a claimed job until it asks for nothing more, then release it.
+
+        Once ``request_stop`` or ``stop`` (the stop of the loop that claimed it, if not the
+        engine's) is set, the job takes on no new action and is handed back at once."""
         try:
-            self._drive(claim, observations)
+            self._drive(claim, observations, stop or self._stop)
         finally:
             # Whatever ended the drive, this thread no longer has a step to make progress
             # on: an idle step thread must not read as a stalled one.
             self._idle(STEPS_LOOP)
 
-    def _drive(self, claim: leases.Claim, observations: list[Observation]) -> None:
+    def _drive(
+        self, claim: leases.Claim, observations: list[Observation], stop: threading.Event
+    ) -> None:
         state = claim.state
         pending: deque[Observation] = deque()
         if claim.cancel_requested_at is not None and not state.cancel_wanted:
@@ -428,14 +297,14 @@ class Engine:
             seen = leases.Requests()
             wake_at = transition.wake_at
             for action in transition.actions:
-                if self._stop.is_set():
+                if stop.is_set() or self._stop.is_set():
                     break  # stopping: the action in hand finished; take on nothing new
                 self._progress(STEPS_LOOP)
                 # The step's own `now`: a create's `create_not_before` was decided with it.
                 outcome = self._runner.perform(held.state, action, now)
                 if outcome is not None:
                     pending.append(outcome)
-        if pending or self._stop.is_set():
+        if pending or stop.is_set() or self._stop.is_set():
             # Stopping (another worker takes it at once) or looping: pick it up again now.
             wake_at = self._clock()
         self._progress(STEPS_LOOP)

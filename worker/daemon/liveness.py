@@ -38,7 +38,7 @@ from worker.api.client import ApiHooks
 from worker.api.retry import RetryPolicy
 from worker.broker import CONNECT_RETRY, CONNECT_TIMEOUT
 from worker.daemon import consumer, relay, tiles
-from worker.daemon.engine import ENGINE_LOOP, POLLER_LOOP, STEPS_LOOP
+from worker.daemon.engine import ENGINE_LOOP, STEPS_LOOP
 from worker.daemon.health import Health
 from worker.settings import Settings
 
@@ -58,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONSUMER_LOOP = "consumer"
+POLLER_LOOP = "poller"  # the status loop (worker/daemon/status_loop.py)
 RELAY_LOOP = "relay"
 SUPERVISOR_LOOP = "supervisor"
 # Loops watched per busy thread, not per turn (``Health.register(per_thread=True)``).
@@ -71,7 +72,8 @@ SLACK = 30.0
 # The engine's claim loop backs off at most this long after an error (Engine.run).
 ENGINE_BACKOFF_MAX = 30.0
 # Threads that may queue for API budget tokens ahead of one call: the engine's step threads,
-# its poll-step threads and the poller (Engine's default of 8 threads each).
+# the status loop's poll-step threads and the status loop itself (8 threads in each pool by
+# default).
 BUDGET_QUEUE = 8 + 8 + 1
 # botocore's cap on one back-off of its standard retry mode (the tile reader's S3 client).
 S3_BACKOFF_CAP = 20.0
@@ -124,9 +126,9 @@ def progress_bounds(settings: Settings) -> dict[str, float]:
         CONSUMER_LOOP: max(connect, DB_CALL) + 2 * consumer.IDLE_DRAIN_SECONDS + SLACK,
         # A claim and the gauges' queries, then the idle wait or the error back-off.
         ENGINE_LOOP: 2 * DB_CALL + ENGINE_BACKOFF_MAX + SLACK,
-        # Its wait (never longer than the poll interval), then the round's database reads
-        # (two before its first API call, two after its last), or one API call of the round
-        # (each call counts as progress).
+        # The status loop: its wait (never longer than the poll interval), then the round's
+        # database reads (two before its first API call, two after its last), or one API
+        # call of the round (each call counts as progress).
         POLLER_LOOP: settings.poll_interval + max(2 * DB_CALL, api_call_seconds(settings)) + SLACK,
         # Reconnect, claim, one chunk's confirms and its delete, then the back-off cap.
         RELAY_LOOP: connect + 2 * DB_CALL + relay.CONFIRM_TIMEOUT + relay.BACKOFF_MAX + SLACK,

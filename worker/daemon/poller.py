@@ -62,7 +62,7 @@ class PollResult:
     method: str = "none"  # "list", "get", "sweep" or "none"
     swept: bool = False  # a sweep's scan reached the oldest active job (within its budget)
     # Jobs with more than progress to step on: a new status, a 404, a duplicate. The rest
-    # only moved completion or cost; those steps can wait (Engine.poll_once).
+    # only moved completion or cost; those steps can wait (StatusLoop.poll_once).
     urgent: set[str] = field(default_factory=set)
 
     def add(self, job_id: str, observation: Observation, *, progress: bool = False) -> None:

@@ -2,14 +2,15 @@
 
 Loops, each on its own thread and its own connections:
 - the jobs consumer (AMQP) hands batches of requests to intake (one DB transaction each);
-- the engine claims due jobs and drives them through the API (its status poller is a loop
-  of its own, on a thread the engine starts);
+- the status loop reads the tracked jobs' statuses and steps those that moved;
+- the engine claims due jobs and drives them through the API;
 - the relay publishes the outbox with publisher confirms;
 - the supervisor (the main thread) samples gauges and notices a loop thread that died.
 Every loop beats ``Health`` each time round; the liveness watchdog (worker/liveness.py)
 stops the process, exit code 1, when one stops making progress, as when one dies.
-SIGTERM stops intake first (no new work), then lets the engine finish the step in hand and
-hand the rest back, then lets the relay flush, all within ``GRACE_PERIOD``.
+SIGTERM stops intake first (no new work), then the status reads, then lets the engine finish
+the step in hand and hand the rest back, then lets the relay flush, all within
+``GRACE_PERIOD``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from worker.daemon.inbound import InboundMessage, TakeSteps
 from worker.daemon.intake import Intake, ReadBatch
 from worker.daemon.liveness import Watchdog
 from worker.daemon.relay import Relay
+from worker.daemon.status_loop import StatusLoop
 from worker.daemon.tiles import TileReader
 from worker.metrics import Metrics
 from worker.redact import register_secret
@@ -56,6 +58,9 @@ class _Loop:
     name: str
     target: Callable[[], None]
     stop: Callable[[], None]
+    # Per-thread loops (liveness.PER_THREAD_LOOPS) this loop has threads of its own take up
+    # (job steps): watched until no loop that takes them up is left running.
+    shares: tuple[str, ...] = ()
     thread: threading.Thread | None = None
 
 
@@ -172,11 +177,21 @@ class Daemon:
             on_progress=health.beat,
             on_idle=health.idle,
         )
-        # Stopping order matters: intake first (no new work), engine next, relay last so
-        # that the events of the last steps are flushed.
+        status = StatusLoop(
+            settings,
+            pool,
+            client,
+            engine,
+            worker_name=settings.worker_name,
+            on_progress=lambda: health.beat(liveness.POLLER_LOOP),
+        )
+        steps = (liveness.STEPS_LOOP,)
+        # Stopping order matters: intake first (no new work), the status reads and the
+        # engine next, relay last so that the events of the last steps are flushed.
         loops = [
             _Loop(liveness.CONSUMER_LOOP, consumer.run, consumer.request_stop),
-            _Loop(liveness.ENGINE_LOOP, engine.run, engine.request_stop),
+            _Loop(liveness.POLLER_LOOP, status.run, status.request_stop, shares=steps),
+            _Loop(liveness.ENGINE_LOOP, engine.run, engine.request_stop, shares=steps),
             _Loop(liveness.RELAY_LOOP, relay.run, relay.request_stop),
         ]
         self._install_signal_handlers()
@@ -265,22 +280,21 @@ class Daemon:
         # The supervisor's turns are over: from here its thread is the one stopping.
         self.health.unregister(liveness.SUPERVISOR_LOOP)
         deadline = time.monotonic() + self.settings.grace_period
-        stopped = True
+        running = list(loops)
         for loop in loops:
             loop.stop()
             if loop.thread is not None:
                 loop.thread.join(max(0.0, deadline - time.monotonic()))
                 if loop.thread.is_alive():
                     log.warning("loop %s did not stop within the grace period", loop.name)
-                    stopped = False
                     continue
-            # Ended on purpose: no longer watched (the poller and the step threads end with
-            # the engine).
+            # Ended on purpose: no longer watched, nor the work only it had threads for.
+            running.remove(loop)
             self.health.unregister(loop.name)
-            if loop.name == liveness.ENGINE_LOOP:
-                self.health.unregister(liveness.POLLER_LOOP)
-                self.health.unregister(liveness.STEPS_LOOP)
-        return stopped
+            for shared in loop.shares:
+                if not any(shared in other.shares for other in running):
+                    self.health.unregister(shared)
+        return not running
 
 
 class _BeatingIntake:

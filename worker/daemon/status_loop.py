@@ -1,0 +1,235 @@
+"""The status loop: reads the statuses of the fleet's tracked jobs, and steps those that moved.
+
+Tracked jobs have no timed wake-up of their own (docs/lifecycle.md "Events and schedule"):
+these rounds are what keeps them moving. Each round takes the active jobs from the store
+(and the ended doubtful ones a duplicate sweep still looks for), has the ``Poller`` read
+those due within the round's share of the request budget (worker/daemon/poller.py), marks
+the unchanged as seen in one UPDATE, and claims the changed to step them with what was
+read: on this loop's own pool of threads, by the engine's drive (``JobDriver``), under the
+same leases as every other step.
+
+A loop like the daemon's others: ``run`` until ``request_stop``, ``on_progress`` each time
+round, idle or not (worker/daemon/liveness.py watches it as ``poller``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from psycopg_pool import ConnectionPool
+
+from worker.daemon.actions import BatchApi
+from worker.daemon.engine import policy_from, utc_now
+from worker.daemon.poller import (
+    Poller,
+    PollResult,
+    SweepSchedule,
+    due_targets,
+    jobs_read,
+    jobs_to_step,
+)
+from worker.lifecycle import Observation, Policy
+from worker.settings import Settings
+from worker.store import jobs, leases
+
+log = logging.getLogger(__name__)
+
+# Status reads may spend this share of the request budget; creates and actions get the rest.
+STATUS_BUDGET_SHARE = 0.75
+# A duplicate sweep (a list scan back to the oldest active job, for duplicates; see
+# worker/daemon/poller.py) at least this many poll intervals apart, and soon after a
+# doubtful create.
+SWEEP_EVERY_POLLS = 4
+# An ended doubtful job is swept for until list_lag_window and this many poll intervals
+# after its end: room for a few sweeps (SWEEP_EVERY_POLLS apart when the budget cuts them).
+ENDED_SWEEP_MARGIN_POLLS = 3 * SWEEP_EVERY_POLLS
+# Steps that only publish progress (completion or cost moved, same status) are taken while
+# fewer than this many status steps per step thread are waiting; the rest count as read and
+# show their progress at their next read (poller.jobs_read). Without it, with thousands of
+# jobs processing, every round queued a progress step for each of them and a new status
+# waited behind them all (docs/performance.md, runs H).
+PROGRESS_BACKLOG_PER_THREAD = 8
+# How long the loop waits after a round that failed.
+ERROR_WAIT = 1.0
+
+
+class JobDriver(Protocol):
+    """How the loop steps a job it claimed (``Engine.drive_safely``)."""
+
+    def drive_safely(
+        self,
+        claim: leases.Claim,
+        observations: list[Observation],
+        *,
+        stop: threading.Event | None = None,
+    ) -> None: ...
+
+
+class StatusLoop:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: ConnectionPool,
+        client: BatchApi,
+        driver: JobDriver,
+        *,
+        worker_name: str,
+        policy: Policy | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        threads: int = 8,
+        sweep_every_polls: int | None = SWEEP_EVERY_POLLS,
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
+        """``driver`` steps the jobs whose status moved, on ``threads`` threads of this
+        loop's own. ``sweep_every_polls`` None: no duplicate sweeps at all (a baseline for
+        bench/bench_engine.py; a deployment wants them). ``on_progress`` is called each
+        time the loop goes round, idle or not (the API calls of a round count as its
+        progress too: the client's hooks, worker/daemon/liveness.py)."""
+        self._pool = pool
+        self._fleet = settings.fleet_id
+        self._driver = driver
+        self._owner = worker_name
+        self._policy = policy or policy_from(settings)
+        self._clock = clock
+        self._lease = timedelta(seconds=settings.lease_seconds)
+        self._threads = threads
+        self._progress = on_progress or (lambda: None)
+        self._poller = Poller(client, self._fleet, clock_skew=self._policy.clock_skew)
+        self._sweeps = (
+            SweepSchedule(
+                every=self._policy.poll_interval * sweep_every_polls,
+                list_lag=self._policy.list_lag_window,
+            )
+            if sweep_every_polls is not None
+            else None
+        )
+        # How long after its end a doubtful job is still swept for (docs/lifecycle.md
+        # "Duplicate sweeps"): its last POST (no later than the end) shows in the list
+        # within list_lag_window; the rest is room for a sweep the budget cut short. Past
+        # it, a request nobody started stays CREATED, spending nothing.
+        self._ended_sweep_window = self._policy.list_lag_window + self._policy.poll_interval * (
+            ENDED_SWEEP_MARGIN_POLLS
+        )
+        poll_seconds = self._policy.poll_interval.total_seconds()
+        self._round_requests = max(
+            1, int(settings.api_budget_per_minute * poll_seconds / 60 * STATUS_BUDGET_SHARE)
+        )
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._progress_backlog = threads * PROGRESS_BACKLOG_PER_THREAD
+        self._steps_pending = 0  # status steps submitted and not finished
+
+    def request_stop(self) -> None:
+        """Stop reading; steps in hand finish their current action, save and release."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Block until ``request_stop``; every exception is logged and the loop goes on."""
+        with ThreadPoolExecutor(self._threads, thread_name_prefix="poll-step") as executor:
+            while not self._stop.is_set():
+                self._progress()
+                try:
+                    waited = self.poll_once(executor)
+                except Exception as exc:  # noqa: BLE001 - the loop must outlive any error
+                    log.error("poller error (%s)", exc)
+                    waited = ERROR_WAIT
+                self._stop.wait(waited)
+        log.info("status loop stopped")
+
+    def poll_once(self, executor: ThreadPoolExecutor | None = None) -> float:
+        """One status round; returns how long to wait before the next one. Without an
+        executor, the jobs that moved are stepped on the calling thread.
+
+        Changed jobs are claimed and stepped with what was read; unchanged ones only get
+        ``last_seen_at`` touched (no claim, no step): tracked jobs cost nothing between
+        changes but this one bulk UPDATE.
+        """
+        now = self._clock()
+        interval, rest = self._policy.poll_interval, self._policy.rest_poll_interval
+        sweeps = self._sweeps
+        with self._pool.connection() as conn:
+            active = jobs.active_poll_targets(conn, self._fleet)
+            ended = (
+                sweeps.lingering(
+                    jobs.ended_doubtful_targets(
+                        conn, self._fleet, ended_since=now - self._ended_sweep_window
+                    )
+                )
+                if sweeps is not None
+                else []
+            )
+        # Ended jobs only widen a sweep (for their tag); their statuses are never read.
+        targets = active + ended
+        due = due_targets(active, now=now, interval=interval, rest_interval=rest)
+        sweep = sweeps is not None and sweeps.wanted(targets, now)
+        if not due and not sweep:
+            soonest = min(
+                (
+                    t.last_seen_at + (rest if t.resting else interval)
+                    for t in active
+                    if t.last_seen_at is not None
+                ),
+                default=now + interval,
+            )
+            if sweeps is not None:
+                soonest = min(soonest, sweeps.next_at(targets) or soonest)
+            return float(max(0.2, min((soonest - now).total_seconds(), interval.total_seconds())))
+        # Jobs due within half an interval are read too where the scan can reach them: the
+        # rounds then fall into step, one scan through the list doing for many.
+        soon = due_targets(active, now=now + interval / 2, interval=interval, rest_interval=rest)
+        result = self._poller.round(
+            targets, due, max_requests=self._round_requests, sweep=sweep, due_soon=soon
+        )
+        if sweep and sweeps is not None:
+            sweeps.done(targets, started=now, complete=result.swept)
+        to_step = self._to_step(result, active)
+        with self._pool.connection() as conn:
+            jobs.touch_seen(conn, self._fleet, jobs_read(result, to_step), seen_at=now)
+            claims = (
+                leases.claim_due(
+                    conn,
+                    self._fleet,
+                    self._owner,
+                    now=self._clock(),
+                    lease=self._lease,
+                    limit=len(to_step),
+                    job_ids=to_step,
+                )
+                if to_step
+                else []
+            )
+        # The executor is first come, first served: new statuses go ahead of progress.
+        claims.sort(key=lambda claim: claim.state.job_id not in result.urgent)
+        log.debug(
+            "status round: %d due, %s, %d requests, %d changed, %d unchanged",
+            len(due),
+            result.method,
+            result.requests,
+            len(result.observations),
+            len(result.unchanged),
+        )
+        for claim in claims:
+            observations = result.observations[claim.state.job_id]
+            if executor is None:
+                self._driver.drive_safely(claim, observations, stop=self._stop)
+                continue
+            with self._lock:
+                self._steps_pending += 1
+            executor.submit(
+                self._driver.drive_safely, claim, observations, stop=self._stop
+            ).add_done_callback(self._step_done)
+        return 0.2
+
+    def _step_done(self, _future: Future[None]) -> None:
+        with self._lock:
+            self._steps_pending -= 1
+
+    def _to_step(self, result: PollResult, targets: list[jobs.PollTarget]) -> list[str]:
+        with self._lock:
+            room = max(0, self._progress_backlog - self._steps_pending)
+        return jobs_to_step(result, targets, progress_room=room)
