@@ -6,7 +6,7 @@ Loops, each on its own thread and its own connections:
 - the engine claims due jobs and drives them through the API;
 - the relay publishes the outbox with publisher confirms;
 - the supervisor (the main thread) samples gauges and notices a loop thread that died.
-Every loop beats ``Health`` each time round; the liveness watchdog (worker/liveness.py)
+Every loop beats ``Health`` each time round; the liveness watchdog (worker/daemon/liveness.py)
 stops the process, exit code 1, when one stops making progress, as when one dies.
 SIGTERM stops intake first (no new work), then the status reads, then lets the engine finish
 the step in hand and hand the rest back, then lets the relay flush, all within
