@@ -151,7 +151,7 @@ def insert_jobs(pool: db.Pool, n: int) -> None:
                 echo=lifecycle.Echo(),
                 now=now,
             )
-            jobs.insert_job(conn, state, next_run_at=now)
+            jobs.insert_jobs(conn, [jobs.job_row(state)], next_run_at=now)
 
 
 def vacuum(db_url: str) -> None:

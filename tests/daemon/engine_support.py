@@ -14,6 +14,7 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
+from tests.store.store_support import insert_job
 from worker import lifecycle
 from worker.api.errors import ClientError, NotFound, TransportError
 from worker.api.models import Page, Task
@@ -203,7 +204,7 @@ def add_job(pool: ConnectionPool, job_id: str = "j1", **fields: Any) -> None:
     args.update(fields)
     state = lifecycle.new_job(job_id=job_id, fleet_id=FLEET, request_hash="h", now=now, **args)
     with pool.connection() as conn:
-        jobs.insert_job(conn, state, next_run_at=now)
+        insert_job(conn, state, next_run_at=now)
 
 
 def record(pool: ConnectionPool, job_id: str = "j1") -> jobs.JobRecord:

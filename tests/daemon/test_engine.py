@@ -31,11 +31,12 @@ from tests.daemon.engine_support import (
     statuses,
 )
 from tests.fakes import FakeClock
+from tests.store.store_support import request_action
 from worker import lifecycle
 from worker.api.models import Task
 from worker.daemon.engine import STEPS_LOOP, Engine
 from worker.daemon.health import Health
-from worker.store import db, jobs, leases
+from worker.store import db, leases
 
 
 @pytest.fixture
@@ -109,7 +110,7 @@ def test_cancel_before_create_never_analyses(pool: ConnectionPool) -> None:
     api = FakeApi()
     add_job(pool)
     with pool.connection() as conn:
-        jobs.request_action(conn, FLEET, "j1", "cancel", now=datetime.now(UTC))
+        request_action(conn, FLEET, "j1", "cancel", now=datetime.now(UTC))
     run_until_ended(pool, make_worker(pool, api))
     state = record(pool).state
     assert state.status == "STOPPED" and state.stopped_reason == "USER_ACTION"
@@ -175,7 +176,7 @@ def test_request_stop_hands_jobs_back_at_once(pool: ConnectionPool) -> None:
     assert record(pool).state.status == "ANALYSIS_DONE"
     # Start it now; another engine carries it to the end.
     with pool.connection() as conn:
-        jobs.request_action(conn, FLEET, "j1", "start", now=datetime.now(UTC))
+        request_action(conn, FLEET, "j1", "start", now=datetime.now(UTC))
     run_until_ended(pool, make_worker(pool, api, "w2"))
     assert record(pool).state.status == "DONE"
 
@@ -237,7 +238,7 @@ def drive_with_request_during_create(
     try:
         assert api.entered.wait(10)
         with pool.connection() as conn:  # intake, committed while the POST is in flight
-            assert jobs.request_action(conn, FLEET, "j1", action, now=datetime.now(UTC))
+            assert request_action(conn, FLEET, "j1", action, now=datetime.now(UTC))
     finally:
         api.answer.set()
         driving.join(10)
@@ -327,7 +328,7 @@ def cancelled_while_the_create_was_uncertain(
         )
     engine.drive(claim, [])  # Wake -> Create -> CreateUncertain; released to scan later
     with pool.connection() as conn:
-        assert jobs.request_action(conn, FLEET, "j1", "cancel", now=now)
+        assert request_action(conn, FLEET, "j1", "cancel", now=now)
         (claim,) = leases.claim_due(
             conn, FLEET, "w1", now=now, lease=timedelta(seconds=30), limit=1, job_ids=["j1"]
         )

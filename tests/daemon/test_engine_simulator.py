@@ -22,6 +22,7 @@ import boto3
 import pytest
 from psycopg_pool import ConnectionPool
 
+from tests.store.store_support import insert_job, request_action
 from worker import lifecycle
 from worker.api.client import BatchClient
 from worker.api.errors import TransportError
@@ -117,7 +118,7 @@ def submit(pool: ConnectionPool, req: JobRequest) -> str:
         now=now,
     )
     with pool.connection() as conn:
-        assert jobs.insert_job(conn, state, next_run_at=now)
+        assert insert_job(conn, state, next_run_at=now)
     return req.job_id
 
 
@@ -253,7 +254,7 @@ def test_cancel_during_processing_stops_the_request_with_user_action(
         driver = drive(api)
         wait_until(lambda: state_of(pool, job_id).status == "PROCESSING", "PROCESSING")
         with pool.connection() as conn:
-            jobs.request_action(conn, FLEET, job_id, "cancel", now=datetime.now(UTC))
+            request_action(conn, FLEET, job_id, "cancel", now=datetime.now(UTC))
         wait_until(ended(pool, job_id), "the job to end")
         driver.stop()
     state = state_of(pool, job_id)

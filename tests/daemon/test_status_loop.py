@@ -24,11 +24,12 @@ from tests.daemon.engine_support import (
     record,
     statuses,
 )
+from tests.store.store_support import insert_job
 from worker import lifecycle
 from worker.api.models import Task
 from worker.daemon import status_loop
 from worker.lifecycle import Observation, Phase, TaskSeen
-from worker.store import db, jobs, leases
+from worker.store import db, leases
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def tracked(pool: ConnectionPool, api: FakeApi, job_id: str, status: str, seen: 
         }
     )
     with pool.connection() as conn:
-        assert jobs.insert_job(conn, state, next_run_at=created)
+        assert insert_job(conn, state, next_run_at=created)
         # Tracked jobs have no timed wake-up: only a status round claims them.
         conn.execute("UPDATE bw_jobs SET next_run_at = NULL")
 

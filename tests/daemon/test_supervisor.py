@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.store.store_support import insert_job
 from worker.daemon.supervisor import GC_YOUNG_THRESHOLD, tune_gc
 
 
@@ -33,14 +34,14 @@ def test_now_and_then_the_active_count_is_folded(database_url: str) -> None:
     from tests.store.store_support import job  # the store tests' job state
     from worker.daemon.supervisor import Daemon
     from worker.settings import Settings
-    from worker.store import capacity, db, jobs
+    from worker.store import capacity, db
 
     pool = db.open_pool(database_url, max_size=2)
     try:
         db.ensure_schema(pool)
         with pool.connection() as conn:
             for n in range(capacity.COMPACT_BEYOND + 1):  # a delta row each
-                jobs.insert_job(conn, job(f"j{n}", fleet_id="f"), next_run_at=job().accepted_at)
+                insert_job(conn, job(f"j{n}", fleet_id="f"), next_run_at=job().accepted_at)
                 conn.commit()
         Daemon(Settings(fleet_id="f", worker_name="w"))._now_and_then(pool)
         with pool.connection() as conn:

@@ -25,9 +25,27 @@ def job(job_id: str = "j1", **changes: object) -> JobState:
     return JobState.model_validate(fields | changes)
 
 
+def insert_job(conn: jobs.Conn, state: JobState, *, next_run_at: datetime) -> bool:
+    """One job in, through intake's own insert (the package inserts batches only); False
+    when the job exists."""
+    return state.job_id in jobs.insert_jobs(conn, [jobs.job_row(state)], next_run_at=next_run_at)
+
+
+def request_action(
+    conn: jobs.Conn, fleet_id: str, job_id: str, action: str, *, now: datetime
+) -> bool:
+    """A ``start`` or ``cancel`` recorded through intake's own statement; False (and nothing
+    recorded) when there is no such job."""
+    found = conn.execute(
+        "SELECT 1 FROM bw_jobs WHERE fleet_id = %s AND job_id = %s", (fleet_id, job_id)
+    ).fetchone()
+    jobs.request_actions(conn, fleet_id, [(job_id, action)], now=now)
+    return found is not None
+
+
 def insert(pool: ConnectionPool, state: JobState, at: datetime = T0) -> bool:
     with pool.connection() as conn:
-        return jobs.insert_job(conn, state, next_run_at=at)
+        return insert_job(conn, state, next_run_at=at)
 
 
 def claim(

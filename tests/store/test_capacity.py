@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
-from tests.store.store_support import FLEET, T0, insert, job
+from tests.store.store_support import FLEET, T0, insert, insert_job, job
 from worker.store import capacity, db, jobs
 
 FLEETS = ("f1", "f2")
@@ -55,7 +55,7 @@ def test_the_active_count_agrees_with_counting_the_rows_after_any_changes(
                     conn, [jobs.job_row(job(i, fleet_id=fleet)) for i in ids], next_run_at=T0
                 )
             elif op == "insert_one":
-                jobs.insert_job(conn, job(ids[0], fleet_id=fleet), next_run_at=T0)
+                insert_job(conn, job(ids[0], fleet_id=fleet), next_run_at=T0)
             elif op in ("end", "reopen"):  # as a save writes it: every column, ended_at too
                 conn.execute(
                     "UPDATE bw_jobs SET ended_at = %s, phase = phase"

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
-from tests.store.store_support import FLEET, LEASE, T0, claim, insert, job
+from tests.store.store_support import FLEET, LEASE, T0, claim, insert, insert_job, job
 from worker.lifecycle import KNOWN_STATUSES, JobState, Phase, PollView, poll_view
 from worker.store import db, jobs, leases
 
@@ -340,9 +340,9 @@ def test_every_write_derives_the_columns_from_the_lifecycle(
         state.model_copy(update={"job_id": f"{way}-{key}"}) for way in ("alone", "batch", "save")
     )
     with pool.connection() as conn:
-        assert jobs.insert_job(conn, alone, next_run_at=T0)
+        assert insert_job(conn, alone, next_run_at=T0)
         assert jobs.insert_jobs(conn, [jobs.job_row(batched)], next_run_at=T0) == {batched.job_id}
-        assert jobs.insert_job(conn, job(saved.job_id), next_run_at=T0)
+        assert insert_job(conn, job(saved.job_id), next_run_at=T0)
         (c,) = leases.claim_due(
             conn, FLEET, "w1", now=T0, lease=LEASE, limit=1, job_ids=[saved.job_id]
         )

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from psycopg_pool import ConnectionPool
 
-from tests.store.store_support import FLEET, LEASE, T0, claim, insert, job
+from tests.store.store_support import FLEET, LEASE, T0, claim, insert, job, request_action
 from worker.lifecycle import Phase
 from worker.store import jobs, leases
 from worker.wire.outgoing import OutboxMessage
@@ -79,8 +79,8 @@ def test_request_during_lease_wakes_the_job_at_release(pool: ConnectionPool) -> 
     (c,) = claim(pool)
     later = T0 + timedelta(minutes=10)
     with pool.connection() as conn:
-        assert jobs.request_action(conn, FLEET, "j1", "cancel", now=T0 + timedelta(seconds=1))
-        assert not jobs.request_action(conn, FLEET, "nope", "cancel", now=T0)
+        assert request_action(conn, FLEET, "j1", "cancel", now=T0 + timedelta(seconds=1))
+        assert not request_action(conn, FLEET, "nope", "cancel", now=T0)
         leases.release(
             conn, FLEET, "j1", generation=c.generation, owner="w1", next_run_at=later, now=T0
         )
@@ -118,7 +118,7 @@ def test_ended_job_is_never_due_again(pool: ConnectionPool) -> None:
         leases.release(
             conn, FLEET, "j1", generation=c.generation, owner="w1", next_run_at=T0, now=T0
         )
-        jobs.request_action(conn, FLEET, "j1", "start", now=T0)
+        request_action(conn, FLEET, "j1", "start", now=T0)
         assert jobs.count_active_by_status(conn, FLEET) == {}
         assert jobs.active_poll_targets(conn, FLEET) == []
     assert claim(pool, now=T0 + timedelta(days=1)) == []
@@ -132,7 +132,7 @@ def test_a_request_arriving_during_a_step_makes_the_save_write_nothing(
     decided = c.state.model_copy(update={"status": "CREATED", "sequence": 1})
     event = OutboxMessage(exchange="ex", routing_key="job.created", body=b"{}")
     with pool.connection() as conn:  # intake, while the step was being decided
-        jobs.request_action(conn, FLEET, "j1", "cancel", now=T0 + timedelta(seconds=1))
+        request_action(conn, FLEET, "j1", "cancel", now=T0 + timedelta(seconds=1))
     with pool.connection() as conn:
         arrived = leases.save_step(
             conn, decided, generation=c.generation, owner="w1", messages=[event]

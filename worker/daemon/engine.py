@@ -25,6 +25,7 @@ from typing import Protocol
 from psycopg_pool import ConnectionPool
 
 from worker import lifecycle
+from worker.daemon import loops
 from worker.daemon.actions import ActionRunner, BatchApi, TileSource
 from worker.lifecycle import (
     CancelRequested,
@@ -45,12 +46,13 @@ log = logging.getLogger(__name__)
 
 # A job stepping more often than this in one claim is looping; hand it back for later.
 MAX_STEPS_PER_CLAIM = 32
-# The name the claim loop reports its progress under (``on_progress``).
-ENGINE_LOOP = "engine"
-# The name job steps report their progress under, on whichever thread runs them (the
-# engine-N pool, and the status loop's poll-step-N): ``on_progress`` as a step moves on,
-# ``on_idle`` when its thread is done with the job.
-STEPS_LOOP = "engine-steps"
+# The names the claim loop and job steps report their progress under (``on_progress`` as a
+# step moves on, ``on_idle`` when its thread is done with the job).
+ENGINE_LOOP = loops.ENGINE
+STEPS_LOOP = loops.STEPS
+# The claim loop's back-off after an error: doubling from the first, up to the most.
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
 # The shortest retry the derived timings go down to.
 _FLOOR = timedelta(milliseconds=100)
 
@@ -171,7 +173,7 @@ class Engine:
                         next_gauges = self._clock().timestamp() + self._gauges_every
                     backoff = 0.0
                 except Exception as exc:  # noqa: BLE001 - the loop must outlive any error
-                    backoff = min(max(backoff * 2, 0.5), 30.0)
+                    backoff = min(max(backoff * 2, BACKOFF_FIRST), BACKOFF_MAX)
                     log.error("engine loop error (%s); retrying in %.1fs", exc, backoff)
                     self._stop.wait(backoff)
                     continue

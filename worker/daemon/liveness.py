@@ -37,8 +37,7 @@ from dataclasses import dataclass
 from worker.api.client import ApiHooks
 from worker.api.retry import RetryPolicy
 from worker.broker import CONNECT_RETRY, CONNECT_TIMEOUT
-from worker.daemon import consumer, relay, tiles
-from worker.daemon.engine import ENGINE_LOOP, STEPS_LOOP
+from worker.daemon import consumer, engine, loops, relay, tiles
 from worker.daemon.health import Health
 from worker.settings import Settings
 
@@ -57,10 +56,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONSUMER_LOOP = "consumer"
-POLLER_LOOP = "poller"  # the status loop (worker/daemon/status_loop.py)
-RELAY_LOOP = "relay"
-SUPERVISOR_LOOP = "supervisor"
+CONSUMER_LOOP = loops.CONSUMER
+ENGINE_LOOP = loops.ENGINE
+POLLER_LOOP = loops.POLLER
+RELAY_LOOP = loops.RELAY
+SUPERVISOR_LOOP = loops.SUPERVISOR
+STEPS_LOOP = loops.STEPS
 # Loops watched per busy thread, not per turn (``Health.register(per_thread=True)``).
 PER_THREAD_LOOPS = frozenset({STEPS_LOOP})
 
@@ -69,8 +70,6 @@ PER_THREAD_LOOPS = frozenset({STEPS_LOOP})
 DB_CALL = 60.0
 # Slack on every bound: a 2-core machine under load, a long GC pause.
 SLACK = 30.0
-# The engine's claim loop backs off at most this long after an error (Engine.run).
-ENGINE_BACKOFF_MAX = 30.0
 # Threads that may queue for API budget tokens ahead of one call: the engine's step threads,
 # the status loop's poll-step threads and the status loop itself (8 threads in each pool by
 # default).
@@ -125,7 +124,7 @@ def progress_bounds(settings: Settings) -> dict[str, float]:
         # then its one-second drain or reconnect wait.
         CONSUMER_LOOP: max(connect, DB_CALL) + 2 * consumer.IDLE_DRAIN_SECONDS + SLACK,
         # A claim and the gauges' queries, then the idle wait or the error back-off.
-        ENGINE_LOOP: 2 * DB_CALL + ENGINE_BACKOFF_MAX + SLACK,
+        ENGINE_LOOP: 2 * DB_CALL + engine.BACKOFF_MAX + SLACK,
         # The status loop: its wait (never longer than the poll interval), then the round's
         # database reads (two before its first API call, two after its last), or one API
         # call of the round (each call counts as progress).

@@ -157,14 +157,14 @@ class Daemon:
         consumer = JobsConsumer(
             settings,
             _BeatingIntake(intake, lambda: health.beat(liveness.CONSUMER_LOOP)),
-            on_connection_change=connections.callback("consumer"),
+            on_connection_change=connections.callback(liveness.CONSUMER_LOOP),
             on_progress=lambda: health.beat(liveness.CONSUMER_LOOP),
         )
         relay = Relay(
             settings,
             pool,
             on_published=self._count_published,
-            on_connection_change=connections.callback("relay"),
+            on_connection_change=connections.callback(liveness.RELAY_LOOP),
             on_progress=lambda: health.beat(liveness.RELAY_LOOP),
         )
         engine = Engine(

@@ -202,43 +202,13 @@ _DERIVED_ARRAYS = ", ".join(f"%({name})b::{kind}[]" for name, kind in DERIVED.it
 # ------------------------------------------------------------------------------------------
 
 
-def insert_job(conn: Conn, state: JobState, *, next_run_at: datetime) -> bool:
-    """Insert a new job; False when the (fleet, job id) already exists."""
-    cur = conn.execute(
-        f"""
-        INSERT INTO bw_jobs (fleet_id, job_id, state, phase, status, batch_request_id,
-                             upstream_created, request_hash, next_run_at, accepted_at,
-                             ended_at, last_seen_at, {_DERIVED_NAMES}, derived_rev)
-        VALUES (%(fleet_id)s, %(job_id)s, %(state)s::jsonb, %(phase)s, %(status)s,
-                %(batch_request_id)s, %(upstream_created)s, %(request_hash)s,
-                %(next_run_at)s, %(accepted_at)s, %(ended_at)s, %(last_seen_at)s,
-                {_DERIVED_VALUES}, 1)
-        ON CONFLICT (fleet_id, job_id) DO NOTHING
-        """,
-        {
-            **columns(state),
-            "fleet_id": state.fleet_id,
-            "job_id": state.job_id,
-            "request_hash": state.request_hash,
-            "next_run_at": next_run_at,
-            "accepted_at": state.accepted_at,
-        },
-    )
-    return cur.rowcount == 1
-
-
-def get_job(
-    conn: Conn, fleet_id: str, job_id: str, *, for_update: bool = False
-) -> JobRecord | None:
-    """Read one job. ``for_update`` locks the row until the transaction ends (intake uses it
-    so two messages for one job in concurrent batches serialise)."""
+def get_job(conn: Conn, fleet_id: str, job_id: str) -> JobRecord | None:
+    """Read one job."""
     sql = """
         SELECT state, generation, next_run_at, lease_owner, lease_until, cancel_requested_at,
                start_requested_at, last_status_event, last_seen_at
         FROM bw_jobs WHERE fleet_id = %s AND job_id = %s
     """
-    if for_update:
-        sql += " FOR UPDATE"
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(sql, (fleet_id, job_id)).fetchone()
     if row is None:
@@ -389,7 +359,9 @@ def start_insert_jobs(
 def request_actions(
     conn: Conn, fleet_id: str, requests: Sequence[tuple[str, str]], *, now: datetime
 ) -> None:
-    """``request_action`` for many (job id, "start"|"cancel") pairs of jobs known to exist."""
+    """Record a pending ``start`` or ``cancel`` for each (job id, action) of jobs known to
+    exist, and wake them. The lifecycle state is never touched here: the engine folds the
+    request in under its lease. An ended job keeps its request recorded but is not woken."""
     for action in ("start", "cancel"):
         job_ids = sorted({job_id for job_id, wanted in requests if wanted == action})
         if not job_ids:
@@ -404,25 +376,6 @@ def request_actions(
             """,
             {"now": now, "fleet_id": fleet_id, "job_ids": job_ids},
         )
-
-
-def request_action(conn: Conn, fleet_id: str, job_id: str, action: str, *, now: datetime) -> bool:
-    """Record a pending ``start`` or ``cancel`` and wake the job; False if no such job.
-
-    The lifecycle state is never touched here: the engine folds the request in under its
-    lease. An ended job keeps its request recorded but is not woken (nothing to do).
-    """
-    column = {"start": "start_requested_at", "cancel": "cancel_requested_at"}[action]
-    cur = conn.execute(
-        f"""
-        UPDATE bw_jobs
-        SET {column} = COALESCE({column}, %(now)s),
-            next_run_at = CASE WHEN ended_at IS NULL THEN %(now)s ELSE next_run_at END
-        WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
-        """,
-        {"now": now, "fleet_id": fleet_id, "job_id": job_id},
-    )
-    return cur.rowcount == 1
 
 
 # ------------------------------------------------------------------------------------------
