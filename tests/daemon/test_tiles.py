@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -17,7 +14,8 @@ import boto3
 import pytest
 
 from worker.api.artifacts import artifact_keys
-from worker.daemon.tiles import IN_MEMORY_BYTES, TEMP_PREFIX, TileReader, sweep_stale_temp_dirs
+from worker.daemon.bucket_files import IN_MEMORY_BYTES, TEMP_PREFIX
+from worker.daemon.tiles import TileReader
 from worker.lifecycle import Tiles
 from worker.metrics import Metrics
 
@@ -321,15 +319,6 @@ def test_a_table_without_the_counted_column_is_unknown(bucket: Bucket) -> None:
     assert TileReader().read(bucket.request, bucket.request_id, execution_db=True) is None
 
 
-def test_a_query_past_its_time_is_interrupted(tmp_path: Path) -> None:
-    # The bound itself, on whatever a file makes SQLite do.
-    from worker.daemon.tiles import _bounded
-
-    conn = _bounded(sqlite3.connect(":memory:"), seconds=0.2)
-    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
-        conn.execute(f"SELECT COUNT(*) FROM ({ENDLESS})").fetchone()
-
-
 def test_small_files_leave_nothing_on_disk_and_large_ones_are_deleted(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,15 +340,3 @@ def test_small_files_leave_nothing_on_disk_and_large_ones_are_deleted(
     # The large database went through a file of the reader's folder, gone once read.
     folders = list((tmp_path / "tmp").glob(f"{TEMP_PREFIX}*"))
     assert [list(folder.iterdir()) for folder in folders] == [[]]
-
-
-def test_what_a_killed_reader_left_is_swept_at_start(tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # a pid that no longer runs
-    stale = tmp_path / f"{TEMP_PREFIX}{dead.pid}-0a1b2c3d"
-    stale.mkdir()
-    (stale / "left-behind").write_bytes(b"x" * 1024)
-    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-9f8e7d6c"
-    live.mkdir()
-    assert sweep_stale_temp_dirs(tmp_path) == [stale]
-    assert not stale.exists() and live.exists()

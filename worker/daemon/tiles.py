@@ -23,14 +23,11 @@ request, and never raises into the engine.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import shutil
 import sqlite3
 import tempfile
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,11 +35,21 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
-from urllib.parse import quote
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.api.artifacts import artifact_keys, delivery_url
+from worker.daemon.bucket_files import (
+    SQLITE_SECONDS,
+    TEMP_PREFIX,
+    File,
+    bounded,
+    columns,
+    interrupted,
+    plain_tables,
+    quote_identifier,
+    sweep_stale_temp_dirs,
+)
 from worker.lifecycle import Tiles
 
 if TYPE_CHECKING:
@@ -59,13 +66,6 @@ _CHUNK = 1 << 20
 S3_CONNECT_TIMEOUT = 5.0
 S3_READ_TIMEOUT = 30.0
 S3_MAX_ATTEMPTS = 3
-# Files up to this size are read in memory (most execution databases: ~100 bytes a feature);
-# larger ones go through a temporary file, so memory stays bounded whatever the job.
-IN_MEMORY_BYTES = 8 * 2**20
-# One file's queries; the bound holds whatever the file's tables make SQLite do.
-SQLITE_SECONDS = 10.0
-# This process's folder for the larger files: <tmp>/batch-worker-tiles-<pid>-<random>.
-TEMP_PREFIX = "batch-worker-tiles-"
 # Codes S3 (and S3-compatible stores) answer for a key that is not there (yet).
 _ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
@@ -234,12 +234,12 @@ class TileReader:
                 )
             return self._client
 
-    def _download(self, bucket: str, key: str, *, etag: str | None) -> tuple[str | None, _File]:
+    def _download(self, bucket: str, key: str, *, etag: str | None) -> tuple[str | None, File]:
         """The object and its ETag. Raises _Absent, _NotModified, _Unreadable."""
         params: dict[str, Any] = {"Bucket": bucket, "Key": key}
         if etag:
             params["IfNoneMatch"] = etag
-        file = _File(self._temp_dir)
+        file = File(self._temp_dir)
         try:
             response = self._s3().get_object(**params)
             self._progress()
@@ -295,160 +295,43 @@ class TileReader:
         )
 
 
-# --- temporary files -------------------------------------------------------------------------
-
-
-class _File:
-    """A downloaded object: bytes in memory, or past ``IN_MEMORY_BYTES`` a temporary file in
-    this process's folder, deleted when closed."""
-
-    def __init__(self, temp_dir: Path) -> None:
-        self._temp_dir = temp_dir
-        self._buffer: io.BytesIO | None = io.BytesIO()
-        self.path: Path | None = None
-        self._out: io.BufferedWriter | None = None
-        self.size = 0
-
-    def write(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self._buffer is not None and self.size > IN_MEMORY_BYTES:
-            self._temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.path = self._temp_dir / uuid.uuid4().hex
-            self._out = self.path.open("wb")
-            self._out.write(self._buffer.getbuffer())
-            self._buffer = None
-        if self._out is not None:
-            self._out.write(chunk)
-        elif self._buffer is not None:
-            self._buffer.write(chunk)
-
-    def open(self) -> sqlite3.Connection:
-        """A read-only connection on the file's database."""
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        if self.path is not None:
-            # immutable=1: a private snapshot; SQLite neither locks it nor looks for a
-            # journal, and nothing is ever written next to it.
-            uri = f"file:{quote(str(self.path))}?mode=ro&immutable=1"
-            return sqlite3.connect(uri, uri=True)
-        conn = sqlite3.connect(":memory:")
-        assert self._buffer is not None
-        conn.deserialize(self._buffer.getvalue())
-        conn.execute("PRAGMA query_only = ON")
-        return conn
-
-    def close(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-        self._buffer = None
-
-    def __enter__(self) -> _File:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-
-def sweep_stale_temp_dirs(root: Path) -> list[Path]:
-    """Remove the temporary folders of tile readers whose process is gone (a SIGKILL or an
-    OOM kill skips every cleanup); those of live processes are left alone."""
-    removed = []
-    for folder in root.glob(f"{TEMP_PREFIX}*"):
-        pid_text = folder.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: not ours to judge
-    return True
-
-
-# --- SQLite ------------------------------------------------------------------------------------
-
-
-def _bounded(conn: sqlite3.Connection, seconds: float = SQLITE_SECONDS) -> sqlite3.Connection:
-    """Queries on ``conn`` that run past ``seconds`` are interrupted (sqlite3.OperationalError)."""
-    deadline = time.monotonic() + seconds
-    # Called every 10,000 virtual-machine steps; a non-zero answer interrupts the query.
-    conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
-    # Views and triggers of a producer's file may not call functions with side effects.
-    conn.execute("PRAGMA trusted_schema = OFF")
-    return conn
-
-
-def _plain_tables(conn: sqlite3.Connection, where: str, *args: str) -> list[str]:
-    """Names of real tables (not views, not virtual tables) matching ``where``."""
-    return [
-        str(name)
-        for name, sql in conn.execute(
-            f"SELECT name, sql FROM sqlite_master WHERE type = 'table' AND {where}", args
-        )
-        if not str(sql or "").lstrip().upper().startswith("CREATE VIRTUAL")
-    ]
-
-
-def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
-    return {str(row[1]) for row in conn.execute(f"PRAGMA table_info({_quote_identifier(table)})")}
-
-
-def _quote_identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _interrupted(exc: sqlite3.Error) -> bool:
-    return "interrupted" in str(exc)
-
-
-def _count_features(file: _File) -> int:
+def _count_features(file: File) -> int:
     """Distinct feature identifiers across every ``feature_*`` table of a manifest."""
     try:
-        with closing(_bounded(file.open())) as conn:
-            tables = _plain_tables(conn, "name LIKE 'feature\\_%' ESCAPE '\\'")
+        with closing(bounded(file.open())) as conn:
+            tables = plain_tables(conn, "name LIKE 'feature\\_%' ESCAPE '\\'")
             if not tables:
                 raise _Unreadable("no feature_* tables: not a feature manifest")
             for table in tables:
-                if "identifier" not in _columns(conn, table):
+                if "identifier" not in columns(conn, table):
                     raise _Unreadable(f"table {table} has no identifier column")
             # One row per feature *and output*: only DISTINCT de-duplicates within a table.
             rows = " UNION ALL ".join(
-                f"SELECT identifier FROM {_quote_identifier(t)} WHERE identifier IS NOT NULL"
+                f"SELECT identifier FROM {quote_identifier(t)} WHERE identifier IS NOT NULL"
                 for t in tables
             )
             (count,) = conn.execute(f"SELECT COUNT(DISTINCT identifier) FROM ({rows})").fetchone()
     except sqlite3.Error as exc:
-        if _interrupted(exc):
+        if interrupted(exc):
             raise _Unreadable(f"reading took longer than {SQLITE_SECONDS:g} s") from None
         raise _Unreadable(f"not a readable GeoPackage ({exc})") from None
     return int(count)
 
 
-def _count_statuses(file: _File) -> tuple[int, int]:
+def _count_statuses(file: File) -> tuple[int, int]:
     """(DONE rows, FATAL rows) of the execution database's ``features`` table."""
     try:
-        with closing(_bounded(file.open())) as conn:
-            if not _plain_tables(conn, "name = ?", "features"):
+        with closing(bounded(file.open())) as conn:
+            if not plain_tables(conn, "name = ?", "features"):
                 raise _Unreadable("no features table (a view or a virtual table is not read)")
-            if "status" not in _columns(conn, "features"):
+            if "status" not in columns(conn, "features"):
                 raise _Unreadable("the features table has no status column")
             rows = conn.execute(
                 "SELECT status, COUNT(*) FROM features "
                 "WHERE status IN ('DONE', 'FATAL') GROUP BY status"
             ).fetchall()
     except sqlite3.Error as exc:
-        if _interrupted(exc):
+        if interrupted(exc):
             raise _Unreadable(f"reading took longer than {SQLITE_SECONDS:g} s") from None
         raise _Unreadable(f"not a readable execution database ({exc})") from None
     counts = {str(status): int(n) for status, n in rows}
