@@ -81,9 +81,28 @@ def _ssl_options(settings: Settings) -> dict[str, Any] | bool:
     return options
 
 
+class _FailoverConnection(Connection):
+    """kombu's Connection, with the TLS host name following a failover.
+
+    kombu fills ``server_hostname`` (SNI and the certificate's host check) in from the host
+    of the first connection attempt, in the TLS options every later attempt shares: after a
+    switch to the next node of a BROKER_URL list, that node's certificate was checked against
+    the first node's name and refused. Each switch clears it for kombu to fill in again.
+    """
+
+    def switch(self, conn_str: str) -> None:
+        super().switch(conn_str)  # type: ignore[no-untyped-call]
+        if isinstance(self.ssl, dict) and "server_hostname" in self.ssl:
+            self.ssl = {**self.ssl, "server_hostname": None}
+
+
 def connection(settings: Settings, *, purpose: str) -> Connection:
-    """A (not yet connected) kombu connection for one purpose: ``consume`` or ``publish``."""
-    return Connection(
+    """A (not yet connected) kombu connection for one purpose: ``consume`` or ``publish``.
+
+    A BROKER_URL list (``;``-separated) is kombu's failover list: each connection attempt
+    goes to the next URL, round-robin; a new connection starts from the first.
+    """
+    return _FailoverConnection(  # type: ignore[no-untyped-call]
         settings.broker_url.get_secret_value(),
         heartbeat=settings.heartbeat,
         ssl=_ssl_options(settings),
