@@ -31,7 +31,7 @@ import boto3
 import psycopg
 from moto.server import ThreadedMotoServer
 
-from tests.daemon.conftest import FAST, free_port
+from tests.e2e.conftest import FAST, free_port
 from tests.rabbit_cluster import FailoverReport, rabbit_cluster, rabbitmq_missing, run_failover
 from worker.simulator import SimulatorConfig, start_background
 
@@ -86,7 +86,7 @@ def print_report(report: FailoverReport) -> None:
         f"longest confirm wait {report.confirm_wait_s:.1f} s"
     )
     print(f"accepted   {report.accepted} jobs, {report.accepted_twice} accepted again")
-    print(f"terminal   {report.terminal}, {report.lost} jobs without one")
+    print(f"terminal   {report.terminal}, {report.lost} jobs without one {report.unfinished}")
     duplicates = report.deliveries - report.distinct_events
     print(
         f"events     {report.deliveries} delivered, {report.distinct_events} distinct, "
@@ -104,6 +104,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--rate", type=float, default=10.0, help="job requests a second")
     parser.add_argument("--speed", type=float, default=FAST["speed"], help="simulator speed")
+    parser.add_argument(
+        "--settle", type=float, default=300.0, help="how long to wait for the jobs to end (s)"
+    )
     parser.add_argument("--kill-after", type=float, default=0.5, help="share of jobs out")
     parser.add_argument(
         "--freeze",
@@ -155,6 +158,7 @@ def main() -> int:
                     rate=args.rate,
                     kill_after=args.kill_after,
                     freeze=args.freeze,
+                    settle_timeout=args.settle,
                     say=say,
                 )
     finally:

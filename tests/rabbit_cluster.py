@@ -357,6 +357,7 @@ class FailoverReport:
     rejected: int
     terminal: dict[str, int]  # distinct terminal events by status
     without_terminal: list[str]
+    unfinished: dict[str, int]  # jobs without a terminal event, by the last status seen
     with_two_terminals: list[str]
     deliveries: int  # event deliveries read
     distinct_events: int
@@ -415,7 +416,7 @@ def run_failover(
     import psycopg
 
     from tests.conftest import AmqpNames, pika_parameters
-    from tests.daemon.conftest import Events, Stack, WorkerProcess
+    from tests.e2e.conftest import Events, Stack, WorkerProcess
     from worker.broker import connection, declare_topology
 
     started = time.monotonic()
@@ -581,6 +582,13 @@ def run_failover(
         rejected=len(events.of_type("command.rejected")),
         terminal=dict(terminal),
         without_terminal=[job_id for job_id in published if not terminal_ids[job_id]],
+        unfinished=dict(
+            Counter(
+                (events.statuses(job_id) or ["none"])[-1]
+                for job_id in published
+                if not terminal_ids[job_id]
+            )
+        ),
         with_two_terminals=[job_id for job_id, ids in terminal_ids.items() if len(ids) > 1],
         deliveries=len(events.received),
         distinct_events=len({event["id"] for event in events.received}),
