@@ -5,8 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The official API-document parsers (Node packages, pinned by tests/contracts/package-lock.json).
+CONTRACTS       := tests/contracts
+CONTRACTS_STAMP := $(CONTRACTS)/node_modules/.installed
 
-.PHONY: demo test lint typecheck services tools install clean
+.PHONY: demo test lint typecheck services tools install contracts clean
 
 $(STAMP): pyproject.toml
 	# Debian's python3 comes without venv; on such a machine, install it first.
@@ -17,6 +20,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# npm ci installs exactly the lock file. No install scripts: the parser needs none, and one of
+# its dependencies would otherwise try to send a telemetry ping.
+$(CONTRACTS_STAMP): $(CONTRACTS)/package.json $(CONTRACTS)/package-lock.json
+	command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
+	npm ci --prefix $(CONTRACTS) --ignore-scripts --prefer-offline --no-audit --no-fund \
+		--loglevel=error
+	touch $(CONTRACTS_STAMP)
+
+contracts: $(CONTRACTS_STAMP)
 
 services:
 	scripts/ensure-services.sh
@@ -45,9 +58,9 @@ typecheck: $(STAMP)
 
 # Most tests wait on I/O (jobs running in the simulator), so four processes share two cores
 # well; the few that restart the shared broker run alone afterwards.
-test: $(STAMP) services tools lint typecheck
+test: $(STAMP) $(CONTRACTS_STAMP) services tools lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider -n 4 -m "not serial"
 	$(BIN)/pytest -q -p no:cacheprovider -m serial
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(CONTRACTS)/node_modules

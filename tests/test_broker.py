@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+from contextlib import suppress
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit, urlunsplit
@@ -55,6 +56,113 @@ def test_negotiated_heartbeat_and_client_properties(broker_url: str) -> None:
         assert conn.connection.client_properties["connection_name"] == "batch-worker w-hb consume"
     finally:
         conn.release()
+
+
+# -- a failover list (BROKER_URL with a cluster's nodes) -----------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # closed again: a connection there is refused, as by a node that is down
+
+
+@pytest.mark.integration
+def test_a_node_that_is_down_is_passed_over_for_the_next(broker_url: str) -> None:
+    parts = urlsplit(broker_url)
+    down = parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{_closed_port()}")
+    settings = Settings(broker_url=f"{urlunsplit(down)};{broker_url}", worker_name="w-failover")
+    conn = broker.ensure_connected(broker.connection(settings, purpose="consume"))
+    try:
+        assert conn.connected
+        assert conn.port == (parts.port or 5672)
+    finally:
+        conn.release()
+
+
+def _certificates(folder: Path, ip: str) -> tuple[Path, Path, Path]:
+    """A CA, and a server certificate it signed for the IP address ``ip`` alone."""
+    from datetime import UTC, datetime, timedelta
+    from ipaddress import ip_address
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    now = datetime.now(UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder(subject_name=name("test ca"), issuer_name=name("test ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder(subject_name=name(ip), issuer_name=ca.subject)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip_address(ip))]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def test_after_a_failover_tls_checks_the_next_nodes_own_name(tmp_path: Path) -> None:
+    """The first node (127.0.0.1) is down; the second (127.0.0.2, a TLS listener whose
+    certificate names 127.0.0.2 only) must be checked against its own name."""
+    import threading
+
+    ca, cert, key = _certificates(tmp_path, "127.0.0.2")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.2", 0))
+    port = listener.getsockname()[1]
+    handshakes: list[str] = []
+
+    def serve() -> None:
+        with listener:
+            listener.settimeout(10)
+            with suppress(OSError):
+                raw, _ = listener.accept()
+                with raw:
+                    try:
+                        with context.wrap_socket(raw, server_side=True):
+                            handshakes.append("ok")  # then closed: no AMQP spoken here
+                    except ssl.SSLError as exc:
+                        handshakes.append(exc.reason or "refused")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    settings = Settings(
+        broker_url=f"amqps://u:p@127.0.0.1:{_closed_port()}//;amqps://u:p@127.0.0.2:{port}//",
+        broker_ca_file=ca,
+    )
+    conn = broker.connection(settings, purpose="test")
+    with pytest.raises(Exception):  # noqa: B017 - the listener speaks no AMQP after TLS
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+    server.join(10)
+    assert handshakes == ["ok"]
+    assert conn.ssl["server_hostname"] == "127.0.0.2"
 
 
 # -- py-amqp under the consumer -------------------------------------------------------

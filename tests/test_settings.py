@@ -171,6 +171,38 @@ def test_a_rejected_value_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None
     assert "brokerpw123" not in text and "dbpw456" not in text
 
 
+def test_a_clusters_nodes_are_a_failover_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "BATCH_WORKER_BROKER_URL", "amqp://w:pw@rabbit-0:5672//; amqp://w:pw@rabbit-1:5672//"
+    )
+    settings = load_settings()
+    assert settings.broker_urls == ["amqp://w:pw@rabbit-0:5672//", "amqp://w:pw@rabbit-1:5672//"]
+    assert settings.broker_url.get_secret_value() == ";".join(settings.broker_urls)
+    assert not settings.broker_uses_tls
+    assert Settings(broker_url="amqps://a:5671//;amqps://b:5671//").broker_uses_tls
+    assert Settings(broker_url="amqp://one//").broker_urls == ["amqp://one//"]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("amqp://w:brokerpw123@a//;http://w:brokerpw123@b//", "each URL of the ;-separated list"),
+        ("amqp://w:brokerpw123@a//;", "each URL of the ;-separated list"),
+        ("amqps://w:brokerpw123@a//;amqp://w:brokerpw123@b//", "mixes amqp:// and amqps://"),
+    ],
+)
+def test_a_bad_failover_list_is_one_line_without_the_value(
+    monkeypatch: pytest.MonkeyPatch, url: str, problem: str
+) -> None:
+    monkeypatch.setenv("BATCH_WORKER_BROKER_URL", url)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    [line] = caught.value.problems
+    assert line.startswith("BATCH_WORKER_BROKER_URL: ")
+    assert problem in line
+    assert "brokerpw123" not in line
+
+
 DOCUMENTED = [
     Path(__file__).resolve().parents[1] / "README.md",
     Path(__file__).resolve().parents[1] / "docs" / "contract.md",

@@ -42,6 +42,7 @@ __all__ = [
     "connection_name",
     "declare_topology",
     "ensure_connected",
+    "release",
     "topology",
     "unrouted_name",
 ]
@@ -49,6 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+# The longest a close handshake waits for the broker's answer (see release).
+CLOSE_TIMEOUT = 2.0
 
 # kombu's ensure_connection back-off: 0.5 s, then 1.5, 2.5, ... capped at 5 s. Bounded so
 # that a caller (the consumer's run loop, the relay) gets control back to notice a stop.
@@ -81,9 +84,28 @@ def _ssl_options(settings: Settings) -> dict[str, Any] | bool:
     return options
 
 
+class _FailoverConnection(Connection):
+    """kombu's Connection, with the TLS host name following a failover.
+
+    kombu fills ``server_hostname`` (SNI and the certificate's host check) in from the host
+    of the first connection attempt, in the TLS options every later attempt shares: after a
+    switch to the next node of a BROKER_URL list, that node's certificate was checked against
+    the first node's name and refused. Each switch clears it for kombu to fill in again.
+    """
+
+    def switch(self, conn_str: str) -> None:
+        super().switch(conn_str)  # type: ignore[no-untyped-call]
+        if isinstance(self.ssl, dict) and "server_hostname" in self.ssl:
+            self.ssl = {**self.ssl, "server_hostname": None}
+
+
 def connection(settings: Settings, *, purpose: str) -> Connection:
-    """A (not yet connected) kombu connection for one purpose: ``consume`` or ``publish``."""
-    return Connection(
+    """A (not yet connected) kombu connection for one purpose: ``consume`` or ``publish``.
+
+    A BROKER_URL list (``;``-separated) is kombu's failover list: each connection attempt
+    goes to the next URL, round-robin; a new connection starts from the first.
+    """
+    return _FailoverConnection(  # type: ignore[no-untyped-call]
         settings.broker_url.get_secret_value(),
         heartbeat=settings.heartbeat,
         ssl=_ssl_options(settings),
@@ -148,6 +170,34 @@ def ensure_connected(conn: Connection) -> Connection:
 
     conn.ensure_connection(_on_error, **CONNECT_RETRY)
     return conn
+
+
+def release(conn: Connection, *, broken: bool = False) -> None:
+    """Close ``conn`` without ever waiting long on a broker that stopped answering.
+
+    kombu's ``release()`` closes channels and the connection with handshakes that wait for
+    the broker's answer with no time limit: on a node that hangs, or behind a network path
+    that drops its packets, for good (a frozen cluster node held a worker's consumer and
+    relay in ``channel.close``: bench/bench_cluster.py --freeze). ``broken``: the connection
+    failed already, the socket is dropped with no handshake; otherwise the handshake gets
+    CLOSE_TIMEOUT (the socket's own timeout), then the socket is dropped.
+    """
+    raw = getattr(conn, "_connection", None)  # not .connection: that would connect
+    if raw is None:
+        conn.release()  # nothing open: no handshake to wait for
+        return
+    if not broken:
+        sock = getattr(getattr(raw, "transport", None), "sock", None)
+        if sock is not None:
+            with suppress(OSError):
+                sock.settimeout(CLOSE_TIMEOUT)
+        try:
+            conn.release()
+        except Exception:  # whatever the handshake ran into, the socket goes below
+            log.debug("broker connection closed without its handshake", exc_info=True)
+        else:
+            return
+    conn.collect()
 
 
 def declare_topology(conn: Connection, settings: Settings) -> None:

@@ -137,9 +137,16 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
-        return value
+        # A cluster's nodes as a failover list, "amqp://h1//;amqp://h2//": kombu connects to
+        # the first that answers, and on to the next when one is lost.
+        urls = [url.strip() for url in value.get_secret_value().split(";")]
+        listed = " (each URL of the ;-separated list)" if len(urls) > 1 else ""
+        if not all(url.startswith(("amqp://", "amqps://")) for url in urls):
+            raise ValueError("must start with amqp:// or amqps://" + listed)
+        if len({url.partition("://")[0] for url in urls}) > 1:
+            # The TLS options hold for every connection: a failover must never drop TLS.
+            raise ValueError("mixes amqp:// and amqps:// URLs: use one scheme for all")
+        return SecretStr(";".join(urls))
 
     @field_validator("database_url")
     @classmethod
@@ -167,6 +174,11 @@ class Settings(BaseSettings):
     @property
     def batch_url(self) -> str:
         return f"{self.api_url}/api/v2/batch"
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """BROKER_URL's URLs: one, or a cluster's nodes in the order they are tried."""
+        return self.broker_url.get_secret_value().split(";")
 
     @property
     def broker_uses_tls(self) -> bool:

@@ -8,9 +8,11 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pytest
+from pydantic import SecretStr
 
 from worker.broker import connection, connection_name, declare_topology, ensure_connected
 from worker.daemon.consumer import JobsConsumer, read_ahead
@@ -290,6 +292,37 @@ def test_reconnects_after_the_broker_closes_the_connection(
     wait_for(lambda: bodies == [b"before", b"after"])
     running.stop()
     assert running.changes[-1] is False
+
+
+def test_a_broker_that_stops_answering_is_left_for_the_next_url(
+    producer, settings: Settings, broker_url: str
+) -> None:
+    """The first URL leads through a proxy that goes silent (connections open, nothing
+    forwarded: a node that hangs, a network that drops its packets). The consumer notices
+    by heartbeat, drops the connection without waiting for a close that never comes (it
+    used to wait for good), and goes on through the next URL."""
+    from tests.e2e.test_stall import PausableProxy
+
+    parts = urlsplit(broker_url)
+    proxy = PausableProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
+    silent = urlunsplit(parts._replace(netloc=f"{parts.netloc.rsplit(':', 1)[0]}:{proxy.port}"))
+    cluster = settings.model_copy(
+        update={"broker_url": SecretStr(f"{silent};{broker_url}"), "heartbeat": 1}
+    )
+    bodies: list[bytes] = []
+    running = Running(cluster, lambda batch: bodies.extend(m.body for m in batch))
+    try:
+        _publish(producer, settings.jobs_queue, [b"through the proxy"])
+        wait_for(lambda: bodies == [b"through the proxy"])
+        proxy.paused.set()
+        # Heartbeats missed (~2 s), then the silent URL is tried again first and given up
+        # after CONNECT_TIMEOUT (10 s) before the next one is.
+        wait_for(lambda: running.changes[-2:] == [False, True], timeout=60)
+        _publish(producer, settings.jobs_queue, [b"through the next url"])
+        wait_for(lambda: bodies == [b"through the proxy", b"through the next url"])
+    finally:
+        running.stop()
+        proxy.close()
 
 
 def test_consumer_connection_carries_heartbeat_and_prefetch(settings: Settings) -> None:

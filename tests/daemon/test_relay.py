@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pytest
 from psycopg_pool import ConnectionPool
+from pydantic import SecretStr
 
 from worker.daemon import relay
 from worker.settings import Settings
@@ -270,6 +272,45 @@ def test_running_relays_wake_on_notify_and_share_one_outbox(settings, pool, read
     assert not any(thread.is_alive() for thread in threads)
     assert [body for _p, body in got] == [m.body for m in sent]  # one order, no duplicates
     assert changes == [True, False]
+    assert _pending(pool) == 0
+
+
+def test_a_broker_that_stops_answering_is_left_for_the_next_url(
+    settings, pool, reader, broker_url: str
+) -> None:
+    """As the consumer's: the relay notices a silent broker by heartbeat, drops the
+    connection without waiting for a close that never comes (it used to wait for good),
+    and publishes what is left through the next URL, nothing lost."""
+    from tests.e2e.test_stall import PausableProxy
+
+    channel, queue = reader
+    parts = urlsplit(broker_url)
+    proxy = PausableProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
+    silent = urlunsplit(parts._replace(netloc=f"{parts.netloc.rsplit(':', 1)[0]}:{proxy.port}"))
+    cluster = settings.model_copy(
+        update={"broker_url": SecretStr(f"{silent};{broker_url}"), "heartbeat": 1}
+    )
+    changes: list[bool] = []
+    worker = relay.Relay(cluster, pool, on_connection_change=changes.append)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        _enqueue(pool, [_event(queue, 0)])
+        assert len(_drain(channel, queue, 1)) == 1
+        proxy.paused.set()
+        deadline = time.monotonic() + 60
+        while changes[-1:] != [False]:
+            assert time.monotonic() < deadline, "the relay never let go of the silent broker"
+            time.sleep(0.05)
+        _enqueue(pool, [_event(queue, 1)])
+        [(_props, body)] = _drain(channel, queue, 1, timeout=60)
+        assert body == _event(queue, 1).body
+        assert changes[-2:] == [False, True]
+    finally:
+        worker.request_stop()
+        thread.join(timeout=20)
+        proxy.close()
+    assert not thread.is_alive()
     assert _pending(pool) == 0
 
 

@@ -8,7 +8,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.store.store_support import insert_job
-from worker.daemon.supervisor import GC_YOUNG_THRESHOLD, tune_gc
+from worker.daemon.supervisor import GC_YOUNG_THRESHOLD, register_settings_secrets, tune_gc
+from worker.redact import forget_secret, redact_text
+from worker.settings import Settings
 
 
 @pytest.fixture
@@ -33,7 +35,6 @@ def test_the_young_generation_is_collected_less_often_and_the_rest_left_alone(
 def test_now_and_then_the_active_count_is_folded(database_url: str) -> None:
     from tests.store.store_support import job  # the store tests' job state
     from worker.daemon.supervisor import Daemon
-    from worker.settings import Settings
     from worker.store import capacity, db
 
     pool = db.open_pool(database_url, max_size=2)
@@ -89,3 +90,20 @@ def test_the_step_threads_stay_watched_while_a_loop_that_runs_steps_is_left() ->
             assert watched == set()
         else:  # the engine is still running: its own and its steps' liveness still count
             assert watched == {"engine", liveness.STEPS_LOOP}
+
+
+def test_every_password_of_a_failover_list_is_masked() -> None:
+    settings = Settings(
+        broker_url="amqp://w:first-pw-1@a//;amqp://w:second-pw-2@b//",
+        database_url="postgresql://pg:db-pw-3@db/jobs",
+    )
+    register_settings_secrets(settings)
+    try:
+        # Where no URL shape gives them away: a driver's message quoting the bare value.
+        text = redact_text("auth failed: first-pw-1 / second-pw-2 / db-pw-3")
+        assert "first-pw-1" not in text
+        assert "second-pw-2" not in text
+        assert "db-pw-3" not in text
+    finally:
+        for secret in ("first-pw-1", "second-pw-2", "db-pw-3"):
+            forget_secret(secret)

@@ -258,3 +258,15 @@ def test_asyncapi_bindings_match_the_declared_topology() -> None:
     events = asyncapi()["components"]["channelBindings"]["eventsExchange"]["amqp"]["exchange"]
     exchange = next(e for e in topo.exchanges if e.name == events["name"])
     assert (events["type"], events["x-arguments"]) == (exchange.type, exchange.arguments)
+
+
+def test_asyncapi_message_examples_are_valid_payloads() -> None:
+    # The AsyncAPI parser checks examples against payloads for 2.x documents only.
+    checked = 0
+    for message in asyncapi()["components"]["messages"].values():
+        ref = message["payload"].get("$ref")
+        for example in message.get("examples", []):
+            assert ref is not None, message["name"]
+            validator(Path(ref).name).validate(example["payload"])
+            checked += 1
+    assert checked >= 2

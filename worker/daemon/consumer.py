@@ -39,6 +39,7 @@ from worker.broker import (
     connection,
     declare_topology,
     read_ahead,
+    release,
     requeue_up_to,
     socket_timeout,
 )
@@ -162,9 +163,15 @@ class JobsConsumer(ConsumerMixin):
 
     @contextmanager
     def establish_connection(self) -> Iterator[Any]:
-        with self.create_connection() as conn:  # type: ignore[no-untyped-call]
+        conn = self.create_connection()  # type: ignore[no-untyped-call]
+        try:
             conn.ensure_connection(self.on_connection_error, **CONNECT_RETRY)
             yield conn
+        except BaseException:
+            # Lost (or a bug): a broker that stopped answering would never answer a close.
+            release(conn, broken=True)
+            raise
+        release(conn)
 
     def get_consumers(self, consumer_class: Any, channel: Any) -> list[Any]:
         queue = Queue(self.settings.jobs_queue, no_declare=True)

@@ -34,7 +34,7 @@ import psycopg
 from kombu.exceptions import OperationalError
 from psycopg_pool import ConnectionPool
 
-from worker.broker import broker_problem, connection, declare_topology, ensure_connected
+from worker.broker import broker_problem, connection, declare_topology, ensure_connected, release
 from worker.settings import Settings
 from worker.store import outbox
 from worker.wire.outgoing import OutboxMessage
@@ -178,7 +178,7 @@ class Relay:
                         "relay: %s; retrying",
                         broker_problem(self._settings.broker_url.get_secret_value(), exc),
                     )
-                    self._drop_channel()
+                    self._drop_channel(broken=True)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
@@ -348,15 +348,13 @@ class Relay:
         self._set_connected(True)
         return channel
 
-    def _drop_channel(self) -> None:
-        channel, conn = self._channel, self._conn
+    def _drop_channel(self, *, broken: bool = False) -> None:
+        conn = self._conn
         self._channel = self._conn = None
-        if channel is not None:
-            with suppress(Exception):
-                channel.close()
         if conn is not None:
+            # Closing the connection closes its channel; never a wait on a silent broker.
             with suppress(Exception):
-                conn.release()
+                release(conn, broken=broken)
         self._set_connected(False)
 
     def _wait_for_work(self) -> None:

@@ -104,8 +104,8 @@ def tune_gc() -> None:
 def register_settings_secrets(settings: Settings) -> None:
     """Every secret the settings hold is masked wherever it might appear in text."""
     register_secret(settings.client_secret.get_secret_value())
-    for url in (settings.broker_url, settings.database_url):
-        password = urlsplit(url.get_secret_value()).password
+    for url in (*settings.broker_urls, settings.database_url.get_secret_value()):
+        password = urlsplit(url).password
         if password:
             register_secret(password)
 
