@@ -61,6 +61,27 @@ def test_submitted_job_runs_to_done_with_events_in_order(pool: ConnectionPool) -
     assert record(pool).next_run_at is None
 
 
+def test_each_status_change_and_action_sent_is_one_info_line_with_its_fields(
+    pool: ConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    api = FakeApi()
+    add_job(pool)
+    with caplog.at_level(logging.INFO, logger="worker.daemon.engine"):
+        run_until_ended(pool, make_worker(pool, api))
+    lines = [r for r in caplog.records if r.getMessage().startswith("job j1:")]
+    sent = [r for r in lines if r.getMessage().endswith(" sent")]
+    assert sent[0].getMessage() == "job j1: create sent"
+    assert {r.getMessage() for r in sent} == {"job j1: create sent", "job j1: start sent"}
+    assert len(sent) == len([c for c in api.calls if c in ("create", "analyse", "start")])
+    changes = [r for r in lines if not r.getMessage().endswith(" sent")]
+    shown = [r.status for r in changes]  # type: ignore[attr-defined]
+    assert shown[0] == "CREATED" and shown[-1] == "DONE"
+    assert len(shown) == len(set(shown))  # one line per change, none for progress alone
+    done = changes[-1]
+    assert done.job_id == "j1"  # type: ignore[attr-defined]
+    assert done.batch_request_id == record(pool).state.batch_request_id  # type: ignore[attr-defined]
+
+
 def test_payload_refused_by_the_worker_fails_with_source_worker(pool: ConnectionPool) -> None:
     api = FakeApi()
     add_job(pool, request={**PAYLOAD, "input": {"type": "no-such-input"}})

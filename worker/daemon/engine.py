@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from psycopg_pool import ConnectionPool
 
@@ -302,6 +302,13 @@ class Engine:
                 if stop.is_set() or self._stop.is_set():
                     break  # stopping: the action in hand finished; take on nothing new
                 self._progress(STEPS_LOOP)
+                if isinstance(action, _SENT):
+                    log.info(
+                        "job %s: %s sent",
+                        held.state.job_id,
+                        type(action).__name__.lower(),
+                        extra=_job_fields(held.state),
+                    )
                 # The step's own `now`: a create's `create_not_before` was decided with it.
                 outcome = self._runner.perform(held.state, action, now)
                 if outcome is not None:
@@ -353,6 +360,18 @@ class Engine:
         return None
 
     def _after_commit(self, previous: JobState, state: JobState) -> None:
+        if state.status != previous.status or (
+            state.phase is Phase.ENDED and previous.phase is not Phase.ENDED
+        ):
+            # One line per status change, the fields an operator filters on.
+            why = state.stopped_reason or (state.error.code if state.error else None)
+            log.info(
+                "job %s: %s%s",
+                state.job_id,
+                state.status,
+                f" ({why})" if why else "",
+                extra=_job_fields(state),
+            )
         metrics = self._metrics
         if metrics is None:
             return
@@ -386,3 +405,16 @@ class Engine:
             )
         if not released:
             log.warning("job %s: lease lost before release", held.state.job_id)
+
+
+# Actions that ask the API to do something, logged at INFO as they go out; reads (polls,
+# tile reads) are not: a job reads its status hundreds of times.
+_SENT = (lifecycle.Create, lifecycle.Adopt, lifecycle.Analyse, lifecycle.Start, lifecycle.Stop)
+
+
+def _job_fields(state: JobState) -> dict[str, Any]:
+    return {
+        "job_id": state.job_id,
+        "batch_request_id": state.batch_request_id,
+        "status": state.status,
+    }
