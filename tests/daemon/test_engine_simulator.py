@@ -93,10 +93,15 @@ def client_for(running: Running, *, timeout: float = 10.0) -> BatchClient:
     )
 
 
-def example(name: str, bucket: str, **changes: Any) -> JobRequest:
+def example(name: str, bucket: str, *, features: int | None = None, **changes: Any) -> JobRequest:
+    """An example job for ``bucket``; ``features`` pins the simulator's feature count (and so
+    how long the job processes) with a description marker."""
     text = (EXAMPLES / name).read_text().replace("demo-bucket", bucket)
     data = json.loads(text)
     data["job_id"] = f"{data['job_id']}-{uuid.uuid4().hex[:6]}"
+    if features is not None:
+        request = data["request"]
+        request["description"] = f"{request.get('description', '')} [sim:features={features}]"
     data.update(changes)
     parsed = job_requests.parse_job_request(json.dumps(data).encode(), "application/json")
     assert isinstance(parsed, JobRequest), parsed
@@ -224,7 +229,9 @@ def test_each_example_ends_done_with_its_final_tile_counts(
     s3_bucket: str,
     drive: Callable[..., Driver],
 ) -> None:
-    job_id = submit(pool, example(name, s3_bucket))
+    # 30 features: processing lasts ~2.4 s at speed 300, several poll intervals, so PROCESSING
+    # is seen however loaded the machine (a status shorter than a poll round can go unseen).
+    job_id = submit(pool, example(name, s3_bucket, features=30))
     with client_for(simulator) as api:
         driver = drive(api)
         wait_until(ended(pool, job_id), "the job to end")
