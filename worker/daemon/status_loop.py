@@ -236,6 +236,9 @@ class StatusLoop:
             if t.last_seen_at is None:
                 continue
             first = known.get(t.job_id)
+            # A job read with only progress and no room to step it keeps its old completion
+            # beside a new last_seen_at: its rate reads low, so it is read later, never past
+            # the freshness bound.
             if t.status == PROCESSING:
                 if first is None or t.completion < first.completion:
                     first = Progress(at=t.last_seen_at, completion=t.completion)
