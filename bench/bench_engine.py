@@ -105,7 +105,9 @@ def drop_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def start_simulator(port: int, speed: float, state_file: Path) -> subprocess.Popen[bytes]:
+def start_simulator(
+    port: int, speed: float, state_file: Path, processing: float | None = None
+) -> subprocess.Popen[bytes]:
     command = [
         sys.executable,
         "-m",
@@ -123,6 +125,8 @@ def start_simulator(port: int, speed: float, state_file: Path) -> subprocess.Pop
         "--state-file",
         str(state_file),
     ]
+    if processing is not None:
+        command += ["--processing-base", str(processing)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -184,6 +188,23 @@ def status_events(pool: db.Pool) -> dict[str, dict[str, datetime]]:
 
 def sdk_requests(phases: list[dict[str, Any]], created: float, speed: float) -> int:
     """Requests of create + start + monitor_batch_process_job at its defaults (API seconds)."""
+    return 2 + len(sdk_reads(phases, created, speed))
+
+
+def sdk_latencies(phases: list[dict[str, Any]], created: float, speed: float) -> list[float]:
+    """API seconds from each status change to the SDK monitor's first read after it."""
+    reads = sdk_reads(phases, created, speed)
+    latencies = []
+    for phase in phases:
+        at = (phase["at"] - created) * speed
+        after = [t for t in reads if t >= at]
+        if after:
+            latencies.append(after[0] - at)
+    return latencies
+
+
+def sdk_reads(phases: list[dict[str, Any]], created: float, speed: float) -> list[float]:
+    """When (API seconds after the create) the SDK's monitor reads the status."""
 
     def status_at(api_seconds: float) -> str:
         current = "CREATED"
@@ -192,12 +213,14 @@ def sdk_requests(phases: list[dict[str, Any]], created: float, speed: float) -> 
                 current = phase["status"]
         return current
 
-    t, gets = 0.0, 1
+    t, reads = 0.0, [0.0]
     while status_at(t) in ("CREATED", "ANALYSING"):
-        t, gets = t + SDK_ANALYSIS_SLEEP, gets + 1
+        t += SDK_ANALYSIS_SLEEP
+        reads.append(t)
     while status_at(t) in ("ANALYSIS_DONE", "PROCESSING"):
-        t, gets = t + SDK_SLEEP, gets + 1
-    return 2 + gets
+        t += SDK_SLEEP
+        reads.append(t)
+    return reads
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -245,6 +268,17 @@ def main() -> None:
         help="vacuum the tables every 10 s, as autovacuum would (off on this machine)",
     )
     parser.add_argument(
+        "--processing",
+        type=float,
+        help="API seconds of a job's processing (the simulator's processing base; default 120)",
+    )
+    parser.add_argument(
+        "--freshness",
+        type=float,
+        default=120.0,
+        help="PROGRESS_FRESHNESS in API seconds; 30 (the poll interval) reads on a fixed clock",
+    )
+    parser.add_argument(
         "--latencies",
         type=Path,
         help="write every transition (job, status, API time, event time, seconds) as CSV",
@@ -279,7 +313,7 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
     state_file = tmp / "simulator.json"
     port = free_port()
     db_name, db_url = scratch_database()
-    simulator = start_simulator(port, speed, state_file)
+    simulator = start_simulator(port, speed, state_file, args.processing)
     requests: Counter[str] = Counter()
     lock = threading.Lock()
 
@@ -292,6 +326,7 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
         events_exchange="bench.events",
         poll_interval=30.0 / speed,
         rest_poll_interval=600.0 / speed,
+        progress_freshness=args.freshness / speed,
         action_lag=90.0 / speed,
         not_found_window=120.0 / speed,
         list_lag_window=60.0 / speed,
@@ -373,12 +408,14 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
     # (job id, status, when the API showed it, when its event was made): epoch seconds.
     rows: list[tuple[str, str, float, float]] = []
     sdk: list[int] = []
+    sdk_lag: list[float] = []
     for job in sim_jobs:
         words = (job["request"].get("description") or "").split()
         job_id = next((tag_to_job[w] for w in words if w in tag_to_job), None)
         if job_id is None:
             continue
         sdk.append(sdk_requests(job["phases"], job["created"], speed))
+        sdk_lag += sdk_latencies(job["phases"], job["created"], speed)
         seen = events.get(job_id, {})
         for phase in job["phases"]:
             at = seen.get(phase["status"])
@@ -394,7 +431,8 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
     print(
         f"jobs: {args.jobs} ({ended} ended: {dict(outcomes)}) in {elapsed:.0f} s; "
         f"speed x{speed:g}, "
-        f"budget {args.budget}/min, poll {settings.poll_interval:g} s"
+        f"budget {args.budget}/min, poll {settings.poll_interval:g} s, "
+        f"progress freshness {settings.progress_freshness:g} s"
     )
     print(f"peak RSS of the engine process: {rss_mb:.0f} MB")
     print(f"API requests: {total} ({dict(requests)}), {ours:.2f} per job")
@@ -409,6 +447,12 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
         f"SDK monitoring at its defaults, same timelines: {baseline:.2f} requests per job; "
         f"ratio ours/SDK {ours / baseline:.3f}"
     )
+    if sdk_lag:
+        print(
+            "SDK monitoring, same timelines: status change -> read latency "
+            f"p50 {statistics.median(sdk_lag):.0f} s, p95 {percentile(sdk_lag, 0.95):.0f} s "
+            f"(API seconds; {len(sdk_lag)} transitions)"
+        )
     print_breakdown(rows, speed, started_at)
     if args.latencies is not None:
         with args.latencies.open("w", newline="") as out:

@@ -57,6 +57,11 @@ class SettingsError(Exception):
         self.problems = problems
 
 
+# The default progress freshness, in poll intervals: 2 minutes at the default interval, the
+# official SDK's own pace while processing.
+PROGRESS_FRESHNESS_POLLS = 4
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -78,6 +83,10 @@ class Settings(BaseSettings):
     # --- the fleet and its jobs ----------------------------------------------------
     fleet_id: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
     poll_interval: float = Field(default=30.0, ge=0.1, le=3600)
+    # A processing job is read at least this often (its progress events are at most this
+    # old); between, only when its completion's rate says its end is near
+    # (worker/lifecycle/schedule.py). Unset: PROGRESS_FRESHNESS_POLLS poll intervals.
+    progress_freshness: float | None = Field(default=None, ge=0.1, le=86_400)
     max_in_flight: int = Field(default=10_000, ge=1, le=1_000_000)
     # Advanced timings (seconds). The API's habits (batch-v2-api.md §3.3): a status lags an
     # action by up to a minute, a new task may answer 404 for a while, the list lags.

@@ -44,6 +44,7 @@ PAYLOAD: dict[str, Any] = {
 FAST = Policy(
     poll_interval=timedelta(milliseconds=100),
     rest_poll_interval=timedelta(milliseconds=300),
+    progress_freshness=timedelta(milliseconds=400),
     action_lag=timedelta(milliseconds=300),
     not_found_window=timedelta(milliseconds=300),
     list_lag_window=timedelta(milliseconds=200),

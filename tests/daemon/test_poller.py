@@ -192,6 +192,19 @@ def test_a_resting_job_is_due_only_after_the_rest_interval() -> None:
     assert due == [working]
 
 
+def test_a_job_with_a_read_time_of_its_own_is_due_from_that_time() -> None:
+    seen = T0 - timedelta(minutes=1)
+    later, sooner, clock = target(1, seen=seen), target(2, seen=seen), target(3, seen=seen)
+    read_at = {"j1": T0 + timedelta(seconds=1), "j2": T0 - timedelta(seconds=1)}
+    due = due_targets(
+        [later, sooner, clock, target(4)],
+        now=T0,
+        interval=timedelta(seconds=30),
+        read_at=read_at,
+    )
+    assert [t.job_id for t in due] == ["j4", "j2", "j3"]  # never read, then stalest first
+
+
 def test_a_round_spends_no_more_than_its_requests_stalest_first() -> None:
     targets = [target(i, seen=T0 - timedelta(seconds=100 - i)) for i in range(10)]
     api = ListingApi([task(i) for i in range(10)], page_size=1)

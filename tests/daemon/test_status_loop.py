@@ -222,3 +222,42 @@ def test_progress_with_no_room_to_step_counts_as_read(pool: ConnectionPool) -> N
     calls = len(api.calls)
     worker.status.poll_once()
     assert len(api.calls) == calls
+
+
+def test_a_processing_job_is_read_by_its_rate_not_every_interval(pool: ConnectionPool) -> None:
+    api, driver = FakeApi(), RecordingDriver()
+    start = datetime.now(UTC) - timedelta(hours=1)
+    tracked(pool, api, "slow", "PROCESSING", start)
+    clock = [start + timedelta(seconds=1)]
+    policy = replace(
+        FAST,
+        poll_interval=timedelta(seconds=10),
+        progress_freshness=timedelta(seconds=120),
+        rest_poll_interval=timedelta(minutes=10),
+    )
+    loop = make_status(
+        pool, api, driver, clock=lambda: clock[0], policy=policy, sweep_every_polls=None
+    )
+
+    def seen(after: float, completion: float) -> None:
+        with pool.connection() as conn:
+            conn.execute(
+                "UPDATE bw_jobs SET last_seen_at = %s, completion = %s",
+                (start + timedelta(seconds=after), completion),
+            )
+
+    def read_at(after: float) -> bool:
+        clock[0] = start + timedelta(seconds=after)
+        calls = len(api.calls)
+        loop.poll_once()
+        return len(api.calls) > calls
+
+    seen(0, 10.0)
+    assert not read_at(1)  # the processing run's first read: no rate yet
+    seen(60, 20.0)  # 10 points a minute: the end is 8 minutes off
+    assert not read_at(60 + 11)  # due on the fixed clock, not by the rate
+    assert not read_at(60 + 119)
+    assert read_at(60 + 120)  # the freshness bound
+    seen(500, 90.0)  # 80 points in 500 s: 62.5 s to go
+    assert not read_at(500 + 52)
+    assert read_at(500 + 53)  # an interval before the predicted end

@@ -37,7 +37,7 @@ from worker.lifecycle import (
     Transition,
     Wake,
 )
-from worker.settings import Settings
+from worker.settings import PROGRESS_FRESHNESS_POLLS, Settings
 from worker.store import jobs, leases
 from worker.wire import events
 from worker.wire.outgoing import OutboxMessage
@@ -85,6 +85,9 @@ def policy_from(settings: Settings) -> Policy:
     return Policy(
         poll_interval=poll,
         rest_poll_interval=timedelta(seconds=settings.rest_poll_interval),
+        progress_freshness=timedelta(seconds=settings.progress_freshness)
+        if settings.progress_freshness is not None
+        else poll * PROGRESS_FRESHNESS_POLLS,
         action_lag=timedelta(seconds=settings.action_lag),
         not_found_window=not_found,
         list_lag_window=list_lag,

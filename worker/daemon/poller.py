@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -113,14 +113,22 @@ def due_targets(
     now: datetime,
     interval: timedelta,
     rest_interval: timedelta | None = None,
+    read_at: Mapping[str, datetime] | None = None,
 ) -> list[PollTarget]:
-    """Targets whose status is older than their interval, stalest first."""
+    """Targets whose status is older than their interval, stalest first. A job in
+    ``read_at`` is due from the time it gives (worker/lifecycle/schedule.py) instead."""
     rest = rest_interval if rest_interval is not None else interval
-    due = [
-        t
-        for t in targets
-        if t.last_seen_at is None or t.last_seen_at <= now - (rest if t.resting else interval)
-    ]
+    when = read_at or {}
+
+    def is_due(t: PollTarget) -> bool:
+        if t.last_seen_at is None:
+            return True
+        at = when.get(t.job_id)
+        if at is not None:
+            return at <= now
+        return t.last_seen_at <= now - (rest if t.resting else interval)
+
+    due = [t for t in targets if is_due(t)]
     due.sort(key=lambda t: (t.last_seen_at is not None, t.last_seen_at or now))
     return due
 

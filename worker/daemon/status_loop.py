@@ -34,6 +34,7 @@ from worker.daemon.poller import (
     jobs_to_step,
 )
 from worker.lifecycle import Observation, Policy
+from worker.lifecycle.schedule import PROCESSING, Progress, next_read_at
 from worker.settings import Settings
 from worker.store import jobs, leases
 
@@ -123,6 +124,9 @@ class StatusLoop:
         self._lock = threading.Lock()
         self._progress_backlog = threads * PROGRESS_BACKLOG_PER_THREAD
         self._steps_pending = 0  # status steps submitted and not finished
+        # The first read of each processing job's run, for its completion's rate. In
+        # memory: after a restart a job is read every interval until its rate shows again.
+        self._progress_from: dict[str, Progress] = {}
 
     def request_stop(self) -> None:
         """Stop reading; steps in hand finish their current action, save and release."""
@@ -165,23 +169,19 @@ class StatusLoop:
             )
         # Ended jobs only widen a sweep (for their tag); their statuses are never read.
         targets = active + ended
-        due = due_targets(active, now=now, interval=interval, rest_interval=rest)
+        read_at = self._read_at(active)
+        due = due_targets(active, now=now, interval=interval, rest_interval=rest, read_at=read_at)
         sweep = sweeps is not None and sweeps.wanted(targets, now)
         if not due and not sweep:
-            soonest = min(
-                (
-                    t.last_seen_at + (rest if t.resting else interval)
-                    for t in active
-                    if t.last_seen_at is not None
-                ),
-                default=now + interval,
-            )
+            soonest = min(read_at.values(), default=now + interval)
             if sweeps is not None:
                 soonest = min(soonest, sweeps.next_at(targets) or soonest)
             return float(max(0.2, min((soonest - now).total_seconds(), interval.total_seconds())))
         # Jobs due within half an interval are read too where the scan can reach them: the
         # rounds then fall into step, one scan through the list doing for many.
-        soon = due_targets(active, now=now + interval / 2, interval=interval, rest_interval=rest)
+        soon = due_targets(
+            active, now=now + interval / 2, interval=interval, rest_interval=rest, read_at=read_at
+        )
         result = self._poller.round(
             targets, due, max_requests=self._round_requests, sweep=sweep, due_soon=soon
         )
@@ -224,6 +224,36 @@ class StatusLoop:
                 self._driver.drive_safely, claim, observations, stop=self._stop
             ).add_done_callback(self._step_done)
         return 0.2
+
+    def _read_at(self, active: list[jobs.PollTarget]) -> dict[str, datetime]:
+        """When each job read before is next due (worker/lifecycle/schedule.py), keeping
+        the first read of each processing run for its rate."""
+        policy = self._policy
+        known = self._progress_from
+        self._progress_from = {}
+        read_at: dict[str, datetime] = {}
+        for t in active:
+            if t.last_seen_at is None:
+                continue
+            first = known.get(t.job_id)
+            # A job read with only progress and no room to step it keeps its old completion
+            # beside a new last_seen_at: its rate reads low, so it is read later, never past
+            # the freshness bound.
+            if t.status == PROCESSING:
+                if first is None or t.completion < first.completion:
+                    first = Progress(at=t.last_seen_at, completion=t.completion)
+                self._progress_from[t.job_id] = first
+            read_at[t.job_id] = next_read_at(
+                status=t.status,
+                seen_at=t.last_seen_at,
+                completion=t.completion,
+                first=first if t.status == PROCESSING else None,
+                interval=policy.poll_interval,
+                freshness=policy.progress_freshness,
+                rest=policy.rest_poll_interval,
+                resting=t.resting,
+            )
+        return read_at
 
     def _step_done(self, _future: Future[None]) -> None:
         with self._lock:

@@ -79,6 +79,7 @@ class Policy:
 
     poll_interval: timedelta = timedelta(seconds=30)
     rest_poll_interval: timedelta = timedelta(minutes=10)  # resting at ANALYSIS_DONE
+    progress_freshness: timedelta = timedelta(minutes=2)  # processing, end not near
     action_lag: timedelta = timedelta(seconds=90)  # status may lag an action this long
     not_found_window: timedelta = timedelta(minutes=2)  # transient 404 after create
     list_lag_window: timedelta = timedelta(seconds=60)
