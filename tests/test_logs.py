@@ -64,6 +64,19 @@ def test_auto_writes_json_lines_when_not_a_terminal() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
 
 
+def test_the_worker_name_is_on_every_json_line() -> None:
+    stream = io.StringIO()
+    setup_logging("INFO", "json", stream, fields={"worker": "node-7-41-9f2c"})
+    logging.getLogger("worker.daemon.engine").info("one")
+    # A record's own field of that name does not overwrite it.
+    logging.getLogger("worker.api").warning("two", extra={"worker": "someone-else"})
+    entries = json_lines(stream)
+    assert [(e["message"], e["worker"]) for e in entries] == [
+        ("one", "node-7-41-9f2c"),
+        ("two", "node-7-41-9f2c"),
+    ]
+
+
 def test_auto_writes_text_to_a_terminal() -> None:
     stream = Terminal()
     setup_logging("INFO", "auto", stream)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,6 +116,38 @@ def test_the_secrets_directory_supplies_the_client_secret(
 
     assert settings.client_secret.get_secret_value() == SECRET
     require_credentials(settings)  # complete: does not raise
+
+
+def _worker_name_of_a_new_process(env: dict[str, str]) -> str:
+    script = "from worker.settings import load_settings; print(load_settings().worker_name)"
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+def test_two_workers_on_one_host_have_different_names() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(HOSTNAME="node-7", BATCH_WORKER_SECRETS_DIR="/nonexistent")
+    first, second = (_worker_name_of_a_new_process(env) for _ in range(2))
+    assert first != second
+    for name in (first, second):
+        assert re.fullmatch(r"node-7-\d+-[0-9a-f]{4}", name), name
+
+
+def test_the_default_worker_name_names_the_process() -> None:
+    name = load_settings().worker_name
+    assert f"-{os.getpid()}-" in name
+    assert load_settings().worker_name == name  # every Settings of one process agrees
+
+
+def test_a_set_worker_name_is_used_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_WORKER_WORKER_NAME", "batch-worker-7c9f-x2k")
+    assert load_settings().worker_name == "batch-worker-7c9f-x2k"
+    monkeypatch.setenv("BATCH_WORKER_WORKER_NAME", "")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert caught.value.problems[0].startswith("BATCH_WORKER_WORKER_NAME: ")
 
 
 def test_every_problem_gets_one_line_naming_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,7 +61,12 @@ def _run(args: argparse.Namespace) -> int:
     from worker.logs import setup_logging
     from worker.store.db import DatabaseUnusable
 
-    setup_logging(settings.log_level, settings.log_format, wire=settings.log_wire)
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        wire=settings.log_wire,
+        fields={"worker": settings.worker_name},
+    )
     # Into the worker's own log, where whoever runs it reads the rest of its start-up.
     for line in unknown_settings():
         logging.getLogger("worker.settings").warning(line)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -54,13 +55,22 @@ def rfc3339(timestamp: float) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, extras, exception."""
+    """One JSON object per line: time, level, logger, ``fields``, message, extras, exception.
+
+    ``fields`` go on every line (the daemon's ``worker``: which process wrote it, where
+    several write to one collector).
+    """
+
+    def __init__(self, fields: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._fields = dict(fields or {})
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": rfc3339(record.created),
             "level": record.levelname,
             "logger": record.name,
+            **self._fields,
             "message": record.getMessage(),
         }
         for key, value in extras(record).items():
@@ -97,7 +107,12 @@ def _wants_json(fmt: str, stream: TextIO) -> bool:
 
 
 def setup_logging(
-    level: str, fmt: str = "auto", stream: TextIO | None = None, *, wire: bool = False
+    level: str,
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    *,
+    wire: bool = False,
+    fields: Mapping[str, str] | None = None,
 ) -> None:
     """Configure the root logger. Calling it again replaces what an earlier call set up.
 
@@ -105,6 +120,8 @@ def setup_logging(
     ``stream`` defaults to standard output (CONTRACT.md "Configuration": ``LOG_FORMAT``).
     The libraries' wire logging (``NOISY_LOGGERS``: every HTTP request, every AMQP frame)
     stays at WARNING whatever ``level`` says, unless ``wire`` asks for it (``LOG_WIRE``).
+    ``fields`` are written on every JSON line; text lines, read by a person at one
+    process's terminal, go without them.
     """
     if fmt not in ("auto", "json", "text"):
         raise ValueError(f"log format must be auto, json or text, not {fmt!r}")
@@ -116,7 +133,7 @@ def setup_logging(
     handler = logging.StreamHandler(target)
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(RedactingRecordFilter())
-    formatter = JsonFormatter() if _wants_json(fmt, target) else TextFormatter()
+    formatter = JsonFormatter(fields) if _wants_json(fmt, target) else TextFormatter()
     handler.setFormatter(formatter)
 
     root = logging.getLogger()

@@ -10,8 +10,10 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from enum import StrEnum
+from functools import cache
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +49,22 @@ PRESETS: dict[Deployment, tuple[str, str]] = {
         "https://identity.dataspace.copernicus.eu/auth/realms/CDSE/protocol/openid-connect/token",
     ),
 }
+
+
+@cache
+def _process_name(pid: int) -> str:
+    host = os.environ.get("HOSTNAME") or os.uname().nodename
+    return f"{host}-{pid}-{secrets.token_hex(2)}"
+
+
+def default_worker_name() -> str:
+    """This process's name when ``WORKER_NAME`` is not set: host name, pid, a random part.
+
+    Two workers on one host must differ (the name owns job leases and signs events and
+    logs), and so must two containers sharing a host name, both pid 1: hence the random
+    part. The same for every Settings of one process, so it names the process.
+    """
+    return _process_name(os.getpid())
 
 
 class SettingsError(Exception):
@@ -127,9 +145,8 @@ class Settings(BaseSettings):
     # The libraries' wire logging (botocore, urllib3, kombu, ...) at LOG_LEVEL too: off, so
     # DEBUG shows the worker's own decisions, not every request and frame.
     log_wire: bool = False
-    worker_name: str = Field(
-        default_factory=lambda: os.environ.get("HOSTNAME") or os.uname().nodename
-    )
+    # The chart sets it to the pod name (unique per pod, kept across container restarts).
+    worker_name: str = Field(default_factory=default_worker_name, min_length=1, max_length=253)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -249,6 +249,8 @@ def test_the_worker_reads_the_rendered_env_and_secret_files(
     for key, value in the(manifests, "Secret")["stringData"].items():
         (secrets_dir / key).write_text(value + "\n")  # as `kubectl create secret --from-file`
     env = env_of(manifests)
+    # What the downward API gives the pod for metadata.name.
+    env[f"{ENV_PREFIX}WORKER_NAME"] = "batch-worker-7c9f-x2k"
     mount = {m["name"]: m["mountPath"] for m in container(manifests)["volumeMounts"]}["secrets"]
     assert env.pop(f"{ENV_PREFIX}SECRETS_DIR") == mount
     for name, value in env.items():
@@ -263,6 +265,18 @@ def test_the_worker_reads_the_rendered_env_and_secret_files(
     assert (loaded.client_id, loaded.fleet_id, loaded.poll_interval) == ("client-1", "eu-prod", 15)
     assert loaded.api_budget_per_minute == 300
     assert loaded.metrics_port == 9400
+    assert loaded.worker_name == "batch-worker-7c9f-x2k"
+
+
+def test_each_pod_names_its_worker_after_itself(chart: Any) -> None:
+    """Pods of one node share nothing that tells them apart but their names."""
+    (entry,) = [
+        e for e in container(render(chart, {}))["env"] if e["name"] == f"{ENV_PREFIX}WORKER_NAME"
+    ]
+    assert entry == {
+        "name": f"{ENV_PREFIX}WORKER_NAME",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    }
 
 
 def test_secrets_never_reach_the_environment_or_the_pod_spec(chart: Any) -> None:

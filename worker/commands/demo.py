@@ -199,7 +199,13 @@ def run_demo(base: Settings, *, speed: float | None = None, keep_going: bool = F
     saved_handlers, saved_level = list(root.handlers), root.level
     try:
         with log_path.open("w") as log_stream:
-            setup_logging(base.log_level, "json", stream=log_stream, wire=base.log_wire)
+            setup_logging(
+                base.log_level,
+                "json",
+                stream=log_stream,
+                wire=base.log_wire,
+                fields={"worker": base.worker_name},
+            )
             return _run(console, base, speed or DEFAULT_SPEED, keep_going, log_path)
     except KeyboardInterrupt:
         console.print("demo: interrupted; everything it started has stopped")
