@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import select
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -13,7 +16,14 @@ import pytest
 
 pytest.register_assert_rewrite("tests.cli_support")
 
-from tests.cli_support import Producer, Stack, WorkerProcess, run_cli, take_all  # noqa: E402
+from tests.cli_support import (  # noqa: E402
+    REPO,
+    Producer,
+    Stack,
+    WorkerProcess,
+    run_cli,
+    take_all,
+)
 from tests.conftest import pika_parameters  # noqa: E402
 
 # The e2e harness's fixtures (stack, start_worker, producer), through cli_support.
@@ -174,6 +184,41 @@ def test_replay_strips_the_brokers_dead_letter_headers(stack: Stack) -> None:
     assert replayed == body
     assert _without_delivery_count(properties.headers) == {}
     assert _ready(stack, stack.names.dlq) == 0
+
+
+def test_a_slow_reader_of_a_long_list_does_not_cost_the_connection(stack: Stack) -> None:
+    """More lines than a pipe holds, read only after several heartbeat timeouts: the list
+    was fetched and the connection closed before the first line went out."""
+    count = 1500  # some 150 KB of lines: more than a 64 KiB pipe takes before it blocks
+    conn = pika.BlockingConnection(pika_parameters(stack.broker_url))
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for n in range(count):
+            body = json.dumps({"job_id": f"j-{n}", "request": {}}).encode()
+            channel.basic_publish(
+                "", stack.names.dlq, body, pika.BasicProperties(message_id=f"m-{n}")
+            )
+    finally:
+        conn.close()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "dlq", "list", "--limit", str(count)],
+        cwd=REPO,
+        env=stack.env(heartbeat=1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    # Output has begun (the pipe fills, the writer blocks); the broker gives up on a
+    # client silent for about 2 heartbeats.
+    readable, _, _ = select.select([process.stdout], [], [], 60)
+    assert readable, "dlq list wrote nothing"
+    time.sleep(6)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert [row[1] for row in _rows(stdout)] == [f"m-{n}" for n in range(count)]
+    assert _ready(stack, stack.names.dlq) == count
 
 
 def test_replay_of_nothing_exits_1(stack: Stack) -> None:

@@ -91,39 +91,44 @@ def _dead_letters(settings: Settings, limit: int) -> Iterator[tuple[Channel, lis
             channel.close()  # requeues every message not acked
 
 
+# list and show write only once the connection is closed: a reader slower than the
+# broker's heartbeat timeout (a pager, a full pipe) must not hold it open meanwhile, and
+# the messages are back in the DLQ before the first line is out.
+
+
 def list_messages(settings: Settings, *, limit: int) -> int:
     """One line per message, oldest first: position, message id, job id, reason, size."""
     with _dead_letters(settings, limit) as (channel, letters):
         _, count, _ = channel.queue_declare(settings.dlq, passive=True)
-        if not letters:
-            print(f"{settings.dlq} is empty")
-            return 0
-        print(f"{'#':>4}  {'message id':<36}  {'job id':<30}  {'reason':<26}  bytes")
-        for letter in letters:
-            print(
-                f"{letter.position:>4}  {letter.message_id:<36}  {letter.job_id:<30}  "
-                f"{letter.reason:<26}  {len(letter.message.body)}"
-            )
-        # The ones fetched are unacked, so the ready count is what lies beyond them.
-        if count:
-            print(f"... and {count} more (--limit)")
+        lines = [
+            f"{letter.position:>4}  {letter.message_id:<36}  {letter.job_id:<30}  "
+            f"{letter.reason:<26}  {len(letter.message.body)}"
+            for letter in letters
+        ]
+    if not lines:
+        print(f"{settings.dlq} is empty")
+        return 0
+    print(f"{'#':>4}  {'message id':<36}  {'job id':<30}  {'reason':<26}  bytes")
+    print("\n".join(lines))
+    # The ones fetched were unacked, so the ready count was what lay beyond them.
+    if count:
+        print(f"... and {count} more (--limit)")
     return 0
 
 
 def show_message(settings: Settings, key: str, *, limit: int = 10_000) -> int:
+    found: Message | None = None
     with _dead_letters(settings, limit) as (_, letters):
-        for letter in letters:
-            if letter.matches(key):
-                properties = {k: v for k, v in letter.message.properties.items()}
-                print(json.dumps(properties, indent=2, default=str))
-                body = letter.message.body
-                sys.stdout.write(
-                    body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-                )
-                sys.stdout.write("\n")
-                return 0
-    print(f"no dead-lettered message {key!r} in {settings.dlq}", file=sys.stderr)
-    return 1
+        found = next((letter.message for letter in letters if letter.matches(key)), None)
+    if found is None:
+        print(f"no dead-lettered message {key!r} in {settings.dlq}", file=sys.stderr)
+        return 1
+    properties = {k: v for k, v in found.properties.items()}
+    print(json.dumps(properties, indent=2, default=str))
+    body = found.body
+    sys.stdout.write(body.decode("utf-8", "replace") if isinstance(body, bytes) else body)
+    sys.stdout.write("\n")
+    return 0
 
 
 def _original_properties(message: Message) -> dict[str, Any]:
