@@ -55,7 +55,7 @@ def rfc3339(timestamp: float) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, ``fields``, message, extras, exception.
+    """One JSON object per line: time, level, logger, message, ``fields``, extras, exception.
 
     ``fields`` go on every line (the daemon's ``worker``: which process wrote it, where
     several write to one collector).
@@ -70,8 +70,8 @@ class JsonFormatter(logging.Formatter):
             "time": rfc3339(record.created),
             "level": record.levelname,
             "logger": record.name,
-            **self._fields,
             "message": record.getMessage(),
+            **self._fields,
         }
         for key, value in extras(record).items():
             # A field named like one of ours must not overwrite it.

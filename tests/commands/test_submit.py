@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pika
 import pytest
 
-pytest.register_assert_rewrite("tests.cli_support")
+pytest.register_assert_rewrite("tests.cli_support", "tests.rabbitmq_node")
 
 from tests.cli_support import (  # noqa: E402
+    REPO,
     Events,
     Stack,
     WorkerProcess,
@@ -20,9 +26,17 @@ from tests.cli_support import (  # noqa: E402
     take_all,
     write_job,
 )
+from tests.e2e.conftest import FAST  # noqa: E402
+from tests.rabbitmq_node import RabbitNode  # noqa: E402
+from worker.broker import connection, declare_topology  # noqa: E402
+from worker.commands.follow import read_stored_job  # noqa: E402
+from worker.commands.status import job_status  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+from worker.simulator import SimulatorConfig, start_background  # noqa: E402
 
-# The e2e harness's fixtures (stack, start_worker, events, ...), through cli_support.
-pytest_plugins = ("tests.cli_support",)
+# The e2e harness's fixtures (stack, start_worker, events, ...), through cli_support; a
+# RabbitMQ node of the test's own (rabbit_node) for a broker restart.
+pytest_plugins = ("tests.cli_support", "tests.rabbitmq_node")
 pytestmark = pytest.mark.integration
 
 StartWorker = Callable[..., WorkerProcess]
@@ -201,3 +215,115 @@ def test_wait_gives_up_with_exit_3_after_the_timeout(stack: Stack, tmp_path: Pat
     assert "gave up waiting after 1 s" in result.stderr
     assert "SUBMITTED" in _summary_row(result.stdout, job["job_id"])
     assert [json.loads(body)["job_id"] for _, body in _queued(stack)] == [job["job_id"]]
+
+
+def test_wait_keeps_its_connection_through_a_long_silence(stack: Stack, tmp_path: Path) -> None:
+    """No worker, so no event at all: eight heartbeat intervals with nothing to read. A
+    follower that sent no heartbeats of its own lost its connection after about three."""
+    job = stack.payload(GEOTIFF)
+    result = run_cli(
+        "submit",
+        str(write_job(tmp_path, job)),
+        "--wait",
+        "--timeout",
+        "8",
+        env=stack.env(heartbeat=1),
+    )
+    assert result.returncode == 3, result.stderr
+    assert "gave up waiting after 8 s" in result.stderr
+    assert "lost the broker connection" not in result.stderr
+
+
+def test_wait_on_a_request_for_an_ended_job_answers_at_once(
+    stack: Stack, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """A cancel of an ended job changes nothing and no status event follows its
+    command.accepted: the job's stored end is the answer, without waiting for --timeout."""
+    start_worker()
+    job = stack.payload(GEOTIFF, features=2)
+    path = write_job(tmp_path, job)
+    first = run_cli("submit", str(path), "--wait", "--timeout", "90", env=stack.env(), timeout=120)
+    assert first.returncode == 0, first.stderr
+
+    cancel = write_job(tmp_path, {"job_id": job["job_id"], "action": "cancel"}, "cancel.json")
+    again = [
+        run_cli("submit", str(request), "--wait", "--timeout", "60", env=stack.env(), timeout=90)
+        for request in (cancel, path)
+    ]
+    for result in again:
+        assert result.returncode == 0, result.stderr
+        assert "DONE" in _summary_row(result.stdout, job["job_id"])
+        assert f"job {job['job_id']} had already ended" in result.stderr
+
+
+def _status_lines(stderr: str, job_id: str, status: str) -> list[str]:
+    return re.findall(rf"^\d\d:\d\d:\d\d {re.escape(job_id)} {status}$", stderr, re.MULTILINE)
+
+
+@pytest.mark.timeout(600)
+def test_wait_follows_a_long_job_across_a_broker_restart(
+    stack: Stack, start_worker: StartWorker, tmp_path: Path, rabbit_node: RabbitNode
+) -> None:
+    """Heartbeats of 2 s, a job of about half a minute, and the broker (a node of this
+    test's own) restarted while it runs: the follower reconnects, keeps its place, and
+    shows the job's end exactly once."""
+    heartbeat = 2
+    on_node = Settings(broker_url=rabbit_node.url, **stack.names.settings())
+    with connection(on_node, purpose="test") as conn:
+        declare_topology(conn, on_node)
+    # Some 290 API seconds for two features (analysis, processing, status lags), at x10.
+    slow = SimulatorConfig(**{**FAST, "speed": 10.0})
+    with start_background(slow) as simulator:
+        env = stack.env(
+            broker_url=rabbit_node.url,
+            api_url=simulator.url,
+            token_url=simulator.token_url,
+            heartbeat=heartbeat,
+        )
+        start_worker(
+            broker_url=rabbit_node.url,
+            api_url=simulator.url,
+            token_url=simulator.token_url,
+            heartbeat=heartbeat,
+        )
+        job = stack.payload(GEOTIFF, features=2)
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "worker", "submit", str(write_job(tmp_path, job)), "--wait"],
+            cwd=REPO,
+            env={**env, "COLUMNS": "200"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while (stored := read_stored_job(stack.settings(), job["job_id"])) is None or (
+                (stored.latest_status_event or {}).get("data", {}).get("status") != "PROCESSING"
+            ):
+                assert time.monotonic() < deadline, f"the job never got to PROCESSING: {stored}"
+                assert follower.poll() is None, follower.communicate()
+                time.sleep(0.5)
+            stopping = time.monotonic()
+            rabbit_node.stop()
+            time.sleep(heartbeat)  # the worker's events wait in its outbox meanwhile
+            booted = rabbit_node.start()
+            print(f"broker away {time.monotonic() - stopping:.1f} s (boot {booted:.1f} s)")
+            stdout, stderr = follower.communicate(timeout=300)
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.communicate()
+    assert follower.returncode == 0, stderr
+    row = _summary_row(stdout, job["job_id"])
+    assert "DONE" in row and "2/0/2" in row
+    assert len(_status_lines(stderr, job["job_id"], "DONE")) == 1, stderr
+    assert "lost the broker connection" in stderr
+    [outage] = re.findall(r"reconnected to the broker after ([\d.]+) s", stderr)
+    print(f"follower reconnected {outage} s after losing the broker")
+    ended = job_status(stack.settings(), job["job_id"])
+    assert ended is not None
+    span = datetime.fromisoformat(ended["ended_at"]) - datetime.fromisoformat(ended["accepted_at"])
+    took = span.total_seconds()
+    print(f"the job took {took:.0f} s: {took / heartbeat:.0f} heartbeat intervals")
+    # The premise, not a speed: the job outlived many heartbeat timeouts.
+    assert took > 10 * heartbeat

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -189,3 +190,32 @@ def test_two_workers_on_one_queue_never_work_one_job_at_once(
         assert len(terminal_ids(events, job["job_id"])) == 1
         assert len(tagged_requests(stack, job["job_id"])) == 1
     assert_no_forks(events)
+
+
+def _log_entries(worker: WorkerProcess) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+
+
+def test_two_workers_on_one_host_name_themselves_apart(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    """Without WORKER_NAME (the chart sets the pod name), on one host: two names, each on
+    its own process's events and on every line of its log."""
+    workers = [start_worker(), start_worker()]
+    jobs = [stack.payload(GEOTIFF, features=2) for _ in range(4)]
+    for job in jobs:
+        producer.publish(job)
+    for job in jobs:
+        events.wait_terminal(job["job_id"], timeout=120)
+
+    def started(worker: WorkerProcess) -> list[str]:
+        return [
+            e["worker"] for e in _log_entries(worker) if e["message"] == "batch-worker starting"
+        ]
+
+    wait_until(lambda: all(started(w) for w in workers), 60, "both workers to start")
+    names = [started(w)[0] for w in workers]
+    assert names[0] != names[1]
+    assert {e["data"]["worker"] for e in events.received} <= set(names)
+    for worker, name in zip(workers, names, strict=True):
+        assert {e.get("worker") for e in _log_entries(worker)} == {name}

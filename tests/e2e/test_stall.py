@@ -9,10 +9,6 @@ are scaled down with LIVENESS_FACTOR so the test takes seconds, not minutes.
 
 from __future__ import annotations
 
-import contextlib
-import select
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from tests.e2e.conftest import CLIENT_SECRET, Producer, Stack, WorkerProcess, free_port
+from tests.tcp_proxy import PausableProxy
 from worker.daemon import liveness
 from worker.settings import Settings
 
@@ -30,63 +27,6 @@ pytestmark = pytest.mark.integration
 
 FACTOR = 0.1  # bounds of 9 to 27 s: above any pause of a loaded test machine
 EXAMPLE = "max-ndvi-geotiff.json"
-
-
-class PausableProxy:
-    """Forwards TCP to ``target``; while paused, reads nothing and forwards nothing.
-
-    ``hold``: a client connection whose data starts with these bytes (an HTTP method, at the
-    start of a request) is frozen there: that request is never forwarded, its connection
-    stays open, and nothing more on it moves, while other connections carry on.
-    """
-
-    def __init__(self, target: tuple[str, int], *, hold: bytes | None = None) -> None:
-        self._target = target
-        self._hold = hold
-        self.held = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self.paused = threading.Event()
-        self._closed = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target)
-            with self._lock:
-                self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        peer = {a: b, b: a}
-        with contextlib.suppress(OSError):
-            while not self._closed.is_set():
-                if self.paused.is_set():
-                    time.sleep(0.05)  # the bytes wait in the kernel's buffers
-                    continue
-                readable, _, _ = select.select([a, b], [], [], 0.1)
-                for sock in readable:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    if sock is a and self._hold is not None and data.startswith(self._hold):
-                        self.held.set()
-                        return  # both sockets stay open (closed with the proxy)
-                    peer[sock].sendall(data)
-
-    def close(self) -> None:
-        self._closed.set()
-        self._listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.close()
 
 
 @pytest.fixture

@@ -279,7 +279,9 @@ def _follow(console: Console, settings: Settings, broker_url: str, keep_going: b
     jobs = _example_jobs()
     tracker = JobTracker([job["job_id"] for job in jobs])
     _wait_for_topology(broker_url, settings)
-    follower = EventFollower(settings, tracker)
+    follower = EventFollower(
+        settings, tracker, on_note=lambda text: console.print(text, markup=False)
+    )
     try:
         _publish(broker_url, settings.jobs_queue, jobs)
         console.print(f"published {len(jobs)} job requests to {settings.jobs_queue} (pika)")

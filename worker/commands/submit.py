@@ -25,6 +25,7 @@ from worker.commands.follow import (
     describe,
     progress_bars,
     show,
+    show_changes,
     summary,
 )
 from worker.redact import redact_text
@@ -70,12 +71,18 @@ def publish_request(
             markup=False,
         )
         return EXIT_USAGE
-    tracker = JobTracker([parsed.job_id])
+    message_id = str(uuid.uuid4())
+    tracker = JobTracker([parsed.job_id], action=parsed.action, command_id=message_id)
     follower: EventFollower | None = None
     try:
-        # Bind before publishing, so not even the first event can be missed.
-        follower = EventFollower(settings, tracker) if wait else None
-        message_id = _publish(settings, body)
+        # Bind (and read the job's state) before publishing, so not even the first event
+        # can be missed.
+        follower = (
+            EventFollower(settings, tracker, on_note=lambda text: notes.print(text, markup=False))
+            if wait
+            else None
+        )
+        _publish(settings, body, message_id)
     except BROKER_ERRORS as exc:
         notes.print(f"submit: not published: {_broker_problem(settings, exc)}", markup=False)
         if follower is not None:
@@ -104,8 +111,7 @@ def _broker_problem(settings: Settings, exc: BaseException) -> str:
     return broker_problem(settings.broker_url.get_secret_value(), exc)
 
 
-def _publish(settings: Settings, body: bytes) -> str:
-    message_id = str(uuid.uuid4())
+def _publish(settings: Settings, body: bytes, message_id: str) -> None:
     with connection(settings, purpose="submit") as conn:
         # Read when the connection opens: its channels are in confirm mode, so publish()
         # returns once the broker has the message (and raises if it could not route it).
@@ -123,7 +129,6 @@ def _publish(settings: Settings, body: bytes) -> str:
             retry=True,
             retry_policy=_RETRY_POLICY,
         )
-    return message_id
 
 
 def _wait(
@@ -144,7 +149,10 @@ def _wait(
             if deadline is not None and time.monotonic() > deadline:
                 timed_out = True
                 break
+    show_changes(notes, tracker)
     Console().print(summary(tracker, f"job {view.job_id}"))
+    if view.ended_before and view.finished and not view.rejected:
+        notes.print(f"job {view.job_id} had already ended: the request changes nothing")
     if timed_out:
         notes.print(f"gave up waiting after {timeout:g} s; the job goes on", markup=False)
         return EXIT_TIMEOUT

@@ -25,6 +25,12 @@ JOB_STATUS = "batchworker.job.status"
 JOB_PROGRESS = "batchworker.job.progress"
 COMMAND_ACCEPTED = "batchworker.command.accepted"
 COMMAND_REJECTED = "batchworker.command.rejected"
+
+WORKER_DESCRIPTION = (
+    "The worker process that published the event: its WORKER_NAME (the pod name under the"
+    " Helm chart, else host name, pid and a random part), so two processes on one host"
+    " differ. The event's source is the fleet's, whichever process publishes it."
+)
 EVENT_TYPES = (COMMAND_ACCEPTED, COMMAND_REJECTED, JOB_STATUS, JOB_PROGRESS)
 RFC3339_MS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
 
@@ -71,7 +77,7 @@ class JobEventData(_Wire):
         description="With STOPPED: USER_ACTION, OUT_OF_PU, UNHEALTHY, DEADLINE, COST_LIMIT."
     )
     error: ErrorData | None
-    worker: str = Field(description="The worker process that published the event.")
+    worker: str = Field(description=WORKER_DESCRIPTION)
     # Always sent; optional in the schema because the contract's v1 example predates it.
     duplicates_stopped: list[str] = Field(
         default_factory=list,
@@ -92,7 +98,7 @@ class CommandEventData(_Wire):
         json_schema_extra=_omitted_when_absent,
         description="Rejections only: what was wrong, naming the field.",
     )
-    worker: str
+    worker: str = Field(description=WORKER_DESCRIPTION)
 
 
 class _CloudEvent(_Wire):
