@@ -12,8 +12,10 @@ apt_install() {
 }
 
 ensure_rabbitmq() {
-  if port_open 5672; then echo "rabbitmq: already running on 127.0.0.1:5672"; return; fi
+  # Installed even when a broker already listens: tests that restart a broker start a
+  # node of their own (tests/rabbitmq_node.py).
   command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  if port_open 5672; then echo "rabbitmq: already running on 127.0.0.1:5672"; return; fi
   rabbitmq-server -detached
   # -detached returns at once; `await_startup` right after it fails, so poll.
   for _ in $(seq 1 60); do
