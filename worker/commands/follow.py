@@ -41,7 +41,7 @@ from kombu.messaging import Consumer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.broker import CONNECT_TIMEOUT, connection, socket_timeout
+from worker.broker import CLOSE_TIMEOUT, CONNECT_TIMEOUT, connection, release, socket_timeout
 from worker.commands.status import job_status
 from worker.lifecycle import TERMINAL
 from worker.redact import redact_text
@@ -63,7 +63,6 @@ FOLLOW_QUEUE_EXPIRES = 600
 # A follower away that long on a busy fleet must not fill the broker: the oldest go first.
 FOLLOW_QUEUE_MAX_LENGTH = 10_000
 FOLLOW_PREFETCH = 100
-CLOSE_TIMEOUT = 5.0
 # Reconnect attempts: at once, then 0.5 s, 1 s, 2 s, ... at most 5 s apart.
 RECONNECT_FIRST = 0.5
 RECONNECT_MAX = 5.0
@@ -290,7 +289,9 @@ class EventFollower:
     def _connect(self) -> None:
         conn = connection(self._settings, purpose="follow")
         try:
-            conn.ensure_connection(max_retries=0)  # one attempt: drain() paces the next
+            # One attempt at each node of a BROKER_URL list, no pause: drain() paces the
+            # next round.
+            conn.ensure_connection(max_retries=max(len(conn.alt), 1) - 1)
             # The handshake is bounded by the connect timeout, the replies to come are not:
             # a path that goes dark now must not hold the follower for ever.
             with socket_timeout(conn.connection.transport, CONNECT_TIMEOUT):
@@ -303,7 +304,7 @@ class EventFollower:
                 )
                 consumer.consume()
         except BaseException:
-            conn.collect()
+            release(conn, broken=True)
             raise
         self._connection, self._channel = conn, channel
 
@@ -382,18 +383,20 @@ class EventFollower:
         a path gone dark would wait for its answer for ever."""
         conn, self._connection, self._channel = self._connection, None, None
         if conn is not None:
-            with suppress(*BROKER_ERRORS):
-                conn.collect()
+            release(conn, broken=True)
 
     def close(self) -> None:
         """Delete the queue and close the connection, when the broker answers in time (else
         the queue expires by itself)."""
         conn, channel = self._connection, self._channel
-        if conn is not None and channel is not None:
-            with suppress(*BROKER_ERRORS), socket_timeout(conn.connection.transport, CLOSE_TIMEOUT):
-                channel.queue_delete(self.queue_name)
-                conn.release()
-        self._drop()
+        self._connection = self._channel = None
+        if conn is None or channel is None:
+            return
+        deleted = False
+        with suppress(*BROKER_ERRORS), socket_timeout(conn.connection.transport, CLOSE_TIMEOUT):
+            channel.queue_delete(self.queue_name)
+            deleted = True
+        release(conn, broken=not deleted)
 
 
 def show_changes(console: Any, tracker: JobTracker) -> None:
