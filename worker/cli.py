@@ -90,14 +90,23 @@ def _submit(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     from worker.commands.submit import submit
 
-    return submit(settings, Path(args.job), wait=args.wait, timeout=args.timeout)
+    return submit(
+        settings, Path(args.job), wait=args.wait, timeout=args.timeout, json_out=args.json
+    )
 
 
 def _act(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     from worker.commands.submit import act
 
-    return act(settings, args.job_id, args.command, wait=args.wait, timeout=args.timeout)
+    return act(
+        settings,
+        args.job_id,
+        args.command,
+        wait=args.wait,
+        timeout=args.timeout,
+        json_out=args.json,
+    )
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -196,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--timeout", type=float, default=None, help="give up waiting after this many seconds"
     )
+    submit.add_argument(
+        "--json", action="store_true", help="with --wait: end with the job's state as JSON"
+    )
     submit.set_defaults(handler=_submit)
 
     for verb, does in (
@@ -207,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         act.add_argument("--wait", action="store_true", help="show live progress until it ends")
         act.add_argument(
             "--timeout", type=float, default=None, help="give up waiting after this many seconds"
+        )
+        act.add_argument(
+            "--json", action="store_true", help="with --wait: end with the job's state as JSON"
         )
         act.set_defaults(handler=_act)
 

@@ -58,10 +58,11 @@ def test_demo_runs_the_three_examples_to_done_and_moves_off_a_taken_port(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert f"port {port} is taken: metrics on port " in result.stdout
+    # Off a terminal the summary is tab-separated lines: job, batch request, status, ...
     rows = {
-        line.split("│")[1].strip(): line.split("│")[3].strip()
-        for line in result.stdout.splitlines()
-        if line.startswith("│")
+        line.split("\t")[0]: line.split("\t")[2]
+        for line in result.stdout.splitlines()[1:]
+        if "\t" in line and not line.startswith("job\t")
     }
     assert sorted(rows) == _example_job_ids()
     assert set(rows.values()) == {"DONE"}

@@ -19,14 +19,8 @@ from rich.console import Console
 from tests.conftest import AmqpNames, pika_parameters
 from tests.tcp_proxy import PausableProxy
 from worker.broker import connection, declare_topology
-from worker.commands.follow import (
-    EventFollower,
-    JobTracker,
-    StoredJob,
-    describe,
-    show_changes,
-    summary,
-)
+from worker.commands.follow import EventFollower, JobTracker, StoredJob
+from worker.commands.render import describe, show_changes, summary
 from worker.settings import Settings
 
 

@@ -49,7 +49,8 @@ def _queued(stack: Stack) -> list[tuple[pika.BasicProperties, bytes]]:
 
 
 def _summary_row(stdout: str, job_id: str) -> str:
-    rows = [line for line in stdout.splitlines() if job_id in line and "│" in line]
+    # Off a terminal (as here) the summary is tab-separated lines, ids whole.
+    rows = [line for line in stdout.splitlines() if line.split("\t")[0] == job_id]
     assert len(rows) == 1, stdout
     return rows[0]
 
@@ -152,7 +153,12 @@ def test_wait_exits_1_when_the_job_fails(
         "submit", str(write_job(tmp_path, job)), "--wait", "--timeout", "90", env=stack.env()
     )
     assert result.returncode == 1, result.stderr
-    assert "FAILED" in _summary_row(result.stdout, job["job_id"])
+    row = _summary_row(result.stdout, job["job_id"])
+    assert "FAILED" in row
+    # The error's text, not only its code, right under the job's row.
+    lines = result.stdout.splitlines()
+    error = lines[lines.index(row) + 1]
+    assert error.startswith("  error: [api] ") and len(error) > len("  error: [api] X: "), error
 
 
 def test_wait_stops_at_analysis_done_without_auto_start(
@@ -254,6 +260,14 @@ def test_wait_on_a_request_for_an_ended_job_answers_at_once(
         assert result.returncode == 0, result.stderr
         assert "DONE" in _summary_row(result.stdout, job["job_id"])
         assert f"job {job['job_id']} had already ended" in result.stderr
+
+    # By id, with the result as JSON for a script: the whole state on one line.
+    by_id = run_cli("cancel", job["job_id"], "--wait", "--json", env=stack.env(), timeout=90)
+    assert by_id.returncode == 0, by_id.stderr
+    (line,) = by_id.stdout.splitlines()
+    state = json.loads(line)
+    assert state["job_id"] == job["job_id"] and state["status"] == "DONE"
+    assert state["tiles"] == {"processed": 2, "failed": 0, "total": 2}
 
 
 def _status_lines(stderr: str, job_id: str, status: str) -> list[str]:

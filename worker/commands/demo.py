@@ -26,7 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from rich.console import Console
 
-from worker.commands.follow import EventFollower, JobTracker, describe, progress_bars, show, summary
+from worker.commands.follow import EventFollower, JobTracker
+from worker.commands.render import describe, print_summary, progress_bars, show
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ def _follow(console: Console, settings: Settings, broker_url: str, keep_going: b
             while not all(view.finished for view in tracker.views.values()):
                 follower.drain(0.5)
                 show(progress, bars, tracker)
-        console.print(summary(tracker, "batch-worker demo"))
+        print_summary(console, tracker, "batch-worker demo", json_lines=False)
         if keep_going:
             console.print("all jobs ended; serving until Ctrl-C")
             try:

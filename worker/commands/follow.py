@@ -2,7 +2,7 @@
 
 Used by ``submit --wait`` and the demo. De-duplicates exactly as the contract asks event
 consumers to: drop an ``id`` already seen, and a ``sequence`` at or below the last one seen
-for that job. Rendering is rich's live progress bars, and a line per status change.
+for that job. Rendering is in ``render``.
 
 A job may run for hours, through broker restarts. The follower keeps its connection's
 heartbeats (no drain waits longer than a quarter of the heartbeat, and the heartbeat is
@@ -28,7 +28,6 @@ import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import amqp.exceptions
@@ -38,8 +37,6 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.message import Message
 from kombu.messaging import Consumer
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from worker.broker import CLOSE_TIMEOUT, CONNECT_TIMEOUT, connection, release, socket_timeout
 from worker.commands.status import job_status
@@ -397,61 +394,3 @@ class EventFollower:
             channel.queue_delete(self.queue_name)
             deleted = True
         release(conn, broken=not deleted)
-
-
-def show_changes(console: Any, tracker: JobTracker) -> None:
-    """A line per status change since the last call: a log that outlives the bars."""
-    for job_id, status, before in tracker.changes:
-        when = datetime.now().strftime("%H:%M:%S")
-        suffix = " (before this request)" if before else ""
-        console.print(f"{when} {job_id} {status}{suffix}", markup=False, highlight=False)
-    tracker.changes.clear()
-
-
-def describe(view: JobView) -> str:
-    tiles = view.tiles or {}
-    total = tiles.get("total")
-    tile_text = f"tiles {tiles.get('processed', 0)}/{total}" if total is not None else "tiles -"
-    if tiles.get("failed"):
-        tile_text += f" ({tiles['failed']} failed)"
-    status = view.status + (f" {view.stopped_reason}" if view.stopped_reason else "")
-    return f"[bold]{view.job_id:<28}[/] {status:<22} {tile_text}"
-
-
-def progress_bars(console: Any) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>5.1f}%"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-
-
-def show(progress: Progress, bars: dict[str, TaskID], tracker: JobTracker) -> None:
-    show_changes(progress.console, tracker)
-    for job_id, view in tracker.views.items():
-        done = 100.0 if view.status == "DONE" else view.completion
-        progress.update(bars[job_id], completed=done, description=describe(view))
-
-
-def summary(tracker: JobTracker, title: str) -> Table:
-    table = Table(title=title)
-    for column in ("job", "batch request", "status", "tiles done/failed/total", "cost PU", "time"):
-        table.add_column(column)
-    for view in tracker.views.values():
-        tiles = view.tiles or {}
-        elapsed = (view.ended or time.monotonic()) - view.started
-        status = view.status + (f" ({view.stopped_reason})" if view.stopped_reason else "")
-        problem = view.error or view.rejected
-        if problem:
-            status += f" {problem.get('code', '')}"
-        table.add_row(
-            view.job_id,
-            view.batch_request_id or "-",
-            status,
-            f"{tiles.get('processed', '-')}/{tiles.get('failed', '-')}/{tiles.get('total', '-')}",
-            f"{view.cost_pu:.1f}" if view.cost_pu is not None else "-",
-            f"{elapsed:.0f} s",
-        )
-    return table

@@ -17,17 +17,8 @@ from kombu.messaging import Producer
 from rich.console import Console
 
 from worker.broker import broker_problem, connection
-from worker.commands.follow import (
-    BROKER_ERRORS,
-    EventFollower,
-    JobTracker,
-    JobView,
-    describe,
-    progress_bars,
-    show,
-    show_changes,
-    summary,
-)
+from worker.commands.follow import BROKER_ERRORS, EventFollower, JobTracker, JobView
+from worker.commands.render import describe, print_summary, progress_bars, show, show_changes
 from worker.redact import redact_text
 from worker.settings import Settings
 from worker.wire.job_requests import SCHEMA_VERSION, Rejection, parse_job_request
@@ -41,27 +32,51 @@ EXIT_TIMEOUT = 3
 _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 3}
 
 
-def submit(settings: Settings, path: Path, *, wait: bool, timeout: float | None) -> int:
+def submit(
+    settings: Settings, path: Path, *, wait: bool, timeout: float | None, json_out: bool = False
+) -> int:
     try:
         body = path.read_bytes()
     except OSError as exc:
         Console(stderr=True).print(f"submit: cannot read {path}: {exc.strerror}", markup=False)
         return EXIT_USAGE
-    return publish_request(settings, body, source=str(path), wait=wait, timeout=timeout)
+    return publish_request(
+        settings, body, source=str(path), wait=wait, timeout=timeout, json_out=json_out
+    )
 
 
-def act(settings: Settings, job_id: str, action: str, *, wait: bool, timeout: float | None) -> int:
+def act(
+    settings: Settings,
+    job_id: str,
+    action: str,
+    *,
+    wait: bool,
+    timeout: float | None,
+    json_out: bool = False,
+) -> int:
     """``batch-worker cancel|start JOB_ID``: the same request a producer would publish."""
     body = json.dumps({"schema_version": SCHEMA_VERSION, "job_id": job_id, "action": action})
     return publish_request(
-        settings, body.encode(), source=f"{action} {job_id}", wait=wait, timeout=timeout
+        settings,
+        body.encode(),
+        source=f"{action} {job_id}",
+        wait=wait,
+        timeout=timeout,
+        json_out=json_out,
     )
 
 
 def publish_request(
-    settings: Settings, body: bytes, *, source: str, wait: bool, timeout: float | None
+    settings: Settings,
+    body: bytes,
+    *,
+    source: str,
+    wait: bool,
+    timeout: float | None,
+    json_out: bool = False,
 ) -> int:
-    """Publish one job request (``source`` names it in messages); with ``wait``, follow it."""
+    """Publish one job request (``source`` names it in messages); with ``wait``, follow it
+    (and with ``json_out``, end with the job's state as one JSON object)."""
     notes = Console(stderr=True)
     parsed = parse_job_request(body, "application/json")
     if isinstance(parsed, Rejection):
@@ -97,7 +112,8 @@ def publish_request(
         return EXIT_DONE
     try:
         rest_ends_wait = parsed.action == "submit" and not parsed.auto_start
-        return _wait(notes, follower, tracker.views[parsed.job_id], timeout, rest_ends_wait)
+        view = tracker.views[parsed.job_id]
+        return _wait(notes, follower, view, timeout, rest_ends_wait, json_out=json_out)
     finally:
         follower.close()
 
@@ -137,6 +153,8 @@ def _wait(
     view: JobView,
     timeout: float | None,
     rest_ends_wait: bool,
+    *,
+    json_out: bool,
 ) -> int:
     deadline = None if timeout is None else time.monotonic() + timeout
     tracker = follower.tracker
@@ -150,7 +168,7 @@ def _wait(
                 timed_out = True
                 break
     show_changes(notes, tracker)
-    Console().print(summary(tracker, f"job {view.job_id}"))
+    print_summary(Console(), tracker, f"job {view.job_id}", json_lines=json_out)
     if view.ended_before and view.finished and not view.rejected:
         notes.print(f"job {view.job_id} had already ended: the request changes nothing")
     if timed_out:
