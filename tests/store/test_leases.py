@@ -155,3 +155,73 @@ def test_a_request_arriving_during_a_step_makes_the_save_write_nothing(
         record = jobs.get_job(conn, FLEET, "j1")
     assert again is None
     assert record is not None and record.state == folded and record.cancel_requested_at is None
+
+
+def test_a_save_that_ends_the_drive_gives_the_lease_back_in_the_same_statement(
+    pool: ConnectionPool,
+) -> None:
+    insert(pool, job())
+    (c,) = claim(pool)
+    later = T0 + timedelta(minutes=3)
+    event = OutboxMessage(exchange="ex", routing_key="job.status", body=b'{"id": "e1"}')
+    state = c.state.model_copy(update={"status": "CREATED", "sequence": 1})
+    with pool.connection() as conn, conn.pipeline():
+        saved = leases.save_step(
+            conn,
+            state,
+            generation=c.generation,
+            owner="w1",
+            messages=[event],
+            status_event=event,
+            lease_until=T0 + LEASE,
+            release=leases.Release(later),
+        )
+    assert saved is None
+    with pool.connection() as conn:
+        record = jobs.get_job(conn, FLEET, "j1")
+        rows = conn.execute("SELECT routing_key FROM bw_outbox").fetchall()
+    assert record is not None and record.state == state
+    assert record.lease_owner is None and record.next_run_at == later
+    assert rows == [("job.status",)]
+    # Free: the next claim at that wake-up takes it, with a new generation.
+    (again,) = claim(pool, "w2", now=later)
+    assert again.generation == c.generation + 1
+
+
+def test_a_releasing_save_of_an_ended_job_leaves_it_never_due(pool: ConnectionPool) -> None:
+    insert(pool, job())
+    (c,) = claim(pool)
+    ended = c.state.model_copy(
+        update={"phase": Phase.ENDED, "status": "DONE", "ended_at": T0, "batch_request_id": "b"}
+    )
+    with pool.connection() as conn:
+        leases.save_step(
+            conn, ended, generation=c.generation, owner="w1", release=leases.Release(T0)
+        )
+        record = jobs.get_job(conn, FLEET, "j1")
+    assert record is not None and record.lease_owner is None and record.next_run_at is None
+    assert claim(pool, now=T0 + timedelta(days=1)) == []
+
+
+def test_a_releasing_save_that_lost_its_lease_writes_and_releases_nothing(
+    pool: ConnectionPool,
+) -> None:
+    insert(pool, job())
+    (c,) = claim(pool)
+    (other,) = claim(pool, "w2", now=T0 + LEASE * 2)
+    event = OutboxMessage(exchange="ex", routing_key="job.status", body=b"{}")
+    with pytest.raises(leases.LeaseLost), pool.connection() as conn:
+        leases.save_step(
+            conn,
+            c.state.model_copy(update={"status": "CREATED"}),
+            generation=c.generation,
+            owner="w1",
+            messages=[event],
+            release=leases.Release(T0),
+        )
+    with pool.connection() as conn:
+        record = jobs.get_job(conn, FLEET, "j1")
+        rows = conn.execute("SELECT count(*) FROM bw_outbox").fetchone()
+    assert record is not None and record.lease_owner == "w2" and record.state == c.state
+    assert rows == (0,)
+    assert other.generation == c.generation + 1

@@ -38,7 +38,7 @@ from worker.lifecycle import (
     Wake,
 )
 from worker.settings import PROGRESS_FRESHNESS_POLLS, Settings
-from worker.store import jobs, leases
+from worker.store import db, jobs, leases
 from worker.wire import events
 from worker.wire.outgoing import OutboxMessage
 
@@ -106,6 +106,7 @@ class _Held:
 
     state: JobState
     generation: int
+    released: bool = False  # the last save gave the lease back
 
 
 class Engine:
@@ -283,7 +284,7 @@ class Engine:
             now = self._clock()
             observation = pending.popleft()
             transition = lifecycle.step(held.state, observation, now, self._policy)
-            arrived = self._save(held, transition, now, seen)
+            arrived = self._save(held, transition, now, seen, self._last(transition, pending, stop))
             while arrived is not None:
                 # A start or cancel came while this step was decided (say a cancel while the
                 # create was in flight): decide it again knowing the request; the first
@@ -298,9 +299,13 @@ class Engine:
                 )
                 transition = lifecycle.step(known, observation, now, self._policy)
                 self._progress(STEPS_LOOP)
-                arrived = self._save(held, transition, now, seen)
+                release = self._last(transition, pending, stop)
+                arrived = self._save(held, transition, now, seen, release)
             seen = leases.Requests()
             wake_at = transition.wake_at
+            if held.released:
+                self._progress(STEPS_LOOP)
+                return
             for action in transition.actions:
                 if stop.is_set() or self._stop.is_set():
                     break  # stopping: the action in hand finished; take on nothing new
@@ -322,11 +327,36 @@ class Engine:
         self._progress(STEPS_LOOP)
         self._release(held, wake_at)
 
+    def _last(
+        self, transition: Transition, pending: deque[Observation], stop: threading.Event
+    ) -> leases.Release | None:
+        """The lease to give back with this step's save, when the drive ends with it: it
+        asks for no action and nothing else waits. One round trip then saves and releases.
+        """
+        if transition.actions or pending:
+            return None
+        if stop.is_set() or self._stop.is_set():
+            return leases.Release(self._clock())  # another worker takes it at once
+        return leases.Release(self._wake_at(transition.state, transition.wake_at))
+
+    def _wake_at(self, state: JobState, wake_at: datetime | None) -> datetime | None:
+        if wake_at is None and state.phase is Phase.PENDING_CREATE:
+            # Nothing polls a job without a request: never leave one without a wake-up.
+            return self._clock() + self._policy.create_retry
+        # A tracked job without a wake-up is the status poller's (it reads every one).
+        return wake_at
+
     def _save(
-        self, held: _Held, transition: Transition, now: datetime, seen: leases.Requests
+        self,
+        held: _Held,
+        transition: Transition,
+        now: datetime,
+        seen: leases.Requests,
+        release: leases.Release | None,
     ) -> leases.Requests | None:
-        """Save the step (state, events, requests cleared); None when saved, else the
-        requests that arrived since ``seen`` (nothing was written)."""
+        """Save the step (state, events, requests cleared; with ``release``, the lease given
+        back); None when saved, else the requests that arrived since ``seen`` (nothing was
+        written)."""
         previous, state = held.state, transition.state
         messages: list[OutboxMessage] = []
         status_event: OutboxMessage | None = None
@@ -344,7 +374,9 @@ class Engine:
                 status_event = next(
                     (m for m in out if m.exchange == self._settings.events_exchange), None
                 )
-        with self._pool.connection() as conn:
+        # One statement (see leases.save_step), in autocommit: its own transaction, so the
+        # step's writes and, when it ends the drive, the release cost one round trip.
+        with self._pool.connection() as conn, db.autocommit(conn):
             arrived = leases.save_step(
                 conn,
                 state,
@@ -355,10 +387,12 @@ class Engine:
                 folded_cancel=seen.cancel_requested_at,
                 folded_start=seen.start_requested_at,
                 lease_until=now + self._lease,
+                release=release,
             )
         if arrived is not None:
             return arrived
         held.state = state
+        held.released = release is not None
         self._after_commit(previous, state)
         return None
 
@@ -392,10 +426,7 @@ class Engine:
             metrics.job_finished(state.status or "UNKNOWN", reason, duration)
 
     def _release(self, held: _Held, wake_at: datetime | None) -> None:
-        if wake_at is None and held.state.phase is Phase.PENDING_CREATE:
-            # Nothing polls a job without a request: never leave one without a wake-up.
-            wake_at = self._clock() + self._policy.create_retry
-        # A tracked job without a wake-up is the status poller's (it reads every one).
+        wake_at = self._wake_at(held.state, wake_at)
         with self._pool.connection() as conn:
             released = leases.release(
                 conn,

@@ -110,23 +110,48 @@ def claim_due(
     ]
 
 
+# One statement, so a step's writes travel to PostgreSQL together: the fenced update, the
+# outbox rows (inserted only when the update applied) and the relays' wake-up. With
+# ``release`` the lease is given back in the same update, which a step that ends the
+# drive (no action to perform) needs nothing else for. ``saved`` is 0 when the fence or a
+# request that arrived meanwhile kept the update from applying: then nothing was written.
 _SAVE = f"""
-    UPDATE bw_jobs
-    SET state = %(state)s::jsonb, phase = %(phase)s, status = %(status)s,
-        batch_request_id = %(batch_request_id)s, upstream_created = %(upstream_created)s,
-        ended_at = %(ended_at)s,
-        last_seen_at = GREATEST(last_seen_at, %(last_seen_at)s),
-        {jobs.DERIVED_SET},
-        last_status_event = COALESCE(%(status_event)s, last_status_event),
-        cancel_requested_at = NULL,
-        start_requested_at = NULL,
-        lease_until = COALESCE(%(lease_until)s, lease_until),
-        next_run_at = COALESCE(%(lease_until)s, next_run_at)
-    WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
-      AND generation = %(generation)s AND lease_owner = %(owner)s
-      AND cancel_requested_at IS NOT DISTINCT FROM %(folded_cancel)s
-      AND start_requested_at IS NOT DISTINCT FROM %(folded_start)s
+    WITH saved AS (
+        UPDATE bw_jobs
+        SET state = %(state)s::jsonb, phase = %(phase)s, status = %(status)s,
+            batch_request_id = %(batch_request_id)s, upstream_created = %(upstream_created)s,
+            ended_at = %(ended_at)s,
+            last_seen_at = GREATEST(last_seen_at, %(last_seen_at)s),
+            {jobs.DERIVED_SET},
+            last_status_event = COALESCE(%(status_event)s, last_status_event),
+            cancel_requested_at = NULL,
+            start_requested_at = NULL,
+            lease_owner = CASE WHEN %(release)s THEN NULL ELSE lease_owner END,
+            lease_until = CASE WHEN %(release)s THEN NULL
+                ELSE COALESCE(%(lease_until)s, lease_until) END,
+            next_run_at = CASE
+                WHEN %(release)s AND %(ended_at)s::timestamptz IS NOT NULL THEN NULL
+                WHEN %(release)s THEN %(next_run_at)s::timestamptz
+                ELSE COALESCE(%(lease_until)s, next_run_at) END
+        WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
+          AND generation = %(generation)s AND lease_owner = %(owner)s
+          AND cancel_requested_at IS NOT DISTINCT FROM %(folded_cancel)s
+          AND start_requested_at IS NOT DISTINCT FROM %(folded_start)s
+        RETURNING 1
+    ), queued AS (
+        {outbox.INSERT_ROWS} WHERE EXISTS (SELECT FROM saved) ORDER BY n
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM saved),
+           CASE WHEN EXISTS (SELECT FROM queued) THEN pg_notify(%(channel)s, '') END
 """
+
+
+@dataclass(frozen=True)
+class Release:
+    """Give the lease back with the save: the next wake-up (None: the status poller's)."""
+
+    next_run_at: datetime | None
 
 
 def save_step(
@@ -140,6 +165,7 @@ def save_step(
     folded_cancel: datetime | None = None,
     folded_start: datetime | None = None,
     lease_until: datetime | None = None,
+    release: Release | None = None,
 ) -> Requests | None:
     """Save a step's state and its outbox rows, fenced on ``generation`` and ``owner``;
     None when saved.
@@ -152,36 +178,39 @@ def save_step(
     own WHERE, so no request can slip in between it and the actions but after the commit.
 
     Raises LeaseLost (the caller's transaction must roll back, and the step's actions must
-    not run). ``lease_until`` extends the lease for a long step.
+    not run). ``lease_until`` extends the lease for a long step; ``release`` gives it back
+    instead, as :func:`release` would (no request can be pending: the save cleared them).
     """
-    cur = conn.execute(
+    row = conn.execute(
         _SAVE,
         {
             **jobs.columns(state),
+            **outbox.rows_parameters(messages),
+            "channel": outbox.NOTIFY_CHANNEL,
             "status_event": Jsonb(message_to_json(status_event)) if status_event else None,
             "folded_cancel": folded_cancel,
             "folded_start": folded_start,
             "lease_until": lease_until,
+            "release": release is not None,
+            "next_run_at": release.next_run_at if release is not None else None,
             "fleet_id": state.fleet_id,
             "job_id": state.job_id,
             "generation": generation,
             "owner": owner,
         },
-    )
-    if cur.rowcount != 1:
-        row = conn.execute(
-            """
-            SELECT generation, lease_owner, cancel_requested_at, start_requested_at
-            FROM bw_jobs WHERE fleet_id = %s AND job_id = %s
-            """,
-            (state.fleet_id, state.job_id),
-        ).fetchone()
-        if row is None or row[0] != generation or row[1] != owner:
-            raise LeaseLost(f"job {state.job_id}: lease lost before save (generation {generation})")
-        return Requests(cancel_requested_at=row[2], start_requested_at=row[3])
-    if messages:
-        outbox.enqueue(conn, list(messages))
-    return None
+    ).fetchone()
+    if row is not None and row[0] == 1:
+        return None
+    found = conn.execute(
+        """
+        SELECT generation, lease_owner, cancel_requested_at, start_requested_at
+        FROM bw_jobs WHERE fleet_id = %s AND job_id = %s
+        """,
+        (state.fleet_id, state.job_id),
+    ).fetchone()
+    if found is None or found[0] != generation or found[1] != owner:
+        raise LeaseLost(f"job {state.job_id}: lease lost before save (generation {generation})")
+    return Requests(cancel_requested_at=found[2], start_requested_at=found[3])
 
 
 def release(

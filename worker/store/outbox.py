@@ -47,24 +47,32 @@ def enqueue(conn: psycopg.Connection[Any], messages: Sequence[OutboxMessage]) ->
     """
     if not messages:
         return
-    # One statement for the lot (intake enqueues a batch's events at once), arrays in
-    # binary so psycopg does not escape every body; ORDINALITY keeps ids in list order.
-    conn.execute(
-        "INSERT INTO bw_outbox (exchange, routing_key, body, properties, headers, mandatory)"
-        " SELECT exchange, routing_key, body, properties::jsonb, headers::jsonb, mandatory"
-        " FROM unnest(%b::text[], %b::text[], %b::bytea[], %b::text[], %b::text[], %b::bool[])"
-        " WITH ORDINALITY AS m (exchange, routing_key, body, properties, headers, mandatory, n)"
-        " ORDER BY n",
-        (
-            [m.exchange for m in messages],
-            [m.routing_key for m in messages],
-            [m.body for m in messages],
-            [encode_table(m.properties) for m in messages],
-            [encode_table(m.headers) for m in messages],
-            [m.mandatory for m in messages],
-        ),
-    )
+    conn.execute(f"{INSERT_ROWS} ORDER BY n", rows_parameters(messages))
     conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+
+
+# One statement for the lot (intake enqueues a batch's events at once), arrays in binary so
+# psycopg does not escape every body; ORDINALITY keeps ids in list order. A caller may add a
+# WHERE before the ORDER BY (the engine's save inserts only when its fenced update applied).
+INSERT_ROWS = (
+    "INSERT INTO bw_outbox (exchange, routing_key, body, properties, headers, mandatory)"
+    " SELECT exchange, routing_key, body, properties::jsonb, headers::jsonb, mandatory"
+    " FROM unnest(%(exchanges)b::text[], %(routing_keys)b::text[], %(bodies)b::bytea[],"
+    " %(properties)b::text[], %(headers)b::text[], %(mandatory)b::bool[])"
+    " WITH ORDINALITY AS m (exchange, routing_key, body, properties, headers, mandatory, n)"
+)
+
+
+def rows_parameters(messages: Sequence[OutboxMessage]) -> dict[str, list[Any]]:
+    """The parameters of ``INSERT_ROWS`` for ``messages``."""
+    return {
+        "exchanges": [m.exchange for m in messages],
+        "routing_keys": [m.routing_key for m in messages],
+        "bodies": [m.body for m in messages],
+        "properties": [encode_table(m.properties) for m in messages],
+        "headers": [encode_table(m.headers) for m in messages],
+        "mandatory": [m.mandatory for m in messages],
+    }
 
 
 def claim(conn: psycopg.Connection[Any], limit: int) -> list[tuple[int, OutboxMessage]]:
