@@ -132,3 +132,78 @@ def test_stopped_job_leaves_pending_rows(s3_sim: Running, s3_bucket: str, tmp_pa
             break
         time.sleep(0.1)
     assert "PENDING" in statuses
+
+
+def follow_up_input(
+    bucket: str, manifest: sqlite3.Connection, names: set[str], tmp_path: Path
+) -> str:
+    """A GeoPackage over ``names`` (rows of the manifest), uploaded; its s3:// url."""
+    from worker.simulator import gpkg
+
+    (table,) = manifest.execute("SELECT table_name FROM gpkg_contents").fetchone()
+    (epsg,) = manifest.execute("SELECT srs_id FROM gpkg_contents").fetchone()
+    rows = {
+        identifier: (
+            gpkg.rectangle((0.0, 0.0, 1.0, 1.0)),
+            (identifier, width, height),
+        )
+        for identifier, width, height in manifest.execute(
+            f'SELECT identifier, width, height FROM "{table}"'
+        )
+        if identifier in names
+    }
+    path = tmp_path / "retry.gpkg"
+    conn = gpkg.create(path)
+    columns = [
+        gpkg.Column("identifier", "TEXT"),
+        gpkg.Column("width", "INTEGER"),
+        gpkg.Column("height", "INTEGER"),
+    ]
+    gpkg.add_feature_table(conn, table, epsg, columns, rows.values(), primary_key="id")
+    conn.commit()
+    conn.close()
+    boto3.client("s3").upload_file(str(path), bucket, "retry/retry.gpkg")
+    return f"s3://{bucket}/retry/retry.gpkg"
+
+
+@pytest.mark.parametrize(("markers", "fatal_again"), [("", 0), (" [sim:fatal-attempts=2]", 3)])
+def test_a_follow_up_over_fatal_features_runs_them_again_at_their_paths(
+    s3_sim: Running, s3_bucket: str, tmp_path: Path, markers: str, fatal_again: int
+) -> None:
+    api = Api(s3_sim)
+    request = in_bucket(example_request("max-ndvi-geotiff.json"), s3_bucket)
+    request["description"] += " [sim:fatal=3]" + markers
+    first = api.create(request)
+    api.post(f"/process/{first['id']}/start")
+    run_to(api, first["id"], {"DONE"})
+    _, manifest_key, execution_key = artifact_keys(f"s3://{s3_bucket}", first["id"])
+    manifest = fetch(s3_bucket, manifest_key, tmp_path)
+    db = fetch(s3_bucket, execution_key, tmp_path)
+    fatal = {r[0] for r in db.execute("SELECT name FROM features WHERE status = 'FATAL'")}
+    assert len(fatal) == 3
+
+    # The same request over just those features, to the first request's own paths.
+    retry = in_bucket(example_request("max-ndvi-geotiff.json"), s3_bucket)
+    retry["description"] = request["description"]
+    credentials = {k: v for k, v in retry["output"]["delivery"]["s3"].items() if k != "url"}
+    retry["input"] = {
+        "type": "geopackage",
+        "features": {
+            "s3": {**credentials, "url": follow_up_input(s3_bucket, manifest, fatal, tmp_path)}
+        },
+    }
+    url = f"s3://{s3_bucket}/{first['id']}/<tileName>/<outputId>.<format>"
+    retry["output"]["delivery"]["s3"]["url"] = url
+    retry["output"]["overwrite"] = True
+    second = api.create(retry)
+    api.post(f"/process/{second['id']}/start")
+    run_to(api, second["id"], {"DONE"})
+    _, manifest_key, execution_key = artifact_keys(url, second["id"])
+    assert manifest_key == f"{first['id']}/featureManifest-{second['id']}.gpkg"
+    rerun = fetch(s3_bucket, manifest_key, tmp_path)
+    paths = {r[0] for r in rerun.execute("SELECT path FROM feature_32632")}
+    originals = {r[0] for r in manifest.execute("SELECT path FROM feature_32632")}
+    assert len(paths) == 3 and paths <= originals
+    db = fetch(s3_bucket, execution_key, tmp_path)
+    counts = dict(db.execute("SELECT status, COUNT(*) FROM features GROUP BY status").fetchall())
+    assert counts == {k: v for k, v in {"DONE": 3 - fatal_again, "FATAL": fatal_again}.items() if v}

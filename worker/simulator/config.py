@@ -68,7 +68,12 @@ class SimulatorConfig(BaseModel):
     rate_fail_analysis: float = Field(0.0, ge=0, le=1, description="share of analyses FAILED")
     rate_out_of_pu: float = Field(0.0, ge=0, le=1, description="share of jobs STOPPED OUT_OF_PU")
     rate_unhealthy: float = Field(0.0, ge=0, le=1, description="share of jobs STOPPED UNHEALTHY")
-    rate_fatal_feature: float = Field(0.0, ge=0, le=1, description="share of features FATAL")
+    rate_fatal_feature: float = Field(
+        0.0, ge=0, le=1, description="chance a feature ends FATAL, rolled on each attempt"
+    )
+    fatal_attempts: int = Field(
+        1, ge=1, description="attempts a feature picked by [sim:fatal=N] stays FATAL"
+    )
     seed: int | None = Field(None, description="seed of the fault dice (reproducible runs)")
     # --- features and artifacts -----------------------------------------------------
     geopackage_default_features: int = Field(

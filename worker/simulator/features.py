@@ -3,16 +3,22 @@
 Features come from the tiling grid and the bounds (§5.2, §7), or from the GeoPackage input
 read from S3 (§5.2 rules). Faults per request come from markers in the description
 (``[sim:fail-analysis]``, ``[sim:out-of-pu]``, ``[sim:unhealthy]``, ``[sim:fatal=3]``,
-``[sim:features=12]``) or from the configured rates.
+``[sim:fatal-attempts=2]``, ``[sim:features=12]``) or from the configured rates.
+
+FATAL dice are per feature *and attempt*: a feature's attempt is how many earlier requests
+of the account processed a feature of that name to the same output path (a follow-up over
+FATAL features re-runs them there, docs/simulator.md), so a follow-up may pass where the
+first request failed, and with a seed the same feature meets the same fate on every run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,7 @@ Downloader = Callable[[str, Path], None]
 def decide_outcome(description: str, config: SimulatorConfig, dice: random.Random) -> Outcome:
     """The faults a new request will meet: markers win over the rates."""
     markers = {name: value for name, value in _MARKER.findall(description)}
-    outcome = Outcome(fatal_rate=config.rate_fatal_feature)
+    outcome = Outcome(fatal_rate=config.rate_fatal_feature, fatal_attempts=config.fatal_attempts)
     outcome.fail_analysis = "fail-analysis" in markers or dice.random() < config.rate_fail_analysis
     if "out-of-pu" in markers or dice.random() < config.rate_out_of_pu:
         outcome.stop_reason, outcome.stop_at = "OUT_OF_PU", 50.0
@@ -41,6 +47,8 @@ def decide_outcome(description: str, config: SimulatorConfig, dice: random.Rando
         outcome.stop_reason, outcome.stop_at = "UNHEALTHY", 30.0
     if markers.get("fatal"):
         outcome.fatal = int(markers["fatal"])
+    if markers.get("fatal-attempts"):
+        outcome.fatal_attempts = max(1, int(markers["fatal-attempts"]))
     if markers.get("features"):
         outcome.features = max(1, int(markers["features"]))
     return outcome
@@ -112,12 +120,41 @@ def pu_per_feature(request: dict[str, Any]) -> float:
     return round(cost, 6)
 
 
-def fatal_indices(count: int, outcome: Outcome, dice: random.Random) -> frozenset[int]:
-    """Which features will end FATAL: an exact number spread evenly, else by the rate."""
+def fatal_indices(
+    names: Sequence[str],
+    outcome: Outcome,
+    attempts: Callable[[str], int],
+    *,
+    seed: int | None,
+    dice: random.Random,
+) -> frozenset[int]:
+    """Which features will end FATAL.
+
+    An exact number (``[sim:fatal=N]``) picks N features spread evenly; each of them is
+    FATAL while it is on one of its first ``fatal_attempts`` attempts (``attempts(name)``:
+    0 for a feature never run before). Else each feature rolls ``fatal_rate`` afresh on
+    every attempt: with a seed, a die of its own (seed, name, attempt), so the outcome does
+    not depend on the order requests are made in.
+    """
+    count = len(names)
     if outcome.fatal is not None:
         wanted = min(outcome.fatal, count)
         if wanted == 0:
             return frozenset()
         step = count / wanted
-        return frozenset(int(i * step) for i in range(wanted))
-    return frozenset(i for i in range(count) if dice.random() < outcome.fatal_rate)
+        chosen = (int(i * step) for i in range(wanted))
+        return frozenset(i for i in chosen if attempts(names[i]) < outcome.fatal_attempts)
+    if outcome.fatal_rate <= 0:
+        return frozenset()
+    return frozenset(
+        i
+        for i, name in enumerate(names)
+        if _roll(seed, name, attempts(name), dice) < outcome.fatal_rate
+    )
+
+
+def _roll(seed: int | None, name: str, attempt: int, dice: random.Random) -> float:
+    if seed is None:
+        return dice.random()
+    digest = hashlib.sha256(f"{seed}\0{name}\0{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

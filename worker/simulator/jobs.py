@@ -61,6 +61,7 @@ class Outcome:
     stop_at: float = 50.0  # completion percentage at which the stop happens
     fatal: int | None = None  # exact number of FATAL features, else rate
     fatal_rate: float = 0.0
+    fatal_attempts: int = 1  # attempts a feature picked by `fatal` stays FATAL
     features: int | None = None  # forced feature count
 
 

@@ -14,6 +14,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -137,9 +138,35 @@ class Simulator:
             return
         job.features = found
         job.feature_count = len(found)
-        job.fatal_indices = features.fatal_indices(len(found), job.outcome, self.dice)
+        job.fatal_indices = features.fatal_indices(
+            [feature.name for feature in found],
+            job.outcome,
+            self._attempts_before(job),
+            seed=self.config.seed,
+            dice=self.dice,
+        )
         if job.outcome.fail_analysis:
             job.analysis_error = "Failed to validate evalscript: evaluatePixel threw an error."
+
+    def _attempts_before(self, job: SimJob) -> Callable[[str], int]:
+        """How many earlier requests processed a feature of this name to the same output
+        (its attempt: a follow-up over FATAL features writes to the first request's paths).
+        Counted only when a die asks: it reads every earlier request."""
+        counts: Counter[tuple[str, str]] | None = None
+
+        def attempts(name: str) -> int:
+            nonlocal counts
+            if counts is None:
+                counts = Counter()
+                for other in self.store.order:
+                    if other is job:
+                        break
+                    if other.features and any(p.status == PROCESSING for p in other.phases):
+                        for feature in other.features:
+                            counts[_feature_output(other, feature.name)] += 1
+            return counts[_feature_output(job, name)]
+
+        return attempts
 
     def after_action(self, job: SimJob) -> None:
         """Hold the status at analysis end until the manifest is up; wake the deliverer."""
@@ -260,6 +287,15 @@ class Simulator:
             # the time: the save holds the GIL, and the requests it delays are the point.
             spent = time.monotonic() - began
             await asyncio.sleep(max(1.0, _SAVE_SHARE_INVERSE * spent))
+
+
+def _feature_output(job: SimJob, name: str) -> tuple[str, str]:
+    """Where a feature's first output lands: a re-run of it lands on the same path."""
+    first = job.request["processRequest"]["output"]["responses"][0]
+    path = delivery.output_path(
+        job.request, job.id, name, first["identifier"], first["format"]["type"]
+    )
+    return path, name
 
 
 def _with_defaults(payload: dict[str, Any]) -> dict[str, Any]:
