@@ -62,7 +62,19 @@ class StopDuplicate:
     batch_request_id: str
 
 
-Action = Create | Adopt | Analyse | Start | Stop | Poll | ReadTiles | StopDuplicate
+@dataclass(frozen=True)
+class WriteRetryInput:
+    """Write the GeoPackage of the FATAL features of ``source_batch_request_id`` (rows of
+    its feature manifest) beside that manifest; answers RetryInputWritten / RetryInputFailed.
+    Safe to repeat: the same file at the same key, and nothing is created until it is saved."""
+
+    source_batch_request_id: str
+    attempt: int  # the follow-up's attempt
+
+
+Action = (
+    Create | Adopt | Analyse | Start | Stop | Poll | ReadTiles | StopDuplicate | WriteRetryInput
+)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from worker.lifecycle.state import Echo, JobState, Phase
+from worker.lifecycle.state import Echo, JobState, Phase, Retry
 
 TAG_PREFIX = "bw"
 # A tag as a word of a description (the poller finds the fleet's requests by it).
@@ -46,6 +46,7 @@ def new_job(
     max_cost_pu: float | None,
     echo: Echo,
     now: datetime,
+    retry_failed: int = 0,
 ) -> JobState:
     """The state of a job just taken in; the engine steps it with ``Wake()`` next.
 
@@ -70,6 +71,7 @@ def new_job(
         max_cost_pu=max_cost_pu,
         echo=echo,
         accepted_at=now,
+        retry=Retry(attempts=retry_failed),
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from worker.lifecycle import followups
 from worker.lifecycle.actions import (
     Action,
     Adopt,
@@ -27,6 +28,7 @@ from worker.lifecycle.actions import (
     Stop,
     StopDuplicate,
     Transition,
+    WriteRetryInput,
 )
 from worker.lifecycle.observations import (
     ActionRefused,
@@ -36,6 +38,8 @@ from worker.lifecycle.observations import (
     CreateUncertain,
     DuplicateFound,
     Observation,
+    RetryInputFailed,
+    RetryInputWritten,
     StartRequested,
     TaskMissing,
     TaskSeen,
@@ -174,7 +178,7 @@ def _pending(d: _Draft, obs: Observation) -> None:
         case CreateSucceeded(task=task) if not adopting:
             _begin_tracking(d, task)
         case CreateRefused(error=error) if not adopting:
-            _end(d, "FAILED", error=error)
+            _create_failed(d, error)
         case CreateUncertain() if not adopting:
             d.set(create_doubtful=True)
         case TaskSeen(task=task) if adopting and task.id == d.state.adopt_id:
@@ -221,12 +225,21 @@ def _create(d: _Draft) -> None:
     if s.create_attempts >= policy.max_create_attempts:
         message = f"no batch request could be created in {s.create_attempts} attempts"
         error = JobError(source="worker", code=CREATE_ATTEMPTS_EXHAUSTED, message=message)
-        _end(d, "FAILED", error=error)
+        _create_failed(d, error)
         return
     # This action may POST, so the intent moves now, in the state saved before the POST:
     # the next attempt's lag window is measured from this POST, its scan reaches back past it.
     d.set(intent_at=now, create_attempts=s.create_attempts + 1)
     d.actions.append(Create(search_since=since, create_not_before=now))
+
+
+def _create_failed(d: _Draft, error: JobError) -> None:
+    if d.state.retry.attempt == 0:
+        _end(d, "FAILED", error=error)
+        return
+    # A follow-up that cannot be made ends the job as its last request ended.
+    d.state = followups.end_after_failed_create(d.state, error)
+    _end(d, _required(d.state.upstream_status))
 
 
 def _begin_tracking(d: _Draft, task: TaskSnapshot) -> None:
@@ -270,7 +283,7 @@ def _tracking(d: _Draft, obs: Observation) -> None:
             # Usually the status moved already (§3.3): read it now rather than fail.
             d.actions.append(Poll(rid, asap=True))
         case TilesSeen(tiles=tiles):
-            d.set(tiles=_merge_tiles(d.state.tiles, tiles))
+            d.set(tiles=_merge(d.state, tiles))
         case DuplicateFound(batch_request_id=other):
             _duplicate(d, other)
         case _:
@@ -332,14 +345,61 @@ def _ending(d: _Draft, obs: Observation) -> None:
     assert s.ending_since is not None and s.upstream_status is not None
     if isinstance(obs, DuplicateFound):
         _duplicate(d, obs.batch_request_id)
+    if s.retry.writing_since is not None:
+        _writing_retry_input(d, obs)
+        return
     if isinstance(obs, TilesSeen):
-        d.set(tiles=_merge_tiles(s.tiles, obs.tiles))
+        d.set(tiles=_merge(s, obs.tiles))
     final = isinstance(obs, TilesSeen | TilesUnavailable)
     if final or d.now >= s.ending_since + d.policy.tiles_wait:
+        if followups.follow_up_due(d.state):
+            skipped = followups.why_not(d.state)
+            if skipped is None:
+                d.set(retry=d.state.retry.model_copy(update={"writing_since": d.now}))
+                _ask_retry_input(d)
+                return
+            d.set(retry=d.state.retry.model_copy(update={"skipped": skipped}))
         _end(d, s.upstream_status, stopped_reason=s.stopped_reason, error=s.error)
     else:
         # The read was lost (a crash, a hand-over): ask again, still within the wait.
         _hold_for_final_tiles(d)
+
+
+def _ask_retry_input(d: _Draft) -> None:
+    s = d.state
+    d.actions.append(WriteRetryInput(_required(s.batch_request_id), s.retry.attempt + 1))
+    d.hold_status = True
+
+
+def _writing_retry_input(d: _Draft, obs: Observation) -> None:
+    """DONE with FATAL features: the follow-up's input is being written (docs/lifecycle.md)."""
+    s = d.state
+    match obs:
+        case RetryInputWritten(url=url, features=features):
+            d.state = followups.begin(s, url=url, features=features, now=d.now)
+            reason = _wanted_stop(d.state, d.now)
+            if reason is not None:
+                # A cancel or a deadline that came while the input was written: nothing
+                # was created, the job ends as its last request did.
+                d.state = followups.end_after_failed_create(
+                    d.state, JobError(source="worker", code=reason.value, message="not re-run")
+                )
+                _end(d, _required(d.state.upstream_status))
+                return
+            _create(d)
+        case RetryInputFailed(error=error):
+            d.set(retry=s.retry.model_copy(update={"writing_since": None, "skipped": error}))
+            _end(d, _required(s.upstream_status), stopped_reason=s.stopped_reason, error=s.error)
+        case Wake():
+            _ask_retry_input(d)  # the answer was lost (a crash, a hand-over): ask again
+        case _:
+            d.hold_status = True  # anything else (a cancel is folded in) waits for the answer
+            if isinstance(obs, CancelRequested):
+                d.set(cancel_wanted=True)
+
+
+def _merge(s: JobState, seen: Tiles) -> Tiles:
+    return _merge_tiles(s.tiles, seen) if s.retry.attempt == 0 else followups.merge_tiles(s, seen)
 
 
 def _missing(d: _Draft) -> None:
@@ -386,7 +446,8 @@ def _wanted_stop(s: JobState, now: datetime) -> StoppedReason | None:
         return StoppedReason.USER_ACTION
     if s.deadline is not None and now >= s.deadline:
         return StoppedReason.DEADLINE
-    if s.max_cost_pu is not None and s.cost_pu is not None and s.cost_pu > s.max_cost_pu:
+    cost = followups.total_cost(s)  # every request of the job: the cap covers the sum
+    if s.max_cost_pu is not None and cost is not None and cost > s.max_cost_pu:
         return StoppedReason.COST_LIMIT
     return None
 
@@ -472,8 +533,9 @@ def _send(d: _Draft, kind: _SendKind) -> None:
 
 def _finish(d: _Draft) -> Transition:
     before = d.before
-    if d.tracking and d.state.upstream_status != d.state.status and not d.hold_status:
-        d.set(status=d.state.upstream_status)
+    published = followups.published_status(d.state)
+    if d.tracking and published != d.state.status and not d.hold_status:
+        d.set(status=published)
     after = d.state
     actions: tuple[Action, ...] = tuple(d.actions)
     if after.phase is Phase.ENDED:
@@ -502,6 +564,8 @@ def _progressed(before: JobState, after: JobState) -> bool:
         return False  # nothing published yet: the first status event will carry it all
     if after.duplicates_stopped != before.duplicates_stopped:
         return True
+    if after.batch_request_id is not None and after.batch_request_id != before.batch_request_id:
+        return True  # a follow-up's request is known: the event names it
     if after.status == "PROCESSING" and after.completion != before.completion:
         return True
     return after.status in ("ANALYSIS_DONE", "PROCESSING") and after.tiles != before.tiles

@@ -87,6 +87,21 @@ class DuplicateFound:
     batch_request_id: str
 
 
+@dataclass(frozen=True)
+class RetryInputWritten:
+    """The follow-up's GeoPackage (the FATAL features' manifest rows) is in the bucket."""
+
+    url: str
+    features: int
+
+
+@dataclass(frozen=True)
+class RetryInputFailed:
+    """The follow-up's input could not be made (no write access, an unreadable file)."""
+
+    error: JobError
+
+
 Observation = (
     Wake
     | StartRequested
@@ -101,4 +116,6 @@ Observation = (
     | TilesSeen
     | TilesUnavailable
     | DuplicateFound
+    | RetryInputWritten
+    | RetryInputFailed
 )

@@ -88,6 +88,32 @@ class TaskSnapshot(_Frozen):
     user_action: str | None = None
 
 
+class PastRequest(_Frozen):
+    """A batch request of the job that has ended (the first, or an earlier follow-up)."""
+
+    batch_request_id: str
+    attempt: int  # 0: the first request; n: the n-th follow-up
+    status: str
+    cost_pu: float = 0.0
+    features: int | None = None  # the features it covered (None: the first, all of them)
+    processed: int = 0  # its DONE features
+    failed: int = 0  # its FATAL features
+
+
+class Retry(_Frozen):
+    """Re-runs of FATAL features (``retry_failed``): one follow-up request per attempt."""
+
+    attempts: int = 0  # follow-ups allowed (the job's retry_failed)
+    attempt: int = 0  # the attempt of the current request (0: the first)
+    past: tuple[PastRequest, ...] = ()
+    covering: int = 0  # FATAL features the current follow-up covers
+    base_processed: int = 0  # features DONE before the current follow-up
+    # Ending with FATAL features and an attempt left: the follow-up's input is being
+    # written; the terminal event is held meanwhile.
+    writing_since: datetime | None = None
+    skipped: JobError | None = None  # why a follow-up that was due was not made
+
+
 class JobState(_Frozen):
     """Compact, durable state of one job. Saved as JSON in the job row."""
 
@@ -138,6 +164,8 @@ class JobState(_Frozen):
     stopped_reason: str | None = None
     error: JobError | None = None
     ended_at: datetime | None = None
+
+    retry: Retry = Retry()
 
     # events
     sequence: int = 0  # the sequence of the last event emitted
