@@ -25,6 +25,9 @@ from worker.lifecycle import (
     Observation,
     Phase,
     Policy,
+    Retry,
+    RetryInputFailed,
+    RetryInputWritten,
     Start,
     StartRequested,
     Stop,
@@ -91,14 +94,25 @@ observations: st.SearchStrategy[Observation] = st.one_of(
     st.builds(TilesSeen, tiles=tiles),
     st.just(TilesUnavailable("denied")),
     st.builds(DuplicateFound, batch_request_id=IDS),
+    st.builds(RetryInputWritten, url=st.just("s3://b/f.gpkg"), features=st.integers(1, 50)),
+    st.just(RetryInputFailed(ERROR)),
 )
 delays = st.integers(0, 15).map(lambda s: timedelta(seconds=s))
+RASTER = {
+    "description": "Max NDVI over Corsica",
+    "output": {"type": "raster", "delivery": {"s3": {"url": "s3://b/out"}}},
+}
 jobs = st.builds(
-    job,
-    auto_start=st.booleans(),
-    adopt_id=st.sampled_from([None, None, RID]),
-    deadline=st.none() | st.integers(0, 120).map(lambda s: T0 + timedelta(seconds=s)),
-    max_cost_pu=st.none() | st.floats(0, 400),
+    lambda start, attempts: start.model_copy(update={"retry": Retry(attempts=attempts)}),
+    st.builds(
+        job,
+        auto_start=st.booleans(),
+        adopt_id=st.sampled_from([None, None, RID]),
+        deadline=st.none() | st.integers(0, 120).map(lambda s: T0 + timedelta(seconds=s)),
+        max_cost_pu=st.none() | st.floats(0, 400),
+        request=st.sampled_from([None, RASTER]),
+    ),
+    st.sampled_from([0, 0, 1, 2]),  # retry_failed
 )
 History = list[tuple[timedelta, Observation]]
 histories = st.lists(st.tuples(delays, observations), max_size=60)
@@ -171,7 +185,9 @@ def test_every_history_keeps_the_invariants(start: JobState, history: History) -
             stopping = after.stop_reason is not None  # a stop in flight: its lag rules
             if after.deadline is not None and after.deadline > now and not stopping:
                 assert t.wake_at is not None and t.wake_at <= after.deadline
-            if after.ending_since is not None:
+            if after.retry.writing_since is not None:  # a follow-up's input asked for
+                assert t.wake_at is not None and t.wake_at <= now + POLICY.tiles_wait
+            elif after.ending_since is not None:
                 assert t.wake_at == after.ending_since + POLICY.tiles_wait
             sent = [a for a in t.actions if isinstance(a, (Analyse, Start, Stop))]
             if sent and after.phase is Phase.TRACKING:

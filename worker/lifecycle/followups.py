@@ -253,7 +253,7 @@ def batch_requests(state: JobState) -> list[dict[str, Any]]:
             {
                 "batch_request_id": state.batch_request_id,
                 "attempt": retry.attempt,
-                "status": state.upstream_status,
+                "status": state.upstream_status or state.status,
                 "cost_pu": state.cost_pu or 0.0,
                 "features": retry.covering if retry.attempt > 0 else None,
                 "processed": tiles.processed - retry.base_processed,

@@ -369,6 +369,8 @@ def _ask_retry_input(d: _Draft) -> None:
     s = d.state
     d.actions.append(WriteRetryInput(_required(s.batch_request_id), s.retry.attempt + 1))
     d.hold_status = True
+    # Answered within the step that asks; should the answer be lost (a crash), ask again.
+    d.wake_by(d.now + d.policy.tiles_wait)
 
 
 def _writing_retry_input(d: _Draft, obs: Observation) -> None:
