@@ -28,6 +28,8 @@ CONTRACT = {
     "batch_worker_events_published_total": ("counter", {"type"}),
     "batch_worker_broker_connected": ("gauge", set()),
     "batch_worker_duplicates_stopped_total": ("counter", set()),
+    "batch_worker_follow_ups_total": ("counter", set()),
+    "batch_worker_features_recovered_total": ("counter", set()),
 }
 
 
@@ -348,3 +350,11 @@ def test_dashboard_panels_are_well_formed() -> None:
         if panel["type"] != "row":
             assert panel["targets"], panel["title"]
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_follow_ups_and_recovered_features_only_rise(metrics: Metrics) -> None:
+    metrics.follow_up(0, created=True)
+    metrics.follow_up(3, created=False)
+    metrics.follow_up(-2, created=False)  # an older copy of the execution database
+    assert sample(metrics, "batch_worker_follow_ups_total") == 1
+    assert sample(metrics, "batch_worker_features_recovered_total") == 3

@@ -178,6 +178,16 @@ class Metrics:
             "Duplicate batch requests found carrying a job's tag and stopped.",
             registry=r,
         )
+        self._follow_ups = Counter(
+            f"{PREFIX}_follow_ups_total",
+            "Follow-up batch requests created to re-run a request's FATAL features.",
+            registry=r,
+        )
+        self._features_recovered = Counter(
+            f"{PREFIX}_features_recovered_total",
+            "Features FATAL in an earlier request of their job and DONE in a follow-up.",
+            registry=r,
+        )
         self._outbox_pending = Gauge(
             f"{PREFIX}_outbox_pending",
             "Messages saved in the outbox and not yet confirmed by the broker.",
@@ -274,6 +284,13 @@ class Metrics:
 
     def duplicate_stopped(self) -> None:
         self._duplicates_stopped.inc()
+
+    def follow_up(self, recovered_delta: int, *, created: bool) -> None:
+        """A follow-up created (``created``) and features it recovered since the last save."""
+        if created:
+            self._follow_ups.inc()
+        if recovered_delta > 0:
+            self._features_recovered.inc(recovered_delta)
 
     def status_lag(self, seconds: float) -> None:
         self._status_lag.set(max(0.0, seconds))

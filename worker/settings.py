@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     # (worker/lifecycle/schedule.py). Unset: PROGRESS_FRESHNESS_POLLS poll intervals.
     progress_freshness: float | None = Field(default=None, ge=0.1, le=86_400)
     max_in_flight: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Follow-up requests a job makes over its FATAL features, unless its request says.
+    retry_failed: int = Field(default=0, ge=0, le=10)
     # Advanced timings (seconds). The API's habits (batch-v2-api.md §3.3): a status lags an
     # action by up to a minute, a new task may answer 404 for a while, the list lags.
     rest_poll_interval: float = Field(default=600.0, ge=0.1, le=86_400)

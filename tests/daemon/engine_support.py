@@ -149,6 +149,8 @@ class Recorder:
         self.finished: list[tuple[str, str | None]] = []
         self.tile_deltas: list[tuple[int, int]] = []
         self.duplicates = 0
+        self.follow_ups = 0
+        self.recovered = 0
         self.lag: list[float] = []
         self.in_flight: list[dict[str, int]] = []
         self.cost_shares: list[float] = []
@@ -164,6 +166,10 @@ class Recorder:
 
     def duplicate_stopped(self) -> None:
         self.duplicates += 1
+
+    def follow_up(self, recovered_delta: int, *, created: bool) -> None:
+        self.follow_ups += int(created)
+        self.recovered += max(recovered_delta, 0)
 
     def status_lag(self, seconds: float) -> None:
         self.lag.append(seconds)

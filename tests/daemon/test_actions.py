@@ -137,3 +137,36 @@ def test_refused_and_missing_actions_become_observations() -> None:
     assert isinstance(outcome, ActionRefused) and outcome.action == "start"
     api.start_error = NotFound("gone", http_status=404)
     assert ActionRunner(api, Tiler(None)).perform(job(), Start("r1"), T0) == TaskMissing()
+
+
+def test_a_follow_up_is_found_by_its_attempts_tag_not_by_the_first_one() -> None:
+    state = job().model_copy(update={"retry": lifecycle.Retry(attempts=1, attempt=1)})
+    first = Task(
+        id="first",
+        status="DONE",
+        created=T0,
+        request={"description": f"x {lifecycle.tag_for('f', 'j1')}"},
+    )
+    follow = Task(
+        id="follow",
+        status="CREATED",
+        created=T0,
+        request={"description": f"x {lifecycle.attempt_tag('f', 'j1', 1)}"},
+    )
+    scan = Create(search_since=T0 - timedelta(seconds=30), create_not_before=T0)
+    api = Api([first])
+    outcome = ActionRunner(api, Tiler(None)).perform(state, scan, T0)
+    # The first request is not the follow-up: this attempt's request is created.
+    assert isinstance(outcome, CreateSucceeded) and not outcome.found and len(api.created) == 1
+    api = Api([follow, first])
+    outcome = ActionRunner(api, Tiler(None)).perform(state, scan, T0)
+    assert isinstance(outcome, CreateSucceeded) and outcome.task.id == "follow"
+    assert api.created == []
+
+
+def test_without_a_writer_no_follow_up_input_is_made() -> None:
+    outcome = ActionRunner(Api(), Tiler(None)).perform(
+        job(), lifecycle.WriteRetryInput("r1", 1), T0
+    )
+    assert isinstance(outcome, lifecycle.RetryInputFailed)
+    assert outcome.error.code == "RETRY_INPUT_NOT_WRITTEN"

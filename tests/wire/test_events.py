@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from worker.lifecycle import KNOWN_STATUSES, Echo, JobError, JobState, Tiles
+from worker.lifecycle import KNOWN_STATUSES, Echo, JobError, JobState, PastRequest, Retry, Tiles
 from worker.wire.event_models import CommandEventData
 from worker.wire.events import (
     APP_ID,
@@ -114,6 +114,18 @@ def test_a_status_event_matches_the_contract() -> None:
             "error": None,
             "worker": "w-1",
             "duplicates_stopped": [],
+            "attempt": 0,
+            "batch_requests": [
+                {
+                    "batch_request_id": "6aa8765a-1111",
+                    "attempt": 0,
+                    "status": "PROCESSING",
+                    "cost_pu": 310.5,
+                    "features": None,
+                    "processed": 50,
+                    "failed": 2,
+                }
+            ],
         },
     }
     assert message.properties == {
@@ -124,6 +136,47 @@ def test_a_status_event_matches_the_contract() -> None:
         "timestamp": int(NOW.timestamp()),
         "delivery_mode": 2,
     }
+
+
+def test_a_follow_up_names_every_request_sums_the_cost_and_tells_a_skip() -> None:
+    first = state()
+    past = PastRequest(
+        batch_request_id="6aa8765a-1111",
+        attempt=0,
+        status="DONE",
+        cost_pu=300.0,
+        processed=110,
+        failed=10,
+    )
+    later = first.model_copy(
+        update={
+            "batch_request_id": "follow-1",
+            "upstream_status": "DONE",
+            "status": "DONE",
+            "cost_pu": 20.0,
+            "tiles": Tiles(total=120, processed=118, failed=2),
+            "retry": Retry(
+                attempts=1,
+                attempt=1,
+                past=(past,),
+                covering=10,
+                base_processed=110,
+                skipped=JobError(source="worker", code="RETRY_COST_LIMIT", message="spent"),
+            ),
+        }
+    )
+    [message] = job_event(later, "status", exchange=EVENTS, worker="w", now=NOW)
+    data = envelope(message)["data"]
+    assert data["cost_pu"] == 320.0 and data["attempt"] == 1
+    assert [
+        (r["batch_request_id"], r["attempt"], r["features"], r["processed"])
+        for r in data["batch_requests"]
+    ] == [("6aa8765a-1111", 0, None, 110), ("follow-1", 1, 10, 8)]
+    assert data["retry_skipped"]["code"] == "RETRY_COST_LIMIT"
+    assert (
+        "retry_skipped"
+        not in envelope(job_event(first, "status", exchange=EVENTS, worker="w", now=NOW)[0])["data"]
+    )
 
 
 def test_a_progress_event_has_its_own_type_and_routing_key() -> None:

@@ -319,6 +319,8 @@ def test_the_hash_ignores_key_order_offsets_and_fields_that_do_not_define_the_re
         {"auto_start": False},
         {"deadline": datetime(2026, 12, 1, tzinfo=timezone(timedelta(hours=1)))},
         {"max_cost_pu": 10.0},
+        {"retry_failed": 0},
+        {"retry_failed": 2},
     ],
 )
 def test_the_hash_changes_with_each_field_that_defines_the_request(change: dict[str, Any]) -> None:
@@ -334,6 +336,17 @@ def test_version_1_is_json_dumps_text_as_it_always_was() -> None:
         '"request":{"a":null,"b":[1,2.5,"é"]},"v":1}'
     )
     assert request_hash_v1(req) == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_retry_failed_is_a_submit_field_from_0_to_10() -> None:
+    assert accepted(parse(job_id="a", request={}, retry_failed=3)).retry_failed == 3
+    assert accepted(parse(job_id="a", request={})).retry_failed is None
+    for bad in (-1, 11, "2", 1.5):
+        rejection = parse(job_id="a", request={}, retry_failed=bad)
+        assert isinstance(rejection, Rejection) and "retry_failed" in rejection.message
+    # start and cancel carry only the job id: the field is dropped there, not refused.
+    cancel = accepted(parse(job_id="a", action="cancel", retry_failed=-5))
+    assert cancel.retry_failed is None
 
 
 @settings(max_examples=200, deadline=None)

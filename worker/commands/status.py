@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 
+from worker import lifecycle
 from worker.redact import redact
 from worker.settings import Settings
 from worker.store import db, jobs
@@ -36,12 +37,15 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:
         "sequence": state.sequence,
         "completion_percentage": state.completion,
         "tiles": state.tiles.model_dump() if state.tiles is not None else None,
-        "cost_pu": state.cost_pu,
+        "cost_pu": lifecycle.total_cost(state),  # every request of the job
         "stopped_reason": state.stopped_reason,
         "error": state.error.model_dump() if state.error is not None else None,
         "auto_start": state.auto_start,
         "deadline": state.deadline.isoformat() if state.deadline else None,
         "max_cost_pu": state.max_cost_pu,
+        "retry_failed": state.retry.attempts,
+        "attempt": state.retry.attempt,
+        "batch_requests": lifecycle.followups.batch_requests(state),
         "accepted_at": state.accepted_at.isoformat(),
         "last_seen_at": state.last_seen_at.isoformat() if state.last_seen_at else None,
         "ended_at": state.ended_at.isoformat() if state.ended_at else None,

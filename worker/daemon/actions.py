@@ -40,7 +40,9 @@ from worker.lifecycle import (
     Tiles,
     TilesSeen,
     TilesUnavailable,
+    WriteRetryInput,
 )
+from worker.lifecycle.followups import RETRY_INPUT_NOT_WRITTEN
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,14 @@ class BatchApi(Protocol):
     def analyse(self, task_id: str, /) -> None: ...
     def start(self, task_id: str, /) -> None: ...
     def stop(self, task_id: str, /) -> None: ...
+
+
+class RetryInputs(Protocol):
+    """Writes a follow-up's input (worker/daemon/followups.py)."""
+
+    def write(
+        self, request: dict[str, Any], source_id: str
+    ) -> lifecycle.RetryInputWritten | lifecycle.RetryInputFailed: ...
 
 
 class TileSource(Protocol):
@@ -92,9 +102,11 @@ class ActionRunner:
         tiles: TileSource,
         *,
         on_duplicate_stopped: Callable[[], None] = lambda: None,
+        retry_inputs: RetryInputs | None = None,
     ) -> None:
         self._client = client
         self._tiles = tiles
+        self._retry_inputs = retry_inputs
         self._on_duplicate_stopped = on_duplicate_stopped
 
     def perform(self, state: JobState, action: Action, now: datetime) -> Observation | None:
@@ -118,12 +130,14 @@ class ActionRunner:
                 return None
             case ReadTiles(batch_request_id=task_id, execution_db=execution_db):
                 return self._read_tiles(state, task_id, execution_db)
+            case WriteRetryInput(source_batch_request_id=task_id):
+                return self._write_retry_input(state, task_id)
         raise AssertionError(f"unknown action {action!r}")  # pragma: no cover
 
     # -- create -------------------------------------------------------------------------
 
     def _create(self, state: JobState, action: Create, now: datetime) -> Observation:
-        tag = lifecycle.tag_for(state.fleet_id, state.job_id)
+        tag = lifecycle.request_tag(state)  # a follow-up's is its attempt's own
         if action.search_since is not None:
             try:
                 found = self.find_tagged(tag, since=action.search_since)
@@ -203,6 +217,13 @@ class ActionRunner:
             return
         log.warning("stopped duplicate batch request %s", task_id)
         self._on_duplicate_stopped()
+
+    def _write_retry_input(self, state: JobState, task_id: str) -> Observation:
+        if self._retry_inputs is None or state.request is None:
+            message = "this worker writes no follow-up inputs"
+            error = JobError(source="worker", code=RETRY_INPUT_NOT_WRITTEN, message=message)
+            return lifecycle.RetryInputFailed(error)
+        return self._retry_inputs.write(state.request, task_id)
 
     def _read_tiles(self, state: JobState, task_id: str, execution_db: bool) -> Observation | None:
         request = state.request

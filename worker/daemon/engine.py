@@ -26,7 +26,7 @@ from psycopg_pool import ConnectionPool
 
 from worker import lifecycle
 from worker.daemon import loops
-from worker.daemon.actions import ActionRunner, BatchApi, TileSource
+from worker.daemon.actions import ActionRunner, BatchApi, RetryInputs, TileSource
 from worker.lifecycle import (
     CancelRequested,
     JobState,
@@ -66,6 +66,7 @@ class EngineMetrics(Protocol):
     def set_in_flight(self, counts: dict[str, int]) -> None: ...
     def tiles(self, processed_delta: int, failed_delta: int) -> None: ...
     def duplicate_stopped(self) -> None: ...
+    def follow_up(self, recovered_delta: int, *, created: bool) -> None: ...
     def status_lag(self, seconds: float) -> None: ...
     def cost_share(self, share: float) -> None: ...
 
@@ -117,6 +118,7 @@ class Engine:
         client: BatchApi,
         *,
         tiles: TileSource,
+        retry_inputs: RetryInputs | None = None,
         metrics: EngineMetrics | None = None,
         policy: Policy | None = None,
         worker_name: str,
@@ -152,6 +154,7 @@ class Engine:
             client,
             tiles,
             on_duplicate_stopped=metrics.duplicate_stopped if metrics else (lambda: None),
+            retry_inputs=retry_inputs,
         )
         self._stop = threading.Event()
         self._in_hand: set[Future[None]] = set()
@@ -418,6 +421,11 @@ class Engine:
             failed = new_tiles.failed - (old_tiles.failed if old_tiles else 0)
             if processed > 0 or failed > 0:
                 metrics.tiles(max(processed, 0), max(failed, 0))
+            if state.retry.attempt > 0:
+                # A follow-up's processed features were all failed before: recovered.
+                created = previous.phase is Phase.PENDING_CREATE and state.phase is Phase.TRACKING
+                if created or processed > 0:
+                    metrics.follow_up(max(processed, 0), created=created)
         if state.phase is Phase.ENDED and previous.phase is not Phase.ENDED:
             reason = state.stopped_reason or (state.error.code if state.error else None)
             duration = (

@@ -277,6 +277,9 @@ class Intake:
             max_cost_pu=req.max_cost_pu,
             echo=echo,
             now=now,
+            retry_failed=(
+                req.retry_failed if req.retry_failed is not None else self._settings.retry_failed
+            ),
         )
 
     # -- events -------------------------------------------------------------------------

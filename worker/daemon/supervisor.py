@@ -33,6 +33,7 @@ from worker.api.client import BatchClient
 from worker.daemon import liveness
 from worker.daemon.consumer import JobsConsumer
 from worker.daemon.engine import Engine
+from worker.daemon.followups import RetryInputWriter
 from worker.daemon.health import Health, ProbeServer
 from worker.daemon.inbound import InboundMessage, TakeSteps
 from worker.daemon.intake import Intake, ReadBatch
@@ -167,11 +168,13 @@ class Daemon:
             on_connection_change=connections.callback(liveness.RELAY_LOOP),
             on_progress=lambda: health.beat(liveness.RELAY_LOOP),
         )
+        tiles = TileReader(metrics=self.metrics, on_progress=health.beat_thread)
         engine = Engine(
             settings,
             pool,
             client,
-            tiles=TileReader(metrics=self.metrics, on_progress=health.beat_thread),
+            tiles=tiles,
+            retry_inputs=RetryInputWriter(tiles),
             metrics=self.metrics,
             worker_name=settings.worker_name,
             on_progress=health.beat,

@@ -169,6 +169,30 @@ class TileReader:
             return None
         return Tiles(total=total, processed=counts.processed, failed=counts.failed)
 
+    def fetch(self, bucket: str, key: str) -> File:
+        """An object of a producer's bucket, bounded as the counts' files are (close it).
+
+        Raises ``LookupError`` when it is not there, ``ValueError`` (the reason, never the
+        object's content) when it cannot be read."""
+        try:
+            return self._download(bucket, key, etag=None)[1]
+        except _Absent:
+            raise LookupError(f"s3://{bucket}/{key} is not there") from None
+        except (_Unreadable, _NotModified) as exc:
+            raise ValueError(f"s3://{bucket}/{key}: {exc}") from None
+
+    def put(self, bucket: str, key: str, body: bytes) -> None:
+        """Write an object with the worker's own identity; ``ValueError`` names the code."""
+        try:
+            self._s3().put_object(
+                Bucket=bucket, Key=key, Body=body, ContentType="application/geopackage+sqlite3"
+            )
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", "")) or "refused"
+            raise ValueError(f"s3://{bucket}/{key}: {code}") from None
+        except (BotoCoreError, OSError) as exc:
+            raise ValueError(f"s3://{bucket}/{key}: {type(exc).__name__}") from None
+
     # --- the two files -------------------------------------------------------------------
 
     def _manifest_total(self, bucket: str, key: str, request_id: str) -> int | None:

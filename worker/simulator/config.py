@@ -62,6 +62,9 @@ class SimulatorConfig(BaseModel):
         0.0, ge=0, description="real seconds a new request answers 404 (§3.3)"
     )
     latency: float = Field(0.0, ge=0, description="real seconds added to every API call")
+    create_answer_delay: float = Field(
+        0.0, ge=0, description="real seconds a create is answered after the request exists"
+    )
     requests_per_minute: int = Field(
         600, ge=0, description="account request limit per minute, 0 = none (§10)"
     )

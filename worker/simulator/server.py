@@ -163,6 +163,10 @@ async def create(request: web.Request) -> web.Response:
     except PayloadError as exc:
         return error(400, str(exc), "COMMON_BAD_PAYLOAD")
     job = sim.create(payload, time.time())
+    if sim.config.create_answer_delay:
+        # The request exists (and is listed) before its creator hears of it: a client that
+        # times out, or dies, here must find it again rather than create another.
+        await asyncio.sleep(sim.config.create_answer_delay)
     return web.json_response(job.to_api(time.time()), status=201)
 
 

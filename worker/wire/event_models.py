@@ -60,6 +60,20 @@ class ErrorData(_Wire):
     message: str
 
 
+class BatchRequestData(_Wire):
+    """One batch request of the job: the first (attempt 0) or a follow-up."""
+
+    batch_request_id: str
+    attempt: int = Field(ge=0, description="0: the first request; n: the n-th follow-up.")
+    status: str | None = Field(description="Its last status read.")
+    cost_pu: float = Field(description="Its own costPU.")
+    features: int | None = Field(
+        description="FATAL features of the request before it that it re-runs (null: the first)."
+    )
+    processed: int = Field(ge=0, description="Its DONE features.")
+    failed: int = Field(ge=0, description="Its features not DONE: FATAL (or not yet run).")
+
+
 class JobEventData(_Wire):
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     batch_request_id: str | None
@@ -82,6 +96,22 @@ class JobEventData(_Wire):
     duplicates_stopped: list[str] = Field(
         default_factory=list,
         description="Extension: duplicate batch requests of this job the worker stopped.",
+    )
+    attempt: int = Field(
+        default=0,
+        ge=0,
+        description="Extension: the attempt batch_request_id is (0: the first request, n: the"
+        " n-th follow-up over FATAL features, retry_failed).",
+    )
+    batch_requests: list[BatchRequestData] = Field(
+        default_factory=list,
+        description="Extension: every batch request of the job so far, first to current.",
+    )
+    retry_skipped: ErrorData | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="Extension: why a follow-up that was due was not made (the job ended as"
+        " it would have without retry_failed). Left out when there is none.",
     )
 
 

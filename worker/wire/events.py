@@ -19,13 +19,14 @@ from typing import Any, Literal
 import orjson
 
 from worker import APP_ID
-from worker.lifecycle import KNOWN_STATUSES, Echo, JobState
+from worker.lifecycle import KNOWN_STATUSES, Echo, JobState, followups, total_cost
 from worker.redact import redact
 from worker.wire.event_models import (
     COMMAND_ACCEPTED,
     COMMAND_REJECTED,
     JOB_PROGRESS,
     JOB_STATUS,
+    BatchRequestData,
     ErrorData,
     JobEventData,
     TilesData,
@@ -112,6 +113,7 @@ def job_event(
     seq = state.sequence if sequence is None else sequence
     tiles = state.tiles
     error = state.error
+    skipped = state.retry.skipped
     data = JobEventData(
         job_id=state.job_id,
         batch_request_id=state.batch_request_id,
@@ -121,11 +123,14 @@ def job_event(
         tiles=None
         if tiles is None
         else TilesData(total=tiles.total, processed=tiles.processed, failed=tiles.failed),
-        cost_pu=state.cost_pu,
+        cost_pu=total_cost(state),  # every request of the job (follow-ups included)
         stopped_reason=state.stopped_reason,
         error=None if error is None else ErrorData(**error.model_dump()),
         worker=worker,
         duplicates_stopped=list(state.duplicates_stopped),
+        attempt=state.retry.attempt,
+        batch_requests=[BatchRequestData(**row) for row in followups.batch_requests(state)],
+        retry_skipped=None if skipped is None else ErrorData(**skipped.model_dump()),
     )
     if kind == "status":
         event_type, routing_key = JOB_STATUS, status_routing_key(state.status)
@@ -136,12 +141,19 @@ def job_event(
         event_type=event_type,
         fleet_id=state.fleet_id,
         subject=state.job_id,
-        data=data.model_dump(mode="json"),
+        data=_job_data(data),
         exchange=exchange,
         routing_key=routing_key,
         echo=state.echo,
         now=now,
     )
+
+
+def _job_data(data: JobEventData) -> dict[str, Any]:
+    out = data.model_dump(mode="json")
+    if out.get("retry_skipped") is None:
+        out.pop("retry_skipped", None)  # left out when there is none, never null
+    return out
 
 
 def command_event(

@@ -40,7 +40,14 @@ SCHEMA_VERSION = 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 Action = Literal["submit", "start", "cancel"]
 ACTIONS: tuple[Action, ...] = get_args(Action)
-SUBMIT_ONLY_FIELDS = ("request", "batch_request_id", "auto_start", "deadline", "max_cost_pu")
+SUBMIT_ONLY_FIELDS = (
+    "request",
+    "batch_request_id",
+    "auto_start",
+    "deadline",
+    "max_cost_pu",
+    "retry_failed",
+)
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 
@@ -136,6 +143,15 @@ class JobRequest(BaseModel):
         gt=0,
         allow_inf_nan=False,
         description="Cap on costPU; above it the worker stops the batch request.",
+    )
+    retry_failed: int | None = Field(
+        default=None,
+        ge=0,
+        le=10,
+        description=(
+            "Follow-up batch requests over the features that ended FATAL, at most this many"
+            " (one per attempt); unset: the fleet's RETRY_FAILED (default 0)."
+        ),
     )
 
     @model_validator(mode="before")
@@ -291,6 +307,8 @@ def _defining_fields(req: JobRequest) -> dict[str, Any]:
         "auto_start": req.auto_start,
         "deadline": deadline,
         "max_cost_pu": req.max_cost_pu,
+        # Only when given: the hash of every job stored before the field existed holds.
+        **({"retry_failed": req.retry_failed} if req.retry_failed is not None else {}),
     }
 
 
