@@ -13,7 +13,12 @@ import pytest
 
 from tests.cli_support import REPO, clean_env
 
-EXAMPLE_JOBS = {"geopackage-fields.json", "max-ndvi-geotiff.json", "max-ndvi-zarr.json"}
+EXAMPLE_JOBS = {
+    "fatal-features-retry.json",
+    "geopackage-fields.json",
+    "max-ndvi-geotiff.json",
+    "max-ndvi-zarr.json",
+}
 
 
 @pytest.fixture(scope="module")
