@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.metrics import JOB_DURATION_BUCKETS, Metrics
 
 # CONTRACT.md "Metrics and health": name → (type, labels).
 CONTRACT = {
-    "batch_worker_commands_total": ("counter", {"action", "outcome"}),
-    "batch_worker_jobs_finished_total": ("counter", {"status", "reason"}),
+    "batch_worker_commands_total": ("counter", {"action", "outcome", "tenant"}),
+    "batch_worker_jobs_finished_total": ("counter", {"status", "reason", "tenant"}),
     "batch_worker_jobs_in_flight": ("gauge", {"status"}),
     "batch_worker_job_duration_seconds": ("histogram", {"status"}),
     "batch_worker_tiles_processed_total": ("counter", set()),
@@ -99,19 +99,35 @@ def test_series_exist_before_anything_happens(metrics: Metrics) -> None:
     assert sample(metrics, "batch_worker_jobs_in_flight", status="PENDING_CREATE") == 0
     # Counters alerts take the increase() of: born at 0, so their first step is seen.
     finished = "batch_worker_jobs_finished_total"
-    assert sample(metrics, finished, status="STOPPED", reason="OUT_OF_PU") == 0
-    assert sample(metrics, finished, status="STOPPED", reason="COST_LIMIT") == 0
-    assert sample(metrics, finished, status="DONE", reason="") == 0
+    assert sample(metrics, finished, status="STOPPED", reason="OUT_OF_PU", tenant="") == 0
+    assert sample(metrics, finished, status="STOPPED", reason="COST_LIMIT", tenant="") == 0
+    assert sample(metrics, finished, status="DONE", reason="", tenant="") == 0
 
 
 def test_commands_fold_unknown_actions(metrics: Metrics) -> None:
     metrics.command("submit", "accepted")
     metrics.command("submit", "accepted")
     metrics.command("drop-table", "rejected")
-    assert sample(metrics, "batch_worker_commands_total", action="submit", outcome="accepted") == 2
-    assert sample(metrics, "batch_worker_commands_total", action="OTHER", outcome="rejected") == 1
     assert (
-        sample(metrics, "batch_worker_commands_total", action="drop-table", outcome="rejected")
+        sample(
+            metrics, "batch_worker_commands_total", action="submit", outcome="accepted", tenant=""
+        )
+        == 2
+    )
+    assert (
+        sample(
+            metrics, "batch_worker_commands_total", action="OTHER", outcome="rejected", tenant=""
+        )
+        == 1
+    )
+    assert (
+        sample(
+            metrics,
+            "batch_worker_commands_total",
+            action="drop-table",
+            outcome="rejected",
+            tenant="",
+        )
         is None
     )
 
@@ -121,9 +137,9 @@ def test_job_finished_counts_and_observes_duration(metrics: Metrics) -> None:
     metrics.job_finished("DONE", None, 900.0)
     metrics.job_finished("FAILED", "UPSTREAM_NOT_FOUND", None)
     name = "batch_worker_jobs_finished_total"
-    assert sample(metrics, name, status="STOPPED", reason="DEADLINE") == 1
-    assert sample(metrics, name, status="DONE", reason="") == 1
-    assert sample(metrics, name, status="FAILED", reason="UPSTREAM_NOT_FOUND") == 1
+    assert sample(metrics, name, status="STOPPED", reason="DEADLINE", tenant="") == 1
+    assert sample(metrics, name, status="DONE", reason="", tenant="") == 1
+    assert sample(metrics, name, status="FAILED", reason="UPSTREAM_NOT_FOUND", tenant="") == 1
     hist = "batch_worker_job_duration_seconds"
     assert sample(metrics, hist + "_count", status="STOPPED") == 1
     assert sample(metrics, hist + "_sum", status="DONE") == 900.0
@@ -141,7 +157,12 @@ def test_job_duration_buckets_span_minutes_to_hours() -> None:
 
 def test_free_text_reasons_cannot_explode_labels(metrics: Metrics) -> None:
     metrics.job_finished("FAILED", "the service said: <html> nope", 1.0)
-    assert sample(metrics, "batch_worker_jobs_finished_total", status="FAILED", reason="OTHER") == 1
+    assert (
+        sample(
+            metrics, "batch_worker_jobs_finished_total", status="FAILED", reason="OTHER", tenant=""
+        )
+        == 1
+    )
 
 
 def test_set_in_flight_replaces_and_zeroes_the_rest(metrics: Metrics) -> None:
@@ -358,3 +379,21 @@ def test_follow_ups_and_recovered_features_only_rise(metrics: Metrics) -> None:
     metrics.follow_up(-2, created=False)  # an older copy of the execution database
     assert sample(metrics, "batch_worker_follow_ups_total") == 1
     assert sample(metrics, "batch_worker_features_recovered_total") == 3
+
+
+def test_the_tenant_label_is_bounded_by_the_configured_tenants() -> None:
+    metrics = Metrics(registry=CollectorRegistry(), tenants=["team-a"])
+    metrics.command("submit", "accepted", "team-a")
+    metrics.command("submit", "accepted", "mallory-1")
+    metrics.command("submit", "accepted", "mallory-2")
+    metrics.command("cancel", "rejected", None)
+    metrics.job_finished("DONE", None, 1.0, "mallory-3")
+    name = "batch_worker_commands_total"
+    assert sample(metrics, name, action="submit", outcome="accepted", tenant="team-a") == 1
+    assert sample(metrics, name, action="submit", outcome="accepted", tenant="other") == 2
+    assert sample(metrics, name, action="cancel", outcome="rejected", tenant="") == 1
+    assert sample(metrics, name, action="submit", outcome="accepted", tenant="mallory-1") is None
+    finished = "batch_worker_jobs_finished_total"
+    assert sample(metrics, finished, status="DONE", reason="", tenant="other") == 1
+    # A configured tenant's alerting series exist before its first job ends.
+    assert sample(metrics, finished, status="STOPPED", reason="OUT_OF_PU", tenant="team-a") == 0

@@ -113,7 +113,7 @@ def _status(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     from worker.commands.status import print_status
 
-    return print_status(settings, args.job_id, as_json=args.json)
+    return print_status(settings, args.job_id, as_json=args.json, tenant=args.tenant)
 
 
 def _dlq(args: argparse.Namespace) -> int:
@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="a job's latest state, from the durable state")
     status.add_argument("job_id", metavar="JOB_ID")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument(
+        "--tenant", metavar="TENANT", help="only this tenant's jobs: another's is not shown"
+    )
     status.set_defaults(handler=_status)
 
     dlq = commands.add_parser("dlq", help="look at, replay or drop dead-lettered requests")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -68,6 +68,13 @@ OUTCOMES = frozenset({"accepted", "rejected"})
 IN_FLIGHT_STATUSES = ("PENDING_CREATE", *(s for s in KNOWN_STATUSES if s not in TERMINAL))
 
 
+# The tenant label: a configured tenant's name, NO_TENANT for none, and every other name
+# (unconfigured, or any at all without TENANTS) folded into OTHER_TENANT: producers choose
+# tenant names, the configuration bounds the label.
+NO_TENANT = ""
+OTHER_TENANT = "other"
+
+
 def _label(value: str | None, *, empty: str = OTHER) -> str:
     if value is None or value == "":
         return empty
@@ -83,9 +90,11 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         fleet_id: str = "default",
         api_budget_per_minute: int = 300,
+        tenants: Collection[str] = (),
     ) -> None:
-        """``fleet_id`` and ``api_budget_per_minute``: the process's settings (their
-        defaults are the settings' defaults)."""
+        """``fleet_id``, ``api_budget_per_minute`` and ``tenants`` (``TENANTS``' names): the
+        process's settings (their defaults are the settings' defaults)."""
+        self._tenants = frozenset(tenants)
         # The `_created` series double what is scraped and no dashboard here reads them.
         # (A process-wide switch in prometheus-client; the worker exposes nothing else.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -93,15 +102,16 @@ class Metrics:
         r = self.registry
         self._commands = Counter(
             f"{PREFIX}_commands_total",
-            "Job-request messages taken in, by action and outcome (accepted, rejected).",
-            ["action", "outcome"],
+            "Job-request messages taken in, by action, outcome (accepted, rejected) and"
+            " tenant (a configured one, empty for none, other for any other).",
+            ["action", "outcome", "tenant"],
             registry=r,
         )
         self._jobs_finished = Counter(
             f"{PREFIX}_jobs_finished_total",
             "Jobs that reached a terminal status, by status and reason "
-            "(stopped reason or error code; empty when none).",
-            ["status", "reason"],
+            "(stopped reason or error code; empty when none) and tenant.",
+            ["status", "reason", "tenant"],
             registry=r,
         )
         self._in_flight = Gauge(
@@ -235,26 +245,42 @@ class Metrics:
         # rate() and increase() miss a counter's first step when its series is born at 1:
         # an alert on the first OUT_OF_PU stop would never fire. The fixed reasons (and
         # plain DONE) start at 0; failures' error codes are open-ended and cannot.
-        self._jobs_finished.labels(status="DONE", reason=NO_REASON)
-        for stopped in StoppedReason:
-            self._jobs_finished.labels(status="STOPPED", reason=stopped.value)
+        for tenant in (NO_TENANT, *sorted(self._tenants)):
+            self._jobs_finished.labels(status="DONE", reason=NO_REASON, tenant=tenant)
+            for stopped in StoppedReason:
+                self._jobs_finished.labels(status="STOPPED", reason=stopped.value, tenant=tenant)
         self.set_in_flight({})
 
     # --- intake --------------------------------------------------------------------------
 
-    def command(self, action: str, outcome: str) -> None:
+    def tenant_label(self, tenant: str | None) -> str:
+        if tenant is None or tenant == NO_TENANT:
+            return NO_TENANT
+        return tenant if tenant in self._tenants else OTHER_TENANT
+
+    def command(self, action: str, outcome: str, tenant: str | None = None) -> None:
         """A job-request message was accepted or rejected."""
         action_label = action if action in ACTIONS else OTHER
         outcome_label = outcome if outcome in OUTCOMES else OTHER
-        self._commands.labels(action=action_label, outcome=outcome_label).inc()
+        self._commands.labels(
+            action=action_label, outcome=outcome_label, tenant=self.tenant_label(tenant)
+        ).inc()
 
     # --- jobs ----------------------------------------------------------------------------
 
-    def job_finished(self, status: str, reason: str | None, duration_seconds: float | None) -> None:
+    def job_finished(
+        self,
+        status: str,
+        reason: str | None,
+        duration_seconds: float | None,
+        tenant: str | None = None,
+    ) -> None:
         """A job reached its terminal status. ``reason``: stopped reason or error code."""
         status_label = _label(status)
         self._jobs_finished.labels(
-            status=status_label, reason=_label(reason, empty=NO_REASON)
+            status=status_label,
+            reason=_label(reason, empty=NO_REASON),
+            tenant=self.tenant_label(tenant),
         ).inc()
         if duration_seconds is not None and duration_seconds >= 0:
             self._job_duration.labels(status=status_label).observe(duration_seconds)

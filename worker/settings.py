@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from dotenv import dotenv_values
 from pydantic import (
+    BaseModel,
+    ConfigDict,
     Field,
     IPvAnyAddress,
     SecretStr,
@@ -75,6 +77,26 @@ class SettingsError(Exception):
         self.problems = problems
 
 
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# Tenants become a metric label: their number is bounded (docs/contract.md "Tenancy").
+MAX_TENANTS = 100
+
+
+class TenantRule(BaseModel):
+    """What one tenant may do (``TENANTS``; docs/contract.md "Tenancy").
+
+    ``adopt``: which batch requests its submits may adopt by ``batch_request_id``:
+    ``own`` (created by one of its own jobs), ``fleet`` (by any job of the fleet), ``any``.
+    ``manage``: whose jobs its start, cancel and re-submits may name: ``own`` or ``any``
+    (an operators' tenant).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adopt: Literal["own", "fleet", "any"] = "own"
+    manage: Literal["own", "any"] = "own"
+
+
 # The default progress freshness, in poll intervals: 2 minutes at the default interval, the
 # official SDK's own pace while processing.
 PROGRESS_FRESHNESS_POLLS = 4
@@ -115,6 +137,16 @@ class Settings(BaseSettings):
     not_found_window: float = Field(default=120.0, ge=0, le=3600)
     list_lag_window: float = Field(default=60.0, ge=0, le=3600)
     lease_seconds: float = Field(default=60.0, ge=1, le=3600)
+
+    # --- tenancy (docs/contract.md "Tenancy") ---------------------------------------
+    # JSON, tenant -> rule: '{"team-a": {}, "ops": {"manage": "any"}}'. Empty: no tenancy
+    # (a message's tenant, if any, is kept and owns its jobs, but is not checked).
+    tenants: dict[str, TenantRule] = Field(default_factory=dict)
+    # Where a message's tenant comes from: its ``tenant`` field, or the AMQP ``user_id``
+    # property, which RabbitMQ checks against the publishing connection's user.
+    tenant_source: Literal["message", "user_id"] = "message"
+    # Without tenancy: may a submit adopt a batch request no job of the fleet created?
+    adopt_foreign: bool = False
 
     # --- the broker ------------------------------------------------------------------
     broker_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672//")
@@ -188,6 +220,19 @@ class Settings(BaseSettings):
     def _readable(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, value: dict[str, TenantRule]) -> dict[str, TenantRule]:
+        if len(value) > MAX_TENANTS:
+            raise ValueError(f"at most {MAX_TENANTS} tenants (each is a metric label)")
+        for name in value:
+            if not re.fullmatch(TENANT_PATTERN, name):
+                raise ValueError(
+                    "a tenant name is 1-63 letters, digits, '_', '.' or '-', starting with a"
+                    " letter or digit"
+                )
         return value
 
     @model_validator(mode="after")

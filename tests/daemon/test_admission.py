@@ -27,6 +27,7 @@ class Read:
     request: JobRequest | Rejection
     digest: str = ""
     row: JobRow | None = None
+    tenant: str | None = None
 
 
 def submit(job_id: str, variant: str = "x") -> Read:

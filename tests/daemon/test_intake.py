@@ -38,7 +38,7 @@ class Recorder:
     def __init__(self) -> None:
         self.commands: list[tuple[str, str]] = []
 
-    def command(self, action: str, outcome: str) -> None:
+    def command(self, action: str, outcome: str, tenant: str | None = None) -> None:
         self.commands.append((action, outcome))
 
 
@@ -255,10 +255,10 @@ def first_lookup_blind() -> Iterator[list[set[str]]]:
     committed yet; yields the job ids of each lookup made meanwhile."""
     original, calls = jobs.start_intake_lookup, []
 
-    def blind_once(conn: Any, fleet_id: str, job_ids: Any) -> Any:
+    def blind_once(conn: Any, fleet_id: str, job_ids: Any, adopting: Any = ()) -> Any:
         calls.append(set(job_ids))
-        lookup = original(conn, fleet_id, job_ids)
-        return (lambda: (lookup()[0], {})) if len(calls) == 1 else lookup
+        lookup = original(conn, fleet_id, job_ids, adopting)
+        return (lambda: lookup()._replace(known={})) if len(calls) == 1 else lookup
 
     jobs.start_intake_lookup = blind_once  # type: ignore[assignment]
     try:

@@ -196,6 +196,7 @@ def test_the_intake_lookup_probes_each_id_whatever_the_statistics_say(
                 "j00007": jobs.IntakeView("h1", None),
                 "j02999": jobs.IntakeView("h1", None),
             },
+            {},
         )
         (plan,) = conn.execute(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + jobs._INTAKE_VIEWS,
@@ -365,7 +366,7 @@ def test_no_query_reads_the_states_json_but_the_upgrade() -> None:
         str(path.relative_to(ROOT)): len(reads.findall(path.read_text()))
         for path in sorted((ROOT / "worker").rglob("*.py"))
     }
-    in_upgrade = len(reads.findall(jobs._UPGRADE))
+    in_upgrade = len(reads.findall(jobs._UPGRADE)) + len(reads.findall(jobs._UPGRADE_TENANCY))
     assert in_upgrade > 0  # the pattern finds what it is meant to
     assert {path: n for path, n in found.items() if n} == {"worker/store/jobs.py": in_upgrade}
 

@@ -1,6 +1,8 @@
 """``batch-worker status JOB_ID``: a job's latest state, read from the durable state.
 
 For a late reader that missed the events: what the worker knows now, from PostgreSQL.
+``--tenant T`` scopes it to one tenant's jobs: another's is answered as no job at all, so
+a tenant's reader cannot tell which job ids others use.
 """
 
 from __future__ import annotations
@@ -17,20 +19,26 @@ from worker.settings import Settings
 from worker.store import db, jobs
 
 
-def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:
-    """The job's state as a reader wants it, or None when the fleet has no such job."""
+def job_status(
+    settings: Settings, job_id: str, *, tenant: str | None = None
+) -> dict[str, Any] | None:
+    """The job's state as a reader wants it, or None when the fleet has no such job (of
+    ``tenant``, when given)."""
     url = settings.database_url.get_secret_value()
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         record = jobs.get_job(conn, settings.fleet_id, job_id)
     if record is None:
         return None
     state = record.state
+    if tenant is not None and state.tenant != tenant:
+        return None
     latest_event = (
         json.loads(record.last_status_event.body) if record.last_status_event is not None else None
     )
     status: dict[str, Any] = {
         "job_id": state.job_id,
         "fleet_id": state.fleet_id,
+        "tenant": state.tenant,
         "phase": state.phase.value,
         "status": state.status,
         "batch_request_id": state.batch_request_id,
@@ -59,10 +67,12 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any] | None:
     return result
 
 
-def print_status(settings: Settings, job_id: str, *, as_json: bool) -> int:
+def print_status(
+    settings: Settings, job_id: str, *, as_json: bool, tenant: str | None = None
+) -> int:
     """Print the job's state (text or JSON) on stdout; 1 when there is no such job."""
     try:
-        status = job_status(settings, job_id)
+        status = job_status(settings, job_id, tenant=tenant)
     except psycopg.errors.UndefinedTable:
         status = None  # no worker of this database has ever started: it holds no job
     except psycopg.OperationalError as exc:
@@ -70,14 +80,16 @@ def print_status(settings: Settings, job_id: str, *, as_json: bool) -> int:
         print(f"{db.connect_problem(url, exc)} (BATCH_WORKER_DATABASE_URL)", file=sys.stderr)
         return 1
     if status is None:
-        print(f"no job {job_id!r} in fleet {settings.fleet_id!r}", file=sys.stderr)
+        of = f" of tenant {tenant!r}" if tenant is not None else ""
+        print(f"no job {job_id!r}{of} in fleet {settings.fleet_id!r}", file=sys.stderr)
         return 1
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
     tiles = status["tiles"] or {}
     lines = [
-        f"job            {status['job_id']} (fleet {status['fleet_id']})",
+        f"job            {status['job_id']} (fleet {status['fleet_id']}"
+        + (f", tenant {status['tenant']})" if status["tenant"] else ")"),
         f"status         {status['status'] or '-'} ({status['phase']})",
         f"batch request  {status['batch_request_id'] or '-'}",
         f"completion     {status['completion_percentage']:.1f} %",

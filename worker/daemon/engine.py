@@ -61,7 +61,11 @@ class EngineMetrics(Protocol):
     """The ``worker.metrics.Metrics`` methods the engine calls."""
 
     def job_finished(
-        self, status: str, reason: str | None, duration_seconds: float | None
+        self,
+        status: str,
+        reason: str | None,
+        duration_seconds: float | None,
+        tenant: str | None = None,
     ) -> None: ...
     def set_in_flight(self, counts: dict[str, int]) -> None: ...
     def tiles(self, processed_delta: int, failed_delta: int) -> None: ...
@@ -431,7 +435,7 @@ class Engine:
             duration = (
                 (state.ended_at - state.accepted_at).total_seconds() if state.ended_at else None
             )
-            metrics.job_finished(state.status or "UNKNOWN", reason, duration)
+            metrics.job_finished(state.status or "UNKNOWN", reason, duration, state.tenant)
 
     def _release(self, held: _Held, wake_at: datetime | None) -> None:
         wake_at = self._wake_at(held.state, wake_at)

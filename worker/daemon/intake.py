@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class CommandMetrics(Protocol):
-    def command(self, action: str, outcome: str) -> None: ...
+    def command(self, action: str, outcome: str, tenant: str | None = None) -> None: ...
 
 
 def utc_now() -> datetime:
@@ -57,6 +57,10 @@ class _Read:
     digest: str = ""
     row: jobs.JobRow | None = None
     accepted: tuple[OutboxMessage, ...] = ()
+
+    @property
+    def tenant(self) -> str | None:
+        return self.request.tenant if isinstance(self.request, JobRequest) else None
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Intake:
         self._pool = pool
         self._metrics = metrics
         self._clock = clock
+        self._tenancy = admission.Tenancy.of(settings)
 
     def handle_batch(self, batch: list[InboundMessage]) -> list[InboundMessage]:
         return self.take(self.read(batch))
@@ -124,9 +129,9 @@ class Intake:
             # Nothing was committed; the consumer keeps the batch and tries it again.
             raise IntakeUnavailable(f"the database is unavailable ({type(exc).__name__})") from exc
         if self._metrics is not None:
-            for decision in decisions:
+            for read, decision in zip(batch.reads, decisions, strict=True):
                 if decision.outcome != HELD:
-                    self._metrics.command(decision.action, decision.outcome)
+                    self._metrics.command(decision.action, decision.outcome, read.tenant)
         return [m for m, d in zip(batch.messages, decisions, strict=True) if d.outcome == HELD]
 
     def _read(self, message: InboundMessage, now: datetime) -> _Read:
@@ -141,6 +146,8 @@ class Intake:
 
     def _read_one(self, message: InboundMessage, echo: Echo, now: datetime) -> _Read:
         req = job_requests.parse_job_request(message.body, message.content_type)
+        if isinstance(req, JobRequest):
+            req = admission.resolve_tenant(req, message.properties.get("user_id"), self._tenancy)
         if isinstance(req, Rejection):
             return _Read(message, echo, req)
         accepted = tuple(self._accepted(req, echo, now))
@@ -222,17 +229,23 @@ class Intake:
         at once. Two steps: the lookup, then the writes (and, with ``commit``, the COMMIT of
         a transaction begun by the caller)."""
         fleet = self._settings.fleet_id
+        requests_ok = [r.request for r in reads if isinstance(r.request, JobRequest)]
         lookup = jobs.start_intake_lookup(
-            conn, fleet, {r.request.job_id for r in reads if isinstance(r.request, JobRequest)}
+            conn,
+            fleet,
+            {req.job_id for req in requests_ok},
+            {req.batch_request_id for req in requests_ok if req.batch_request_id is not None},
         )
         yield
-        active, known = lookup()
+        found = lookup()
         decisions = admission.decide(
             reads,
-            active=active,
-            known=known,
+            active=found.active,
+            known=found.known,
             max_in_flight=self._settings.max_in_flight,
             fleet_id=fleet,
+            origins=found.origins,
+            tenancy=self._tenancy,
         )
         new_jobs: list[jobs.JobRow] = []
         requests: list[tuple[str, str]] = []
@@ -250,7 +263,9 @@ class Intake:
                     if read.echo.reply_to:
                         out.append(events.reply_copy(decision.republish, read.echo.reply_to))
             elif decision.refusal is not None:
-                out += self._rejected(read.message, decision.refusal, read.echo, now)
+                out += self._rejected(
+                    read.message, decision.refusal, read.echo, now, tenant=read.tenant
+                )
         # In statement order on the server: a cancel may be for a job this batch creates.
         inserted = jobs.start_insert_jobs(conn, new_jobs, next_run_at=now, or_fail=commit)
         jobs.request_actions(conn, fleet, requests, now=now)
@@ -280,6 +295,7 @@ class Intake:
             retry_failed=(
                 req.retry_failed if req.retry_failed is not None else self._settings.retry_failed
             ),
+            tenant=req.tenant,
         )
 
     # -- events -------------------------------------------------------------------------
@@ -294,10 +310,17 @@ class Intake:
             job_id=req.job_id,
             action=req.action,
             echo=echo,
+            tenant=req.tenant,
         )
 
     def _rejected(
-        self, message: InboundMessage, rejection: Rejection, echo: Echo, now: datetime
+        self,
+        message: InboundMessage,
+        rejection: Rejection,
+        echo: Echo,
+        now: datetime,
+        *,
+        tenant: str | None = None,
     ) -> list[OutboxMessage]:
         """The rejected event, and the message whole for the DLQ with the reason."""
         log.info(
@@ -316,6 +339,7 @@ class Intake:
             action=rejection.action,
             echo=echo,
             rejection=rejection,
+            tenant=tenant,
         )
         out.append(
             events.dead_letter(

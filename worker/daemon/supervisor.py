@@ -115,7 +115,9 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics(
-            fleet_id=settings.fleet_id, api_budget_per_minute=settings.api_budget_per_minute
+            fleet_id=settings.fleet_id,
+            api_budget_per_minute=settings.api_budget_per_minute,
+            tenants=settings.tenants,
         )
         self.health = Health()
         self._stopping = threading.Event()

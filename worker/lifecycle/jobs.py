@@ -47,6 +47,7 @@ def new_job(
     echo: Echo,
     now: datetime,
     retry_failed: int = 0,
+    tenant: str | None = None,
 ) -> JobState:
     """The state of a job just taken in; the engine steps it with ``Wake()`` next.
 
@@ -65,6 +66,7 @@ def new_job(
         request_hash=request_hash,
         request=payload,
         adopt_id=adopt_id,
+        tenant=tenant,
         auto_start=auto_start,
         start_wanted=auto_start,
         deadline=deadline,

@@ -123,6 +123,7 @@ class JobState(_Frozen):
     request_hash: str
     request: dict[str, Any] | None = None  # the create payload; None when adopting
     adopt_id: str | None = None  # batch_request_id given by the producer
+    tenant: str | None = None  # who submitted it; owns it (docs/contract.md "Tenancy")
     auto_start: bool = True
     deadline: datetime | None = None
     max_cost_pu: float | None = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.rows import dict_row
@@ -109,6 +109,28 @@ CREATE INDEX IF NOT EXISTS bw_jobs_doubtful_ended
 """
 
 
+# Who owns a job, and whether it adopted its batch request or created it: written once, at
+# insert (a job's tenant and origin never change). Intake refuses a job of another tenant
+# and, by default, the adoption of a request no job of the fleet created (admission.py).
+_UPGRADE_TENANCY = """
+ALTER TABLE bw_jobs
+    ADD COLUMN IF NOT EXISTS tenant text,
+    ADD COLUMN IF NOT EXISTS adopted boolean;
+UPDATE bw_jobs SET adopted = (state->>'adopt_id') IS NOT NULL WHERE adopted IS NULL;
+CREATE INDEX IF NOT EXISTS bw_jobs_batch_request
+    ON bw_jobs (fleet_id, batch_request_id) WHERE batch_request_id IS NOT NULL;
+"""
+
+
+def _upgrade_tenancy(conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = 'bw_jobs'::regclass"
+        " AND attname IN ('tenant', 'adopted') AND NOT attisdropped"
+    ).fetchone()
+    if row is None or row[0] < 2:
+        conn.execute(_UPGRADE_TENANCY)
+
+
 def upgrade(conn: psycopg.Connection[Any]) -> None:
     """Bring the table up to this version: the derived columns, once, filled in from the
     states already stored (the one read of the state's JSON in SQL, of the fields as they
@@ -117,6 +139,7 @@ def upgrade(conn: psycopg.Connection[Any]) -> None:
     # What older versions filter ended jobs by (the state's JSON); one may have made it
     # again at its start during a rollout.
     conn.execute("DROP INDEX IF EXISTS bw_jobs_ended_doubtful")
+    _upgrade_tenancy(conn)
     row = conn.execute(
         "SELECT count(*) FROM pg_attribute WHERE attrelid = 'bw_jobs'::regclass"
         " AND attname = ANY(%s) AND NOT attisdropped",
@@ -185,6 +208,9 @@ def columns(state: JobState) -> dict[str, Any]:
         "last_seen_at": state.last_seen_at,
         **poll_view(state)._asdict(),
         "max_cost_pu": state.max_cost_pu,
+        # Written at insert only (``_INSERT_MANY``); a save passes them unused.
+        "tenant": state.tenant,
+        "adopted": state.adopt_id is not None,
     }
 
 
@@ -229,10 +255,12 @@ def get_job(conn: Conn, fleet_id: str, job_id: str) -> JobRecord | None:
 
 @dataclass(frozen=True)
 class IntakeView:
-    """What intake needs of an existing job: its request, and its latest status event."""
+    """What intake needs of an existing job: its request, its latest status event, and
+    its owner."""
 
     request_hash: str
     last_status_event: OutboxMessage | None
+    tenant: str | None = None
 
 
 # One primary-key probe per job id, whatever the statistics say. Written as
@@ -241,10 +269,10 @@ class IntakeView:
 # at 10,000 jobs, growing with the table. The locking subquery cannot be flattened into a
 # join, so each id is looked up alone, in the (sorted) order given.
 _INTAKE_VIEWS = """
-    SELECT j.job_id, j.request_hash, j.last_status_event
+    SELECT j.job_id, j.request_hash, j.last_status_event, j.tenant
     FROM unnest(%s::text[]) AS ids (job_id)
     CROSS JOIN LATERAL (
-        SELECT job_id, request_hash, last_status_event FROM bw_jobs
+        SELECT job_id, request_hash, last_status_event, tenant FROM bw_jobs
         WHERE fleet_id = %s AND job_id = ids.job_id FOR UPDATE
     ) AS j
 """
@@ -252,14 +280,32 @@ _INTAKE_VIEWS = """
 
 def _views(rows: Iterable[tuple[Any, ...]]) -> dict[str, IntakeView]:
     return {
-        job_id: IntakeView(request_hash, message_from_json(event) if event else None)
-        for job_id, request_hash, event in rows
+        job_id: IntakeView(request_hash, message_from_json(event) if event else None, tenant)
+        for job_id, request_hash, event, tenant in rows
     }
 
 
+# The batch requests a batch's adopting submits name that jobs of the fleet created, with
+# the tenants of those jobs (a tenant may adopt only its own, TenantRule.adopt).
+_ORIGINS = """
+    SELECT batch_request_id, array_agg(DISTINCT COALESCE(tenant, '')) FROM bw_jobs
+    WHERE fleet_id = %s AND batch_request_id = ANY(%s) AND adopted IS NOT TRUE
+    GROUP BY batch_request_id
+"""
+
+
+class IntakeLookup(NamedTuple):
+    """The lookup's answer: the fleet's active count, the named jobs that exist, and the
+    named batch requests the fleet created (id -> their creators' tenants, "" for none)."""
+
+    active: int
+    known: dict[str, IntakeView]
+    origins: dict[str, frozenset[str]]
+
+
 def start_intake_lookup(
-    conn: Conn, fleet_id: str, job_ids: Collection[str]
-) -> Callable[[], tuple[int, dict[str, IntakeView]]]:
+    conn: Conn, fleet_id: str, job_ids: Collection[str], adopting: Collection[str] = ()
+) -> Callable[[], IntakeLookup]:
     """``capacity.count_active`` and the named jobs that exist (locked until the transaction
     ends, in job id order so concurrent batches cannot deadlock) sent at once; call the
     result for them.
@@ -269,10 +315,15 @@ def start_intake_lookup(
     """
     counted = conn.execute(capacity.COUNT_ACTIVE, (fleet_id,))
     views = conn.execute(_INTAKE_VIEWS, (sorted(job_ids), fleet_id)) if job_ids else None
+    origins = conn.execute(_ORIGINS, (fleet_id, sorted(adopting))) if adopting else None
 
-    def result() -> tuple[int, dict[str, IntakeView]]:
+    def result() -> IntakeLookup:
         row = counted.fetchone()
-        return (int(row[0]) if row else 0), _views(views.fetchall() if views else ())
+        return IntakeLookup(
+            int(row[0]) if row else 0,
+            _views(views.fetchall() if views else ()),
+            {rid: frozenset(tenants) for rid, tenants in (origins.fetchall() if origins else ())},
+        )
 
     return result
 
@@ -298,19 +349,20 @@ def job_row(state: JobState) -> JobRow:
 _INSERT_MANY = f"""
     INSERT INTO bw_jobs (fleet_id, job_id, state, phase, status, batch_request_id,
                          upstream_created, request_hash, next_run_at, accepted_at,
-                         ended_at, last_seen_at, {_DERIVED_NAMES}, derived_rev)
+                         ended_at, last_seen_at, tenant, adopted, {_DERIVED_NAMES},
+                         derived_rev)
     SELECT fleet_id, job_id, state::jsonb, phase, status, batch_request_id,
            upstream_created, request_hash, %(next_run_at)s, accepted_at, ended_at,
-           last_seen_at, {_DERIVED_NAMES}, 1
+           last_seen_at, tenant, adopted, {_DERIVED_NAMES}, 1
     FROM unnest(%(fleet_id)b::text[], %(job_id)b::text[], %(state)b::text[],
                 %(phase)b::text[], %(status)b::text[], %(batch_request_id)b::text[],
                 %(upstream_created)b::timestamptz[], %(request_hash)b::text[],
                 %(accepted_at)b::timestamptz[], %(ended_at)b::timestamptz[],
-                %(last_seen_at)b::timestamptz[],
+                %(last_seen_at)b::timestamptz[], %(tenant)b::text[], %(adopted)b::boolean[],
                 {_DERIVED_ARRAYS})
         AS new (fleet_id, job_id, state, phase, status, batch_request_id,
                 upstream_created, request_hash, accepted_at, ended_at, last_seen_at,
-                {_DERIVED_NAMES})
+                tenant, adopted, {_DERIVED_NAMES})
 """
 
 

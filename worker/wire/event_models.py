@@ -113,6 +113,11 @@ class JobEventData(_Wire):
         description="Extension: why a follow-up that was due was not made (the job ended as"
         " it would have without retry_failed). Left out when there is none.",
     )
+    tenant: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description='The job\'s tenant (docs/contract.md "Tenancy"); absent when it has none.',
+    )
 
 
 class CommandEventData(_Wire):
@@ -129,6 +134,11 @@ class CommandEventData(_Wire):
         description="Rejections only: what was wrong, naming the field.",
     )
     worker: str = Field(description=WORKER_DESCRIPTION)
+    tenant: str | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_omitted_when_absent,
+        description="The sender's tenant, when the message named one it could be read with.",
+    )
 
 
 class _CloudEvent(_Wire):

@@ -131,6 +131,7 @@ def job_event(
         attempt=state.retry.attempt,
         batch_requests=[BatchRequestData(**row) for row in followups.batch_requests(state)],
         retry_skipped=None if skipped is None else ErrorData(**skipped.model_dump()),
+        tenant=state.tenant,
     )
     if kind == "status":
         event_type, routing_key = JOB_STATUS, status_routing_key(state.status)
@@ -151,8 +152,9 @@ def job_event(
 
 def _job_data(data: JobEventData) -> dict[str, Any]:
     out = data.model_dump(mode="json")
-    if out.get("retry_skipped") is None:
-        out.pop("retry_skipped", None)  # left out when there is none, never null
+    for name in ("retry_skipped", "tenant"):
+        if out.get(name) is None:
+            out.pop(name, None)  # left out when there is none, never null
     return out
 
 
@@ -167,6 +169,7 @@ def command_event(
     action: str | None,
     echo: Echo,
     rejection: Rejection | None = None,
+    tenant: str | None = None,
 ) -> list[OutboxMessage]:
     """``command.accepted`` / ``command.rejected`` for one request message."""
     if (kind == "rejected") != (rejection is not None):
@@ -181,6 +184,8 @@ def command_event(
         data["code"] = str(rejection.code)
         data["message"] = rejection.message
     data["worker"] = worker
+    if tenant is not None:
+        data["tenant"] = tenant
     return _publishes(
         event_id=command_event_id(fleet_id, kind, echo.message_id),
         event_type=COMMAND_ACCEPTED if kind == "accepted" else COMMAND_REJECTED,

@@ -36,6 +36,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from worker.settings import TENANT_PATTERN
+
 SCHEMA_VERSION = 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 Action = Literal["submit", "start", "cancel"]
@@ -64,6 +66,12 @@ class RejectCode(StrEnum):
     # raised by intake after looking the job up
     JOB_CONFLICT = "JOB_CONFLICT"
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
+    # tenancy (docs/contract.md "Tenancy"), also decided after the lookup
+    ADOPTION_REFUSED = "ADOPTION_REFUSED"
+    NOT_JOB_OWNER = "NOT_JOB_OWNER"
+    UNKNOWN_TENANT = "UNKNOWN_TENANT"
+    TENANT_REQUIRED = "TENANT_REQUIRED"
+    TENANT_MISMATCH = "TENANT_MISMATCH"
     # intake's last resort: the message provoked a bug; it is dead-lettered, not retried
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
@@ -120,6 +128,14 @@ class JobRequest(BaseModel):
         pattern=JOB_ID_PATTERN, description="The producer's key for the job within its fleet."
     )
     action: Action = "submit"
+    tenant: str | None = Field(
+        default=None,
+        pattern=TENANT_PATTERN,
+        description=(
+            'Who sends it (docs/contract.md "Tenancy"): owns the job a submit creates;'
+            " checked against TENANTS when set."
+        ),
+    )
     request: dict[str, Any] | None = Field(
         default=None,
         description="A Batch V2 create payload, as the API takes it.",
@@ -182,6 +198,16 @@ class JobRequest(BaseModel):
                 "missing_request", "a submit needs 'request' (or 'batch_request_id')"
             )
         return self
+
+
+_TENANT_RE = re.compile(TENANT_PATTERN)
+
+
+def valid_tenant(name: str) -> str:
+    """``name`` if it can be a tenant's name (a ``user_id`` taken as one), else ValueError."""
+    if not _TENANT_RE.fullmatch(name):
+        raise ValueError("not a tenant name")
+    return name
 
 
 def parse_job_request(body: bytes, content_type: str | None) -> JobRequest | Rejection:
