@@ -140,3 +140,30 @@ def test_the_quick_check_never_skips_text_a_pattern_would_change(text: str) -> N
     from worker import redact as module
 
     assert redact_text(text) == module._redact_forms(text)
+
+
+@pytest.mark.parametrize(
+    ("said", "kept"),
+    [
+        (
+            'CONTEXT:  JSON data, line 1: ...G/bPxRfiCYEXAMPLEKEY"}}}, "d": "a\\u0000...',
+            "CONTEXT:  JSON data, line 1: ***",
+        ),
+        ("unnamed portal parameter $3 = 'wJalr''XUtn'", "unnamed portal parameter $3 = ***"),
+        (
+            'DETAIL:  Failing row contains (f, j, {"k": "v"}).',
+            "DETAIL:  Failing row contains (***).",
+        ),
+        (
+            "DETAIL:  Key (fleet_id, job_id)=(f, j1) already exists.",
+            "DETAIL:  Key (fleet_id, job_id)=(***) already exists.",
+        ),
+        ('DETAIL:  Token "wJalrXUtnFEMI" is invalid.', "DETAIL:  Token *** is invalid."),
+        (
+            'invalid input syntax for type integer: "12ab"',
+            "invalid input syntax for type integer: ***",
+        ),
+    ],
+)
+def test_what_postgresql_quotes_back_of_the_data_is_masked_whole(said: str, kept: str) -> None:
+    assert redact_text(said) == kept

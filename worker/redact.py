@@ -8,7 +8,11 @@ Three layers, because a secret can reach text in three ways:
   ``password``, ...) are masked whatever they are, in data (``redact``) and in text that
   looks like ``key: value``, ``"key": "value"`` or ``key=value`` (``redact_text``);
 - shapes that are credentials by form: the password of a URL (``amqp://user:pass@host``),
-  ``Bearer``/``Basic`` authorization values, and JWTs.
+  ``Bearer``/``Basic`` authorization values, and JWTs;
+- the data PostgreSQL quotes back in its errors (``CONTEXT: JSON data, line 1: ...``,
+  a statement's parameter, a failing row, a key): masked whole, whatever it holds. The
+  server cuts an excerpt out of the middle of a value, so the key naming a credential is
+  often not in it (a job's ``secretAccessKey`` reached an ERROR line this way).
 """
 
 from __future__ import annotations
@@ -70,6 +74,30 @@ _KEY_PROSE = re.compile(
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*:)[^\s/'\"]*(?=@)")
 _AUTH_SCHEME = re.compile(r"(?i)\b(?P<scheme>Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+")
+# What PostgreSQL quotes back of the data in an error's text (psycopg puts the DETAIL and
+# CONTEXT fields in the exception's message): the excerpt, never the words around it.
+_DATABASE_ECHO = re.compile(
+    r"(?P<head>JSON data, line \d+: )[^\n]*"
+    r"|(?P<param>parameter \$\d+ = )'(?:[^']|'')*'"
+    r"|(?P<row>Failing row contains )\(.*\)"
+    r"|(?P<key>Key \([^)\n]*\)=)\(.*?\)(?= already exists| is (?:not present|still referenced)"
+    r"|\s+conflicts)"
+    r"|(?P<syntax>invalid input (?:syntax|value) for (?:type )?[\w ]+: )\"(?:[^\"\\]|\\.)*\""
+    r"|(?P<token>Token )\"(?:[^\"\\]|\\.)*\"(?= is invalid)"
+)
+_MAY_ECHO_DATA = re.compile(
+    r"JSON data|parameter \$|Failing row|Key \(|invalid input|Token \""
+)
+
+
+def _mask_echo(match: re.Match[str]) -> str:
+    for group in ("head", "param", "row", "key", "syntax", "token"):
+        if match.group(group) is not None:
+            masked = f"({REDACTED})" if group in ("row", "key") else REDACTED
+            return match.group(group) + masked
+    return REDACTED  # pragma: no cover
+
+
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 # Each pattern above needs one of these in the text (case aside): every key name holds
 # key, token, secret, pass, authorization or credentials. Text with none of them (job ids,
@@ -136,6 +164,8 @@ def redact_text(text: str) -> str:
     pattern = _registry.pattern
     if pattern is not None:
         text = pattern.sub(REDACTED, text)
+    if _MAY_ECHO_DATA.search(text):
+        text = _DATABASE_ECHO.sub(_mask_echo, text)
     if not _MAY_HOLD_A_FORM.search(text):
         return text
     return _redact_forms(text)

@@ -234,7 +234,7 @@ def test_adopting_an_existing_batch_request(
     )
     task = client.create(stack.payload(GEOTIFF)["request"])
     client.close()
-    start_worker()
+    start_worker(adopt_foreign="true")  # the request is not the fleet's own
     producer.publish({"job_id": "adopted-1", "batch_request_id": task.id})
     final = events.wait_terminal("adopted-1", timeout=60)
     assert final["data"]["status"] == "DONE"
@@ -244,7 +244,7 @@ def test_adopting_an_existing_batch_request(
 def test_adopting_a_request_that_does_not_exist_fails_upstream_not_found(
     stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
 ) -> None:
-    start_worker()
+    start_worker(adopt_foreign="true")  # else refused at intake: no job of the fleet made it
     producer.publish(
         {"job_id": "ghost-1", "batch_request_id": "00000000-0000-4000-8000-000000000000"}
     )
