@@ -85,9 +85,7 @@ _DATABASE_ECHO = re.compile(
     r"|(?P<syntax>invalid input (?:syntax|value) for (?:type )?[\w ]+: )\"(?:[^\"\\]|\\.)*\""
     r"|(?P<token>Token )\"(?:[^\"\\]|\\.)*\"(?= is invalid)"
 )
-_MAY_ECHO_DATA = re.compile(
-    r"JSON data|parameter \$|Failing row|Key \(|invalid input|Token \""
-)
+_MAY_ECHO_DATA = re.compile(r"JSON data|parameter \$|Failing row|Key \(|invalid input|Token \"")
 
 
 def _mask_echo(match: re.Match[str]) -> str:
@@ -178,6 +176,11 @@ def _redact_forms(text: str) -> str:
     text = _AWS_KEY_ID.sub(REDACTED, text)
     text = _KEY_PROSE.sub(lambda m: m.group("key") + m.group("sep") + REDACTED, text)
     return _KEY_VALUE.sub(_mask_key_value, text)
+
+
+def is_secret_key(key: object) -> bool:
+    """Whether a mapping key names a credential (``secretAccessKey``, ``credentials``...)."""
+    return _is_secret_key(key)
 
 
 def _is_secret_key(key: object) -> bool:

@@ -155,7 +155,13 @@ class Recorder:
         self.in_flight: list[dict[str, int]] = []
         self.cost_shares: list[float] = []
 
-    def job_finished(self, status: str, reason: str | None, duration_seconds: float | None) -> None:
+    def job_finished(
+        self,
+        status: str,
+        reason: str | None,
+        duration_seconds: float | None,
+        tenant: str | None = None,
+    ) -> None:
         self.finished.append((status, reason))
 
     def set_in_flight(self, counts: dict[str, int]) -> None:

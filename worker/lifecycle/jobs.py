@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from worker.lifecycle.state import Echo, JobState, Phase, Retry
+from worker.redact import is_secret_key
 
 TAG_PREFIX = "bw"
 # A tag as a word of a description (the poller finds the fleet's requests by it).
@@ -79,3 +80,36 @@ def new_job(
 
 def is_active(state: JobState) -> bool:
     return state.phase is not Phase.ENDED
+
+
+def holds_credentials(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(is_secret_key(k) or holds_credentials(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(holds_credentials(v) for v in value)
+    return False
+
+
+def without_credentials(value: Any) -> Any:
+    """The create payload without its credentials (S3 keys, GCS credentials): only the
+    create sends them (docs/design.md "Credentials in job state"). The tiles are read with
+    the worker's own identity, from the delivery URL, which stays."""
+    if isinstance(value, dict):
+        return {k: without_credentials(v) for k, v in value.items() if not is_secret_key(k)}
+    if isinstance(value, list):
+        return [without_credentials(v) for v in value]
+    return value
+
+
+def forget_credentials(state: JobState) -> JobState:
+    """``state`` without the payload's credentials once no create can come: the job has
+    ended, or knows its batch request and may make no follow-up (``retry_failed`` 0: a
+    follow-up is created from this payload, keys and all). Before, a create (or its retry)
+    still needs them."""
+    if not holds_credentials(state.request):
+        return state
+    if state.phase is Phase.PENDING_CREATE:
+        return state
+    if state.phase is Phase.TRACKING and state.retry.attempts > 0:
+        return state
+    return state.model_copy(update={"request": without_credentials(state.request)})

@@ -30,6 +30,7 @@ from worker.lifecycle.actions import (
     Transition,
     WriteRetryInput,
 )
+from worker.lifecycle.jobs import forget_credentials
 from worker.lifecycle.observations import (
     ActionRefused,
     CancelRequested,
@@ -538,7 +539,7 @@ def _finish(d: _Draft) -> Transition:
     published = followups.published_status(d.state)
     if d.tracking and published != d.state.status and not d.hold_status:
         d.set(status=published)
-    after = d.state
+    after = forget_credentials(d.state)
     actions: tuple[Action, ...] = tuple(d.actions)
     if after.phase is Phase.ENDED:
         actions = tuple(a for a in actions if isinstance(a, StopDuplicate))

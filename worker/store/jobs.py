@@ -119,6 +119,18 @@ ALTER TABLE bw_jobs
 UPDATE bw_jobs SET adopted = (state->>'adopt_id') IS NOT NULL WHERE adopted IS NULL;
 CREATE INDEX IF NOT EXISTS bw_jobs_batch_request
     ON bw_jobs (fleet_id, batch_request_id) WHERE batch_request_id IS NOT NULL;
+-- Credentials only a create needs, kept by versions before this one in every job past it
+-- (lifecycle.forget_credentials: this version drops them at the step that leaves
+-- PENDING_CREATE). derived_rev rises, so the trigger leaves the derived columns alone.
+UPDATE bw_jobs SET
+    state = jsonb_set(state, '{request}',
+        state->'request'
+        #- '{output,delivery,s3,accessKey}' #- '{output,delivery,s3,secretAccessKey}'
+        #- '{output,delivery,gs,credentials}'
+        #- '{input,features,s3,accessKey}' #- '{input,features,s3,secretAccessKey}'
+        #- '{input,features,gs,credentials}'),
+    derived_rev = derived_rev + 1
+WHERE phase <> 'PENDING_CREATE' AND jsonb_typeof(state->'request') = 'object';
 """
 
 
@@ -139,15 +151,14 @@ def upgrade(conn: psycopg.Connection[Any]) -> None:
     # What older versions filter ended jobs by (the state's JSON); one may have made it
     # again at its start during a rollout.
     conn.execute("DROP INDEX IF EXISTS bw_jobs_ended_doubtful")
-    _upgrade_tenancy(conn)
     row = conn.execute(
         "SELECT count(*) FROM pg_attribute WHERE attrelid = 'bw_jobs'::regclass"
         " AND attname = ANY(%s) AND NOT attisdropped",
         ([*DERIVED, "derived_rev"],),
     ).fetchone()
-    if row is not None and row[0] == len(DERIVED) + 1:
-        return
-    conn.execute(_UPGRADE)
+    if row is None or row[0] != len(DERIVED) + 1:
+        conn.execute(_UPGRADE)
+    _upgrade_tenancy(conn)
 
 
 Conn = psycopg.Connection[Any]
