@@ -66,6 +66,8 @@ def test_intake_logs_no_part_of_the_keys_of_a_request_it_cannot_store(
     body = {"job_id": "nul-1", "request": with_keys("corsica \u0000")}
     intake_for(pool).handle_batch([msg(body)])
     assert leaked(log_lines.getvalue()) == set()
-    # Refused, whatever step refused it, and dead-lettered whole.
-    keys = [key for _, key, _, _ in outbox_rows(pool)]
-    assert keys == ["command.rejected", "t.dlq"]
+    # Refused at reading (it could never be stored), not as an INTERNAL_ERROR, and
+    # dead-lettered whole.
+    rows = outbox_rows(pool)
+    assert [key for _, key, _, _ in rows] == ["command.rejected", "t.dlq"]
+    assert rows[0][2]["data"]["code"] == "INVALID_FIELD"

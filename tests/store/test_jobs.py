@@ -567,3 +567,23 @@ def test_a_write_by_an_older_worker_leaves_the_columns_unknown_until_saved_again
         )
         leases.save_step(conn, cancelled, generation=c.generation, owner="w1")
         assert derived(conn, ["resting"])["resting"] == derived_from(cancelled)
+
+
+def test_the_upgrade_drops_the_keys_older_versions_kept_past_the_create(
+    first_release: ConnectionPool,
+) -> None:
+    s3 = {"url": "s3://b/out", "accessKey": "AKIAIOSFODNN7EXAMPLE", "secretAccessKey": "wJalrXUtnF"}
+    payload = {"description": "x", "output": {"delivery": {"s3": s3}}}
+    tracked = job("tracked", request=payload, phase=Phase.TRACKING, batch_request_id="r1")
+    waiting = job("waiting", request=payload)  # its create may still need them
+    fresh_first_release(first_release, [tracked, waiting])
+    db.ensure_schema(first_release)
+    with first_release.connection() as conn:
+        rows = dict(
+            conn.execute(
+                "SELECT job_id, state->'request'->'output'->'delivery'->'s3' FROM bw_jobs"
+            ).fetchall()
+        )
+        tenancy = conn.execute("SELECT DISTINCT adopted, tenant FROM bw_jobs").fetchall()
+    assert rows == {"tracked": {"url": "s3://b/out"}, "waiting": s3}
+    assert tenancy == [(False, None)]

@@ -416,3 +416,22 @@ def test_a_surrogate_pair_is_text_and_taken() -> None:
     req = parse_job_request(b'{"job_id": "j", "request": {"s": "\\ud83d\\ude00"}}', None)
     assert isinstance(req, JobRequest) and req.request == {"s": "\U0001f600"}
     assert request_hash(req).startswith("v2:")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        rb'{"job_id": "j", "request": {"description": "a\u0000b"}}',
+        rb'{"job_id": "j", "request": {"a\u0000": 1}}',
+        rb'{"job_id": "j", "request": {"list": [["\u0000"]]}}',
+    ],
+)
+def test_a_nul_character_in_a_string_is_refused_as_it_cannot_be_stored(body: bytes) -> None:
+    rejection = parse_job_request(body, "application/json")
+    assert isinstance(rejection, Rejection)
+    assert rejection.code == "INVALID_FIELD" and rejection.job_id == "j"
+    assert "NUL" in rejection.message and "field 'request'" in rejection.message
+    # An escaped backslash before "u0000" is text, not a NUL.
+    assert isinstance(
+        parse_job_request(rb'{"job_id": "j", "request": {"d": "\\u0000"}}', None), JobRequest
+    )

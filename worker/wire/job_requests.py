@@ -222,6 +222,16 @@ def parse_job_request(body: bytes, content_type: str | None) -> JobRequest | Rej
                 req.job_id,
                 req.action,
             )
+    if isinstance(req, JobRequest) and _NUL_ESCAPE in body:
+        where = _holding_nul(req)
+        if where is not None:
+            return Rejection(
+                RejectCode.INVALID_FIELD,
+                f"field '{where}': a string holds a NUL character (\\u0000), which cannot be"
+                " stored",
+                req.job_id,
+                req.action,
+            )
     return req
 
 
@@ -251,6 +261,30 @@ def _lone_surrogate(req: JobRequest) -> str | None:
             except UnicodeEncodeError:
                 return True
             return False
+        if isinstance(value, dict):
+            return any(holds_one(k) or holds_one(v) for k, v in value.items())
+        if isinstance(value, list):
+            return any(holds_one(v) for v in value)
+        return False
+
+    for field in ("request", "batch_request_id"):
+        if holds_one(getattr(req, field)):
+            return field
+    return None
+
+
+# JSON can escape NUL in a string, and both parsers take it, but PostgreSQL's text and jsonb
+# cannot hold it: such a request could be neither stored nor answered (an INTERNAL_ERROR).
+# A raw NUL byte is not JSON at all; only the escape can bring one in.
+_NUL_ESCAPE = b"\\u0000"
+
+
+def _holding_nul(req: JobRequest) -> str | None:
+    """The first field holding a string (or key) with a NUL character, if any."""
+
+    def holds_one(value: Any) -> bool:
+        if isinstance(value, str):
+            return "\x00" in value
         if isinstance(value, dict):
             return any(holds_one(k) or holds_one(v) for k, v in value.items())
         if isinstance(value, list):
