@@ -155,6 +155,9 @@ class Hostile:
     headers: dict[str, Any] | None
     correlation_id: str | None
     priority: int | None
+    app_id: str | None = None
+    type: str | None = None
+    timestamp: int | None = None
     message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def properties(self) -> pika.BasicProperties:
@@ -165,6 +168,9 @@ class Hostile:
             correlation_id=self.correlation_id,
             headers=self.headers,
             priority=self.priority,
+            app_id=self.app_id,
+            type=self.type,
+            timestamp=self.timestamp,
         )
 
 
@@ -175,6 +181,9 @@ messages = st.builds(
     headers=headers,
     correlation_id=st.one_of(st.none(), _prop_text),
     priority=st.one_of(st.none(), st.integers(0, 9)),
+    app_id=st.one_of(st.none(), _prop_text),
+    type=st.one_of(st.none(), _prop_text),
+    timestamp=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
 )
 
 
