@@ -274,6 +274,10 @@ def test_every_default_the_docs_give_is_the_one_the_settings_have(path: Path) ->
         if isinstance(default, int | float) and not isinstance(default, bool):
             assert float(value) == default, f"{path.name}: {name} is {default}, not {value}"
             continue
+        if isinstance(default, tuple):  # a comma-separated list
+            written = tuple(float(part) for part in value.split(","))
+            assert written == default, f"{path.name}: {name} is {default}, not {value}"
+            continue
         if isinstance(default, bool):  # as it is written in an environment variable
             assert value == str(default).lower(), f"{path.name}: {name} is not {value}"
             continue

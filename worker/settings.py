@@ -16,7 +16,7 @@ from enum import StrEnum
 from functools import cache
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -29,7 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "BATCH_WORKER_"
 DEFAULT_SECRETS_DIR = "/run/secrets/batch-worker"
@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     rest_poll_interval: float = Field(default=600.0, ge=0.1, le=86_400)
     action_lag: float = Field(default=90.0, ge=0, le=3600)
     not_found_window: float = Field(default=120.0, ge=0, le=3600)
+    # Inside that window, the n-th 404 in a row is read again (an action that answered it
+    # sent again) this many seconds later; the last repeats. Comma-separated.
+    not_found_retries: Annotated[tuple[float, ...], NoDecode] = (0.0, 2.0, 5.0, 10.0, 20.0)
     list_lag_window: float = Field(default=60.0, ge=0, le=3600)
     lease_seconds: float = Field(default=60.0, ge=1, le=3600)
 
@@ -186,6 +189,20 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("not_found_retries", mode="before")
+    @classmethod
+    def _seconds_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("not_found_retries")
+    @classmethod
+    def _retry_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or not all(0 <= delay <= 3600 for delay in value):
+            raise ValueError("must be one or more delays of 0 to 3600 seconds, comma-separated")
+        return value
 
     @field_validator("api_url", "token_url")
     @classmethod

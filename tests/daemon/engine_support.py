@@ -50,7 +50,7 @@ FAST = Policy(
     list_lag_window=timedelta(milliseconds=200),
     clock_skew=timedelta(seconds=1),
     create_retry=timedelta(milliseconds=50),
-    not_found_retry=timedelta(milliseconds=50),
+    not_found_retries=(timedelta(0), timedelta(milliseconds=50)),
     tiles_wait=timedelta(milliseconds=50),
 )
 NEXT = {"ANALYSING": "ANALYSIS_DONE", "PROCESSING": "DONE"}

@@ -136,7 +136,8 @@ def test_refused_and_missing_actions_become_observations() -> None:
     outcome = ActionRunner(api, Tiler(None)).perform(job(), Start("r1"), T0)
     assert isinstance(outcome, ActionRefused) and outcome.action == "start"
     api.start_error = NotFound("gone", http_status=404)
-    assert ActionRunner(api, Tiler(None)).perform(job(), Start("r1"), T0) == TaskMissing()
+    outcome = ActionRunner(api, Tiler(None)).perform(job(), Start("r1"), T0)
+    assert outcome == TaskMissing(action="start")  # which action was not taken
 
 
 def test_a_follow_up_is_found_by_its_attempts_tag_not_by_the_first_one() -> None:

@@ -53,7 +53,7 @@ POLICY = Policy(
     clock_skew=timedelta(seconds=2),
     create_retry=timedelta(seconds=2),
     max_create_attempts=4,
-    not_found_retry=timedelta(seconds=1),
+    not_found_retries=(timedelta(0), timedelta(seconds=1), timedelta(seconds=3)),
     tiles_wait=timedelta(seconds=1),
 )
 IDS = st.sampled_from([RID, RID, RID, "dup-1", "dup-2"])

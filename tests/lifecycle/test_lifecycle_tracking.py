@@ -217,7 +217,9 @@ def test_a_404_inside_the_window_after_creation_is_read_again_soon() -> None:
     run = created(job())
     t = run.feed(TaskMissing(), at(30))
     assert t.state.phase is Phase.TRACKING
-    assert t.wake_at == at(30) + POLICY.not_found_retry
+    assert t.actions == (Poll(RID, asap=True),)  # the schedule's first retry is at once
+    t = run.feed(TaskMissing(), at(31))
+    assert t.wake_at == at(31) + POLICY.not_found_retries[1]
     t = run.feed(TaskSeen(task("ANALYSING")), at(40))
     assert t.state.not_found_since is None
 

@@ -204,7 +204,7 @@ class ActionRunner:
         except ClientError as exc:
             return ActionRefused(action=name, error=api_error(exc))
         except NotFound:
-            return TaskMissing()
+            return TaskMissing(action=name)
         except ApiError as exc:
             log.warning("%s %s failed: %s", name, task_id, exc)
         return None

@@ -55,6 +55,7 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 # The shortest retry the derived timings go down to.
 _FLOOR = timedelta(milliseconds=100)
+_ZERO = timedelta(0)
 
 
 class EngineMetrics(Protocol):
@@ -97,7 +98,10 @@ def policy_from(settings: Settings) -> Policy:
         not_found_window=not_found,
         list_lag_window=list_lag,
         # A few re-reads inside the 404 window; a few scans inside the list lag.
-        not_found_retry=min(default.not_found_retry, max(not_found / 4, _FLOOR)),
+        not_found_retries=tuple(
+            min(timedelta(seconds=delay), max(not_found / 4, _FLOOR)) if delay > 0 else _ZERO
+            for delay in settings.not_found_retries
+        ),
         create_retry=min(default.create_retry, max(list_lag / 4, _FLOOR)),
         # An event held for tiles waits at most one poll, and well inside the lease that
         # holds it, so the worker that asked for the read is the one to publish it.

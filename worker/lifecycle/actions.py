@@ -98,7 +98,11 @@ class Policy:
     clock_skew: timedelta = timedelta(seconds=30)
     create_retry: timedelta = timedelta(seconds=10)
     max_create_attempts: int = 20
-    not_found_retry: timedelta = timedelta(seconds=10)  # re-read after a 404 inside the window
+    # After the n-th 404 in a row inside the window, re-read (or re-send the action that
+    # answered it) this much later; the last delay repeats until the window is over.
+    not_found_retries: tuple[timedelta, ...] = tuple(
+        timedelta(seconds=s) for s in (0, 2, 5, 10, 20)
+    )
     tiles_wait: timedelta = timedelta(seconds=10)  # hold ANALYSIS_DONE this long for its tiles
 
 

@@ -11,7 +11,7 @@ cancel) that every phase applies; split across modules, a rule would be read in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from worker.lifecycle import followups
@@ -278,8 +278,8 @@ def _tracking(d: _Draft, obs: Observation) -> None:
             _fold_task(d, task)
         case CreateSucceeded(task=task):
             _duplicate(d, task.id)  # a second request carrying this job's tag
-        case TaskMissing():
-            _missing(d)
+        case TaskMissing(action=action):
+            _missing(d, action)
         case ActionRefused():
             # Usually the status moved already (§3.3): read it now rather than fail.
             d.actions.append(Poll(rid, asap=True))
@@ -298,6 +298,8 @@ def _fold_task(d: _Draft, task: TaskSnapshot) -> None:
     d.set(
         last_seen_at=d.now,
         not_found_since=None,
+        not_found_count=0,
+        resend_not_before=None,  # the request is known now: an action 404'd goes at once
         upstream_created=s.upstream_created or task.created,
     )
     rank = STATUS_RANK.get(task.status)
@@ -405,15 +407,27 @@ def _merge(s: JobState, seen: Tiles) -> Tiles:
     return _merge_tiles(s.tiles, seen) if s.retry.attempt == 0 else followups.merge_tiles(s, seen)
 
 
-def _missing(d: _Draft) -> None:
+def _missing(d: _Draft, action: _SendKind | None) -> None:
     s = d.state
-    d.set(not_found_since=s.not_found_since or d.now)
+    count = s.not_found_count + 1
+    d.set(not_found_since=s.not_found_since or d.now, not_found_count=count)
     # A request just created may answer 404 for a while (§3.3, eo-grow's retries).
     created = s.upstream_created or s.intent_at
-    if created is not None and d.now < created + d.policy.not_found_window:
-        d.wake_by(d.now + d.policy.not_found_retry)
-    else:
+    if created is None or d.now >= created + d.policy.not_found_window:
         _end(d, "FAILED", error=_not_found(s.batch_request_id))
+        return
+    retries = d.policy.not_found_retries
+    again = d.now + (retries[min(count, len(retries)) - 1] if retries else timedelta(0))
+    if action is not None:
+        # The API did not take the action (it did not know the request yet): it is not
+        # "sent", so no ACTION_LAG wait; _send sends it again from ``again`` on.
+        d.set(**{f"{action}_sent_at": None}, resend_not_before=again)
+    elif s.resend_not_before is not None:
+        d.set(resend_not_before=max(s.resend_not_before, again))
+    if again > d.now:
+        d.wake_by(again)
+    elif action is None:
+        d.actions.append(Poll(_required(s.batch_request_id), asap=True))
 
 
 def _not_found(batch_request_id: str | None) -> JobError:
@@ -519,6 +533,12 @@ def _send(d: _Draft, kind: _SendKind) -> None:
     if sent is not None and d.now < sent + d.policy.action_lag:
         d.wake_by(sent + d.policy.action_lag)
         return
+    held = s.resend_not_before
+    if held is not None and d.now < held:
+        d.wake_by(held)  # an action answered 404 in the window: its retry's turn comes then
+        return
+    if held is not None:
+        d.set(resend_not_before=None)
     d.wake_by(d.now + d.policy.action_lag)
     if kind == "analyse":
         d.actions.append(Analyse(rid))

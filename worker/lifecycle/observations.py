@@ -57,7 +57,10 @@ class TaskSeen:
 
 @dataclass(frozen=True)
 class TaskMissing:
-    """GET answered 404 (after the client's own short retries)."""
+    """GET answered 404 (after the client's own short retries), or an action did
+    (``action``: which one; inside the 404 window after create it was not taken)."""
+
+    action: Literal["analyse", "start", "stop"] | None = None
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,10 @@ class JobState(_Frozen):
     analysis_done_at: datetime | None = None  # when ANALYSIS_DONE was first read
     stop_reason: StoppedReason | None = None  # why the worker asked for a stop
     not_found_since: datetime | None = None  # first 404 of the current run of 404s
+    not_found_count: int = 0  # 404s in the current run (the retry schedule's position)
+    # An action answered 404 inside the window after create: it was not taken, so it is
+    # sent again (its *_sent_at cleared), but not before this.
+    resend_not_before: datetime | None = None
     last_seen_at: datetime | None = None  # when the task's status was last read
     duplicates_stopped: tuple[str, ...] = ()
     # A terminal status read after processing began, held until one last tile read (or
