@@ -139,7 +139,11 @@ class Settings(BaseSettings):
     # sent again) this many seconds later; the last repeats. Comma-separated.
     not_found_retries: Annotated[tuple[float, ...], NoDecode] = (0.0, 2.0, 5.0, 10.0, 20.0)
     list_lag_window: float = Field(default=60.0, ge=0, le=3600)
-    lease_seconds: float = Field(default=60.0, ge=1, le=3600)
+    lease_seconds: float = Field(default=15.0, ge=1, le=3600)
+    # How a dead worker's leases are known before they run out (worker/store/presence.py):
+    # "lock", a session advisory lock that dies with the process; "heartbeat", a registry
+    # row older than LEASE_SECONDS / 3 (behind PgBouncer in transaction mode); "off".
+    presence: Literal["lock", "heartbeat", "off"] = "lock"
 
     # --- tenancy (docs/contract.md "Tenancy") ---------------------------------------
     # JSON, tenant -> rule: '{"team-a": {}, "ops": {"manage": "any"}}'. Empty: no tenancy

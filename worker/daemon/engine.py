@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,7 +86,6 @@ def policy_from(settings: Settings) -> Policy:
     a deployment (or a test) that shortens the coarse ones gets a consistent whole."""
     default = Policy()
     poll = timedelta(seconds=settings.poll_interval)
-    lease = timedelta(seconds=settings.lease_seconds)
     not_found = timedelta(seconds=settings.not_found_window)
     list_lag = timedelta(seconds=settings.list_lag_window)
     return Policy(
@@ -103,9 +103,9 @@ def policy_from(settings: Settings) -> Policy:
             for delay in settings.not_found_retries
         ),
         create_retry=min(default.create_retry, max(list_lag / 4, _FLOOR)),
-        # An event held for tiles waits at most one poll, and well inside the lease that
-        # holds it, so the worker that asked for the read is the one to publish it.
-        tiles_wait=min(default.tiles_wait, poll, lease / 4),
+        # An event held for tiles waits at most one poll. (The lease holding the job while
+        # the read runs is renewed every lease / 3 by worker/daemon/presence.py.)
+        tiles_wait=min(default.tiles_wait, poll),
     )
 
 
@@ -116,6 +116,12 @@ class _Held:
     state: JobState
     generation: int
     released: bool = False  # the last save gave the lease back
+    saved_at: float = float("-inf")  # monotonic: when the last save extended the lease
+
+
+# Asked before each request to the API: is the lease on (job_id, generation), last extended
+# at saved_at (monotonic), still surely this worker's? (worker/daemon/presence.py)
+LeaseGuard = Callable[[str, int, float], bool]
 
 
 class Engine:
@@ -137,6 +143,7 @@ class Engine:
         gauges_every: float = 10.0,
         on_progress: Callable[[str], None] | None = None,
         on_idle: Callable[[str], None] | None = None,
+        lease_guard: LeaseGuard | None = None,
     ) -> None:
         """``on_progress`` is called with ``ENGINE_LOOP`` each time the claim loop goes
         round, idle or not, and with ``STEPS_LOOP`` on the thread driving a job each time
@@ -158,6 +165,7 @@ class Engine:
         self._gauges_every = gauges_every
         self._progress = on_progress or (lambda _loop: None)
         self._idle = on_idle or (lambda _loop: None)
+        self._lease_guard = lease_guard
         self._runner = ActionRunner(
             client,
             tiles,
@@ -293,9 +301,11 @@ class Engine:
             steps += 1
             self._progress(STEPS_LOOP)
             now = self._clock()
+            stepped_at = time.monotonic()
             observation = pending.popleft()
             transition = lifecycle.step(held.state, observation, now, self._policy)
-            arrived = self._save(held, transition, now, seen, self._last(transition, pending, stop))
+            release = self._last(transition, pending, stop)
+            arrived = self._save(held, transition, now, seen, release, stepped_at)
             while arrived is not None:
                 # A start or cancel came while this step was decided (say a cancel while the
                 # create was in flight): decide it again knowing the request; the first
@@ -311,7 +321,7 @@ class Engine:
                 transition = lifecycle.step(known, observation, now, self._policy)
                 self._progress(STEPS_LOOP)
                 release = self._last(transition, pending, stop)
-                arrived = self._save(held, transition, now, seen, release)
+                arrived = self._save(held, transition, now, seen, release, stepped_at)
             seen = leases.Requests()
             wake_at = transition.wake_at
             if held.released:
@@ -322,6 +332,7 @@ class Engine:
                     break  # stopping: the action in hand finished; take on nothing new
                 self._progress(STEPS_LOOP)
                 if isinstance(action, _SENT):
+                    self._check_lease(held)
                     log.info(
                         "job %s: %s sent",
                         held.state.job_id,
@@ -357,6 +368,15 @@ class Engine:
         # A tracked job without a wake-up is the status poller's (it reads every one).
         return wake_at
 
+    def _check_lease(self, held: _Held) -> None:
+        guard = self._lease_guard
+        if guard is not None and not guard(held.state.job_id, held.generation, held.saved_at):
+            # A freeze (SIGSTOP, a partition) outlasted the lease: another worker may own
+            # the job now and may have sent this very request already.
+            raise leases.LeaseLost(
+                f"job {held.state.job_id}: lease may have run out (generation {held.generation})"
+            )
+
     def _save(
         self,
         held: _Held,
@@ -364,6 +384,7 @@ class Engine:
         now: datetime,
         seen: leases.Requests,
         release: leases.Release | None,
+        stepped_at: float,
     ) -> leases.Requests | None:
         """Save the step (state, events, requests cleared; with ``release``, the lease given
         back); None when saved, else the requests that arrived since ``seen`` (nothing was
@@ -403,6 +424,7 @@ class Engine:
         if arrived is not None:
             return arrived
         held.state = state
+        held.saved_at = stepped_at  # the save set lease_until from the step's `now`
         held.released = release is not None
         self._after_commit(previous, state)
         return None

@@ -38,6 +38,7 @@ from worker.daemon.health import Health, ProbeServer
 from worker.daemon.inbound import InboundMessage, TakeSteps
 from worker.daemon.intake import Intake, ReadBatch
 from worker.daemon.liveness import Watchdog
+from worker.daemon.presence import Presence
 from worker.daemon.relay import Relay
 from worker.daemon.status_loop import StatusLoop
 from worker.daemon.tiles import TileReader
@@ -171,6 +172,7 @@ class Daemon:
             on_progress=lambda: health.beat(liveness.RELAY_LOOP),
         )
         tiles = TileReader(metrics=self.metrics, on_progress=health.beat_thread)
+        marks = Presence(settings)
         engine = Engine(
             settings,
             pool,
@@ -181,6 +183,7 @@ class Daemon:
             worker_name=settings.worker_name,
             on_progress=health.beat,
             on_idle=health.idle,
+            lease_guard=marks.lease_valid,
         )
         status = StatusLoop(
             settings,
@@ -212,6 +215,10 @@ class Daemon:
             hard_exit=threading.current_thread() is threading.main_thread(),
         )
         watchdog.start()
+        # The mark and lease renewals run from before the first claim to after the last
+        # step: a step in hand keeps its lease however long it takes.
+        marking = threading.Thread(target=marks.run, name="presence", daemon=True)
+        marking.start()
         for loop in loops:
             loop.thread = threading.Thread(target=self._guard(loop), name=loop.name, daemon=True)
             loop.thread.start()
@@ -232,6 +239,8 @@ class Daemon:
                     self._now_and_then(pool)
         finally:
             stopped = self._shutdown(loops)
+            marks.request_stop()
+            marking.join(5.0)
             client.close()
             watchdog.close(orderly=stopped)
         return 1 if failed or watchdog.stalled else 0
