@@ -263,7 +263,9 @@ def test_the_worker_reads_the_rendered_env_and_secret_files(
     assert loaded.broker_url.get_secret_value() == SECRETS["brokerUrl"]
     assert loaded.database_url.get_secret_value() == SECRETS["databaseUrl"]
     assert (loaded.client_id, loaded.fleet_id, loaded.poll_interval) == ("client-1", "eu-prod", 15)
-    assert loaded.api_budget_per_minute == 300
+    assert (
+        loaded.api_budget_per_minute == 600
+    )  # the fleet's: the account's limit, not divided by the pods
     assert loaded.metrics_port == 9400
     assert loaded.worker_name == "batch-worker-7c9f-x2k"
 
@@ -378,20 +380,18 @@ def test_keda_query_counts_the_fleets_jobs_in_flight(chart: Any, database_url: s
 
 
 @pytest.mark.parametrize(
-    ("values", "per_pod"),
+    ("values", "fleet"),
     [
-        ({}, 300),  # 600 / 2 replicas
-        ({"replicaCount": 3}, 200),
-        ({"replicaCount": 7}, 85),  # rounded down: 7 * 85 = 595 <= 600
-        ({"apiBudget": {"accountLimitPerMinute": 600, "reservedPerMinute": 100}}, 250),
-        ({"keda": {"enabled": True, "maxReplicaCount": 10}, "replicaCount": 2}, 60),
-        ({"keda": {"enabled": True, "minReplicaCount": 2, "maxReplicaCount": 4}}, 150),
+        ({}, 600),
+        ({"replicaCount": 7}, 600),  # not divided: the pods share one bucket in PostgreSQL
+        ({"apiBudget": {"accountLimitPerMinute": 600, "reservedPerMinute": 100}}, 500),
+        ({"keda": {"enabled": True, "maxReplicaCount": 10}, "replicaCount": 2}, 600),
     ],
 )
-def test_budget_is_the_accounts_limit_split_over_the_most_pods(
-    chart: Any, values: dict[str, Any], per_pod: int
+def test_budget_is_the_accounts_limit_less_the_reserve_for_every_pod(
+    chart: Any, values: dict[str, Any], fleet: int
 ) -> None:
-    assert budget(chart, values) == per_pod
+    assert budget(chart, values) == fleet
 
 
 @settings(max_examples=25, deadline=None)
@@ -401,7 +401,7 @@ def test_budget_is_the_accounts_limit_split_over_the_most_pods(
     pods=st.integers(1, 200),
     keda=st.booleans(),
 )
-def test_the_fleet_never_exceeds_the_accounts_limit(
+def test_the_fleet_budget_is_the_accounts_limit_at_any_size(
     chart: Any, limit: int, reserved: int, pods: int, keda: bool
 ) -> None:
     values: dict[str, Any] = {
@@ -409,9 +409,14 @@ def test_the_fleet_never_exceeds_the_accounts_limit(
         "replicaCount": pods,
         "keda": {"enabled": keda, "maxReplicaCount": pods},
     }
-    if (limit - reserved) // pods < 1:
-        with pytest.raises(Exception, match="less than 1 each"):
+    if limit - reserved < 1:
+        with pytest.raises(Exception, match="requests/min for the fleet"):
             render(chart, values)
         return
-    share = budget(chart, values)
-    assert share * pods <= limit - reserved < (share + 1) * pods
+    assert budget(chart, values) == limit - reserved
+
+
+def test_a_reserve_that_leaves_nothing_is_refused(chart: Any) -> None:
+    values = {"apiBudget": {"accountLimitPerMinute": 100, "reservedPerMinute": 100}}
+    with pytest.raises(Exception, match="leaves 0 requests/min"):
+        render(chart, values)

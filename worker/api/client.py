@@ -161,13 +161,20 @@ class BatchClient:
         self._session.headers["User-Agent"] = f"{APP_ID}/{__version__}"
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, hooks: ApiHooks | None = None) -> BatchClient:
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        hooks: ApiHooks | None = None,
+        budget: RequestBudget | None = None,
+    ) -> BatchClient:
+        """``budget``: the fleet's shared one (the daemon's); by default this process's own."""
         return cls(
             batch_url=settings.batch_url,
             token_url=settings.token_url,
             client_id=settings.client_id,
             client_secret=settings.client_secret.get_secret_value(),
-            budget=RequestBudget(settings.api_budget_per_minute),
+            budget=budget or RequestBudget(settings.api_budget_per_minute),
             timeout=settings.api_timeout,
             hooks=hooks,
         )

@@ -33,6 +33,7 @@ from worker.api.client import BatchClient
 from worker.daemon import liveness
 from worker.daemon.consumer import JobsConsumer
 from worker.daemon.engine import Engine
+from worker.daemon.fleet_budget import FleetBudget
 from worker.daemon.followups import RetryInputWriter
 from worker.daemon.health import Health, ProbeServer
 from worker.daemon.inbound import InboundMessage, TakeSteps
@@ -154,7 +155,9 @@ class Daemon:
         connections = _Connections(self.health, self.metrics)
         health = self.health
         client = BatchClient.from_settings(
-            settings, hooks=liveness.progress_hooks(health, self.metrics.api_hooks())
+            settings,
+            hooks=liveness.progress_hooks(health, self.metrics.api_hooks()),
+            budget=FleetBudget(settings.api_budget_per_minute, pool, settings.fleet_id),
         )
         intake = Intake(settings, pool, metrics=self.metrics)
 

@@ -83,21 +83,16 @@ else the fixed replica count.
 {{- end }}
 
 {{/*
-Each pod's share of the account's API limit (BATCH_WORKER_API_BUDGET_PER_MINUTE): the
-limit, less what is reserved for other clients, divided by the most pods that can run at
-once, rounded down so the fleet never exceeds the account's limit.
+The fleet's API budget (BATCH_WORKER_API_BUDGET_PER_MINUTE): the account's limit, less what
+is reserved for other clients. Every pod gets the whole of it: the workers share one token
+bucket in PostgreSQL, so 1 or 20 pods together stay within it (docs/reliability.md).
 */}}
 {{- define "batch-worker.apiBudgetPerPod" -}}
 {{- $usable := sub (int .Values.apiBudget.accountLimitPerMinute) (int .Values.apiBudget.reservedPerMinute) }}
-{{- $pods := int (include "batch-worker.maxPods" .) }}
-{{- if lt $pods 1 }}
-{{- fail "the fleet needs at least one pod (replicaCount / keda.maxReplicaCount)" }}
+{{- if lt $usable 1 }}
+{{- fail (printf "apiBudget: reservedPerMinute leaves %d requests/min for the fleet" $usable) }}
 {{- end }}
-{{- $share := div $usable $pods }}
-{{- if lt $share 1 }}
-{{- fail (printf "apiBudget: %d requests/min shared by up to %d pods leaves less than 1 each" $usable $pods) }}
-{{- end }}
-{{- $share }}
+{{- $usable }}
 {{- end }}
 
 {{/* Kubernetes' grace after SIGTERM: always longer than the worker's own grace period. */}}
