@@ -21,12 +21,16 @@ its leases until they run out, as before. Every function runs in the caller's tr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from worker.store.jobs import Conn
 
 Mode = Literal["lock", "heartbeat"]
+
+# A dead worker's jobs were mid-step: claimers (oldest next_run_at first) take them ahead of
+# a backlog of due jobs, however long it is.
+FIRST_IN_LINE = datetime(1970, 1, 1, tzinfo=UTC)
 
 # The advisory locks' first key: this namespace of marks (the second is the worker's hash).
 _MARK_SPACE = 0x6277_6D6B  # "bwmk"
@@ -118,11 +122,17 @@ def expire_dead(
     freed = conn.execute(
         """
         UPDATE bw_jobs
-        SET lease_until = %(gone)s, next_run_at = %(gone)s
+        SET lease_until = %(gone)s, next_run_at = %(first)s
         WHERE fleet_id = %(fleet)s AND lease_owner = ANY(%(dead)s) AND lease_until >= %(now)s
         RETURNING job_id, lease_owner
         """,
-        {"fleet": fleet_id, "dead": dead, "now": now, "gone": now - timedelta(milliseconds=1)},
+        {
+            "fleet": fleet_id,
+            "dead": dead,
+            "now": now,
+            "gone": now - timedelta(milliseconds=1),
+            "first": FIRST_IN_LINE,
+        },
     ).fetchall()
     conn.execute(
         "DELETE FROM bw_workers WHERE fleet_id = %s AND worker = ANY(%s)", (fleet_id, dead)
@@ -153,10 +163,16 @@ def run_out_own(conn: Conn, fleet_id: str, worker: str, *, now: datetime) -> Seq
     restarted under the pod's name) run out now, for this or any worker to take."""
     rows = conn.execute(
         """
-        UPDATE bw_jobs SET lease_until = %(gone)s, next_run_at = %(gone)s
+        UPDATE bw_jobs SET lease_until = %(gone)s, next_run_at = %(first)s
         WHERE fleet_id = %(fleet)s AND lease_owner = %(worker)s AND lease_until >= %(now)s
         RETURNING job_id
         """,
-        {"fleet": fleet_id, "worker": worker, "now": now, "gone": now - timedelta(milliseconds=1)},
+        {
+            "fleet": fleet_id,
+            "worker": worker,
+            "now": now,
+            "gone": now - timedelta(milliseconds=1),
+            "first": FIRST_IN_LINE,
+        },
     ).fetchall()
     return [row[0] for row in rows]
