@@ -240,22 +240,25 @@ def main() -> int:
                 channel.basic_publish("", names.jobs_queue, body, props, mandatory=True)
             conn.close()
             say(f"{args.jobs} jobs published, {args.workers} workers")
+            # (Both restarts happen, by halfway at the latest: the run waits for them.)
             started = time.monotonic()
             broker_done = pg_done = False
+            pg_at = float("inf")
             next_kill = started + args.kill_every
             while time.monotonic() < started + args.settle:
                 events.pump()
                 ended = sum(1 for j in ids if j in events.terminal)
-                if ended == len(ids):
+                if ended == len(ids) and pg_done:
                     break
                 now = time.monotonic()
-                if not broker_done and ended >= len(ids) // 3:
+                if not broker_done and ended >= len(ids) // 4:
                     say(f"{ended} ended: restarting the broker")
                     rabbit.stop()
                     time.sleep(2)
                     rabbit.start()
                     broker_done = True
-                elif broker_done and not pg_done and ended >= 2 * len(ids) // 3:
+                    pg_at = time.monotonic() + 15  # events may come in a rush after it
+                elif broker_done and not pg_done and (ended >= len(ids) // 2 or now > pg_at):
                     say(f"{ended} ended: restarting PostgreSQL")
                     pg.restart()
                     pg_done = True
