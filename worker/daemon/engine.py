@@ -305,7 +305,7 @@ class Engine:
             observation = pending.popleft()
             transition = lifecycle.step(held.state, observation, now, self._policy)
             release = self._last(transition, pending, stop)
-            arrived = self._save(held, transition, now, seen, release, stepped_at)
+            arrived = self._save(held, transition, now, seen, release, stepped_at=stepped_at)
             while arrived is not None:
                 # A start or cancel came while this step was decided (say a cancel while the
                 # create was in flight): decide it again knowing the request; the first
@@ -321,7 +321,7 @@ class Engine:
                 transition = lifecycle.step(known, observation, now, self._policy)
                 self._progress(STEPS_LOOP)
                 release = self._last(transition, pending, stop)
-                arrived = self._save(held, transition, now, seen, release, stepped_at)
+                arrived = self._save(held, transition, now, seen, release, stepped_at=stepped_at)
             seen = leases.Requests()
             wake_at = transition.wake_at
             if held.released:
@@ -384,6 +384,7 @@ class Engine:
         now: datetime,
         seen: leases.Requests,
         release: leases.Release | None,
+        *,
         stepped_at: float,
     ) -> leases.Requests | None:
         """Save the step (state, events, requests cleared; with ``release``, the lease given
