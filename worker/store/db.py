@@ -235,6 +235,7 @@ def apply_schema(conn: psycopg.Connection[object]) -> None:
         jobs.upgrade(conn)
         conn.execute(capacity.SCHEMA)
         conn.execute(outbox.SCHEMA)
+        outbox.upgrade(conn)
         capacity.install(conn)
         _compress_with_lz4(conn)
     log.debug("database schema in place")
