@@ -79,6 +79,9 @@ class RejectCode(StrEnum):
     UNSUPPORTED_CONTENT_TYPE = "UNSUPPORTED_CONTENT_TYPE"
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
     REQUEST_TOO_DEEP = "REQUEST_TOO_DEEP"
+    # the AMQP properties or headers (worker/wire/properties.py)
+    INVALID_PROPERTY = "INVALID_PROPERTY"
+    INVALID_REPLY_TO = "INVALID_REPLY_TO"
     # raised by intake after looking the job up
     JOB_CONFLICT = "JOB_CONFLICT"
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
