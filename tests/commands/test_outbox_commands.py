@@ -1,4 +1,6 @@
-"""``python -m worker outbox parked | replay ID | drop ID`` against real PostgreSQL."""
+"""``python -m worker outbox parked | replay ID | drop ID`` against real PostgreSQL (named apart
+from tests/store/test_outbox.py: two test_outbox.py in rootdir-less folders cannot be
+imported side by side)."""
 
 from __future__ import annotations
 
