@@ -95,6 +95,7 @@ def test_series_exist_before_anything_happens(metrics: Metrics) -> None:
     # Alerts such as "broker down" must see a 0, not an absent series.
     assert sample(metrics, "batch_worker_broker_connected") == 0
     assert sample(metrics, "batch_worker_outbox_pending") == 0
+    assert sample(metrics, "batch_worker_outbox_parked") == 0
     assert sample(metrics, "batch_worker_jobs_in_flight", status="PROCESSING") == 0
     assert sample(metrics, "batch_worker_jobs_in_flight", status="PENDING_CREATE") == 0
     # Counters alerts take the increase() of: born at 0, so their first step is seen.
@@ -207,6 +208,8 @@ def test_gauges_and_simple_counters(metrics: Metrics) -> None:
     assert sample(metrics, "batch_worker_status_lag_seconds") == 42.5
     assert sample(metrics, "batch_worker_broker_connected") == 1
     assert sample(metrics, "batch_worker_outbox_pending") == 12
+    metrics.outbox_parked(3)
+    assert sample(metrics, "batch_worker_outbox_parked") == 3
     assert (
         sample(metrics, "batch_worker_events_published_total", type="batchworker.job.progress") == 2
     )

@@ -137,6 +137,17 @@ def _dlq(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def _outbox(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    from worker.commands import outbox
+
+    if args.outbox_command == "parked":
+        return outbox.list_parked(settings, limit=args.limit, as_json=args.json)
+    if args.outbox_command == "replay":
+        return outbox.replay(settings, args.row_id)
+    return outbox.drop(settings, args.row_id)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from worker.logs import setup_logging
     from worker.simulator import config_from_args, serve
@@ -246,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_purge = dlq_commands.add_parser("purge", help="drop every dead-lettered message")
     dlq_purge.add_argument("--yes", action="store_true", help="really drop them")
     dlq.set_defaults(handler=_dlq)
+
+    box = commands.add_parser("outbox", help="list, replay or drop parked outbox rows")
+    box_commands = box.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    box_parked = box_commands.add_parser("parked", help="one line per parked row")
+    box_parked.add_argument("--limit", type=int, default=1000)
+    box_parked.add_argument("--json", action="store_true", help="a JSON array instead")
+    box_replay = box_commands.add_parser("replay", help="put a parked row back in line")
+    box_replay.add_argument("row_id", type=int, metavar="ID", help="its id in `outbox parked`")
+    box_drop = box_commands.add_parser("drop", help="delete a parked row for good")
+    box_drop.add_argument("row_id", type=int, metavar="ID", help="its id in `outbox parked`")
+    box.set_defaults(handler=_outbox)
 
     simulate = commands.add_parser("simulate", help="serve the bundled Batch V2 API simulator")
     _add_simulator_arguments(simulate)

@@ -203,6 +203,12 @@ class Metrics:
             "Messages saved in the outbox and not yet confirmed by the broker.",
             registry=r,
         )
+        self._outbox_parked = Gauge(
+            f"{PREFIX}_outbox_parked",
+            "Outbox rows the broker refused OUTBOX_MAX_ATTEMPTS times, parked: kept in "
+            "PostgreSQL, not published until replayed (batch-worker outbox).",
+            registry=r,
+        )
         self._tile_reads = Counter(
             f"{PREFIX}_tile_reads_total",
             "Reads of tile artifacts in delivery buckets, by file (manifest, execution_db) "
@@ -239,6 +245,7 @@ class Metrics:
         # Series that exist from the start, so dashboards and alerts see 0, not "no data".
         self._broker_connected.set(0)
         self._outbox_pending.set(0)
+        self._outbox_parked.set(0)
         self._status_lag.set(0)
         self._cost_share.set(0)
         self._budget.set(api_budget_per_minute)
@@ -354,6 +361,9 @@ class Metrics:
 
     def outbox_pending(self, count: int) -> None:
         self._outbox_pending.set(max(0, count))
+
+    def outbox_parked(self, count: int) -> None:
+        self._outbox_parked.set(max(0, count))
 
     # --- liveness ------------------------------------------------------------------------
 

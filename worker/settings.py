@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     # Twice intake's batch of 200: the next batch arrives while one is in its transaction.
     prefetch: int = Field(default=400, ge=1, le=65_535)
     heartbeat: int = Field(default=30, ge=0, le=600)
+    # Refusals of one outbox row by the broker (a channel closed on it, a nack) before the
+    # relay parks it and goes on with the rows behind it (docs/operations.md "Parked rows").
+    outbox_max_attempts: int = Field(default=5, ge=1, le=1000)
 
     # --- durable job state ---------------------------------------------------------------
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/postgres")

@@ -8,11 +8,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker import lifecycle
-from worker.api.errors import ClientError, NotFound, ServerError
+from worker.api.errors import ClientError, NotFound, RateLimited, ServerError
 from worker.api.models import Page, Task
-from worker.daemon.actions import ActionRunner
+from worker.daemon.actions import NOT_DONE_RETRY, ActionRunner
 from worker.lifecycle import (
     ActionRefused,
+    CallNotDone,
     Create,
     CreateSucceeded,
     CreateUncertain,
@@ -120,6 +121,22 @@ def test_an_ambiguous_create_failure_is_uncertain() -> None:
     api = Api()
     api.create_error = ServerError("bad gateway", http_status=502, ambiguous=True)
     assert isinstance(ActionRunner(api, Tiler(None)).perform(job(), Create(), T0), CreateUncertain)
+
+
+def test_a_create_or_action_answered_429_is_not_done_with_its_retry_after() -> None:
+    api = Api()
+    api.create_error = RateLimited("slow down", http_status=429, retry_after=2.5)
+    runner = ActionRunner(api, Tiler(None))
+    assert runner.perform(job(), Create(), T0) == CallNotDone(
+        "create", retry_at=T0 + timedelta(seconds=2.5)
+    )
+    api.start_error = RateLimited("slow down", http_status=429, retry_after=None)
+    assert runner.perform(job(), Start("r1"), T0) == CallNotDone(
+        "start", retry_at=T0 + timedelta(seconds=NOT_DONE_RETRY)
+    )
+    # A 429 after a try that may have landed (a timeout) is still in doubt.
+    api.create_error = RateLimited("slow down", http_status=429, ambiguous=True)
+    assert isinstance(runner.perform(job(), Create(), T0), CreateUncertain)
 
 
 def test_tile_reads_answer_seen_or_unavailable_never_nothing() -> None:

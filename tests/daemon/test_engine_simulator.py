@@ -27,6 +27,7 @@ from worker import lifecycle
 from worker.api.client import BatchClient
 from worker.api.errors import TransportError
 from worker.api.models import Task
+from worker.api.retry import RetryPolicy
 from worker.daemon.engine import Engine
 from worker.daemon.status_loop import StatusLoop
 from worker.daemon.tiles import TileReader
@@ -364,3 +365,53 @@ def test_a_create_that_times_out_is_retried_without_making_two(
     assert (state.status, state.batch_request_id) == ("DONE", upstream.id)
     # Found by its tag when it was made; made again (once) only when it surely was not.
     assert api.creates == (1 if lost == "answer" else 2)
+
+
+# -- 429: refused, not processed -----------------------------------------------------------
+
+
+def test_a_create_answered_429_is_posted_again_after_retry_after_not_scanned_for(
+    pool: ConnectionPool, simulator: Running, s3_bucket: str, drive: Callable[..., Driver]
+) -> None:
+    # A list lag window far longer than the test's wait: a create held "maybe applied"
+    # would wait it out before posting again, a 429 must not.
+    simulator.configure(throttle_routes="create", throttle_calls=3, retry_after_ms=200)
+    job_id = submit(pool, example("max-ndvi-geotiff.json", s3_bucket, features=2))
+    with BatchClient(
+        batch_url=simulator.url + "/api/v2/batch",
+        token_url=simulator.token_url,
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        retry=RetryPolicy(max_attempts=1),  # every 429 reaches the engine
+    ) as api:
+        driver = drive(api, list_lag_window=3600.0)
+        wait_until(ended(pool, job_id), "the job to end")
+        driver.stop()
+    state = state_of(pool, job_id)
+    assert state.status == "DONE"
+    assert not state.create_doubtful  # nothing to sweep for: no create was in doubt
+    assert simulator.simulator.stats["create 429"] == 3
+    assert simulator.simulator.stats["create 201"] == 1
+    assert len(tagged(simulator, job_id)) == 1
+
+
+def test_a_start_answered_429_is_sent_again_after_retry_after_not_after_the_lag(
+    pool: ConnectionPool, simulator: Running, s3_bucket: str, drive: Callable[..., Driver]
+) -> None:
+    # An action lag far longer than the test's wait: a start held "maybe applied" would be
+    # sent again only once the lag is over.
+    simulator.configure(throttle_routes="start,analyse", throttle_calls=2, retry_after_ms=200)
+    job_id = submit(pool, example("max-ndvi-geotiff.json", s3_bucket, features=2, auto_start=True))
+    with BatchClient(
+        batch_url=simulator.url + "/api/v2/batch",
+        token_url=simulator.token_url,
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        retry=RetryPolicy(max_attempts=1),
+    ) as api:
+        driver = drive(api, action_lag=3600.0)
+        wait_until(ended(pool, job_id), "the job to end")
+        driver.stop()
+    assert state_of(pool, job_id).status == "DONE"
+    stats = simulator.simulator.stats
+    assert stats["start 429"] + stats["analyse 429"] == 2

@@ -70,7 +70,7 @@ def outbox_rows(pool: ConnectionPool) -> list[tuple[str, str, dict[str, Any], di
     for exchange, key, body, headers in rows:
         try:
             parsed = json.loads(bytes(body))
-        except ValueError:
+        except (ValueError, RecursionError):  # dead letters hold whatever was sent
             parsed = {"raw": bytes(body).decode("utf-8", "replace")}
         out.append((exchange, key, parsed, headers))
     return out
@@ -356,3 +356,46 @@ def test_a_raced_batch_whose_commit_was_already_sent_leaves_nothing_behind(
             assert capacity.count_active(conn, FLEET) == 2
     finally:
         pool.close()
+
+
+_DEEP = b'{"job_id": "j1", "request": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (_DEEP, "REQUEST_TOO_DEEP"),
+        (
+            b'{"job_id": "j1", "request": {"d": ' + b"[" * 3000 + b"]" * 3000 + b"}}",
+            "REQUEST_TOO_DEEP",
+        ),
+        (b'{"job_id": "j1", "request": {"description": "a\\u0000b"}}', "INVALID_FIELD"),
+        (b'{"job_id": "j1", "request": {"\\u0000": 1}}', "INVALID_FIELD"),
+        (
+            b'{"job_id": "j1", "request": {}, "deadline": "9999-12-31T23:59:59-23:59"}',
+            "INVALID_FIELD",
+        ),
+        (
+            b'{"job_id": "j1", "request": {}, "deadline": "0001-01-01T00:00:00+23:59"}',
+            "INVALID_FIELD",
+        ),
+        (b'{"job_id": "j1", "batch_request_id": "."}', "INVALID_FIELD"),
+        (b'{"job_id": "j1", "batch_request_id": ".."}', "INVALID_FIELD"),
+        (
+            b'{"job_id": "j1", "request": {"evalscript": "' + b"x" * (256 * 1024) + b'"}}',
+            "REQUEST_TOO_LARGE",
+        ),
+    ],
+    ids=["deep", "deeper", "nul", "nul-key", "late-offset", "early-offset", "dot", "dotdot", "big"],
+)
+def test_hostile_bodies_get_their_own_code_and_the_rest_of_the_batch_goes_on(
+    intake: Intake, pool: ConnectionPool, body: bytes, code: str
+) -> None:
+    intake.handle_batch([msg(body), msg(submit("j2"), message_id="m2")])
+    assert routing_keys(pool) == ["command.rejected", "t.dlq", "command.accepted"]
+    rejected = outbox_rows(pool)[0][2]["data"]
+    assert rejected["code"] == code
+    with pool.connection() as conn:
+        (dead,) = conn.execute("SELECT body FROM bw_outbox WHERE routing_key = 't.dlq'").fetchone()
+    assert bytes(dead) == body  # dead-lettered byte for byte
+    assert get(pool, "j1") is None and get(pool, "j2") is not None

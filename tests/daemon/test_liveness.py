@@ -21,7 +21,15 @@ from worker.settings import Settings
 
 def test_every_loop_of_the_daemon_has_a_bound() -> None:
     bounds = progress_bounds(Settings())
-    assert set(bounds) == {"consumer", "engine", "poller", "relay", "supervisor", "engine-steps"}
+    assert set(bounds) == {
+        "consumer",
+        "engine",
+        "poller",
+        "relay",
+        "relay-outbox",
+        "supervisor",
+        "engine-steps",
+    }
     assert all(bound > liveness.SLACK for bound in bounds.values())
     assert set(liveness.PER_THREAD_LOOPS) == {"engine-steps"}
 

@@ -11,6 +11,7 @@ from worker.lifecycle import (
     UPSTREAM_NOT_FOUND,
     Adopt,
     Analyse,
+    CallNotDone,
     CancelRequested,
     Create,
     CreateRefused,
@@ -108,6 +109,45 @@ def test_after_an_uncertain_create_scan_first_and_post_again_only_after_the_lag_
     assert t.actions == (Create(search_since=at(0) - POLICY.clock_skew, create_not_before=at(61)),)
     assert t.state.intent_at == at(61)
     assert t.state.create_attempts == 2
+
+
+def test_a_create_refused_unprocessed_posts_again_at_retry_after_without_a_scan() -> None:
+    run = Run(job())
+    run.feed(Wake(), at(0))
+    t = run.feed(CallNotDone("create", retry_at=at(45)), at(1))
+    assert t.actions == ()
+    assert t.wake_at == at(45)  # the API's Retry-After, not the usual create retry
+    assert (t.state.intent_at, t.state.create_attempts, t.state.create_doubtful) == (None, 0, False)
+    t = run.feed(Wake(), at(45))
+    assert t.actions == (Create(),)  # a plain POST: nothing can exist
+    assert (t.state.intent_at, t.state.create_attempts) == (at(45), 1)
+
+
+def test_a_429_after_an_uncertain_create_scans_and_posts_at_once_not_after_a_new_window() -> None:
+    run = Run(job())
+    run.feed(Wake(), at(0))
+    run.feed(CreateUncertain("read timeout"), at(30))
+    run.feed(Wake(), at(61))  # scan, then POST: the intent moves to 61
+    t = run.feed(CallNotDone("create", retry_at=at(63)), at(62))
+    assert t.state.create_doubtful and t.state.create_attempts == 1
+    t = run.feed(Wake(), at(63))
+    # Still a scan first (the first POST may have landed), and a POST straight after it.
+    (create,) = t.actions
+    assert isinstance(create, Create) and create.create_not_before == at(63)
+    assert create.search_since is not None and create.search_since <= at(0)
+
+
+def test_an_action_refused_unprocessed_is_sent_again_after_retry_after() -> None:
+    run = Run(job())
+    run.feed(Wake(), at(0))
+    run.feed(CreateSucceeded(task("CREATED")), at(1))  # start sent at 1
+    assert run.state.start_sent_at == at(1)
+    t = run.feed(CallNotDone("start", retry_at=at(3)), at(2))
+    assert t.actions == () and t.state.start_sent_at is None
+    assert t.wake_at == at(3)  # not at(1) + the action lag
+    run.feed(Wake(), at(3))
+    t = run.feed(TaskSeen(task("CREATED")), at(4))
+    assert Start(RID) in t.actions
 
 
 def test_a_scan_that_finds_the_tag_tracks_that_request() -> None:

@@ -229,6 +229,15 @@ def test_injected_429_carries_retry_after_in_ms(sim: Running, api: Api) -> None:
     assert api.get("/tilinggrids").json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
 
 
+def test_throttled_routes_answer_429_for_the_next_calls_only(sim: Running, api: Api) -> None:
+    sim.configure(throttle_routes="grids,start", throttle_calls=2, retry_after_ms=300)
+    assert api.get("/tilinggrids/1").status_code == 200  # route "grid": not throttled
+    answers = [api.get("/tilinggrids") for _ in range(3)]
+    assert [r.status_code for r in answers] == [429, 429, 200]
+    assert answers[0].headers["Retry-After"] == "300"
+    assert sim.simulator.config.throttle_calls == 0
+
+
 def test_injected_5xx(sim: Running, api: Api) -> None:
     sim.configure(rate_5xx=1.0)
     response = api.get("/tilinggrids")

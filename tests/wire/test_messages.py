@@ -86,8 +86,9 @@ def test_defaults_make_a_minimal_submit() -> None:
 
 
 def test_adopting_an_existing_batch_request_needs_no_payload() -> None:
-    req = accepted(parse(job_id="j", batch_request_id="6aa8765a-0000", request=None))
-    assert req.batch_request_id == "6aa8765a-0000"
+    rid = "6aa8765a-e9eb-4dd0-a567-b86cfdb840e0"
+    req = accepted(parse(job_id="j", batch_request_id=rid, request=None))
+    assert req.batch_request_id == rid
     assert req.request is None
 
 
@@ -435,3 +436,49 @@ def test_a_nul_character_in_a_string_is_refused_as_it_cannot_be_stored(body: byt
     assert isinstance(
         parse_job_request(rb'{"job_id": "j", "request": {"d": "\\u0000"}}', None), JobRequest
     )
+
+
+# --- limits (v1.2) ---------------------------------------------------------------------------
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """A request that makes the message ``levels`` deep (the message itself is level 1)."""
+    value: Any = 1
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+def test_nesting_up_to_the_limit_is_taken_and_one_level_more_is_too_deep() -> None:
+    from worker.wire.job_requests import MAX_DEPTH
+
+    accepted(parse(job_id="j", request=_nested(MAX_DEPTH)))
+    result = rejected(parse(job_id="j", request=_nested(MAX_DEPTH + 1)))
+    assert (result.code, result.job_id) == (RejectCode.REQUEST_TOO_DEEP, "j")
+
+
+def test_a_body_up_to_the_limit_is_read_and_one_byte_more_is_too_large() -> None:
+    from worker.wire.job_requests import MAX_REQUEST_BYTES
+
+    head = b'{"job_id": "j", "request": {"evalscript": "'
+    tail = b'"}}'
+    fits = head + b"x" * (MAX_REQUEST_BYTES - len(head) - len(tail)) + tail
+    assert len(fits) == MAX_REQUEST_BYTES
+    accepted(parse_job_request(fits, "application/json"))
+    over = rejected(parse_job_request(fits + b" ", "application/json"))
+    assert over.code == RejectCode.REQUEST_TOO_LARGE and str(MAX_REQUEST_BYTES) in over.message
+
+
+@pytest.mark.parametrize("rid", [".", "..", "../process", "b", "6aa8765a-e9eb-4dd0-a567"])
+def test_a_batch_request_id_must_be_a_uuid(rid: str) -> None:
+    result = rejected(parse(job_id="j", batch_request_id=rid))
+    assert result.code == RejectCode.INVALID_FIELD
+    # The same words whatever the value: a message names the field, never the value.
+    assert result.message == "field 'batch_request_id': must be a batch request id (a UUID)"
+
+
+def test_nul_characters_and_out_of_range_deadlines_are_invalid_fields() -> None:
+    nul = rejected(parse(job_id="j", request={"description": "a\x00b"}))
+    assert nul.code == RejectCode.INVALID_FIELD and "NUL" in nul.message
+    late = rejected(parse(job_id="j", request={}, deadline="9999-12-31T23:59:59-23:59"))
+    assert late.code == RejectCode.INVALID_FIELD and "deadline" in late.message

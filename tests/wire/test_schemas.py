@@ -84,7 +84,13 @@ def test_the_contracts_request_and_event_examples_validate() -> None:
     "fields",
     [
         {"job_id": "j", "request": {}},
+        {
+            "job_id": "j",
+            "batch_request_id": "6aa8765a-e9eb-4dd0-a567-b86cfdb840e0",
+            "request": None,
+        },
         {"job_id": "j", "batch_request_id": "b", "request": None},
+        {"job_id": "j", "batch_request_id": ".."},
         {"job_id": "j", "action": "cancel"},
         {"job_id": "j", "action": "start"},
         {"job_id": "j", "request": {}, "deadline": "2026-12-01T00:00:00+02:00", "future": 1},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from worker import lifecycle
@@ -21,6 +21,7 @@ from worker.lifecycle import (
     ActionRefused,
     Adopt,
     Analyse,
+    CallNotDone,
     Create,
     CreateRefused,
     CreateSucceeded,
@@ -45,6 +46,18 @@ from worker.lifecycle import (
 from worker.lifecycle.followups import RETRY_INPUT_NOT_WRITTEN
 
 log = logging.getLogger(__name__)
+
+# When a call surely not processed (no 429 with Retry-After: a connection never made) is
+# tried again, in seconds.
+NOT_DONE_RETRY = 10.0
+
+
+def not_done(
+    action: Literal["create", "analyse", "start", "stop"], exc: ApiError, now: datetime
+) -> CallNotDone:
+    """A call the API did not process (``exc.ambiguous`` False: a 429, or never sent)."""
+    wait = exc.retry_after if exc.retry_after is not None else NOT_DONE_RETRY
+    return CallNotDone(action=action, retry_at=now + timedelta(seconds=wait))
 
 
 class BatchApi(Protocol):
@@ -120,11 +133,11 @@ class ActionRunner:
             case Poll():
                 return None  # the poller reads it with the next list scan or GET round
             case Analyse(batch_request_id=task_id):
-                return self._command("analyse", self._client.analyse, task_id)
+                return self._command("analyse", self._client.analyse, task_id, now)
             case Start(batch_request_id=task_id):
-                return self._command("start", self._client.start, task_id)
+                return self._command("start", self._client.start, task_id, now)
             case Stop(batch_request_id=task_id):
-                return self._command("stop", self._client.stop, task_id)
+                return self._command("stop", self._client.stop, task_id, now)
             case StopDuplicate(batch_request_id=task_id):
                 self._stop_duplicate(task_id)
                 return None
@@ -164,6 +177,11 @@ class ActionRunner:
             # The API read the payload and refused it: creating again would not help.
             return CreateRefused(api_error(exc))
         except ApiError as exc:
+            if not exc.ambiguous:
+                # A 429 (after the client's own retries) was refused before it was
+                # processed: nothing was created, so no scan and no list-lag wait.
+                log.warning("job %s: create not done: %s", state.job_id, exc)
+                return not_done("create", exc, now)
             log.warning("job %s: create uncertain: %s", state.job_id, exc)
             return CreateUncertain(detail=str(exc))
         return CreateSucceeded(task=snapshot(task))
@@ -198,6 +216,7 @@ class ActionRunner:
         name: Literal["analyse", "start", "stop"],
         call: Callable[[str], None],
         task_id: str,
+        now: datetime,
     ) -> Observation | None:
         try:
             call(task_id)
@@ -207,6 +226,8 @@ class ActionRunner:
             return TaskMissing(action=name)
         except ApiError as exc:
             log.warning("%s %s failed: %s", name, task_id, exc)
+            if not exc.ambiguous:
+                return not_done(name, exc, now)
         return None
 
     def _stop_duplicate(self, task_id: str) -> None:

@@ -27,7 +27,7 @@ from worker.daemon.inbound import InboundMessage, IntakeUnavailable, TakeSteps
 from worker.lifecycle import Echo
 from worker.settings import Settings
 from worker.store import db, jobs, outbox
-from worker.wire import events, job_requests
+from worker.wire import events, job_requests, properties
 from worker.wire.job_requests import JobRequest, RejectCode, Rejection
 from worker.wire.outgoing import OutboxMessage
 
@@ -137,6 +137,10 @@ class Intake:
     def _read(self, message: InboundMessage, now: datetime) -> _Read:
         echo = _echo(message)
         try:
+            refused = _refused_properties(message)
+            if refused is not None:
+                # Nothing of the producer's properties is echoed: they are the problem.
+                return _Read(message, Echo(), refused)
             return self._read_one(message, echo, now)
         except Exception as exc:
             # A bug provoked by this input must not hold up the batch it came in: the
@@ -377,6 +381,20 @@ def _internal_error() -> Rejection:
         job_id=None,
         action=None,
     )
+
+
+def _refused_properties(message: InboundMessage) -> Rejection | None:
+    """A rejection for properties or headers the worker cannot use, naming which."""
+    problem = properties.unusable(message.properties, message.headers)
+    code = RejectCode.INVALID_PROPERTY
+    if problem is None:
+        problem = properties.reply_to_problem(message.reply_to)
+        code = RejectCode.INVALID_REPLY_TO
+    if problem is None:
+        return None
+    # The job id and action still name the job in the event, when the body has them.
+    req = job_requests.parse_job_request(message.body, message.content_type)
+    return Rejection(code, problem, req.job_id, req.action)
 
 
 def _echo(message: InboundMessage) -> Echo:

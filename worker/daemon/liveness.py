@@ -47,6 +47,7 @@ __all__ = [
     "PER_THREAD_LOOPS",
     "POLLER_LOOP",
     "RELAY_LOOP",
+    "RELAY_OUTBOX_LOOP",
     "STEPS_LOOP",
     "SUPERVISOR_LOOP",
     "Watchdog",
@@ -60,6 +61,7 @@ CONSUMER_LOOP = loops.CONSUMER
 ENGINE_LOOP = loops.ENGINE
 POLLER_LOOP = loops.POLLER
 RELAY_LOOP = loops.RELAY
+RELAY_OUTBOX_LOOP = loops.RELAY_OUTBOX
 SUPERVISOR_LOOP = loops.SUPERVISOR
 STEPS_LOOP = loops.STEPS
 # Loops watched per busy thread, not per turn (``Health.register(per_thread=True)``).
@@ -131,6 +133,12 @@ def progress_bounds(settings: Settings) -> dict[str, float]:
         POLLER_LOOP: settings.poll_interval + max(2 * DB_CALL, api_call_seconds(settings)) + SLACK,
         # Reconnect, claim, one chunk's confirms and its delete, then the back-off cap.
         RELAY_LOOP: connect + 2 * DB_CALL + relay.CONFIRM_TIMEOUT + relay.BACKOFF_MAX + SLACK,
+        # The outbox moving on: every refusal of a poison row is one relay turn (a
+        # reconnect, a claim, a confirm wait, the back-off), and the row is parked after
+        # OUTBOX_MAX_ATTEMPTS of them; a chunk of confirms that never come repeats for ever.
+        RELAY_OUTBOX_LOOP: settings.outbox_max_attempts
+        * (connect + 2 * DB_CALL + relay.CONFIRM_TIMEOUT + relay.BACKOFF_MAX)
+        + SLACK,
         # Its one-second tick and the outbox count (a database call).
         SUPERVISOR_LOOP: WATCH_EVERY + DB_CALL + SLACK,
         # One busy step thread between two marks of progress: the engine marks each

@@ -13,6 +13,15 @@ on its own connection for the whole round while the chunks' deletes commit on an
 the outbox is published in one id order fleet-wide and one job's events never overtake each
 other. A killed relay's lock goes with its connection.
 
+A row the broker refuses on its own account (it closes the channel on it: a ``user_id``
+that is not the relay's login, a bad ``reply_to``; or it nacks it) must not hold back the
+rows behind it. The rows in flight when the broker refused one become *suspects*: the next
+rounds publish them one at a time, each waiting for its confirm, so a refusal is pinned on
+the one row that drew it. Each such refusal is counted on the row (``attempts``); at
+``OUTBOX_MAX_ATTEMPTS`` the row is parked (kept, skipped, listed by ``batch-worker outbox
+parked``) and the rows behind it go on. Timeouts and lost connections are the broker's or
+the network's, never counted against a row.
+
 The relay sleeps on PostgreSQL LISTEN (``outbox.enqueue`` NOTIFYs at commit) and polls
 every second as a fallback. Its AMQP connection is its own (purpose ``publish``).
 """
@@ -56,6 +65,13 @@ CHUNK_SIZE = 100
 
 class _Unsettled(Exception):
     """Some publishes of a round were nacked or not answered in time."""
+
+
+# The broker closed the channel over what was published on it (403, 404, 406, 311...), or
+# the connection with a hard error (a direct reply-to name that decodes to no process
+# draws 541 INTERNAL_ERROR): the message's doing, unlike a connection lost, a broker
+# shutting down (320, recoverable) or a confirm that never came.
+_REFUSALS = (amqp.exceptions.ChannelError, amqp.exceptions.IrrecoverableConnectionError)
 
 
 _AMQP_ERRORS = (
@@ -135,12 +151,19 @@ class Relay:
         on_published: Callable[[OutboxMessage], None] | None = None,
         on_connection_change: Callable[[bool], None] | None = None,
         on_progress: Callable[[], None] | None = None,
+        on_outbox_progress: Callable[[], None] | None = None,
+        on_parked: Callable[[int, str], None] | None = None,
         batch_size: int = BATCH_SIZE,
         chunk_size: int = CHUNK_SIZE,
         confirm_timeout: float = CONFIRM_TIMEOUT,
     ) -> None:
         """``on_progress`` is called each time round and after each chunk (the daemon's
-        liveness watch, worker/daemon/health.py)."""
+        liveness watch, worker/daemon/health.py). ``on_outbox_progress`` only when the
+        outbox moved on: rows published or parked, nothing to publish (or another relay's
+        turn), or no broker or database to reach (readiness shows those, and a restart
+        would not bring them back); a relay that goes round with rows and moves none of
+        them does not call it (the ``relay-outbox`` liveness bound). ``on_parked`` is
+        called with a row's id and the broker's reason when it is parked."""
         if batch_size < 1 or chunk_size < 1:
             raise ValueError("batch_size and chunk_size must be positive")
         self._settings = settings
@@ -148,6 +171,13 @@ class Relay:
         self._on_published = on_published
         self._on_connection_change = on_connection_change
         self._on_progress = on_progress or (lambda: None)
+        self._on_outbox_progress = on_outbox_progress or (lambda: None)
+        self._on_parked = on_parked
+        self._max_attempts = settings.outbox_max_attempts
+        # Rows in flight when the broker last refused one: published one at a time until
+        # each has been confirmed or parked.
+        self._suspects: set[int] = set()
+        self._reaching = False  # connecting to the broker (a failure then is an outage)
         self._batch_size = batch_size
         self._chunk_size = chunk_size
         self._confirm_timeout = confirm_timeout
@@ -174,6 +204,8 @@ class Relay:
                         # Waiting reads the connection too: a broker gone away shows here.
                         self._wait_for_work()
                 except _AMQP_ERRORS as exc:
+                    if self._reaching:
+                        self._on_outbox_progress()  # an outage: readiness says so
                     log.warning(
                         "relay: %s; retrying",
                         broker_problem(self._settings.broker_url.get_secret_value(), exc),
@@ -183,6 +215,7 @@ class Relay:
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
                 except psycopg.Error as exc:
+                    self._on_outbox_progress()  # no database: not this relay's to cure
                     log.warning("relay: database unavailable (%s)", type(exc).__name__)
                     self._close_listener()
                     self._stop.wait(backoff)
@@ -207,23 +240,101 @@ class Relay:
 
     def relay_once(self) -> int:
         """Publish one claimed batch; return how many rows it held (0: nothing to do)."""
+        self._reaching = True
         channel = self._ensure_channel()
+        self._reaching = False
         with self._pool.connection() as conn:
             # This connection's transaction holds the lock (and nothing else) all round.
             locked = conn.execute(
                 "SELECT pg_try_advisory_xact_lock(%s)", (RELAY_LOCK_KEY,)
             ).fetchone()
             if not locked or not locked[0]:
+                self._on_outbox_progress()
                 return 0  # another relay is publishing; it will get to these rows
             claimed = outbox.claim(conn, self._batch_size)
+            # Suspects another relay published, or an operator dropped, are no longer ours.
+            self._suspects &= {row_id for row_id, _ in claimed}
             if not claimed:
+                self._on_outbox_progress()
                 return 0
             with self._pool.connection() as marker:
-                flight = self._publish(channel, claimed, marker)
+                if self._suspects:
+                    return self._publish_suspects(channel, claimed, marker)
+                try:
+                    flight = self._publish(channel, claimed, marker)
+                except _REFUSALS:
+                    self._suspect(self._flight)
+                    raise
         unsettled = len(claimed) - len(flight.deleted)
         if unsettled:
+            if flight.nacked:
+                self._suspect(flight)
             raise _Unsettled(f"{unsettled} publish(es) not confirmed")
         return len(claimed)
+
+    def _suspect(self, flight: _Flight) -> None:
+        """The rows of ``flight`` the broker did not ack: one of them drew its refusal."""
+        self._suspects.update(flight.rows[seq][0] for seq in (*flight.unsettled, *flight.nacked))
+
+    def _publish_suspects(
+        self,
+        channel: Any,
+        claimed: Sequence[tuple[int, OutboxMessage]],
+        marker: psycopg.Connection[Any],
+    ) -> int:
+        """Publish the suspects among ``claimed`` one by one, in id order, each confirmed
+        before the next: a refusal now is that row's, counted on it (and parks it at
+        ``OUTBOX_MAX_ATTEMPTS``). Raises as a round does on a refusal, so the relay backs
+        off and reconnects before the next try."""
+        done = 0
+        for row in claimed:
+            if row[0] not in self._suspects:
+                continue
+            flight = self._flight = _Flight()
+            seq = self._next_seq
+            self._next_seq += 1
+            flight.add(seq, row)
+            try:
+                self._basic_publish(channel, row[1])
+                confirmed = self._await_confirms(flight, 0)
+            except _REFUSALS as exc:
+                self._refused(row[0], f"closed by the broker: {exc}", marker)
+                raise
+            if not confirmed:
+                raise _Unsettled("a suspect publish was not confirmed in time")
+            if flight.nacked:
+                self._refused(row[0], "nacked by the broker", marker)
+                raise _Unsettled("a suspect publish was nacked")
+            self._delete_acked(flight, marker)
+            self._suspects.discard(row[0])
+            done += 1
+        return done
+
+    def _refused(self, row_id: int, reason: str, marker: psycopg.Connection[Any]) -> None:
+        with marker.transaction():
+            parked = outbox.record_refusal(marker, row_id, reason, self._max_attempts)
+        if not parked:
+            log.warning("relay: outbox row %d refused by the broker (%s)", row_id, reason)
+            return
+        self._suspects.discard(row_id)
+        log.error(
+            "relay: outbox row %d parked after %d refusals (%s); the rows behind it go on"
+            " (batch-worker outbox parked / replay / drop)",
+            row_id,
+            self._max_attempts,
+            reason,
+        )
+        if self._on_parked is not None:
+            self._on_parked(row_id, reason)
+        self._on_outbox_progress()
+
+    def _basic_publish(self, channel: Any, message: OutboxMessage) -> None:
+        channel.basic_publish(
+            amqp_message(message),
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            mandatory=message.mandatory,
+        )
 
     def _publish(
         self,
@@ -243,13 +354,7 @@ class Relay:
                 self._next_seq += 1
                 row = queue.popleft()
                 flight.add(seq, row)
-                message = row[1]
-                channel.basic_publish(
-                    amqp_message(message),
-                    exchange=message.exchange,
-                    routing_key=message.routing_key,
-                    mandatory=message.mandatory,
-                )
+                self._basic_publish(channel, row[1])
             if not flight.in_window:
                 return flight
             want = min(refill_at, flight.in_window) if queue and not flight.nacked else 0
@@ -291,6 +396,7 @@ class Relay:
                 if seq not in flight.returned:
                     self._on_published(flight.rows[seq][1])
         self._on_progress()
+        self._on_outbox_progress()
 
     # -- confirm-mode callbacks (run inside drain_events, on this thread) ----------------
 

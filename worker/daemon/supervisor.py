@@ -173,6 +173,7 @@ class Daemon:
             on_published=self._count_published,
             on_connection_change=connections.callback(liveness.RELAY_LOOP),
             on_progress=lambda: health.beat(liveness.RELAY_LOOP),
+            on_outbox_progress=lambda: health.beat(liveness.RELAY_OUTBOX_LOOP),
         )
         tiles = TileReader(metrics=self.metrics, on_progress=health.beat_thread)
         marks = Presence(settings)
@@ -203,7 +204,12 @@ class Daemon:
             _Loop(liveness.CONSUMER_LOOP, consumer.run, consumer.request_stop),
             _Loop(liveness.POLLER_LOOP, status.run, status.request_stop, shares=steps),
             _Loop(liveness.ENGINE_LOOP, engine.run, engine.request_stop, shares=steps),
-            _Loop(liveness.RELAY_LOOP, relay.run, relay.request_stop),
+            _Loop(
+                liveness.RELAY_LOOP,
+                relay.run,
+                relay.request_stop,
+                shares=(liveness.RELAY_OUTBOX_LOOP,),
+            ),
         ]
         self._install_signal_handlers()
         for name, bound in self._bounds.items():
@@ -257,6 +263,7 @@ class Daemon:
         try:
             with pool.connection(timeout=2) as conn:
                 self.metrics.outbox_pending(outbox.pending_count(conn))
+                self.metrics.outbox_parked(outbox.parked_count(conn))
                 conn.commit()
                 capacity.compact(conn, self.settings.fleet_id)
         except (psycopg.Error, PoolTimeout) as exc:  # the relay reports DB trouble itself

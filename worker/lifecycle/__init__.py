@@ -37,6 +37,7 @@ from worker.lifecycle.machine import (
 )
 from worker.lifecycle.observations import (
     ActionRefused,
+    CallNotDone,
     CancelRequested,
     CreateRefused,
     CreateSucceeded,
@@ -81,6 +82,7 @@ __all__ = [
     "ActionRefused",
     "Adopt",
     "Analyse",
+    "CallNotDone",
     "CancelRequested",
     "Create",
     "CreateRefused",

@@ -33,6 +33,7 @@ from worker.lifecycle.actions import (
 from worker.lifecycle.jobs import forget_credentials
 from worker.lifecycle.observations import (
     ActionRefused,
+    CallNotDone,
     CancelRequested,
     CreateRefused,
     CreateSucceeded,
@@ -64,6 +65,8 @@ BATCH_FAILED = "BATCH_FAILED"
 CREATE_ATTEMPTS_EXHAUSTED = "CREATE_ATTEMPTS_EXHAUSTED"
 
 _SendKind = Literal["analyse", "start", "stop"]
+# The shortest wait before a call the API refused unprocessed goes again.
+RETRY_AT_LEAST = timedelta(seconds=1)
 
 
 @dataclass
@@ -78,6 +81,9 @@ class _Draft:
     wake_hint: datetime | None = None  # wake earlier than the phase's usual interval
     status_read: bool = False  # a fresh (not stale) task status was read in this step
     hold_status: bool = False  # don't publish the upstream status yet (waiting for tiles)
+    # A create refused before it was processed: the next try waits for this, not the
+    # usual create_retry (the API's Retry-After).
+    create_at: datetime | None = None
 
     def set(self, **changes: Any) -> None:
         self.state = self.state.model_copy(update=changes)
@@ -182,6 +188,8 @@ def _pending(d: _Draft, obs: Observation) -> None:
             _create_failed(d, error)
         case CreateUncertain() if not adopting:
             d.set(create_doubtful=True)
+        case CallNotDone(action="create", retry_at=retry_at) if not adopting:
+            _create_not_done(d, retry_at)
         case TaskSeen(task=task) if adopting and task.id == d.state.adopt_id:
             _begin_tracking(d, task)
         case TaskMissing() if adopting:
@@ -243,6 +251,28 @@ def _create_failed(d: _Draft, error: JobError) -> None:
     _end(d, _required(d.state.upstream_status))
 
 
+def _create_not_done(d: _Draft, retry_at: datetime) -> None:
+    """Undo the attempt the API refused unprocessed (a 429): nothing was created by it."""
+    s = d.state
+    if not s.create_doubtful:
+        # No earlier attempt may have landed either: the next is a plain POST again.
+        d.set(intent_at=None, create_attempts=max(0, s.create_attempts - 1))
+    elif s.intent_at is not None:
+        # An earlier attempt may have landed, and its lag window is over (this POST came
+        # after it): backdating the intent by one window makes the next attempt scan
+        # (reaching further back, which is harmless) and POST at once.
+        d.set(
+            intent_at=s.intent_at - d.policy.list_lag_window,
+            create_attempts=max(0, s.create_attempts - 1),
+        )
+    d.create_at = _not_before(d, retry_at)
+
+
+def _not_before(d: _Draft, retry_at: datetime) -> datetime:
+    # A Retry-After of 0 (or a clock gone by) still waits a moment: never a busy loop.
+    return max(retry_at, d.now + RETRY_AT_LEAST)
+
+
 def _begin_tracking(d: _Draft, task: TaskSnapshot) -> None:
     d.set(phase=Phase.TRACKING, batch_request_id=task.id)
     _fold_task(d, task)
@@ -283,6 +313,12 @@ def _tracking(d: _Draft, obs: Observation) -> None:
         case ActionRefused():
             # Usually the status moved already (§3.3): read it now rather than fail.
             d.actions.append(Poll(rid, asap=True))
+        case CallNotDone(action="analyse" | "start" | "stop" as kind, retry_at=retry_at):
+            # Refused unprocessed (a 429): it had no effect, so no status lag to wait out;
+            # it goes again once the API allows (the Wake reads the status, then sends).
+            d.set(**{f"{kind}_sent_at": None})
+            d.wake_by(_not_before(d, retry_at))
+            return
         case TilesSeen(tiles=tiles):
             d.set(tiles=_merge(d.state, tiles))
         case DuplicateFound(batch_request_id=other):
@@ -606,7 +642,7 @@ def _wake_at(d: _Draft, after: JobState) -> datetime | None:
     if after.phase is Phase.ENDED:
         return None
     if after.phase is Phase.PENDING_CREATE:
-        candidates.append(d.now + d.policy.create_retry)
+        candidates.append(d.create_at or d.now + d.policy.create_retry)
     if after.deadline is not None and after.deadline > d.now and after.stop_reason is None:
         candidates.append(after.deadline)  # stop on time, not at the next poll
     if d.wake_hint is not None:

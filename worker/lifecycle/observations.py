@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from worker.lifecycle.state import JobError, TaskSnapshot, Tiles
@@ -43,6 +44,16 @@ class CreateUncertain:
     """The POST may or may not have happened (timeout, 5xx, connection reset)."""
 
     detail: str
+
+
+@dataclass(frozen=True)
+class CallNotDone:
+    """The API refused a create or an action before processing it (429, §10), or it surely
+    never reached the API: it had no effect, so it is sent again from ``retry_at`` (the
+    ``Retry-After`` it gave), with no scan for a create and no wait for a lagging status."""
+
+    action: Literal["create", "analyse", "start", "stop"]
+    retry_at: datetime
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,7 @@ Observation = (
     | CreateSucceeded
     | CreateRefused
     | CreateUncertain
+    | CallNotDone
     | NotFoundYet
     | TaskSeen
     | TaskMissing

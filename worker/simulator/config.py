@@ -57,6 +57,12 @@ class SimulatorConfig(BaseModel):
     # --- faults -----------------------------------------------------------------------
     rate_429: float = Field(0.0, ge=0, le=1, description="share of calls answered 429")
     retry_after_ms: int = Field(1000, ge=0, description="Retry-After of injected 429s (ms)")
+    throttle_routes: str = Field(
+        "", description="comma-separated routes (create, start, ...) throttle_calls applies to"
+    )
+    throttle_calls: int = Field(
+        0, ge=0, description="the next N calls of throttle_routes answer 429 (retry_after_ms)"
+    )
     rate_5xx: float = Field(0.0, ge=0, le=1, description="share of calls answered 5xx")
     not_found_after_create: float = Field(
         0.0, ge=0, description="real seconds a new request answers 404 (§3.3)"

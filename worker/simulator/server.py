@@ -80,6 +80,9 @@ def _guarded(name: str, handler: Handler) -> Handler:
             response = error(401, _UNAUTHORIZED, "COMMON_UNAUTHORIZED")
         elif (wait_ms := sim.limit.take(config.requests_per_minute)) is not None:
             response = _too_many(sim, wait_ms)
+        elif config.throttle_calls and name in config.throttle_routes.split(","):
+            config.throttle_calls -= 1
+            response = _too_many(sim, config.retry_after_ms)
         elif config.rate_429 and sim.dice.random() < config.rate_429:
             response = _too_many(sim, config.retry_after_ms)
         elif config.rate_5xx and sim.dice.random() < config.rate_5xx:

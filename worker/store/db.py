@@ -235,6 +235,7 @@ def apply_schema(conn: psycopg.Connection[object]) -> None:
         jobs.upgrade(conn)
         conn.execute(capacity.SCHEMA)
         conn.execute(outbox.SCHEMA)
+        outbox.upgrade(conn)
         conn.execute(presence.SCHEMA)
         conn.execute(api_budget.SCHEMA)
         capacity.install(conn)

@@ -5,6 +5,11 @@ exists exactly when the state that produced it was committed. The relay (``worke
 claims rows in id order under its lock, publishes them with confirms, and deletes them in
 chunks as the confirms arrive.
 
+A row the broker refuses (it closes the channel on it, or nacks it) is retried a bounded
+number of times (``OUTBOX_MAX_ATTEMPTS``), then *parked*: kept here with the broker's reason
+and skipped by the relay, so one poison row never holds back the rows behind it. Operators
+list, replay or drop parked rows (``batch-worker outbox``, docs/operations.md).
+
 Properties and headers are AMQP field values, which JSON cannot all hold (byte strings,
 timestamps, decimals); they are stored as JSON with those few types tagged, and come back
 as the same Python values.
@@ -13,6 +18,8 @@ as the same Python values.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -34,9 +41,40 @@ CREATE TABLE IF NOT EXISTS bw_outbox (
 )
 """
 
+# Added after the first release: brought in by ``upgrade`` on tables that predate them.
+PARKING_COLUMNS = {
+    "attempts": "integer NOT NULL DEFAULT 0",
+    "last_error": "text",
+    "parked_at": "timestamptz",
+}
+# Parked rows are few and read by id; the relay's claim reads the unparked ones in id order.
+_INDEX = "CREATE INDEX IF NOT EXISTS bw_outbox_unparked ON bw_outbox (id) WHERE parked_at IS NULL"
+# The broker's reason is kept, bounded: it may quote the row's property values.
+ERROR_LIMIT = 500
+
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     conn.execute(SCHEMA)
+    upgrade(conn)
+
+
+def upgrade(conn: psycopg.Connection[Any]) -> None:
+    """Add the parking columns where missing (checked first: ALTER locks the table)."""
+    present = {
+        row[0]
+        for row in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'bw_outbox'::regclass"
+            " AND NOT attisdropped"
+        ).fetchall()
+    }
+    missing = [
+        f"ADD COLUMN IF NOT EXISTS {name} {kind}"
+        for name, kind in PARKING_COLUMNS.items()
+        if name not in present
+    ]
+    if missing:
+        conn.execute("ALTER TABLE bw_outbox " + ", ".join(missing))
+    conn.execute(_INDEX)
 
 
 def enqueue(conn: psycopg.Connection[Any], messages: Sequence[OutboxMessage]) -> None:
@@ -84,7 +122,7 @@ def claim(conn: psycopg.Connection[Any], limit: int) -> list[tuple[int, OutboxMe
     """
     rows = conn.execute(
         "SELECT id, exchange, routing_key, body, properties, headers, mandatory"
-        " FROM bw_outbox ORDER BY id LIMIT %s",
+        " FROM bw_outbox WHERE parked_at IS NULL ORDER BY id LIMIT %s",
         (limit,),
     ).fetchall()
     return [
@@ -109,5 +147,73 @@ def delete(conn: psycopg.Connection[Any], ids: Sequence[int]) -> None:
 
 
 def pending_count(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT count(*) FROM bw_outbox").fetchone()
+    """Rows waiting to be published (parked ones aside)."""
+    row = conn.execute("SELECT count(*) FROM bw_outbox WHERE parked_at IS NULL").fetchone()
     return int(row[0]) if row else 0
+
+
+def parked_count(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT count(*) FROM bw_outbox WHERE parked_at IS NOT NULL").fetchone()
+    return int(row[0]) if row else 0
+
+
+def record_refusal(
+    conn: psycopg.Connection[Any], row_id: int, reason: str, max_attempts: int
+) -> bool:
+    """Count one refusal of row ``row_id`` by the broker; park it once it has been refused
+    ``max_attempts`` times. Whether it is parked now (False too when the row is gone)."""
+    row = conn.execute(
+        "UPDATE bw_outbox SET attempts = attempts + 1, last_error = %s,"
+        " parked_at = CASE WHEN attempts + 1 >= %s THEN now() END"
+        " WHERE id = %s AND parked_at IS NULL RETURNING parked_at IS NOT NULL",
+        (reason[:ERROR_LIMIT], max_attempts, row_id),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+@dataclass(frozen=True)
+class ParkedRow:
+    id: int
+    exchange: str
+    routing_key: str
+    attempts: int
+    last_error: str | None
+    enqueued_at: datetime
+    parked_at: datetime
+    message_id: str | None
+    type: str | None
+
+
+def parked(conn: psycopg.Connection[Any], limit: int = 1000) -> list[ParkedRow]:
+    """The parked rows, oldest first (what ``batch-worker outbox parked`` lists)."""
+    rows = conn.execute(
+        "SELECT id, exchange, routing_key, attempts, last_error, enqueued_at, parked_at,"
+        " properties->>'message_id', properties->>'type'"
+        " FROM bw_outbox WHERE parked_at IS NOT NULL ORDER BY id LIMIT %s",
+        (limit,),
+    ).fetchall()
+    return [ParkedRow(*row) for row in rows]
+
+
+def replay(conn: psycopg.Connection[Any], row_id: int) -> bool:
+    """Put parked row ``row_id`` back in line with its attempts at 0; whether it was parked.
+
+    It keeps its id, so it goes out ahead of every row enqueued after it.
+    """
+    row = conn.execute(
+        "UPDATE bw_outbox SET parked_at = NULL, attempts = 0"
+        " WHERE id = %s AND parked_at IS NOT NULL RETURNING id",
+        (row_id,),
+    ).fetchone()
+    if row is not None:
+        conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+    return row is not None
+
+
+def drop(conn: psycopg.Connection[Any], row_id: int) -> bool:
+    """Delete parked row ``row_id`` for good; whether it was parked. Unparked rows are the
+    relay's and are never dropped here."""
+    row = conn.execute(
+        "DELETE FROM bw_outbox WHERE id = %s AND parked_at IS NOT NULL RETURNING id", (row_id,)
+    ).fetchone()
+    return row is not None

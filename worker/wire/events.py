@@ -33,6 +33,7 @@ from worker.wire.event_models import (
 )
 from worker.wire.job_requests import ACTIONS, Rejection
 from worker.wire.outgoing import OutboxMessage
+from worker.wire.properties import dead_letter_tables
 
 CONTENT_TYPE = "application/cloudevents+json"
 PERSISTENT = 2
@@ -213,11 +214,13 @@ def dead_letter(
     The body is kept byte for byte (secrets included: the DLQ is the producer's own data,
     guarded like the jobs queue); only the added headers are the worker's words.
     """
-    kept = dict(properties)
+    flat = dict(properties)
     # A headers table inside the properties (kombu's ``application_headers``) joins the rest.
-    merged: dict[str, Any] = dict(kept.pop("application_headers", None) or {})
-    merged.update(kept.pop("headers", None) or {})
-    merged.update(headers)
+    table: dict[str, Any] = dict(flat.pop("application_headers", None) or {})
+    table.update(flat.pop("headers", None) or {})
+    table.update(headers)
+    # Never what the broker acts on (user_id, expiration, CC/BCC): worker/wire/properties.py.
+    kept, merged = dead_letter_tables(flat, table)
     merged[REASON_HEADER] = str(rejection.code)
     merged[DETAIL_HEADER] = rejection.message
     merged[REJECTED_AT_HEADER] = rfc3339_ms(now)

@@ -10,6 +10,11 @@ Decisions the contract leaves open (documented in docs/events.md and the schemas
   not validated, so a cancel is never refused for what it did not need.
 - ``request: null`` and ``batch_request_id: null`` count as absent.
 - ``Rejection.action`` is only ever a known action (or None): it becomes a metric label.
+- Limits (docs/events.md): a body of at most ``MAX_REQUEST_BYTES`` (``REQUEST_TOO_LARGE``,
+  refused before it is parsed, so a huge body costs no memory), nesting at most
+  ``MAX_DEPTH`` deep (``REQUEST_TOO_DEEP``); ``batch_request_id`` a UUID (the API's ids:
+  ``.`` or ``..`` would be a path); no NUL character in any string (PostgreSQL cannot store
+  one); a deadline whose instant exists (an offset that moves it past year 9999 does not).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +57,14 @@ SUBMIT_ONLY_FIELDS = (
     "retry_failed",
 )
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+# Batch V2 request ids are UUIDs (batch-v2-api.md); any case, the canonical 8-4-4-4-12 form.
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_UUID_RE = re.compile(UUID_PATTERN)
+# A create payload is a few KiB (its evalscript the most of it); 256 KiB leaves room for a
+# long evalscript and inline geometry, and bounds what one message may cost to parse.
+MAX_REQUEST_BYTES = 256 * 1024
+# Objects and arrays inside one another, counting the message itself as depth 1.
+MAX_DEPTH = 32
 
 
 class RejectCode(StrEnum):
@@ -63,6 +77,11 @@ class RejectCode(StrEnum):
     UNSUPPORTED_SCHEMA_VERSION = "UNSUPPORTED_SCHEMA_VERSION"
     INVALID_FIELD = "INVALID_FIELD"
     UNSUPPORTED_CONTENT_TYPE = "UNSUPPORTED_CONTENT_TYPE"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    REQUEST_TOO_DEEP = "REQUEST_TOO_DEEP"
+    # the AMQP properties or headers (worker/wire/properties.py)
+    INVALID_PROPERTY = "INVALID_PROPERTY"
+    INVALID_REPLY_TO = "INVALID_REPLY_TO"
     # raised by intake after looking the job up
     JOB_CONFLICT = "JOB_CONFLICT"
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
@@ -144,7 +163,9 @@ class JobRequest(BaseModel):
         default=None,
         min_length=1,
         max_length=256,
-        description="An existing batch request to adopt instead of creating one.",
+        description="An existing batch request to adopt instead of creating one: its id, a UUID.",
+        # Checked after the one-source rule (a conflict is told as one), see below.
+        json_schema_extra={"pattern": UUID_PATTERN},
     )
     auto_start: bool = Field(
         default=True, description="false: the job rests at ANALYSIS_DONE until start/cancel."
@@ -185,6 +206,19 @@ class JobRequest(BaseModel):
             raise PydanticCustomError("datetime_type", "must be an RFC 3339 date-time string")
         return value
 
+    @field_validator("deadline", mode="after")
+    @classmethod
+    def _deadline_is_an_instant(cls, value: datetime | None) -> datetime | None:
+        # "9999-12-31T23:59:59-23:59" parses, but its instant is past what a datetime holds.
+        if value is not None:
+            try:
+                value.astimezone(UTC)
+            except (OverflowError, ValueError):
+                raise PydanticCustomError(
+                    "datetime_range", "the instant is out of range (years 1-9999 in UTC)"
+                ) from None
+        return value
+
     @model_validator(mode="after")
     def _one_source_per_submit(self) -> JobRequest:
         if self.action != "submit":
@@ -196,6 +230,10 @@ class JobRequest(BaseModel):
         if self.request is None and self.batch_request_id is None:
             raise PydanticCustomError(
                 "missing_request", "a submit needs 'request' (or 'batch_request_id')"
+            )
+        if self.batch_request_id is not None and not _UUID_RE.fullmatch(self.batch_request_id):
+            raise PydanticCustomError(
+                "batch_request_id", "field 'batch_request_id': must be a batch request id (a UUID)"
             )
         return self
 
@@ -212,9 +250,23 @@ def valid_tenant(name: str) -> str:
 
 def parse_job_request(body: bytes, content_type: str | None) -> JobRequest | Rejection:
     """Read one message body. UTF-8 JSON; ``application/json`` or no content type at all."""
+    if len(body) > MAX_REQUEST_BYTES:
+        return Rejection(
+            RejectCode.REQUEST_TOO_LARGE,
+            f"the body is {len(body)} bytes; at most {MAX_REQUEST_BYTES} are taken",
+        )
     req = _parse_quickly(body, content_type)
-    if isinstance(req, JobRequest) and _SURROGATE_ESCAPE.search(body):
-        where = _lone_surrogate(req)
+    if not isinstance(req, JobRequest):
+        return req
+    if _too_deep(req.request, MAX_DEPTH - 1):
+        return Rejection(
+            RejectCode.REQUEST_TOO_DEEP,
+            f"field 'request': nested deeper than {MAX_DEPTH} levels",
+            req.job_id,
+            req.action,
+        )
+    if _SURROGATE_ESCAPE.search(body):
+        where = _not_text(req, _has_lone_surrogate)
         if where is not None:
             return Rejection(
                 RejectCode.INVALID_FIELD,
@@ -222,8 +274,8 @@ def parse_job_request(body: bytes, content_type: str | None) -> JobRequest | Rej
                 req.job_id,
                 req.action,
             )
-    if isinstance(req, JobRequest) and _NUL_ESCAPE in body:
-        where = _holding_nul(req)
+    if _NUL_ESCAPE in body:
+        where = _not_text(req, _has_nul)
         if where is not None:
             return Rejection(
                 RejectCode.INVALID_FIELD,
@@ -233,6 +285,15 @@ def parse_job_request(body: bytes, content_type: str | None) -> JobRequest | Rej
                 req.action,
             )
     return req
+
+
+def _too_deep(value: Any, room: int) -> bool:
+    """Whether ``value`` nests objects or arrays more than ``room`` levels deep."""
+    if isinstance(value, dict):
+        return room <= 0 or any(_too_deep(v, room - 1) for v in value.values())
+    if isinstance(value, list):
+        return room <= 0 or any(_too_deep(v, room - 1) for v in value)
+    return False
 
 
 def _parse_quickly(body: bytes, content_type: str | None) -> JobRequest | Rejection:
@@ -251,40 +312,30 @@ def _parse_quickly(body: bytes, content_type: str | None) -> JobRequest | Reject
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _lone_surrogate(req: JobRequest) -> str | None:
-    """The first field holding a string that is not valid Unicode text, if any."""
-
-    def holds_one(value: Any) -> bool:
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-            return False
-        if isinstance(value, dict):
-            return any(holds_one(k) or holds_one(v) for k, v in value.items())
-        if isinstance(value, list):
-            return any(holds_one(v) for v in value)
-        return False
-
-    for field in ("request", "batch_request_id"):
-        if holds_one(getattr(req, field)):
-            return field
-    return None
-
-
 # JSON can escape NUL in a string, and both parsers take it, but PostgreSQL's text and jsonb
-# cannot hold it: such a request could be neither stored nor answered (an INTERNAL_ERROR).
-# A raw NUL byte is not JSON at all; only the escape can bring one in.
-_NUL_ESCAPE = b"\\u0000"
+# cannot hold it (an INTERNAL_ERROR before). A raw NUL byte is not JSON at all; only the
+# escape can bring one in.
+_NUL_ESCAPE = rb"\u0000"
 
 
-def _holding_nul(req: JobRequest) -> str | None:
-    """The first field holding a string (or key) with a NUL character, if any."""
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _has_nul(text: str) -> bool:
+    return "\x00" in text
+
+
+def _not_text(req: JobRequest, bad: Callable[[str], bool]) -> str | None:
+    """The first field holding a string (or key) that ``bad`` finds, if any."""
 
     def holds_one(value: Any) -> bool:
         if isinstance(value, str):
-            return "\x00" in value
+            return bad(value)
         if isinstance(value, dict):
             return any(holds_one(k) or holds_one(v) for k, v in value.items())
         if isinstance(value, list):
@@ -302,6 +353,8 @@ def _parse_fully(body: bytes, content_type: str | None) -> JobRequest | Rejectio
         data = json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError):
         return Rejection(RejectCode.MALFORMED_JSON, "the body is not UTF-8 JSON")
+    except RecursionError:
+        return Rejection(RejectCode.REQUEST_TOO_DEEP, f"nested deeper than {MAX_DEPTH} levels")
     if not isinstance(data, dict):
         return Rejection(RejectCode.NOT_AN_OBJECT, "the body is JSON but not an object")
 
@@ -416,6 +469,7 @@ def _first_problem(exc: ValidationError) -> tuple[RejectCode, str]:
         (RejectCode.UNKNOWN_ACTION, lambda e: field(e) == "action"),
         (RejectCode.CONFLICTING_FIELDS, lambda e: e["type"] == "conflicting_fields"),
         (RejectCode.MISSING_REQUEST, lambda e: e["type"] == "missing_request"),
+        (RejectCode.INVALID_FIELD, lambda e: e["type"] == "batch_request_id"),
         (RejectCode.INVALID_FIELD, lambda e: True),
     ]
     for code, matches in rules:
