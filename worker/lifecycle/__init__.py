@@ -54,6 +54,7 @@ from worker.lifecycle.observations import (
     Wake,
 )
 from worker.lifecycle.polling import PollView, poll_view
+from worker.lifecycle.resume_rules import PAUSED, OutOfPuRule, Pause, ResumeOn, UnhealthyRule
 from worker.lifecycle.state import (
     KNOWN_STATUSES,
     STATUS_RANK,
@@ -73,6 +74,7 @@ __all__ = [
     "BATCH_FAILED",
     "CREATE_ATTEMPTS_EXHAUSTED",
     "KNOWN_STATUSES",
+    "PAUSED",
     "STATUS_RANK",
     "TAG_PREFIX",
     "TERMINAL",
@@ -93,12 +95,15 @@ __all__ = [
     "JobState",
     "NotFoundYet",
     "Observation",
+    "OutOfPuRule",
     "PastRequest",
+    "Pause",
     "Phase",
     "Policy",
     "Poll",
     "PollView",
     "ReadTiles",
+    "ResumeOn",
     "Retry",
     "RetryInputFailed",
     "RetryInputWritten",
@@ -114,6 +119,7 @@ __all__ = [
     "TilesSeen",
     "TilesUnavailable",
     "Transition",
+    "UnhealthyRule",
     "Wake",
     "WriteRetryInput",
     "attempt_tag",

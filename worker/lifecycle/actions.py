@@ -100,6 +100,8 @@ class Policy:
     max_create_attempts: int = 20
     not_found_retry: timedelta = timedelta(seconds=10)  # re-read after a 404 inside the window
     tiles_wait: timedelta = timedelta(seconds=10)  # hold ANALYSIS_DONE this long for its tiles
+    restart_block: timedelta = timedelta(minutes=30)  # START refused this long after a stop
+    restart_jitter: timedelta = timedelta(minutes=5)  # spread of a resume after the block
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import re
 from datetime import datetime
 from typing import Any
 
+from worker.lifecycle.resume_rules import ResumeOn
 from worker.lifecycle.state import Echo, JobState, Phase, Retry
 
 TAG_PREFIX = "bw"
@@ -47,6 +48,7 @@ def new_job(
     echo: Echo,
     now: datetime,
     retry_failed: int = 0,
+    resume_on: ResumeOn | None = None,
 ) -> JobState:
     """The state of a job just taken in; the engine steps it with ``Wake()`` next.
 
@@ -72,6 +74,7 @@ def new_job(
         echo=echo,
         accepted_at=now,
         retry=Retry(attempts=retry_failed),
+        resume_on=resume_on,
     )
 
 
