@@ -24,6 +24,7 @@ from worker.lifecycle import (
     Start,
     StartRequested,
     Stop,
+    TaskMissing,
     TaskSeen,
     Tiles,
     TilesSeen,
@@ -283,6 +284,7 @@ observations = st.one_of(
     st.just(CancelRequested()),
     st.builds(TilesSeen, tiles=st.builds(Tiles, total=st.just(4), processed=st.integers(0, 4))),
     st.just(ActionRefused("start", JobError(source="api", code="X", message="no"))),
+    st.just(TaskMissing()),
 )
 delays = st.integers(0, 40).map(lambda s: timedelta(seconds=s))
 
@@ -317,8 +319,10 @@ def test_every_paused_history_keeps_the_invariants(
         else:
             assert "UNHEALTHY" not in after.resumed
         starts = [a for a in t.actions if isinstance(a, Start)]
-        if before.pause is not None and starts:
-            # Never inside the restart block, never for a job to be cancelled.
+        if before.pause is not None and after.pause is not None and starts:
+            # A resume's START: never inside the restart block, never for a job to be
+            # cancelled. (A read that shows the request left the stop ends the pause, and
+            # the job is driven as any other from there.)
             assert now >= before.pause.earliest
             assert not after.cancel_wanted
         # A pause due to start later is woken for it (or for its deadline, earlier).
@@ -328,3 +332,16 @@ def test_every_paused_history_keeps_the_invariants(
         waiting = after.phase is not Phase.ENDED and after.stop_reason is None
         if waiting and after.deadline is not None and after.deadline > now:
             assert t.wake_at is not None and t.wake_at <= after.deadline
+
+
+def test_a_late_step_on_the_restarts_analysis_done_sends_no_second_start() -> None:
+    run = resumed_run(UNHEALTHY_TWICE)
+    pause = run.feed(stopped("UNHEALTHY"), at(10)).state.pause
+    assert pause is not None and pause.resume_at is not None
+    sent = pause.resume_at
+    run.feed(Wake(), sent)
+    # Stepped well after the lag (a loaded worker): the START took effect, no resend.
+    late = sent + POLICY.action_lag * 2
+    t = run.feed(TaskSeen(task("ANALYSIS_DONE", completion_percentage=30, cost_pu=50)), late)
+    assert t.state.pause is None and not any(isinstance(a, Start) for a in t.actions)
+    assert t.wake_at == late + POLICY.action_lag

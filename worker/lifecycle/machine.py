@@ -163,6 +163,7 @@ def _end(
         stopped_reason=stopped_reason,
         error=error,
         ended_at=d.now,
+        pause=None,  # an end (a 404 while paused, say) is no pause
     )
 
 
@@ -506,7 +507,8 @@ def _read_tiles(d: _Draft) -> None:
         d.actions.append(ReadTiles(rid, execution_db=True))
     elif s.upstream_status == "ANALYSIS_DONE" and (s.tiles is None or s.tiles.total is None):
         d.actions.append(ReadTiles(rid, execution_db=False))
-        if d.before.upstream_status != "ANALYSIS_DONE":
+        if d.before.upstream_status != "ANALYSIS_DONE" and d.before.pause is None:
+            # (Out of a pause the status is news at once: PAUSED must not outlive it.)
             # The engine reads the manifest straight away; hold the status event that
             # long so it carries the tile count a producer decides `start` on. Whatever
             # comes next (the tiles, a failure, a Wake) publishes it.
@@ -561,7 +563,16 @@ def _paused(d: _Draft, obs: Observation) -> bool:
     match obs:
         case TaskSeen(task=task) if task.id == rid:
             if resume.restarted(pause, task.status, task.cost_pu):
-                d.set(pause=None, stopped_reason=None, furthest_rank=0, completion=0.0)
+                # The restart's ANALYSIS_DONE counts from this read, so a START is sent
+                # again only if it still shows after the lag (not to a request that ran
+                # and stopped again meanwhile, which the API may let restart).
+                d.set(
+                    pause=None,
+                    stopped_reason=None,
+                    furthest_rank=0,
+                    completion=0.0,
+                    analysis_done_at=None,
+                )
                 return False
             d.set(last_seen_at=d.now, not_found_since=None)
         case Wake() if pause.restart_sent_at is not None and _wanted_stop(s, d.now) is None:
