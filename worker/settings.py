@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     not_found_window: float = Field(default=120.0, ge=0, le=3600)
     list_lag_window: float = Field(default=60.0, ge=0, le=3600)
     lease_seconds: float = Field(default=60.0, ge=1, le=3600)
+    # Resume by policy (docs/lifecycle.md "Paused"): the fleet's default for a job request's
+    # resume_on (JSON, e.g. {"UNHEALTHY": {"attempts": 2}}); START is refused for
+    # RESTART_BLOCK seconds after a stop (30 minutes on the live API), and a resume comes
+    # up to RESTART_JITTER seconds after it.
+    resume_on: dict[str, Any] | None = None
+    restart_block: float = Field(default=1800.0, ge=0, le=86_400)
+    restart_jitter: float = Field(default=300.0, ge=0, le=86_400)
 
     # --- the broker ------------------------------------------------------------------
     broker_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672//")
@@ -154,6 +161,16 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("resume_on")
+    @classmethod
+    def _resume_reasons(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # The rules' shape is the lifecycle's (lifecycle/resume_rules.py), checked in full
+        # by intake at start; the reasons are checked here, where a typo is plain.
+        unknown = sorted(set(value or {}) - {"UNHEALTHY", "OUT_OF_PU"})
+        if unknown:
+            raise ValueError("keys must be UNHEALTHY or OUT_OF_PU")
+        return value
 
     @field_validator("api_url", "token_url")
     @classmethod

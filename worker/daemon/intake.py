@@ -89,6 +89,12 @@ class Intake:
         self._pool = pool
         self._metrics = metrics
         self._clock = clock
+        # The fleet's resume_on, checked in full here: a bad RESUME_ON fails the start.
+        self._resume_on = (
+            None
+            if settings.resume_on is None
+            else lifecycle.ResumeOn.model_validate(settings.resume_on)
+        )
 
     def handle_batch(self, batch: list[InboundMessage]) -> list[InboundMessage]:
         return self.take(self.read(batch))
@@ -280,6 +286,7 @@ class Intake:
             retry_failed=(
                 req.retry_failed if req.retry_failed is not None else self._settings.retry_failed
             ),
+            resume_on=req.resume_on if req.resume_on is not None else self._resume_on,
         )
 
     # -- events -------------------------------------------------------------------------
