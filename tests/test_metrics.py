@@ -30,6 +30,7 @@ CONTRACT = {
     "batch_worker_duplicates_stopped_total": ("counter", set()),
     "batch_worker_follow_ups_total": ("counter", set()),
     "batch_worker_features_recovered_total": ("counter", set()),
+    "batch_worker_jobs_paused_total": ("counter", {"reason"}),
 }
 
 
@@ -205,6 +206,9 @@ def test_gauges_and_simple_counters(metrics: Metrics) -> None:
     metrics.event_published("batchworker.job.progress")
     metrics.event_published("batchworker.job.progress")
     metrics.duplicate_stopped()
+    assert sample(metrics, "batch_worker_jobs_paused_total", reason="OUT_OF_PU") == 0
+    metrics.job_paused("UNHEALTHY")
+    assert sample(metrics, "batch_worker_jobs_paused_total", reason="UNHEALTHY") == 1
     assert sample(metrics, "batch_worker_status_lag_seconds") == 42.5
     assert sample(metrics, "batch_worker_broker_connected") == 1
     assert sample(metrics, "batch_worker_outbox_pending") == 12

@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, does in (
         ("cancel", "stop a job (its batch request too, when one runs)"),
         ("start", "start a job resting after analysis (auto_start false)"),
+        ("resume", "go on with a paused job (resume_on) as soon as the restart block allows"),
     ):
         act = commands.add_parser(verb, help=f"{does}: publishes a `{verb}` for JOB_ID")
         act.add_argument("job_id", metavar="JOB_ID")

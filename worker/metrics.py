@@ -183,6 +183,13 @@ class Metrics:
             "1 while the broker connection is up, 0 otherwise.",
             registry=r,
         )
+        self._jobs_paused = Counter(
+            f"{PREFIX}_jobs_paused_total",
+            "Jobs paused by a stop of the API their resume_on names (they go on later),"
+            " by the API's reason.",
+            ["reason"],
+            registry=r,
+        )
         self._duplicates_stopped = Counter(
             f"{PREFIX}_duplicates_stopped_total",
             "Duplicate batch requests found carrying a job's tag and stopped.",
@@ -256,6 +263,8 @@ class Metrics:
             self._jobs_finished.labels(status="DONE", reason=NO_REASON, tenant=tenant)
             for stopped in StoppedReason:
                 self._jobs_finished.labels(status="STOPPED", reason=stopped.value, tenant=tenant)
+        for paused in ("UNHEALTHY", "OUT_OF_PU"):
+            self._jobs_paused.labels(reason=paused)
         self.set_in_flight({})
 
     # --- intake --------------------------------------------------------------------------
@@ -324,6 +333,10 @@ class Metrics:
             self._follow_ups.inc()
         if recovered_delta > 0:
             self._features_recovered.inc(recovered_delta)
+
+    def job_paused(self, reason: str) -> None:
+        """A job paused on an API stop (resume by policy) instead of ending."""
+        self._jobs_paused.labels(reason=_label(reason)).inc()
 
     def status_lag(self, seconds: float) -> None:
         self._status_lag.set(max(0.0, seconds))

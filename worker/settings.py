@@ -145,6 +145,14 @@ class Settings(BaseSettings):
     # row older than LEASE_SECONDS / 3 (behind PgBouncer in transaction mode); "off".
     presence: Literal["lock", "heartbeat", "off"] = "lock"
 
+    # Resume by policy (docs/lifecycle.md "Paused"): the fleet's default for a job request's
+    # resume_on (JSON, e.g. {"UNHEALTHY": {"attempts": 2}}); START is refused for
+    # RESTART_BLOCK seconds after a stop (30 minutes on the live API), and a resume comes
+    # up to RESTART_JITTER seconds after it.
+    resume_on: dict[str, Any] | None = None
+    restart_block: float = Field(default=1800.0, ge=0, le=86_400)
+    restart_jitter: float = Field(default=300.0, ge=0, le=86_400)
+
     # --- tenancy (docs/contract.md "Tenancy") ---------------------------------------
     # JSON, tenant -> rule: '{"team-a": {}, "ops": {"manage": "any"}}'. Empty: no tenancy
     # (a message's tenant, if any, is kept and owns its jobs, but is not checked).
@@ -209,6 +217,16 @@ class Settings(BaseSettings):
     def _retry_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if not value or not all(0 <= delay <= 3600 for delay in value):
             raise ValueError("must be one or more delays of 0 to 3600 seconds, comma-separated")
+        return value
+
+    @field_validator("resume_on")
+    @classmethod
+    def _resume_reasons(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # The rules' shape is the lifecycle's (lifecycle/resume_rules.py), checked in full
+        # by intake at start; the reasons are checked here, where a typo is plain.
+        unknown = sorted(set(value or {}) - {"UNHEALTHY", "OUT_OF_PU"})
+        if unknown:
+            raise ValueError("keys must be UNHEALTHY or OUT_OF_PU")
         return value
 
     @field_validator("api_url", "token_url")

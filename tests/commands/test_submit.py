@@ -195,12 +195,13 @@ def test_start_by_id_carries_a_resting_job_to_done(
     assert "DONE" in _summary_row(done.stdout, job["job_id"])
 
 
-def test_cancel_by_id_publishes_the_request_a_producer_would(stack: Stack) -> None:
+@pytest.mark.parametrize("verb", ["cancel", "resume"])
+def test_cancel_by_id_publishes_the_request_a_producer_would(stack: Stack, verb: str) -> None:
     # No worker runs: what reaches the jobs queue is the message itself.
-    result = run_cli("cancel", "corsica-2019", env=stack.env())
+    result = run_cli(verb, "corsica-2019", env=stack.env())
     assert result.returncode == 0, result.stderr
     assert [json.loads(body) for _, body in _queued(stack)] == [
-        {"schema_version": 1, "job_id": "corsica-2019", "action": "cancel"}
+        {"schema_version": 1, "job_id": "corsica-2019", "action": verb}
     ]
 
 

@@ -154,6 +154,7 @@ class Recorder:
         self.lag: list[float] = []
         self.in_flight: list[dict[str, int]] = []
         self.cost_shares: list[float] = []
+        self.paused: list[str] = []
 
     def job_finished(
         self,
@@ -163,6 +164,9 @@ class Recorder:
         tenant: str | None = None,
     ) -> None:
         self.finished.append((status, reason))
+
+    def job_paused(self, reason: str) -> None:
+        self.paused.append(reason)
 
     def set_in_flight(self, counts: dict[str, int]) -> None:
         self.in_flight.append(dict(counts))

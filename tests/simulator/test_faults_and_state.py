@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from tests.simulator.conftest import FAST, Api, small_request
 from worker.simulator import SimulatorConfig, build_parser_arguments, config_from_args
 from worker.simulator import start_background as start
+from worker.simulator.features import decide_outcome
 from worker.simulator.grids import Feature
 from worker.simulator.jobs import Outcome, Phase, SimJob
 from worker.simulator.store import Store
@@ -44,6 +46,14 @@ def test_markers_choose_the_outcome(api: Api, marker: str, status: str, reason: 
     assert final["status"] == status
     assert final.get("stoppedStatusReason") == reason
     assert ("error" in final) is (status == "FAILED")
+
+
+def test_a_count_on_a_stop_marker_stops_that_many_runs() -> None:
+    dice = random.Random(1)
+    twice = decide_outcome("job [sim:unhealthy=2]", SimulatorConfig(), dice)
+    once = decide_outcome("job [sim:out-of-pu]", SimulatorConfig(), dice)
+    assert (twice.stop_reason, twice.stops) == ("UNHEALTHY", 2)
+    assert (once.stop_reason, once.stops) == ("OUT_OF_PU", 1)
 
 
 def test_features_marker_sets_the_count_and_cost() -> None:

@@ -186,3 +186,41 @@ def test_barrier_holds_the_status_until_lifted() -> None:
     assert j.status(T0 + 1000) == "ANALYSING"
     j.barrier = None
     assert j.status(T0 + 1000) == "ANALYSIS_DONE"
+
+
+def test_repeated_system_stops_each_stop_a_run_then_the_last_restart_finishes() -> None:
+    j = job(Outcome(stop_reason="UNHEALTHY", stop_at=30.0, stops=2))
+    j.start(T0, CONFIG)
+    first = j.view(T0 + 10_000)
+    assert (first.status, first.reason, first.completion) == ("STOPPED", "UNHEALTHY", 30.0)
+    j.start(T0 + 20_000, CONFIG)
+    second = j.view(T0 + 20_100)  # 21 % of a 200 s run after 10 s of lags
+    # 30 % of what the second run had left: 30 + 70 x 0.3
+    assert (second.status, second.reason, second.completion) == ("STOPPED", "UNHEALTHY", 51.0)
+    with pytest.raises(IllegalAction, match="30 minutes"):
+        j.start(T0 + 21_000, CONFIG)
+    j.start(T0 + 40_000, CONFIG)
+    assert j.status(T0 + 50_000) == "DONE"
+
+
+@pytest.mark.parametrize(
+    ("mode", "restart_completion", "final_cost"),
+    # 10 features x 50 PU = 500 PU; stopped at 50 %: 250 PU billed by the first run.
+    [("continue", 50.0, 500.0), ("reprocess", 0.0, 750.0)],
+)
+def test_start_after_a_stop_continues_or_reprocesses_and_bills_again(
+    mode: str, restart_completion: float, final_cost: float
+) -> None:
+    config = CONFIG.model_copy(update={"restart_mode": mode})
+    j = job(Outcome(stop_reason="OUT_OF_PU", stop_at=50.0))
+    j.start(T0, config)
+    assert j.view(T0 + 10_000).cost == 250.0
+    j.start(T0 + 20_000, config)
+    restarted = j.view(T0 + 20_006)  # ANALYSIS_DONE, lag 5 s
+    assert restarted.status == "ANALYSIS_DONE"
+    assert (restarted.completion, restarted.cost) == (restart_completion, 250.0)
+    final = j.view(T0 + 30_000)
+    assert (final.status, final.completion, final.cost) == ("DONE", 100.0, final_cost)
+    # costPU never goes down across the restart
+    costs = [j.view(T0 + 20_000 + t).cost for t in range(0, 10_000, 50)]
+    assert costs == sorted(costs)

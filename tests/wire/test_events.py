@@ -9,7 +9,17 @@ from typing import Any
 
 import pytest
 
-from worker.lifecycle import KNOWN_STATUSES, Echo, JobError, JobState, PastRequest, Retry, Tiles
+from worker.lifecycle import (
+    KNOWN_STATUSES,
+    Echo,
+    JobError,
+    JobState,
+    PastRequest,
+    Pause,
+    Phase,
+    Retry,
+    Tiles,
+)
 from worker.wire.event_models import CommandEventData
 from worker.wire.events import (
     APP_ID,
@@ -113,6 +123,9 @@ def test_a_status_event_matches_the_contract() -> None:
             "stopped_reason": None,
             "error": None,
             "worker": "w-1",
+            "final": False,
+            "resume_at": None,
+            "resumes": 0,
             "duplicates_stopped": [],
             "attempt": 0,
             "batch_requests": [
@@ -177,6 +190,39 @@ def test_a_follow_up_names_every_request_sums_the_cost_and_tells_a_skip() -> Non
         "retry_skipped"
         not in envelope(job_event(first, "status", exchange=EVENTS, worker="w", now=NOW)[0])["data"]
     )
+
+
+def test_a_paused_event_says_it_is_not_final_and_when_the_job_goes_on() -> None:
+    since = NOW - timedelta(minutes=1)
+    pause = Pause(
+        reason="UNHEALTHY",
+        since=since,
+        earliest=since + timedelta(minutes=30),
+        resume_at=since + timedelta(minutes=32, milliseconds=250),
+        cost_pu=310.5,
+    )
+    paused = state(status="PAUSED", stopped_reason="UNHEALTHY", pause=pause)
+    [message] = job_event(paused, "status", exchange=EVENTS, worker="w-1", now=NOW)
+    assert message.routing_key == "job.paused"
+    data = envelope(message)["data"]
+    assert (data["status"], data["final"], data["stopped_reason"]) == (
+        "PAUSED",
+        False,
+        "UNHEALTHY",
+    )
+    assert data["resume_at"] == rfc3339_ms(since + timedelta(minutes=32, milliseconds=250))
+    parked = paused.model_copy(update={"pause": pause.model_copy(update={"resume_at": None})})
+    [message] = job_event(parked, "status", exchange=EVENTS, worker="w-1", now=NOW)
+    assert envelope(message)["data"]["resume_at"] is None
+
+
+def test_only_the_terminal_status_event_is_final() -> None:
+    ended = state(status="DONE", phase=Phase.ENDED, resumed=("UNHEALTHY",))
+    [status] = job_event(ended, "status", exchange=EVENTS, worker="w-1", now=NOW)
+    [progress] = job_event(ended, "progress", exchange=EVENTS, worker="w-1", now=NOW)
+    assert envelope(status)["data"]["final"] is True
+    assert envelope(status)["data"]["resumes"] == 1
+    assert envelope(progress)["data"]["final"] is False
 
 
 def test_a_progress_event_has_its_own_type_and_routing_key() -> None:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from worker.lifecycle import ResumeOn, UnhealthyRule
 from worker.wire.job_requests import (
     SCHEMA_VERSION,
     JobRequest,
@@ -97,13 +98,50 @@ def test_unknown_top_level_fields_are_ignored() -> None:
     assert "priority" not in req.model_dump()
 
 
-@pytest.mark.parametrize("action", ["start", "cancel"])
+@pytest.mark.parametrize("action", ["start", "cancel", "resume"])
 def test_start_and_cancel_ignore_submit_fields_even_malformed(action: str) -> None:
     req = accepted(
-        parse(job_id="j", action=action, request="not an object", max_cost_pu=-1, deadline=3)
+        parse(
+            job_id="j",
+            action=action,
+            request="not an object",
+            max_cost_pu=-1,
+            deadline=3,
+            resume_on="no",
+        )
     )
     assert req.action == action
-    assert (req.request, req.max_cost_pu, req.deadline) == (None, None, None)
+    assert (req.request, req.max_cost_pu, req.deadline, req.resume_on) == (None,) * 4
+
+
+def test_resume_on_takes_both_rules_on_either_reading() -> None:
+    rules = {"UNHEALTHY": {"attempts": 2}, "OUT_OF_PU": {"until": "2026-12-01T00:00:00Z"}}
+    raw = body(job_id="j", request=PAYLOAD, resume_on=rules)
+    for req in (accepted(_parse_quickly(raw, None)), accepted(_parse_fully(raw, None))):
+        assert req.resume_on is not None
+        assert req.resume_on.UNHEALTHY is not None and req.resume_on.UNHEALTHY.attempts == 2
+        assert req.resume_on.OUT_OF_PU is not None
+        assert req.resume_on.OUT_OF_PU.until == datetime(2026, 12, 1, tzinfo=UTC)
+    parked = accepted(parse(job_id="j", request=PAYLOAD, resume_on={"OUT_OF_PU": {}}))
+    assert parked.resume_on is not None and parked.resume_on.OUT_OF_PU is not None
+    assert parked.resume_on.OUT_OF_PU.until is None and parked.resume_on.UNHEALTHY is None
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"USER_ACTION": {}},
+        {"UNHEALTHY": {"attempts": 0}},
+        {"UNHEALTHY": {}},
+        {"UNHEALTHY": {"attempts": 1, "every": 5}},
+        {"OUT_OF_PU": {"until": "2026-12-01T00:00:00"}},  # no time zone
+        [],
+    ],
+)
+def test_bad_resume_rules_are_refused_naming_the_field(rules: Any) -> None:
+    refusal = rejected(parse(job_id="j", request=PAYLOAD, resume_on=rules))
+    assert refusal.code == RejectCode.INVALID_FIELD
+    assert refusal.message.startswith("field 'resume_on'")
 
 
 @pytest.mark.parametrize(
@@ -322,6 +360,7 @@ def test_the_hash_ignores_key_order_offsets_and_fields_that_do_not_define_the_re
         {"max_cost_pu": 10.0},
         {"retry_failed": 0},
         {"retry_failed": 2},
+        {"resume_on": ResumeOn(UNHEALTHY=UnhealthyRule(attempts=1))},
     ],
 )
 def test_the_hash_changes_with_each_field_that_defines_the_request(change: dict[str, Any]) -> None:

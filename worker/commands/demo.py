@@ -2,8 +2,9 @@
 
 It brings up a local S3 server (moto) and the Batch V2 simulator, runs the worker daemon
 against them (RabbitMQ and PostgreSQL must be reachable: `make demo` starts local ones when
-none is), publishes the three seed examples as any producer would (pika, confirms,
-`mandatory`), and follows their events with a progress bar per job until every job has ended.
+none is), publishes the seed examples as any producer would (pika, confirms, `mandatory`;
+one is stopped UNHEALTHY and resumes), and follows their events with a progress bar per job
+until every job has ended.
 Everything goes through production code: the same daemon, the same S3 reader, real AMQP.
 """
 
@@ -39,6 +40,11 @@ DEMO_BUCKET = "demo-bucket"
 DEMO_DATABASE_PREFIX = "batch_worker_demo_"
 # The longest example (66 features) takes about 1,600 API seconds: under a minute at x30.
 DEFAULT_SPEED = 30.0
+# The resume example waits out the restart block: the simulator's is cut to 300 API seconds
+# (10 s at x30) so the demo shows it at the simulator's speed, and the worker waits a
+# little longer than that, as a deployment's RESTART_BLOCK would.
+DEMO_RESTART_BLOCK = 300.0
+DEMO_RESTART_MARGIN = 1.0
 EXIT_INTERRUPTED = 130
 
 
@@ -238,6 +244,7 @@ def _run(console: Console, base: Settings, speed: float, keep_going: bool, log_p
         console.print(f"S3 emulator (moto) at {s3_endpoint}, bucket {DEMO_BUCKET}")
         simulator_config = SimulatorConfig(
             speed=speed,
+            restart_block=DEMO_RESTART_BLOCK,
             client_id="demo-client",
             client_secret="demo-secret",  # noqa: S106 - the simulator's own demo client
         )
@@ -257,6 +264,9 @@ def _run(console: Console, base: Settings, speed: float, keep_going: bool, log_p
                     "database_url": type(base.database_url)(database_url),
                     "fleet_id": "demo",
                     "poll_interval": 2.0,
+                    "restart_block": simulator_config.scaled(DEMO_RESTART_BLOCK)
+                    + DEMO_RESTART_MARGIN,
+                    "restart_jitter": DEMO_RESTART_MARGIN,
                     # A demo's probe server is for this machine only.
                     "metrics_host": IPv4Address("127.0.0.1"),
                     "metrics_port": _metrics_port(console, base.metrics_port),

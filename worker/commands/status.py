@@ -57,6 +57,8 @@ def job_status(
         "accepted_at": state.accepted_at.isoformat(),
         "last_seen_at": state.last_seen_at.isoformat() if state.last_seen_at else None,
         "ended_at": state.ended_at.isoformat() if state.ended_at else None,
+        "paused": _paused(state),
+        "resumes": list(state.resumed),
         "pending": {
             "start": record.start_requested_at is not None and state.phase.value != "ENDED",
             "cancel": record.cancel_requested_at is not None and state.phase.value != "ENDED",
@@ -65,6 +67,19 @@ def job_status(
     }
     result: dict[str, Any] = redact(status)
     return result
+
+
+def _paused(state: lifecycle.JobState) -> dict[str, Any] | None:
+    pause = state.pause
+    if pause is None:
+        return None
+    at = pause.next_start_at
+    return {
+        "reason": pause.reason,
+        "since": pause.since.isoformat(),
+        "resume_at": at.isoformat() if at else None,
+        "start_sent_at": pause.restart_sent_at.isoformat() if pause.restart_sent_at else None,
+    }
 
 
 def print_status(
@@ -102,6 +117,10 @@ def print_status(
     ]
     if status["stopped_reason"]:
         lines.append(f"stopped        {status['stopped_reason']}")
+    if status["paused"]:
+        paused = status["paused"]
+        when = paused["resume_at"] or "a `resume` command"
+        lines.append(f"paused         {paused['reason']} since {paused['since']}, until {when}")
     if status["error"]:
         error = status["error"]
         lines.append(f"error          [{error['source']}] {error['code']}: {error['message']}")

@@ -54,7 +54,7 @@ def act(
     timeout: float | None,
     json_out: bool = False,
 ) -> int:
-    """``batch-worker cancel|start JOB_ID``: the same request a producer would publish."""
+    """``batch-worker cancel|start|resume JOB_ID``: the request a producer would publish."""
     body = json.dumps({"schema_version": SCHEMA_VERSION, "job_id": job_id, "action": action})
     return publish_request(
         settings,

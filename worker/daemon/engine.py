@@ -73,6 +73,7 @@ class EngineMetrics(Protocol):
     def tiles(self, processed_delta: int, failed_delta: int) -> None: ...
     def duplicate_stopped(self) -> None: ...
     def follow_up(self, recovered_delta: int, *, created: bool) -> None: ...
+    def job_paused(self, reason: str) -> None: ...
     def status_lag(self, seconds: float) -> None: ...
     def cost_share(self, share: float) -> None: ...
 
@@ -106,6 +107,8 @@ def policy_from(settings: Settings) -> Policy:
         # An event held for tiles waits at most one poll. (The lease holding the job while
         # the read runs is renewed every lease / 3 by worker/daemon/presence.py.)
         tiles_wait=min(default.tiles_wait, poll),
+        restart_block=timedelta(seconds=settings.restart_block),
+        restart_jitter=timedelta(seconds=settings.restart_jitter),
     )
 
 
@@ -286,7 +289,9 @@ class Engine:
         pending: deque[Observation] = deque()
         if claim.cancel_requested_at is not None and not state.cancel_wanted:
             pending.append(CancelRequested())
-        if claim.start_requested_at is not None and not state.start_wanted:
+        if claim.start_requested_at is not None and (
+            not state.start_wanted or state.pause is not None  # a start or resume
+        ):
             pending.append(StartRequested())
         pending.extend(observations)
         if not pending:
@@ -457,6 +462,8 @@ class Engine:
                 created = previous.phase is Phase.PENDING_CREATE and state.phase is Phase.TRACKING
                 if created or processed > 0:
                     metrics.follow_up(max(processed, 0), created=created)
+        if state.pause is not None and previous.pause is None:
+            metrics.job_paused(state.pause.reason)
         if state.phase is Phase.ENDED and previous.phase is not Phase.ENDED:
             reason = state.stopped_reason or (state.error.code if state.error else None)
             duration = (

@@ -94,6 +94,12 @@ class Intake:
         self._metrics = metrics
         self._clock = clock
         self._tenancy = admission.Tenancy.of(settings)
+        # The fleet's resume_on, checked in full here: a bad RESUME_ON fails the start.
+        self._resume_on = (
+            None
+            if settings.resume_on is None
+            else lifecycle.ResumeOn.model_validate(settings.resume_on)
+        )
 
     def handle_batch(self, batch: list[InboundMessage]) -> list[InboundMessage]:
         return self.take(self.read(batch))
@@ -300,6 +306,7 @@ class Intake:
                 req.retry_failed if req.retry_failed is not None else self._settings.retry_failed
             ),
             tenant=req.tenant,
+            resume_on=req.resume_on if req.resume_on is not None else self._resume_on,
         )
 
     # -- events -------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from worker.lifecycle.observations import (
     Wake,
 )
 from worker.lifecycle.polling import PollView, poll_view
+from worker.lifecycle.resume_rules import PAUSED, OutOfPuRule, Pause, ResumeOn, UnhealthyRule
 from worker.lifecycle.state import (
     KNOWN_STATUSES,
     STATUS_RANK,
@@ -74,6 +75,7 @@ __all__ = [
     "BATCH_FAILED",
     "CREATE_ATTEMPTS_EXHAUSTED",
     "KNOWN_STATUSES",
+    "PAUSED",
     "STATUS_RANK",
     "TAG_PREFIX",
     "TERMINAL",
@@ -95,12 +97,15 @@ __all__ = [
     "JobState",
     "NotFoundYet",
     "Observation",
+    "OutOfPuRule",
     "PastRequest",
+    "Pause",
     "Phase",
     "Policy",
     "Poll",
     "PollView",
     "ReadTiles",
+    "ResumeOn",
     "Retry",
     "RetryInputFailed",
     "RetryInputWritten",
@@ -116,6 +121,7 @@ __all__ = [
     "TilesSeen",
     "TilesUnavailable",
     "Transition",
+    "UnhealthyRule",
     "Wake",
     "WriteRetryInput",
     "attempt_tag",

@@ -104,6 +104,8 @@ class Policy:
         timedelta(seconds=s) for s in (0, 2, 5, 10, 20)
     )
     tiles_wait: timedelta = timedelta(seconds=10)  # hold ANALYSIS_DONE this long for its tiles
+    restart_block: timedelta = timedelta(minutes=30)  # START refused this long after a stop
+    restart_jitter: timedelta = timedelta(minutes=5)  # spread of a resume after the block
 
 
 @dataclass(frozen=True)

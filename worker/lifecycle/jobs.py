@@ -7,6 +7,7 @@ import re
 from datetime import datetime
 from typing import Any
 
+from worker.lifecycle.resume_rules import ResumeOn
 from worker.lifecycle.state import Echo, JobState, Phase, Retry
 from worker.redact import is_secret_key
 
@@ -49,6 +50,7 @@ def new_job(
     now: datetime,
     retry_failed: int = 0,
     tenant: str | None = None,
+    resume_on: ResumeOn | None = None,
 ) -> JobState:
     """The state of a job just taken in; the engine steps it with ``Wake()`` next.
 
@@ -75,6 +77,7 @@ def new_job(
         echo=echo,
         accepted_at=now,
         retry=Retry(attempts=retry_failed),
+        resume_on=resume_on,
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from worker.lifecycle import followups
+from worker.lifecycle import followups, resume
 from worker.lifecycle.actions import (
     Action,
     Adopt,
@@ -49,6 +49,7 @@ from worker.lifecycle.observations import (
     TilesUnavailable,
     Wake,
 )
+from worker.lifecycle.resume_rules import PAUSED
 from worker.lifecycle.state import (
     STATUS_RANK,
     TERMINAL,
@@ -124,11 +125,13 @@ def fold_requests(state: JobState, *, cancel: bool, start: bool) -> JobState:
     """
     if state.phase is Phase.ENDED:
         return state
-    changes: dict[str, bool] = {}
+    changes: dict[str, object] = {}
     if cancel and not state.cancel_wanted:
         changes["cancel_wanted"] = True
     if start and not state.start_wanted:
         changes["start_wanted"] = True
+    if start and state.pause is not None and not state.pause.resume_requested:
+        changes["pause"] = state.pause.model_copy(update={"resume_requested": True})
     return state.model_copy(update=changes) if changes else state
 
 
@@ -167,6 +170,7 @@ def _end(
         stopped_reason=stopped_reason,
         error=error,
         ended_at=d.now,
+        pause=None,  # an end (a 404 while paused, say) is no pause
     )
 
 
@@ -197,7 +201,8 @@ def _pending(d: _Draft, obs: Observation) -> None:
         case _:
             pass  # Wake; NotFoundYet waits for the next Wake
     if d.tracking:
-        _drive(d)
+        if d.state.pause is None:
+            _drive(d)
     elif d.state.phase is not Phase.PENDING_CREATE:
         return
     elif adopting:
@@ -291,6 +296,8 @@ def _tracking(d: _Draft, obs: Observation) -> None:
     if d.state.ending_since is not None:
         _ending(d, obs)
         return
+    if d.state.pause is not None and _paused(d, obs):
+        return
     match obs:
         case Wake() if _stop_to_decide(d.state, d.now):
             d.actions.append(Poll(rid))  # a deadline: stop now (the read rides on the poller)
@@ -325,7 +332,7 @@ def _tracking(d: _Draft, obs: Observation) -> None:
             _duplicate(d, other)
         case _:
             pass  # create answers are late news once the request is known
-    if d.tracking:
+    if d.tracking and d.state.pause is None:
         _drive(d)
 
 
@@ -361,6 +368,18 @@ def _fold_task(d: _Draft, task: TaskSnapshot) -> None:
     elif task.status == "STOPPED":
         # The worker's own reason when it asked for the stop, else the API's.
         reason = s.stop_reason.value if s.stop_reason is not None else task.stopped_reason
+        pause = resume.pause_for(
+            d.state,
+            task.stopped_reason,
+            d.now,
+            restart_block=d.policy.restart_block,
+            restart_jitter=d.policy.restart_jitter,
+        )
+        if pause is not None:
+            # A stop the job did not ask for, and its resume_on says go on: a pause.
+            d.set(pause=pause, stopped_reason=task.stopped_reason)
+            _drive_paused(d)
+            return
     if task.status == "DONE" or s.furthest_rank >= STATUS_RANK["PROCESSING"]:
         # The execution database is re-read only with a status read, so the counts held
         # are one poll old: read them once more and hold the terminal event for that read.
@@ -539,7 +558,8 @@ def _read_tiles(d: _Draft) -> None:
         d.actions.append(ReadTiles(rid, execution_db=True))
     elif s.upstream_status == "ANALYSIS_DONE" and (s.tiles is None or s.tiles.total is None):
         d.actions.append(ReadTiles(rid, execution_db=False))
-        if d.before.upstream_status != "ANALYSIS_DONE":
+        if d.before.upstream_status != "ANALYSIS_DONE" and d.before.pause is None:
+            # (Out of a pause the status is news at once: PAUSED must not outlive it.)
             # The engine reads the manifest straight away; hold the status event that
             # long so it carries the tile count a producer decides `start` on. Whatever
             # comes next (the tiles, a failure, a Wake) publishes it.
@@ -587,12 +607,95 @@ def _send(d: _Draft, kind: _SendKind) -> None:
         d.set(stop_sent_at=d.now)
 
 
+# -- PAUSED (resume by policy, lifecycle/resume.py) ------------------------------------------
+
+
+def _paused(d: _Draft, obs: Observation) -> bool:
+    """A paused job's step; False: a read shows the request went on, and the step carries
+    on as for any tracked job (the read folded from a clean slate: a restart goes back to
+    ANALYSIS_DONE, and may start again from 0 %)."""
+    s, rid = d.state, _required(d.state.batch_request_id)
+    pause = s.pause
+    assert pause is not None
+    match obs:
+        case TaskSeen(task=task) if task.id == rid:
+            if resume.restarted(pause, task.status, task.cost_pu):
+                # The restart's ANALYSIS_DONE counts from this read, so a START is sent
+                # again only if it still shows after the lag (not to a request that ran
+                # and stopped again meanwhile, which the API may let restart).
+                d.set(
+                    pause=None,
+                    stopped_reason=None,
+                    furthest_rank=0,
+                    completion=0.0,
+                    analysis_done_at=None,
+                )
+                return False
+            d.set(last_seen_at=d.now, not_found_since=None)
+        case Wake() if pause.restart_sent_at is not None and _wanted_stop(s, d.now) is None:
+            d.actions.append(Poll(rid, asap=True))  # has the START shown yet? Read first.
+            d.wake_by(d.now + d.policy.poll_interval)  # should that read fail
+            return True
+        case CancelRequested():
+            d.set(cancel_wanted=True)
+        case StartRequested():
+            d.set(pause=pause.model_copy(update={"resume_requested": True}))
+        case TaskMissing(action=action):
+            _missing(d, action)
+        case TilesSeen(tiles=tiles):
+            d.set(tiles=_merge_tiles(s.tiles, tiles))
+        case DuplicateFound(batch_request_id=other):
+            _duplicate(d, other)
+        case ActionRefused():
+            # A START inside a restart block longer than ours: read, and send it again
+            # after the lag.
+            d.actions.append(Poll(rid, asap=True))
+        case _:
+            pass
+    if d.state.phase is not Phase.ENDED:
+        _drive_paused(d)
+    return True
+
+
+def _drive_paused(d: _Draft) -> None:
+    s, now, lag = d.state, d.now, d.policy.action_lag
+    pause, rid = s.pause, _required(s.batch_request_id)
+    assert pause is not None
+    reason = _wanted_stop(s, now)
+    sent = pause.restart_sent_at
+    if reason is not None:
+        # Cancel, deadline: the request is stopped already, unless the START of a resume
+        # was sent less than action_lag ago (it may take effect behind a lagging status).
+        if sent is None or now >= sent + lag:
+            d.set(pause=None)
+            _end(d, "STOPPED", stopped_reason=reason.value)
+            d.set(stop_reason=reason)
+            return
+        _stop(d, reason)
+        d.wake_by(sent + lag)
+        return
+    if resume.restart_due(pause, now) or (sent is not None and now >= sent + lag):
+        # The START (again, when the first shows no effect after the lag).
+        d.actions.append(Start(rid))
+        resumed = s.resumed if sent is not None else (*s.resumed, pause.reason)
+        d.set(
+            start_sent_at=now,
+            resumed=resumed,
+            pause=pause.model_copy(update={"restart_sent_at": now}),
+        )
+        d.wake_by(now + lag)
+    elif sent is not None:
+        d.wake_by(sent + lag)
+    elif pause.next_start_at is not None:
+        d.wake_by(pause.next_start_at)
+
+
 # -- events and schedule -----------------------------------------------------------------
 
 
 def _finish(d: _Draft) -> Transition:
     before = d.before
-    published = followups.published_status(d.state)
+    published = PAUSED if d.state.pause is not None else followups.published_status(d.state)
     if d.tracking and published != d.state.status and not d.hold_status:
         d.set(status=published)
     after = forget_credentials(d.state)

@@ -35,8 +35,11 @@ def read_status(state: JobState) -> str | None:
 
 
 def resting(state: JobState) -> bool:
-    """Analysed, with no ``start`` (and no cancel) to act on: nothing will happen until a
-    producer decides, so its status is read less often (docs/lifecycle.md)."""
+    """Analysed, with no ``start`` (and no cancel) to act on, or paused: nothing will happen
+    until a producer decides (or the pause's time comes), so its status is read less often
+    (docs/lifecycle.md)."""
+    if state.pause is not None and state.pause.restart_sent_at is None:
+        return True  # paused: its own wake-up STARTs it; a read only watches
     return (
         read_status(state) == "ANALYSIS_DONE" and not state.start_wanted and not state.cancel_wanted
     )

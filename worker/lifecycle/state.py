@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from worker.lifecycle.resume_rules import Pause, ResumeOn
+
 TERMINAL = frozenset({"DONE", "FAILED", "STOPPED"})
 # batch-v2-api.md §3.1. Statuses the API may add later are carried through as strings.
 KNOWN_STATUSES = (
@@ -129,6 +131,7 @@ class JobState(_Frozen):
     max_cost_pu: float | None = None
     echo: Echo = Echo()
     accepted_at: datetime
+    resume_on: ResumeOn | None = None  # which API stops pause the job (lifecycle/resume.py)
 
     # creating
     intent_at: datetime | None = None  # saved before every create attempt
@@ -164,6 +167,10 @@ class JobState(_Frozen):
     # ``tiles_wait``) so the terminal event carries the final counts; outcome fields below
     # are already filled in.
     ending_since: datetime | None = None
+
+    # resume by policy: the pause in hand, and the reasons of the resumes made so far
+    pause: Pause | None = None
+    resumed: tuple[str, ...] = ()
 
     # outcome
     stopped_reason: str | None = None

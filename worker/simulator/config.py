@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 SearchMode = Literal["substring", "words", "ignored"]
+RestartMode = Literal["continue", "reprocess"]
 DefaultSort = Literal["created", "created:desc"]
 
 
@@ -37,6 +38,11 @@ class SimulatorConfig(BaseModel):
     )
     restart_block: float = Field(
         1800.0, ge=0, description="API seconds after a stop during which start is refused (§3.2)"
+    )
+    restart_mode: RestartMode = Field(
+        "continue",
+        description="START after a stop: continue with the features not yet DONE, or"
+        " process (and bill) all of them again; the live API's behaviour is unconfirmed",
     )
     # --- auth -----------------------------------------------------------------------
     client_id: str | None = Field(None, description="accept only this client id (any if unset)")

@@ -2,8 +2,9 @@
 
 Features come from the tiling grid and the bounds (§5.2, §7), or from the GeoPackage input
 read from S3 (§5.2 rules). Faults per request come from markers in the description
-(``[sim:fail-analysis]``, ``[sim:out-of-pu]``, ``[sim:unhealthy]``, ``[sim:fatal=3]``,
-``[sim:fatal-attempts=2]``, ``[sim:features=12]``) or from the configured rates.
+(``[sim:fail-analysis]``, ``[sim:out-of-pu]``, ``[sim:unhealthy]``, ``[sim:unhealthy=2]``
+(that many stops, one per run), ``[sim:fatal=3]``, ``[sim:fatal-attempts=2]``,
+``[sim:features=12]``) or from the configured rates.
 
 FATAL dice are per feature *and attempt*: a feature's attempt is how many earlier requests
 of the account processed a feature of that name to the same output path (a follow-up over
@@ -43,8 +44,10 @@ def decide_outcome(description: str, config: SimulatorConfig, dice: random.Rando
     outcome.fail_analysis = "fail-analysis" in markers or dice.random() < config.rate_fail_analysis
     if "out-of-pu" in markers or dice.random() < config.rate_out_of_pu:
         outcome.stop_reason, outcome.stop_at = "OUT_OF_PU", 50.0
+        outcome.stops = _stops(markers.get("out-of-pu"))
     elif "unhealthy" in markers or dice.random() < config.rate_unhealthy:
         outcome.stop_reason, outcome.stop_at = "UNHEALTHY", 30.0
+        outcome.stops = _stops(markers.get("unhealthy"))
     if markers.get("fatal"):
         outcome.fatal = int(markers["fatal"])
     if markers.get("fatal-attempts"):
@@ -52,6 +55,11 @@ def decide_outcome(description: str, config: SimulatorConfig, dice: random.Rando
     if markers.get("features"):
         outcome.features = max(1, int(markers["features"]))
     return outcome
+
+
+def _stops(count: str | None) -> int:
+    """``[sim:unhealthy=2]``: stopped twice (each restart runs until the next stop)."""
+    return max(1, int(count)) if count else 1
 
 
 def resolve_features(

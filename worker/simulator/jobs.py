@@ -50,6 +50,7 @@ class Phase:
     until: float = 0.0
     reason: str | None = None
     error: str | None = None
+    billed: float = 0.0  # PUs earlier runs billed (restart_mode "reprocess"), on top
 
 
 @dataclass
@@ -57,8 +58,11 @@ class Outcome:
     """What will go wrong with this request, decided at create (markers or dice)."""
 
     fail_analysis: bool = False
-    stop_reason: str | None = None  # OUT_OF_PU | UNHEALTHY, once
-    stop_at: float = 50.0  # completion percentage at which the stop happens
+    stop_reason: str | None = None  # OUT_OF_PU | UNHEALTHY, ``stops`` times
+    # How far into a run the stop happens: the percentage of what the run has left to do
+    # (from 0 %: the completion at the stop).
+    stop_at: float = 50.0
+    stops: int = 1  # system stops still to come; each restart after one runs on
     fatal: int | None = None  # exact number of FATAL features, else rate
     fatal_rate: float = 0.0
     fatal_attempts: int = 1  # attempts a feature picked by `fatal` stays FATAL
@@ -96,6 +100,9 @@ class SimJob:
     analysis_end: float | None = None
     pu_per_feature: float = 1.0
     stopped_at: float | None = None
+    # PUs billed by earlier runs that a restart processes again (``restart_mode``
+    # "reprocess"): the phases scheduled since carry them, costPU grows on from there.
+    billed_pu: float = 0.0
     # When the last action's first phase shows (statuses before it are stale).
     pending_from: float = 0.0
     # The request's JSON, made once: list pages repeat it many times a second.
@@ -119,11 +126,12 @@ class SimJob:
         elif phase.status == DONE:
             completion = 100.0
         completion = round(completion, 2)
-        cost = (
+        run_cost = (
             0.0
             if phase.status in {ANALYSING, ANALYSIS_DONE, FAILED} and completion == 0
             else (self._total_cost() * completion / 100.0)
         )
+        cost = phase.billed + run_cost
         return View(
             phase.status, completion, round(cost, 3), last_updated, phase.reason, phase.error
         )
@@ -199,8 +207,15 @@ class SimJob:
                     "A stopped request cannot be restarted within 30 minutes of the stop."
                 )
             completion = self.completion_at(now)
+            if config.restart_mode == "reprocess":
+                # Everything runs again from the start, and is billed again (§3.2 says
+                # only that processed features were charged at the stop).
+                self.billed_pu = self.view(now).cost
+                completion = 0.0
             self._act("START", now)
-            self.phases.append(Phase(now + lag, ANALYSIS_DONE, progress=completion))
+            self.phases.append(
+                Phase(now + lag, ANALYSIS_DONE, progress=completion, billed=self.billed_pu)
+            )
             self._schedule_processing(now + 2 * lag, completion, config)
             self.pending_from = now + lag
         else:
@@ -247,7 +262,9 @@ class SimJob:
         self.phases = [p for p in self.phases if p.at < at]
 
     def _stop_at(self, at: float, completion: float, reason: str) -> None:
-        self.phases.append(Phase(at, STOPPED, progress=completion, reason=reason))
+        self.phases.append(
+            Phase(at, STOPPED, progress=completion, reason=reason, billed=self.billed_pu)
+        )
         self.stopped_at = at
 
     def _schedule_analysis(self, begin: float, config: SimulatorConfig) -> float:
@@ -272,22 +289,36 @@ class SimJob:
         )
         remaining = total * (100.0 - completion) / 100.0
         outcome = self.outcome
-        if outcome.stop_reason is not None and completion < outcome.stop_at:
-            until = begin + total * (outcome.stop_at - completion) / 100.0
+        if outcome.stop_reason is not None and outcome.stops > 0:
+            stop_at = round(completion + (100.0 - completion) * outcome.stop_at / 100.0, 2)
+            until = begin + total * (stop_at - completion) / 100.0
             self.phases.append(
                 Phase(
-                    begin, PROCESSING, progress=completion, progress_to=outcome.stop_at, until=until
+                    begin,
+                    PROCESSING,
+                    progress=completion,
+                    progress_to=stop_at,
+                    until=until,
+                    billed=self.billed_pu,
                 )
             )
-            self._stop_at(until, outcome.stop_at, outcome.stop_reason)
-            outcome.stop_reason = None  # a restart then runs to the end
+            self._stop_at(until, stop_at, outcome.stop_reason)
+            outcome.stops -= 1  # the restart after the last one runs to the end
             return
         until = begin + remaining
         self.phases.append(
-            Phase(begin, PROCESSING, progress=completion, progress_to=100.0, until=until)
+            Phase(
+                begin,
+                PROCESSING,
+                progress=completion,
+                progress_to=100.0,
+                until=until,
+                billed=self.billed_pu,
+            )
         )
         # §3.3: completion shows 100 for a while before the status turns DONE.
-        self.phases.append(Phase(until + config.scaled(config.done_lag), DONE, progress=100.0))
+        done_at = until + config.scaled(config.done_lag)
+        self.phases.append(Phase(done_at, DONE, progress=100.0, billed=self.billed_pu))
 
     # --- execution database rows (§8.3) ---------------------------------------------------
     def feature_rows(self, now: float) -> list[tuple[int, str, str, str | None, bool]]:

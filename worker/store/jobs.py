@@ -424,12 +424,21 @@ def request_actions(
 ) -> None:
     """Record a pending ``start`` or ``cancel`` for each (job id, action) of jobs known to
     exist, and wake them. The lifecycle state is never touched here: the engine folds the
-    request in under its lease. An ended job keeps its request recorded but is not woken."""
-    for action in ("start", "cancel"):
-        job_ids = sorted({job_id for job_id, wanted in requests if wanted == action})
+    request in under its lease. An ended job keeps its request recorded but is not woken.
+
+    A ``resume`` is recorded as a ``start``: both ask a job to go on, and the lifecycle
+    tells them apart by the job's state (a paused job resumes, a resting one starts)."""
+    columns = {"start": "start_requested_at", "cancel": "cancel_requested_at"}
+    for column in dict.fromkeys(columns.values()):
+        job_ids = sorted(
+            {
+                job_id
+                for job_id, wanted in requests
+                if columns.get("start" if wanted == "resume" else wanted) == column
+            }
+        )
         if not job_ids:
             continue
-        column = {"start": "start_requested_at", "cancel": "cancel_requested_at"}[action]
         conn.execute(
             f"""
             UPDATE bw_jobs

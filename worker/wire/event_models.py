@@ -88,11 +88,26 @@ class JobEventData(_Wire):
     tiles: TilesData | None
     cost_pu: float | None
     stopped_reason: str | None = Field(
-        description="With STOPPED: USER_ACTION, OUT_OF_PU, UNHEALTHY, DEADLINE, COST_LIMIT."
+        description="With STOPPED: USER_ACTION, OUT_OF_PU, UNHEALTHY, DEADLINE, COST_LIMIT;"
+        " with PAUSED: the API's stop it paused on (UNHEALTHY, OUT_OF_PU)."
     )
     error: ErrorData | None
     worker: str = Field(description=WORKER_DESCRIPTION)
-    # Always sent; optional in the schema because the contract's v1 example predates it.
+    # Always sent; optional in the schema because the contract's v1 example predates them.
+    final: bool = Field(
+        default=False,
+        description="True on the job's one terminal status event (DONE, FAILED, STOPPED);"
+        " false on every other, a PAUSED one included.",
+    )
+    resume_at: str | None = Field(
+        default=None,
+        pattern=RFC3339_MS_PATTERN,
+        description="With PAUSED: when the worker STARTs the batch request again; null:"
+        " parked until a resume command.",
+    )
+    resumes: int = Field(
+        default=0, ge=0, description="STARTs the worker sent after stops it paused on."
+    )
     duplicates_stopped: list[str] = Field(
         default_factory=list,
         description="Extension: duplicate batch requests of this job the worker stopped.",

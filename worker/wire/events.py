@@ -19,7 +19,7 @@ from typing import Any, Literal
 import orjson
 
 from worker import APP_ID
-from worker.lifecycle import KNOWN_STATUSES, Echo, JobState, followups, total_cost
+from worker.lifecycle import KNOWN_STATUSES, PAUSED, Echo, JobState, Phase, followups, total_cost
 from worker.redact import redact
 from worker.wire.event_models import (
     COMMAND_ACCEPTED,
@@ -77,6 +77,7 @@ COMMAND_ROUTING_KEYS = {"accepted": "command.accepted", "rejected": "command.rej
 ROUTING_KEYS = (
     *COMMAND_ROUTING_KEYS.values(),
     *(status_routing_key(status) for status in KNOWN_STATUSES),
+    status_routing_key(PAUSED),
     PROGRESS_ROUTING_KEY,
 )
 
@@ -128,6 +129,9 @@ def job_event(
         stopped_reason=state.stopped_reason,
         error=None if error is None else ErrorData(**error.model_dump()),
         worker=worker,
+        final=kind == "status" and state.phase is Phase.ENDED,
+        resume_at=_resume_at(state),
+        resumes=len(state.resumed),
         duplicates_stopped=list(state.duplicates_stopped),
         attempt=state.retry.attempt,
         batch_requests=[BatchRequestData(**row) for row in followups.batch_requests(state)],
@@ -157,6 +161,12 @@ def _job_data(data: JobEventData) -> dict[str, Any]:
         if out.get(name) is None:
             out.pop(name, None)  # left out when there is none, never null
     return out
+
+
+def _resume_at(state: JobState) -> str | None:
+    pause = state.pause
+    at = None if pause is None else pause.next_start_at
+    return None if at is None else rfc3339_ms(at)
 
 
 def command_event(

@@ -5,8 +5,9 @@ exception). ``request_hash`` and ``same_request`` tell an idempotent re-submit f
 
 Decisions the contract leaves open (documented in docs/events.md and the schemas):
 
-- ``start`` and ``cancel`` carry only ``job_id``: the submit-only fields (``request``,
-  ``batch_request_id``, ``auto_start``, ``deadline``, ``max_cost_pu``) are ignored on them,
+- ``start``, ``cancel`` and ``resume`` carry only ``job_id``: the submit-only fields
+  (``request``, ``batch_request_id``, ``auto_start``, ``deadline``, ``max_cost_pu``,
+  ``resume_on``) are ignored on them,
   not validated, so a cancel is never refused for what it did not need.
 - ``request: null`` and ``batch_request_id: null`` count as absent.
 - ``Rejection.action`` is only ever a known action (or None): it becomes a metric label.
@@ -42,12 +43,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from worker.lifecycle.resume_rules import ResumeOn
 from worker.settings import TENANT_PATTERN
 
 SCHEMA_VERSION = 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
-Action = Literal["submit", "start", "cancel"]
+Action = Literal["submit", "start", "cancel", "resume"]
 ACTIONS: tuple[Action, ...] = get_args(Action)
+COMMANDS = ("start", "cancel", "resume")  # the actions on a job that exists
 SUBMIT_ONLY_FIELDS = (
     "request",
     "batch_request_id",
@@ -55,6 +58,7 @@ SUBMIT_ONLY_FIELDS = (
     "deadline",
     "max_cost_pu",
     "retry_failed",
+    "resume_on",
 )
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 # Batch V2 request ids are UUIDs (batch-v2-api.md); any case, the canonical 8-4-4-4-12 form.
@@ -111,7 +115,7 @@ _SUBMIT_NEEDS_ONE_SOURCE: dict[str, Any] = {
     "if": {
         "not": {
             "required": ["action"],
-            "properties": {"action": {"enum": ["start", "cancel"]}},
+            "properties": {"action": {"enum": list(COMMANDS)}},
         }
     },
     "then": {
@@ -190,11 +194,17 @@ class JobRequest(BaseModel):
             " (one per attempt); unset: the fleet's RETRY_FAILED (default 0)."
         ),
     )
+    resume_on: ResumeOn | None = Field(
+        default=None,
+        strict=False,
+        description="Stops of the API that pause the job instead of ending it (UNHEALTHY:"
+        " attempts; OUT_OF_PU: until a date or a resume); absent: the fleet's RESUME_ON.",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _start_and_cancel_carry_only_job_id(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("action") in ("start", "cancel"):
+        if isinstance(data, dict) and data.get("action") in COMMANDS:
             return {k: v for k, v in data.items() if k not in SUBMIT_ONLY_FIELDS}
         return data
 
@@ -413,7 +423,7 @@ def _defining_fields(req: JobRequest) -> dict[str, Any]:
     deadline = (
         req.deadline.astimezone(UTC).isoformat().replace("+00:00", "Z") if req.deadline else None
     )
-    return {
+    fields: dict[str, Any] = {
         "v": SCHEMA_VERSION,
         "request": req.request,
         "batch_request_id": req.batch_request_id,
@@ -423,6 +433,10 @@ def _defining_fields(req: JobRequest) -> dict[str, Any]:
         # Only when given: the hash of every job stored before the field existed holds.
         **({"retry_failed": req.retry_failed} if req.retry_failed is not None else {}),
     }
+    if req.resume_on is not None:
+        # Only when given, so the hashes stored before resume_on existed still match.
+        fields["resume_on"] = req.resume_on.model_dump(mode="json", exclude_none=True)
+    return fields
 
 
 # pydantic's JSON parser takes these constants, which the contract refuses (json.loads
