@@ -181,9 +181,9 @@ def _definitions(args: argparse.Namespace) -> int:
     from worker.wire.topology import render_definitions, write_definitions
 
     if args.path is None:
-        sys.stdout.write(render_definitions(settings))
+        sys.stdout.write(render_definitions(settings, rabbitmq=args.rabbitmq))
     else:
-        print(write_definitions(settings, args.path))
+        print(write_definitions(settings, args.path, rabbitmq=args.rabbitmq))
     return EXIT_OK
 
 
@@ -276,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     definitions.add_argument(
         "path", nargs="?", type=Path, help="write them there (default: print them)"
+    )
+    definitions.add_argument(
+        "--rabbitmq",
+        type=int,
+        choices=(3, 4),
+        default=3,
+        help="the broker's major version (4: the DLQ's delivery limit set to -1, unlimited)",
     )
     definitions.set_defaults(handler=_definitions)
     return parser
