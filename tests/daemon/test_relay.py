@@ -17,7 +17,7 @@ from worker.settings import Settings
 from worker.store import outbox
 from worker.wire.outgoing import OutboxMessage
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 
 def pika_params(broker_url: str) -> pika.URLParameters:
