@@ -79,7 +79,7 @@ def _pending(pool: ConnectionPool) -> int:
         return outbox.pending_count(conn)
 
 
-def _drain(channel, queue: str, expect: int, timeout: float = 10.0) -> list[tuple]:
+def _drain(channel, queue: str, expect: int, timeout: float = 60.0) -> list[tuple]:
     got: list[tuple] = []
     deadline = time.monotonic() + timeout
     while len(got) < expect and time.monotonic() < deadline:
