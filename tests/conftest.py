@@ -21,9 +21,27 @@ import pytest
 IN_CI = bool(os.environ.get("CI"))
 
 BROKER_URL = os.environ.get("BATCH_WORKER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+# Set by `scripts/rabbitmq4.sh run` (make test's second broker run): BROKER_URL is then the
+# RabbitMQ 4.0 node in that script's chroot, and its CLI is reached through the script.
+RABBITMQ4_SCRIPT = os.environ.get("BATCH_WORKER_TEST_RABBITMQ4")
 DATABASE_URL = os.environ.get(
     "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+
+
+def rabbitmqctl(*args: str) -> list[str]:
+    """The command line of ``rabbitmqctl ARGS`` for the tests' broker."""
+    if RABBITMQ4_SCRIPT:
+        return [RABBITMQ4_SCRIPT, "ctl", *args]
+    return ["rabbitmqctl", *args]
+
+
+def import_definitions(path: str) -> list[str]:
+    """The command line that loads a definitions file into the tests' broker (a node in a
+    chroot cannot read the host's file: the script copies it in)."""
+    if RABBITMQ4_SCRIPT:
+        return [RABBITMQ4_SCRIPT, "import", path]
+    return ["rabbitmqctl", "import_definitions", path]
 
 
 def _reachable(url: str, default_port: int) -> bool:

@@ -48,6 +48,7 @@ def test_amqps_uses_tls_with_the_configured_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.broker
 def test_negotiated_heartbeat_and_client_properties(broker_url: str) -> None:
     settings = Settings(broker_url=broker_url, heartbeat=9, worker_name="w-hb")
     conn = broker.ensure_connected(broker.connection(settings, purpose="consume"))
@@ -69,6 +70,7 @@ def _closed_port() -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.broker
 def test_a_node_that_is_down_is_passed_over_for_the_next(broker_url: str) -> None:
     parts = urlsplit(broker_url)
     down = parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{_closed_port()}")
@@ -284,6 +286,7 @@ def test_a_broker_that_is_down_is_named_with_every_host_tried() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.broker
 def test_a_refused_login_names_the_broker_and_the_user_not_the_password(broker_url: str) -> None:
     parts = urlsplit(broker_url)
     url = urlunsplit(parts._replace(netloc=f"guest:{PASSWORD}@{parts.hostname}:{parts.port}"))

@@ -174,7 +174,7 @@ def test_rabbitmq_boots_with_the_topology_and_the_user_the_workers_log_in_as(
     )
     assert [Path(d).name for d in definitions] == ["10-access.json", "20-topology.json"]
     topology = _mount_source(rabbitmq, definitions[1])
-    assert topology == ROOT / "config" / "rabbitmq" / "definitions.json"
+    assert topology == ROOT / "config" / "rabbitmq" / "definitions-rabbitmq4.json"
     access = json.loads(_mount_source(rabbitmq, definitions[0]).read_text())
     broker = urlsplit(_env(services(compose)["worker"])["BATCH_WORKER_BROKER_URL"])
     (user,) = (u for u in access["users"] if u["name"] == broker.username)

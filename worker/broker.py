@@ -29,6 +29,7 @@ from worker.settings import Settings
 from worker.wire.topology import (
     Topology,
     declare_on_channel,
+    rabbitmq_major,
     topology,
     unrouted_name,
 )
@@ -36,6 +37,7 @@ from worker.wire.topology import (
 __all__ = [
     "CONNECT_RETRY",
     "Topology",
+    "broker_major",
     "broker_problem",
     "broker_target",
     "connection",
@@ -200,9 +202,15 @@ def release(conn: Connection, *, broken: bool = False) -> None:
     conn.collect()
 
 
+def broker_major(conn: Connection) -> int:
+    """The major version of the RabbitMQ that ``conn`` is connected to (connects)."""
+    return rabbitmq_major(getattr(conn.connection, "server_properties", None))
+
+
 def declare_topology(conn: Connection, settings: Settings) -> None:
-    """Declare the whole topology on ``conn`` (idempotent; matches the definitions file)."""
-    declare_on_channel(conn.default_channel, topology(settings))
+    """Declare the whole topology on ``conn`` (idempotent; matches the definitions file
+    of the broker's major version)."""
+    declare_on_channel(conn.default_channel, topology(settings, rabbitmq=broker_major(conn)))
 
 
 # -- py-amqp under the consumer: reads, timeouts, settling many at once -----------------

@@ -129,6 +129,8 @@ def _dlq(args: argparse.Namespace) -> int:
             return dlq.show_message(settings, args.message)
         if args.dlq_command == "replay":
             return dlq.replay(settings, message=args.message, replay_all=args.all)
+        if args.dlq_command == "drop":
+            return dlq.drop(settings, args.message)
         return dlq.purge(settings, confirmed=args.yes)
     except BROKER_ERRORS as exc:
         # Whatever was fetched and not acked goes back to the DLQ with the channel.
@@ -192,9 +194,9 @@ def _definitions(args: argparse.Namespace) -> int:
     from worker.wire.topology import render_definitions, write_definitions
 
     if args.path is None:
-        sys.stdout.write(render_definitions(settings))
+        sys.stdout.write(render_definitions(settings, rabbitmq=args.rabbitmq))
     else:
-        print(write_definitions(settings, args.path))
+        print(write_definitions(settings, args.path, rabbitmq=args.rabbitmq))
     return EXIT_OK
 
 
@@ -250,11 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_list = dlq_commands.add_parser("list", help="one line per dead-lettered message")
     dlq_list.add_argument("--limit", type=int, default=100)
     dlq_show = dlq_commands.add_parser("show", help="one message whole")
-    dlq_show.add_argument("message", help="its message id, or its position in `dlq list`")
+    named = "its id as `dlq list` prints it: the message id, or sha256:... for one without"
+    dlq_show.add_argument("message", help=named)
     dlq_replay = dlq_commands.add_parser("replay", help="send messages back to the jobs queue")
     target = dlq_replay.add_mutually_exclusive_group(required=True)
-    target.add_argument("message", nargs="?", help="its message id, or its position")
+    target.add_argument("message", nargs="?", help=named)
     target.add_argument("--all", action="store_true", help="replay every message")
+    dlq_drop = dlq_commands.add_parser("drop", help="drop one dead-lettered message")
+    dlq_drop.add_argument("message", help=named)
     dlq_purge = dlq_commands.add_parser("purge", help="drop every dead-lettered message")
     dlq_purge.add_argument("--yes", action="store_true", help="really drop them")
     dlq.set_defaults(handler=_dlq)
@@ -299,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     definitions.add_argument(
         "path", nargs="?", type=Path, help="write them there (default: print them)"
+    )
+    definitions.add_argument(
+        "--rabbitmq",
+        type=int,
+        choices=(3, 4),
+        default=3,
+        help="the broker's major version (4: the DLQ's delivery limit set to -1, unlimited)",
     )
     definitions.set_defaults(handler=_definitions)
     return parser

@@ -14,12 +14,13 @@ import pika
 import pytest
 from pydantic import SecretStr
 
+from tests.conftest import rabbitmqctl
 from worker.broker import connection, connection_name, declare_topology, ensure_connected
 from worker.daemon.consumer import JobsConsumer, read_ahead
 from worker.daemon.inbound import InboundMessage, IntakeUnavailable
 from worker.settings import Settings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 
 def pika_params(broker_url: str) -> pika.URLParameters:
@@ -277,7 +278,7 @@ def test_reconnects_after_the_broker_closes_the_connection(
 
     name = connection_name(settings, "consume")
     listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        rabbitmqctl("-q", "list_connections", "pid", "client_properties"),
         check=True,
         capture_output=True,
         text=True,
@@ -285,7 +286,7 @@ def test_reconnects_after_the_broker_closes_the_connection(
     pids = [line.split("\t")[0] for line in listed.splitlines() if name in line]
     assert len(pids) == 1
     # Only this test's connection: other tests share the broker.
-    subprocess.run(["rabbitmqctl", "close_connection", pids[0], "test"], check=True)
+    subprocess.run(rabbitmqctl("close_connection", pids[0], "test"), check=True)
 
     wait_for(lambda: running.changes[-2:] == [False, True])
     _publish(producer, settings.jobs_queue, [b"after"])

@@ -17,7 +17,7 @@ from worker.settings import Settings
 from worker.store import outbox
 from worker.wire.outgoing import OutboxMessage
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker]
 
 
 def pika_params(broker_url: str) -> pika.URLParameters:
@@ -79,7 +79,7 @@ def _pending(pool: ConnectionPool) -> int:
         return outbox.pending_count(conn)
 
 
-def _drain(channel, queue: str, expect: int, timeout: float = 10.0) -> list[tuple]:
+def _drain(channel, queue: str, expect: int, timeout: float = 60.0) -> list[tuple]:
     got: list[tuple] = []
     deadline = time.monotonic() + timeout
     while len(got) < expect and time.monotonic() < deadline:

@@ -12,11 +12,20 @@ from pathlib import Path
 import pika
 import pytest
 
-from worker.broker import connection, declare_topology, ensure_connected
+from tests.conftest import import_definitions
+from worker.broker import broker_major, connection, declare_topology, ensure_connected
 from worker.settings import ENV_PREFIX, Settings
-from worker.wire.topology import definitions, render_definitions, topology
+from worker.wire.topology import (
+    declare_on_channel,
+    definitions,
+    dlq_arguments,
+    rabbitmq_major,
+    render_definitions,
+    topology,
+)
 
 DEFINITIONS_PATH = Path(__file__).resolve().parents[2] / "config" / "rabbitmq" / "definitions.json"
+DEFINITIONS_4_PATH = DEFINITIONS_PATH.with_name("definitions-rabbitmq4.json")
 
 
 def pika_params(broker_url: str) -> pika.URLParameters:
@@ -78,6 +87,7 @@ def test_targets_are_declared_before_what_points_at_them() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.broker
 def test_declared_topology_routes_unrouted_events_and_dead_letters(
     broker_url: str, amqp_names
 ) -> None:
@@ -131,17 +141,19 @@ def test_declared_topology_routes_unrouted_events_and_dead_letters(
 
 
 @pytest.mark.integration
+@pytest.mark.broker
 def test_declaring_over_preloaded_definitions_does_not_fail(broker_url: str, amqp_names) -> None:
     settings = _settings(amqp_names, broker_url=broker_url)
-    # The operator's way: rabbitmqctl (on PATH, works as root here). It reads the file as
-    # the broker's user, so the file must be world-readable (pytest's tmp_path is not).
+    with connection(settings, purpose="test") as conn:
+        major = broker_major(conn)
+    # The operator's way: rabbitmqctl (on PATH, works as root here), with the definitions
+    # for the broker's major version. It reads the file as the broker's user, so the file
+    # must be world-readable (pytest's tmp_path is not).
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir="/tmp") as file:
-        file.write(json.dumps(definitions(topology(settings))))
+        file.write(json.dumps(definitions(topology(settings, rabbitmq=major))))
         file.flush()
         os.chmod(file.name, 0o644)
-        subprocess.run(
-            ["rabbitmqctl", "import_definitions", file.name], check=True, capture_output=True
-        )
+        subprocess.run(import_definitions(file.name), check=True, capture_output=True)
         _wait_until_declared(broker_url, amqp_names.jobs_queue)
     conn = ensure_connected(connection(settings, purpose="consume"))
     try:
@@ -165,3 +177,85 @@ def _wait_until_declared(broker_url: str, queue: str, timeout: float = 15.0) -> 
         finally:
             if pc.is_open:
                 pc.close()
+
+
+@pytest.mark.parametrize(
+    ("announced", "major"),
+    [("3.10.8", 3), (b"4.0.5", 4), ("4.1.0-rc.1", 4), ("13.0", 13), (None, 3), ("x", 3)],
+)
+def test_the_brokers_major_version_is_read_from_what_it_announces(announced, major) -> None:
+    assert rabbitmq_major({"version": announced}) == major
+    assert rabbitmq_major(None) == 3
+
+
+def test_the_dlq_is_unlimited_explicitly_on_rabbitmq_4_and_left_alone_on_3() -> None:
+    """4.x: -1, no limit (its default is 20, and looking at the DLQ spends deliveries).
+    3.x has no default limit, and takes -1 as a limit below every count: a 3.10 queue
+    with it drops a message at its first return."""
+    settings = Settings()
+    on_3 = {q.name: q.arguments for q in topology(settings, rabbitmq=3).queues}
+    on_4 = {q.name: q.arguments for q in topology(settings, rabbitmq=4).queues}
+    assert on_3["batch.jobs.dlq"] == {"x-queue-type": "quorum"}
+    assert on_4["batch.jobs.dlq"] == {"x-queue-type": "quorum", "x-delivery-limit": -1}
+    # Everything else is the same on both.
+    assert {k: v for k, v in on_3.items() if k != "batch.jobs.dlq"} == {
+        k: v for k, v in on_4.items() if k != "batch.jobs.dlq"
+    }
+    assert topology(settings) == topology(settings, rabbitmq=3)
+
+
+def test_definitions_file_for_rabbitmq_4_matches_default_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in list(os.environ):
+        if key.startswith(ENV_PREFIX):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(DEFINITIONS_PATH.parent)  # no stray .env file
+    shipped = json.loads(DEFINITIONS_4_PATH.read_text(encoding="utf-8"))
+    assert shipped == json.loads(render_definitions(Settings(), rabbitmq=4))
+    [dlq] = [q for q in shipped["queues"] if q["name"] == "batch.jobs.dlq"]
+    assert dlq["arguments"]["x-delivery-limit"] == -1
+
+
+@pytest.mark.integration
+@pytest.mark.broker
+def test_a_dlq_declared_without_the_limit_is_kept_with_a_warning(
+    broker_url: str, amqp_names, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DLQ an earlier version declared (no x-delivery-limit): RabbitMQ refuses the
+    redeclare with -1 and cannot change the queue's arguments; the worker carries on with
+    it as it is and says what to do, rather than not starting at all."""
+    settings = _settings(amqp_names, broker_url=broker_url)
+    with connection(settings, purpose="test") as conn:
+        declare_on_channel(conn.default_channel, topology(settings, rabbitmq=3))
+        declare_on_channel(conn.default_channel, topology(settings, rabbitmq=4))
+        # The channel py-amqp reopened after the refusal declares the rest as before.
+        declare_on_channel(conn.default_channel, topology(settings, rabbitmq=3))
+    [warning] = [r for r in caplog.records if r.name == "worker.wire.topology"]
+    assert amqp_names.dlq in warning.getMessage()
+    assert "delivery-limit -1" in warning.getMessage()
+
+
+@pytest.mark.integration
+@pytest.mark.broker
+def test_the_declared_dlq_has_the_arguments_for_the_brokers_version(
+    broker_url: str, amqp_names
+) -> None:
+    """Redeclaring with exactly the version's arguments passes; with the other version's,
+    RabbitMQ refuses (PRECONDITION_FAILED): so the queue carries the version's."""
+    settings = _settings(amqp_names, broker_url=broker_url)
+    conn = ensure_connected(connection(settings, purpose="consume"))
+    try:
+        declare_topology(conn, settings)
+        major = broker_major(conn)
+    finally:
+        conn.release()
+    pc = pika.BlockingConnection(pika_params(broker_url))
+    try:
+        pc.channel().queue_declare(amqp_names.dlq, durable=True, arguments=dlq_arguments(major))
+        other = dlq_arguments(4 if major < 4 else 3)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="x-delivery-limit"):
+            pc.channel().queue_declare(amqp_names.dlq, durable=True, arguments=other)
+    finally:
+        if pc.is_open:
+            pc.close()

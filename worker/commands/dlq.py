@@ -1,14 +1,16 @@
-"""``batch-worker dlq list|show|replay|purge``: the dead-letter queue, for people.
+"""``batch-worker dlq list|show|replay|drop|purge``: the dead-letter queue, for people.
 
 Every request the worker could not use sits in the DLQ whole (body, properties, headers)
 with the reason in ``x-batch-worker-reason`` / ``x-batch-worker-detail``. Looking is
 non-destructive: messages are fetched without ack and go back when the channel closes.
 Replaying publishes the original message to the jobs queue with a confirm, and only then
-removes it from the DLQ.
+removes it from the DLQ. A message is named by its message id, or by a digest of it when
+it has none (``sha256:`` and 16 hex digits), as ``dlq list`` prints it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Iterator
@@ -37,9 +39,11 @@ BROKER_HEADERS = (
 )
 
 
+DIGEST_PREFIX = "sha256:"
+
+
 @dataclass(frozen=True)
 class DeadLetter:
-    position: int
     message: Message
 
     @property
@@ -48,8 +52,29 @@ class DeadLetter:
         return dict(headers)
 
     @property
-    def message_id(self) -> str:
-        return str(self.message.properties.get("message_id") or "-")
+    def key(self) -> str:
+        """What names this message in ``dlq show|replay|drop``: its message id, or, for a
+        message without one, a digest of the message as it was dead-lettered.
+
+        Never a position: a quorum queue puts a returned message back at its end (RabbitMQ
+        4, or 3.x without a delivery limit), so every look reorders the DLQ.
+        """
+        message_id = self.message.properties.get("message_id")
+        return str(message_id) if message_id else DIGEST_PREFIX + self.digest
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the body and the properties, less what the broker changes on each
+        delivery (``x-delivery-count``) or on dead-lettering: the same on every look, and
+        different for two rejections of one body (their ``rejected_at`` differs)."""
+        properties = dict(self.message.properties)
+        properties["application_headers"] = {
+            k: v for k, v in self.headers.items() if k not in BROKER_HEADERS
+        }
+        body = self.message.body
+        raw = body if isinstance(body, bytes) else str(body).encode("utf-8")
+        described = json.dumps(properties, sort_keys=True, default=str).encode("utf-8")
+        return hashlib.sha256(raw + b"\0" + described).hexdigest()[:DIGEST_CHARS]
 
     @property
     def job_id(self) -> str:
@@ -70,8 +95,9 @@ class DeadLetter:
         broker_reason = headers.get("x-first-death-reason")
         return f"broker: {broker_reason}" if broker_reason else "-"
 
-    def matches(self, key: str) -> bool:
-        return key in (self.message_id, str(self.position))
+
+# 16 hex digits (64 bits): a DLQ would need billions of messages for two to share one.
+DIGEST_CHARS = 16
 
 
 @contextmanager
@@ -80,11 +106,11 @@ def _dead_letters(settings: Settings, limit: int) -> Iterator[tuple[Channel, lis
     with connection(settings, purpose="dlq") as conn:
         channel: Channel = conn.channel()
         letters = []
-        for position in range(1, limit + 1):
+        for _ in range(limit):
             message = channel.basic_get(queue=settings.dlq, no_ack=False)
             if message is None:
                 break
-            letters.append(DeadLetter(position, message))
+            letters.append(DeadLetter(message))
         try:
             yield channel, letters
         finally:
@@ -97,18 +123,20 @@ def _dead_letters(settings: Settings, limit: int) -> Iterator[tuple[Channel, lis
 
 
 def list_messages(settings: Settings, *, limit: int) -> int:
-    """One line per message, oldest first: position, message id, job id, reason, size."""
+    """One line per message: the id that names it, job id, reason, size. In the order the
+    DLQ gave them, which is no name: a look returns them, and the next look may see
+    another order."""
     with _dead_letters(settings, limit) as (channel, letters):
         _, count, _ = channel.queue_declare(settings.dlq, passive=True)
         lines = [
-            f"{letter.position:>4}  {letter.message_id:<36}  {letter.job_id:<30}  "
-            f"{letter.reason:<26}  {len(letter.message.body)}"
+            f"{letter.key:<36}  {letter.job_id:<30}  {letter.reason:<26}  "
+            f"{len(letter.message.body)}"
             for letter in letters
         ]
     if not lines:
         print(f"{settings.dlq} is empty")
         return 0
-    print(f"{'#':>4}  {'message id':<36}  {'job id':<30}  {'reason':<26}  bytes")
+    print(f"{'message id':<36}  {'job id':<30}  {'reason':<26}  bytes")
     print("\n".join(lines))
     # The ones fetched were unacked, so the ready count was what lay beyond them.
     if count:
@@ -116,16 +144,22 @@ def list_messages(settings: Settings, *, limit: int) -> int:
     return 0
 
 
+def _no_such(settings: Settings, key: str) -> int:
+    print(f"no dead-lettered message {key!r} in {settings.dlq}", file=sys.stderr)
+    return 1
+
+
 def show_message(settings: Settings, key: str, *, limit: int = 10_000) -> int:
-    found: Message | None = None
     with _dead_letters(settings, limit) as (_, letters):
-        found = next((letter.message for letter in letters if letter.matches(key)), None)
-    if found is None:
-        print(f"no dead-lettered message {key!r} in {settings.dlq}", file=sys.stderr)
-        return 1
-    properties = {k: v for k, v in found.properties.items()}
+        found = [letter.message for letter in letters if letter.key == key]
+    if not found:
+        return _no_such(settings, key)
+    if len(found) > 1:
+        # The same request dead-lettered more than once (a producer's retried publish).
+        print(f"{len(found)} messages have the id {key!r}; the first:", file=sys.stderr)
+    properties = {k: v for k, v in found[0].properties.items()}
     print(json.dumps(properties, indent=2, default=str))
-    body = found.body
+    body = found[0].body
     sys.stdout.write(body.decode("utf-8", "replace") if isinstance(body, bytes) else body)
     sys.stdout.write("\n")
     return 0
@@ -146,10 +180,13 @@ def _original_properties(message: Message) -> dict[str, Any]:
 def replay(
     settings: Settings, *, message: str | None, replay_all: bool, limit: int = 10_000
 ) -> int:
+    """Every message with that id (or all of them) back to the jobs queue."""
     replayed = 0
     with _dead_letters(settings, limit) as (channel, letters):
-        chosen = [ltr for ltr in letters if replay_all or (message and ltr.matches(message))]
+        chosen = [ltr for ltr in letters if replay_all or ltr.key == message]
         if not chosen:
+            if message is not None and not replay_all:
+                return _no_such(settings, message)
             print(f"nothing to replay in {settings.dlq}", file=sys.stderr)
             return 1
         publisher: Channel = channel.connection.channel()
@@ -165,6 +202,18 @@ def replay(
         finally:
             publisher.close()
     print(f"replayed {replayed} message(s) to {settings.jobs_queue}")
+    return 0
+
+
+def drop(settings: Settings, key: str, *, limit: int = 10_000) -> int:
+    """Remove every message with that id from the DLQ (the others go back untouched)."""
+    with _dead_letters(settings, limit) as (channel, letters):
+        chosen = [letter for letter in letters if letter.key == key]
+        for letter in chosen:
+            channel.basic_ack(letter.message.delivery_tag)
+    if not chosen:
+        return _no_such(settings, key)
+    print(f"dropped {len(chosen)} message(s) {key!r} from {settings.dlq}")
     return 0
 
 
