@@ -116,6 +116,38 @@ def _status(args: argparse.Namespace) -> int:
     return print_status(settings, args.job_id, as_json=args.json, tenant=args.tenant)
 
 
+def _web(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit(warn=False)
+    from worker.logs import setup_logging
+
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        wire=settings.log_wire,
+        fields={"worker": settings.worker_name},
+    )
+    for line in unknown_settings():
+        logging.getLogger("worker.settings").warning(line)
+    try:
+        from worker.web.server import serve
+    except ImportError as exc:
+        _problem(f"web needs {exc.name or 'its extra'}: pip install 'batch-worker[web]'")
+        return EXIT_CONFIG
+    from worker.store.db import DatabaseUnusable
+
+    try:
+        return serve(settings)
+    except OSError as exc:
+        _problem(
+            "configuration: BATCH_WORKER_WEB_HOST/PORT: "
+            + _cannot_listen(str(settings.web_host), settings.web_port, exc)
+        )
+        return EXIT_CONFIG
+    except DatabaseUnusable as exc:
+        _problem(f"{exc} (BATCH_WORKER_DATABASE_URL); giving up")
+        return EXIT_CONFIG if exc.configuration else EXIT_FAILURE
+
+
 def _dlq(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     from worker.broker import broker_problem
@@ -232,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tenant", metavar="TENANT", help="only this tenant's jobs: another's is not shown"
     )
     status.set_defaults(handler=_status)
+
+    web = commands.add_parser(
+        "web", help="serve the read-only status API and pages (WEB_HOST, WEB_PORT)"
+    )
+    web.set_defaults(handler=_web)
 
     dlq = commands.add_parser("dlq", help="look at, replay or drop dead-lettered requests")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
