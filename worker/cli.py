@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from worker import __version__
@@ -114,6 +115,32 @@ def _status(args: argparse.Namespace) -> int:
     from worker.commands.status import print_status
 
     return print_status(settings, args.job_id, as_json=args.json, tenant=args.tenant)
+
+
+def _instant(text: str) -> datetime:
+    """An ISO 8601 instant with its zone (--since, --until)."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("give a time zone (Z or +hh:mm)")
+    return moment
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    from worker.commands.jobs import list_jobs
+    from worker.store.listing import JobFilter
+
+    spec = JobFilter(
+        fleet_id=args.fleet or settings.fleet_id,
+        statuses=tuple(s.strip().upper() for v in args.status for s in v.split(",") if s.strip()),
+        text=args.text,
+        since=args.since,
+        until=args.until,
+        active=True if args.active else False if args.ended else None,
+        limit=args.limit,
+        offset=args.offset,
+    )
+    return list_jobs(settings, spec, as_json=args.json)
 
 
 def _web(args: argparse.Namespace) -> int:
@@ -264,6 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--tenant", metavar="TENANT", help="only this tenant's jobs: another's is not shown"
     )
     status.set_defaults(handler=_status)
+
+    jobs = commands.add_parser(
+        "jobs", help="the fleet's jobs, newest first, from the durable state"
+    )
+    jobs.add_argument(
+        "--status", action="append", default=[], help="a status or phase (repeat, or a,b)"
+    )
+    jobs.add_argument("--text", help="part of the job id, batch request id or description")
+    jobs.add_argument("--since", type=_instant, help="accepted at or after (ISO 8601, zoned)")
+    jobs.add_argument("--until", type=_instant, help="accepted before (ISO 8601, zoned)")
+    state = jobs.add_mutually_exclusive_group()
+    state.add_argument("--active", action="store_true", help="only jobs not ended")
+    state.add_argument("--ended", action="store_true", help="only ended jobs")
+    jobs.add_argument("--fleet", help="another fleet than FLEET_ID")
+    jobs.add_argument("--limit", type=int, default=50, choices=range(1, 501), metavar="1..500")
+    jobs.add_argument("--offset", type=int, default=0)
+    jobs.add_argument("--json", action="store_true", help="the status API's JSON")
+    jobs.set_defaults(handler=_jobs)
 
     web = commands.add_parser(
         "web", help="serve the read-only status API and pages (WEB_HOST, WEB_PORT)"
