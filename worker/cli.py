@@ -219,7 +219,8 @@ def _demo(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     from worker.commands.demo import run_demo
 
-    return run_demo(settings, speed=args.speed, keep_going=args.keep_running)
+    stay = False if args.exit else None  # None: stay on a terminal, end elsewhere
+    return run_demo(settings, speed=args.speed, keep_going=args.keep_running, stay=stay)
 
 
 def _schemas(args: argparse.Namespace) -> int:
@@ -340,8 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="simulator speed factor, higher is faster (default: the demo takes about a minute)",
     )
-    demo.add_argument(
-        "--keep-running", action="store_true", help="keep serving after the jobs have ended"
+    after = demo.add_mutually_exclusive_group()
+    after.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep the worker and the status page up after the jobs have ended, until Ctrl-C"
+        " (the default on a terminal)",
+    )
+    after.add_argument(
+        "--exit",
+        action="store_true",
+        help="end once the jobs have ended (the default when not on a terminal)",
     )
     demo.set_defaults(handler=_demo)
 

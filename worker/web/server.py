@@ -72,6 +72,12 @@ class WebServer:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
             self._runner = None
         if self._thread.is_alive():
+            # The threads database and S3 reads ran on go with it.
+            done = asyncio.run_coroutine_threadsafe(
+                self._loop.shutdown_default_executor(), self._loop
+            )
+            done.result(30)
+        if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
         if not self._thread.is_alive() and not self._loop.is_closed():
