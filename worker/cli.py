@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument(
         "--status", action="append", default=[], help="a status or phase (repeat, or a,b)"
     )
-    jobs.add_argument("--text", help="part of the job id, batch request id or description")
+    jobs.add_argument("--text", help="part of the job id or batch request id (any case)")
     jobs.add_argument("--since", type=_instant, help="accepted at or after (ISO 8601, zoned)")
     jobs.add_argument("--until", type=_instant, help="accepted before (ISO 8601, zoned)")
     state = jobs.add_mutually_exclusive_group()

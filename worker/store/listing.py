@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from worker.lifecycle import JobState
 from worker.redact import redact
 from worker.store import history, jobs
 
@@ -29,7 +30,7 @@ class JobFilter:
 
     fleet_id: str
     statuses: tuple[str, ...] = ()  # a job's status, or its phase (PENDING_CREATE, ENDED)
-    text: str | None = None  # part of the job id, batch request id or description
+    text: str | None = None  # part of the job id or batch request id
     since: datetime | None = None  # accepted at or after
     until: datetime | None = None  # accepted before
     active: bool | None = None  # True: not ended; False: ended
@@ -44,13 +45,13 @@ _ORDERS = {
     "duration": "COALESCE(ended_at, now()) - accepted_at DESC, job_id",
 }
 
+# The state is read whole and parsed (its fields are the lifecycle's, never picked out of
+# its JSON in SQL: tests/store/test_jobs.py); what is filtered, sorted or summed is in
+# columns of its own.
 _SUMMARY = """
     SELECT job_id, fleet_id, phase, status, batch_request_id, completion, cost_pu,
-           max_cost_pu, accepted_at, last_seen_at, ended_at,
+           max_cost_pu, accepted_at, last_seen_at, ended_at, state,
            EXTRACT(EPOCH FROM COALESCE(ended_at, now()) - accepted_at) AS duration_seconds,
-           state->'tiles' AS tiles, state->'error' AS error,
-           state->>'stopped_reason' AS stopped_reason,
-           state->'request'->>'description' AS description,
            count(*) OVER () AS total
     FROM bw_jobs
 """
@@ -66,11 +67,9 @@ def _where(spec: JobFilter) -> tuple[str, list[Any]]:
         # position() rather than LIKE: the text is matched as it is, "%" and "_" included.
         clauses.append(
             "(position(lower(%s) in lower(job_id)) > 0"
-            " OR position(lower(%s) in lower(COALESCE(batch_request_id, ''))) > 0"
-            " OR position(lower(%s) in lower(COALESCE(state->'request'->>'description', '')))"
-            " > 0)"
+            " OR position(lower(%s) in lower(COALESCE(batch_request_id, ''))) > 0)"
         )
-        params += [spec.text] * 3
+        params += [spec.text] * 2
     if spec.job_id is not None:
         clauses.append("job_id = %s")
         params.append(spec.job_id)
@@ -86,19 +85,21 @@ def _where(spec: JobFilter) -> tuple[str, list[Any]]:
 
 
 def _summary(row: dict[str, Any]) -> dict[str, Any]:
+    state = JobState.model_validate(row["state"])
+    description = (state.request or {}).get("description")
     return {
         "job_id": row["job_id"],
         "fleet_id": row["fleet_id"],
         "phase": row["phase"],
         "status": row["status"],
         "batch_request_id": row["batch_request_id"],
-        "description": row["description"],
+        "description": description if isinstance(description, str) else None,
         "completion_percentage": row["completion"] or 0.0,
         "cost_pu": row["cost_pu"],
         "max_cost_pu": row["max_cost_pu"],
-        "tiles": row["tiles"],
-        "stopped_reason": row["stopped_reason"],
-        "error": row["error"],
+        "tiles": state.tiles.model_dump() if state.tiles is not None else None,
+        "stopped_reason": state.stopped_reason,
+        "error": state.error.model_dump() if state.error is not None else None,
         "accepted_at": row["accepted_at"].isoformat(),
         "last_seen_at": row["last_seen_at"].isoformat() if row["last_seen_at"] else None,
         "ended_at": row["ended_at"].isoformat() if row["ended_at"] else None,
@@ -135,9 +136,9 @@ def fleet_overview(conn: psycopg.Connection[Any], fleet_id: str, *, top: int = 5
         by_status = cur.execute(
             "SELECT COALESCE(status, phase) AS status, count(*) AS jobs,"
             " COALESCE(sum(cost_pu), 0) AS cost_pu,"
-            " COALESCE(sum((state->'tiles'->>'total')::bigint), 0) AS tiles_total,"
-            " COALESCE(sum((state->'tiles'->>'processed')::bigint), 0) AS tiles_processed,"
-            " COALESCE(sum((state->'tiles'->>'failed')::bigint), 0) AS tiles_failed"
+            " COALESCE(sum(tiles_total), 0) AS tiles_total,"
+            " COALESCE(sum(tiles_processed), 0) AS tiles_processed,"
+            " COALESCE(sum(tiles_failed), 0) AS tiles_failed"
             " FROM bw_jobs WHERE fleet_id = %s GROUP BY 1 ORDER BY 1",
             (fleet_id,),
         ).fetchall()
@@ -188,12 +189,10 @@ def job_request(
 ) -> tuple[dict[str, Any] | None, str | None] | None:
     """The job's create payload (unredacted: for reading its delivery bucket, never for an
     answer) and its batch request id; None when the fleet has no such job."""
-    row = conn.execute(
-        "SELECT state->'request', batch_request_id FROM bw_jobs"
-        " WHERE fleet_id = %s AND job_id = %s",
-        (fleet_id, job_id),
-    ).fetchone()
-    return None if row is None else (row[0], row[1])
+    record = jobs.get_job(conn, fleet_id, job_id)
+    if record is None:
+        return None
+    return record.state.request, record.state.batch_request_id
 
 
 def job_detail(conn: psycopg.Connection[Any], fleet_id: str, job_id: str) -> dict[str, Any] | None:
