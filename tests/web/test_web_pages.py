@@ -4,7 +4,8 @@ PostgreSQL, the simulator, the S3 emulator).
 
 ``make test`` installs chromium and chromium-driver where they are missing (``make
 browser``). With ``BATCH_WORKER_TEST_SCREENSHOT=PATH`` the job page is saved there while
-its job runs (the README's picture: docs/img/job-page.png).
+its job runs (the README's picture: docs/img/job-page.png), and the fleet page beside it
+(fleet-page.png).
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def test_the_job_map_follows_a_running_job_and_the_fleet_page_shows_it(
         browser.get(server.url)
         wait_until("the fleet page loads", lambda: browser.find_element("tag name", "body")
                    .get_attribute("data-loaded"))  # fmt: skip
+        if shot:
+            browser.save_screenshot(str(Path(shot).with_name("fleet-page.png")))
         row = browser.find_element("css selector", '#by-status tr[data-status="DONE"]')
         assert row.find_elements("tag name", "td")[1].text == "1"
         link = browser.find_element("css selector", f'#jobs tr[data-job="{job["job_id"]}"] a')
