@@ -98,3 +98,30 @@ def test_prune_older_goes_by_days_of_the_database_clock(conn: psycopg.Connection
         assert history.prune_older(conn, days=2) == 1
     assert history.job_events(conn, "f1", "stale") == []
     assert len(history.job_events(conn, "f1", "fresh")) == 1
+
+
+def test_the_engines_save_keeps_its_events_only_when_the_fenced_update_applied(
+    pool,
+) -> None:
+    from tests.store.store_support import FLEET, claim, insert, job
+    from worker.store import leases
+
+    state = job("j5", status="CREATED", batch_request_id="b5", sequence=2)
+    assert insert(pool, state)
+    (claimed,) = claim(pool)
+    sent = events.job_event(state, "status", exchange="batch.events", worker="w1", now=T0)
+    with pool.connection() as conn:
+        with pytest.raises(leases.LeaseLost):
+            leases.save_step(
+                conn, state, generation=claimed.generation + 1, owner="w1", messages=sent
+            )
+        conn.rollback()
+        assert history.job_events(conn, FLEET, "j5") == []
+        saved = leases.save_step(
+            conn, state, generation=claimed.generation, owner="w1", messages=sent
+        )
+        conn.commit()
+        assert saved is None
+        kept = history.job_events(conn, FLEET, "j5")
+    assert [event["id"] for event in kept] == [sent[0].properties["message_id"]]
+    assert kept[0]["data"]["sequence"] == 2
