@@ -182,7 +182,7 @@ class Settings(BaseSettings):
     metrics_host: IPvAnyAddress = Field(default=IPv4Address("0.0.0.0"))
     metrics_port: int = Field(default=9400, ge=0, le=65_535)
     # How long each job's events are kept for the status API (bw_event_history).
-    event_history_days: float = Field(default=30.0, gt=0, le=3660)
+    event_history_days: float = Field(default=7.0, gt=0, le=3660)
     # The status API and page (``batch-worker web``): a port of its own, apart from the
     # probes, and the loopback by default (its answers describe every job of the fleet).
     web_host: IPvAnyAddress = Field(default=IPv4Address("127.0.0.1"))
