@@ -147,7 +147,8 @@ def test_credentials_are_asked_for_and_never_answered(
         assert secret_key not in text and "AKIAIOSFODNN7WEBTEST" not in text
         assert token not in text
         detail = answers[0].json()
-        assert detail["request"]["output"]["delivery"]["s3"]["secretAccessKey"] == "***"
+        # Masked, or gone: the worker drops a create's credentials once the request exists.
+        assert detail["request"]["output"]["delivery"]["s3"].get("secretAccessKey", "***") == "***"
         collection = json.loads(answers[1].text)
         assert collection["counts"]["DONE"] == 2, collection["problems"]
 
