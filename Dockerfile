@@ -23,9 +23,10 @@ WORKDIR /src
 # Only what `pip install .` reads (.dockerignore keeps the rest of the tree out).
 COPY pyproject.toml README.md ./
 COPY worker ./worker
-# No extras: `demo` (moto, pika) and `test` are for developers, not for the daemon.
+# The `web` extra (shapely, pyproj) for `batch-worker web`'s feature maps; `demo` (moto,
+# pika) and `test` are for developers, not for the image.
 # pip compiles the bytecode here: the runtime root filesystem is read-only.
-RUN pip install .
+RUN pip install /src[web]
 
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -64,9 +65,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 USER 10001:10001
 
-# /metrics, /healthz, /readyz (BATCH_WORKER_METRICS_PORT). No HEALTHCHECK: Kubernetes
-# probes those endpoints itself.
-EXPOSE 9400
+# /metrics, /healthz, /readyz (BATCH_WORKER_METRICS_PORT); `web`: the status API and pages
+# (BATCH_WORKER_WEB_PORT). No HEALTHCHECK: Kubernetes probes those endpoints itself.
+EXPOSE 9400 8080
 
 ENTRYPOINT ["tini", "--", "batch-worker"]
 CMD ["run"]

@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 CONTRACTS       := tests/contracts
 CONTRACTS_STAMP := $(CONTRACTS)/node_modules/.installed
 
-.PHONY: demo test test-rabbitmq4 lint typecheck services tools install contracts clean
+.PHONY: demo test test-rabbitmq4 lint typecheck services tools browser install contracts clean
 
 $(STAMP): pyproject.toml
 	# Debian's python3 comes without venv; on such a machine, install it first.
@@ -43,6 +43,14 @@ tools:
 		prometheus >/dev/null; }
 	@promtool --version | head -n1
 
+# Debian's Chromium and its chromedriver, for the status pages' browser tests
+# (tests/web/test_web_pages.py): headless, no browser download of selenium's own.
+browser:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		chromium chromium-driver >/dev/null; }
+	@chromium --version 2>/dev/null
+
 demo: $(STAMP) services
 	$(BIN)/batch-worker demo
 
@@ -58,7 +66,7 @@ typecheck: $(STAMP)
 
 # Most tests wait on I/O (jobs running in the simulator), so four processes share two cores
 # well; the few that restart the shared broker run alone afterwards.
-test: $(STAMP) $(CONTRACTS_STAMP) services tools lint typecheck
+test: $(STAMP) $(CONTRACTS_STAMP) services tools browser lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider -n 4 -m "not serial"
 	$(BIN)/pytest -q -p no:cacheprovider -m serial
 	$(MAKE) --no-print-directory test-rabbitmq4

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from worker import __version__
@@ -116,6 +117,64 @@ def _status(args: argparse.Namespace) -> int:
     return print_status(settings, args.job_id, as_json=args.json, tenant=args.tenant)
 
 
+def _instant(text: str) -> datetime:
+    """An ISO 8601 instant with its zone (--since, --until)."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("give a time zone (Z or +hh:mm)")
+    return moment
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    from worker.commands.jobs import list_jobs
+    from worker.store.listing import JobFilter
+
+    spec = JobFilter(
+        fleet_id=args.fleet or settings.fleet_id,
+        statuses=tuple(s.strip().upper() for v in args.status for s in v.split(",") if s.strip()),
+        text=args.text,
+        since=args.since,
+        until=args.until,
+        active=True if args.active else False if args.ended else None,
+        limit=args.limit,
+        offset=args.offset,
+    )
+    return list_jobs(settings, spec, as_json=args.json)
+
+
+def _web(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit(warn=False)
+    from worker.logs import setup_logging
+
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        wire=settings.log_wire,
+        fields={"worker": settings.worker_name},
+    )
+    for line in unknown_settings():
+        logging.getLogger("worker.settings").warning(line)
+    try:
+        from worker.web.server import serve
+    except ImportError as exc:
+        _problem(f"web needs {exc.name or 'its extra'}: pip install 'batch-worker[web]'")
+        return EXIT_CONFIG
+    from worker.store.db import DatabaseUnusable
+
+    try:
+        return serve(settings)
+    except OSError as exc:
+        _problem(
+            "configuration: BATCH_WORKER_WEB_HOST/PORT: "
+            + _cannot_listen(str(settings.web_host), settings.web_port, exc)
+        )
+        return EXIT_CONFIG
+    except DatabaseUnusable as exc:
+        _problem(f"{exc} (BATCH_WORKER_DATABASE_URL); giving up")
+        return EXIT_CONFIG if exc.configuration else EXIT_FAILURE
+
+
 def _dlq(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     from worker.broker import broker_problem
@@ -173,7 +232,8 @@ def _demo(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     from worker.commands.demo import run_demo
 
-    return run_demo(settings, speed=args.speed, keep_going=args.keep_running)
+    stay = False if args.exit else None  # None: stay on a terminal, end elsewhere
+    return run_demo(settings, speed=args.speed, keep_going=args.keep_running, stay=stay)
 
 
 def _schemas(args: argparse.Namespace) -> int:
@@ -247,6 +307,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=_status)
 
+    jobs = commands.add_parser(
+        "jobs", help="the fleet's jobs, newest first, from the durable state"
+    )
+    jobs.add_argument(
+        "--status", action="append", default=[], help="a status or phase (repeat, or a,b)"
+    )
+    jobs.add_argument("--text", help="part of the job id or batch request id (any case)")
+    jobs.add_argument("--since", type=_instant, help="accepted at or after (ISO 8601, zoned)")
+    jobs.add_argument("--until", type=_instant, help="accepted before (ISO 8601, zoned)")
+    state = jobs.add_mutually_exclusive_group()
+    state.add_argument("--active", action="store_true", help="only jobs not ended")
+    state.add_argument("--ended", action="store_true", help="only ended jobs")
+    jobs.add_argument("--fleet", help="another fleet than FLEET_ID")
+    jobs.add_argument("--limit", type=int, default=50, choices=range(1, 501), metavar="1..500")
+    jobs.add_argument("--offset", type=int, default=0)
+    jobs.add_argument("--json", action="store_true", help="the status API's JSON")
+    jobs.set_defaults(handler=_jobs)
+
+    web = commands.add_parser(
+        "web", help="serve the read-only status API and pages (WEB_HOST, WEB_PORT)"
+    )
+    web.set_defaults(handler=_web)
+
     dlq = commands.add_parser("dlq", help="look at, replay or drop dead-lettered requests")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     dlq_list = dlq_commands.add_parser("list", help="one line per dead-lettered message")
@@ -286,8 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="simulator speed factor, higher is faster (default: the demo takes about a minute)",
     )
-    demo.add_argument(
-        "--keep-running", action="store_true", help="keep serving after the jobs have ended"
+    after = demo.add_mutually_exclusive_group()
+    after.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep the worker and the status page up after the jobs have ended, until Ctrl-C"
+        " (the default on a terminal)",
+    )
+    after.add_argument(
+        "--exit",
+        action="store_true",
+        help="end once the jobs have ended (the default when not on a terminal)",
     )
     demo.set_defaults(handler=_demo)
 

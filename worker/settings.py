@@ -192,6 +192,17 @@ class Settings(BaseSettings):
     # Prometheus scrapes the pod's IP; 127.0.0.1 keeps it to the host (docs/deployment.md).
     metrics_host: IPvAnyAddress = Field(default=IPv4Address("0.0.0.0"))
     metrics_port: int = Field(default=9400, ge=0, le=65_535)
+    # How long each job's events are kept for the status API (bw_event_history).
+    event_history_days: float = Field(default=7.0, gt=0, le=3660)
+    # The status API and page (``batch-worker web``): a port of its own, apart from the
+    # probes, and the loopback by default (its answers describe every job of the fleet).
+    web_host: IPvAnyAddress = Field(default=IPv4Address("127.0.0.1"))
+    web_port: int = Field(default=8080, ge=0, le=65_535)
+    # Either opens the API to whoever knows it: a bearer token, or ``user:password``.
+    web_token: SecretStr = SecretStr("")
+    web_basic_auth: SecretStr = SecretStr("")
+    # A tile URL template ({z}/{x}/{y}) under the job page's map; none: a graticule.
+    web_basemap_url: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
     # The libraries' wire logging (botocore, urllib3, kombu, ...) at LOG_LEVEL too: off, so
@@ -255,6 +266,24 @@ class Settings(BaseSettings):
     def _pg_url(cls, value: SecretStr) -> SecretStr:
         if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
             raise ValueError("must start with postgresql://")
+        return value
+
+    @field_validator("web_basic_auth")
+    @classmethod
+    def _user_password(cls, value: SecretStr) -> SecretStr:
+        text = value.get_secret_value()
+        if text and (":" not in text or text.startswith(":")):
+            raise ValueError("must be user:password")
+        return value
+
+    @field_validator("web_basemap_url")
+    @classmethod
+    def _tile_url(cls, value: str) -> str:
+        if value and not (
+            value.startswith(("http://", "https://", "/"))
+            and all(part in value for part in ("{z}", "{x}", "{y}"))
+        ):
+            raise ValueError("must be an http(s) tile URL template with {z}, {x} and {y}")
         return value
 
     @field_validator("broker_ca_file", "broker_cert_file", "broker_key_file")

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+import requests
 
 pytest.register_assert_rewrite("tests.cli_support")
 
@@ -54,8 +55,11 @@ def test_demo_runs_the_examples_to_done_and_moves_off_a_taken_port(
         port = taken.getsockname()[1]
         demo_env["BATCH_WORKER_METRICS_PORT"] = str(port)
         # Waits for the jobs at x300: the longest (a follow-up) takes a few seconds.
-        result = run_cli("demo", "--speed", "300", env=demo_env, cwd=tmp_path, timeout=180)
+        result = run_cli(
+            "demo", "--speed", "300", "--exit", env=demo_env, cwd=tmp_path, timeout=180
+        )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^status page: http://127\.0\.0\.1:\d+/ ", result.stdout, re.M)
     assert "Traceback" not in result.stdout + result.stderr
     assert f"port {port} is taken: metrics on port " in result.stdout
     # Off a terminal the summary is tab-separated lines: job, batch request, status, ...
@@ -105,6 +109,50 @@ def test_ctrl_c_ends_the_demo_cleanly(demo_env: dict[str, str], tmp_path: Path) 
     assert process.returncode == 130, errors
     assert "demo: interrupted; everything it started has stopped" in rest
     assert "Traceback" not in errors
+
+
+def test_the_demo_keeps_its_status_page_up_until_ctrl_c(
+    demo_env: dict[str, str], tmp_path: Path
+) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            DEMO_AS_AT_A_TERMINAL.replace("'demo'", "'demo', '--keep-running', '--speed', '300'"),
+        ],
+        cwd=tmp_path,
+        env=demo_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if "press Ctrl-C to stop" in line:
+                break
+        [page] = re.findall(r"stays up at (http://127\.0\.0\.1:\d+/)", seen[-1])
+        # After the jobs' end the page and its API still answer, with the demo's jobs.
+        jobs = requests.get(page + "api/v1/jobs", timeout=30).json()
+        assert sorted(job["job_id"] for job in jobs["jobs"]) == _example_job_ids()
+        assert {job["status"] for job in jobs["jobs"]} == {"DONE"}
+        assert requests.get(page + "job?id=" + jobs["jobs"][0]["job_id"], timeout=30).ok
+        features = requests.get(
+            page + f"api/v1/jobs/{jobs['jobs'][0]['job_id']}/features", timeout=30
+        ).json()
+        assert features["features"] and features["counts"]["PENDING"] == 0
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors
+    with pytest.raises(requests.ConnectionError):
+        requests.get(page, timeout=5)
 
 
 def test_the_demo_leaves_no_thread_or_server_behind(

@@ -50,6 +50,16 @@ def test_the_wheel_carries_the_example_jobs_and_the_schemas(wheel: Path) -> None
     assert {f"worker/examples/{name}" for name in EXAMPLE_JOBS} <= names
     assert "worker/examples/corsica-fields.gpkg" in names
     assert "worker/wire/schemas/job-request.schema.json" in names
+    # The status API's document and pages, the vendored map library with its licence.
+    assert {
+        "worker/web/openapi.json",
+        "worker/web/static/index.html",
+        "worker/web/static/job.js",
+        "worker/web/static/vendor/leaflet/leaflet.js",
+        "worker/web/static/vendor/leaflet/LICENSE",
+        "worker/web/static/vendor/leaflet/images/layers.png",
+        "worker/web/static/vendor/world-atlas/countries-110m.json",
+    } <= names
     assert "worker/py.typed" in names
 
 

@@ -83,6 +83,22 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "dashboard": {"metrics": {"grafanaDashboard": {"enabled": True, "namespace": "grafana"}}},
     "no-probes-no-tests": {"startupProbe": {"enabled": False}, "tests": {"enabled": False}},
     "everything": FULL,
+    "web": {
+        "web": {
+            "enabled": True,
+            "ingress": {
+                "enabled": True,
+                "className": "nginx",
+                "hosts": [
+                    {"host": "bw.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}
+                ],
+                "tls": [{"secretName": "bw-tls", "hosts": ["bw.example.com"]}],
+            },
+        },
+        "secrets": {"webToken": "t0ken-value-123456"},
+        "config": {"WEB_BASEMAP_URL": "https://tiles.example/{z}/{x}/{y}.png"},
+    },
+    "web-everything": {**FULL, "web": {"enabled": True, "ingress": {"enabled": True}}},
 }
 
 
@@ -130,8 +146,13 @@ def kinds(manifests: list[dict[str, Any]]) -> set[str]:
     return {m["kind"] for m in manifests}
 
 
+def workers(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The manifests less the status API's (web.enabled): the worker's own objects."""
+    return [m for m in manifests if not m["metadata"]["name"].endswith("-web")]
+
+
 def pod_spec(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    return dict(the(manifests, "Deployment")["spec"]["template"]["spec"])
+    return dict(the(workers(manifests), "Deployment")["spec"]["template"]["spec"])
 
 
 def pod_labels(manifests: list[dict[str, Any]]) -> dict[str, str]:

@@ -27,6 +27,11 @@ CHART_MANAGED = {
     "CLIENT_SECRET",
     "BROKER_URL",
     "DATABASE_URL",
+    # on the status API's pods (web.*), and its secrets (secrets.webToken, webBasicAuth)
+    "WEB_HOST",
+    "WEB_PORT",
+    "WEB_TOKEN",
+    "WEB_BASIC_AUTH",
 }
 SETTINGS_ENV = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 SCHEMA_ERROR = "values don't meet the specifications of the schema(s)"
@@ -158,6 +163,9 @@ def test_every_key_of_the_charts_own_objects_is_in_values_yaml() -> None:
 KUBERNETES_SHAPES = {
     "resources": "core.v1.ResourceRequirements",
     "resources.claims.[]": "core.v1.ResourceClaim",
+    "web.resources": "core.v1.ResourceRequirements",
+    "web.resources.claims.[]": "core.v1.ResourceClaim",
+    "web.ingress.tls.[]": "api.networking.v1.IngressTLS",
     "podSecurityContext": "core.v1.PodSecurityContext",
     "securityContext": "core.v1.SecurityContext",
     "securityContext.capabilities": "core.v1.Capabilities",

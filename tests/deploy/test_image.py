@@ -40,14 +40,20 @@ def test_dockerfile_runs_the_daemon_under_tini_as_non_root() -> None:
     assert len([op for op, _ in dockerfile_instructions() if op == "FROM"]) >= 2  # multi-stage
     assert json.loads(ops["ENTRYPOINT"]) == ["tini", "--", "batch-worker"]
     assert json.loads(ops["CMD"]) == ["run"]
-    assert int(ops["EXPOSE"]) == Settings.model_fields["metrics_port"].default
+    assert [int(port) for port in ops["EXPOSE"].split()] == [
+        Settings.model_fields["metrics_port"].default,
+        Settings.model_fields["web_port"].default,
+    ]
     assert dockerfile_uid() != 0
     assert "HEALTHCHECK" not in ops
     labels = " ".join(arg for op, arg in stage if op == "LABEL")
     for key in ("title", "version", "revision", "created", "licenses"):
         assert f"org.opencontainers.image.{key}=" in labels, key
     install = [arg for op, arg in dockerfile_instructions() if op == "RUN" and "pip install" in arg]
-    assert install and all("[" not in arg for arg in install), "no extras in the image"
+    # The status API's extra only: the demo's and the tests' stay out of the image.
+    assert install and all("[" not in arg or arg == "pip install /src[web]" for arg in install), (
+        "no extras but web in the image"
+    )
 
 
 def test_the_image_has_the_python_the_chart_test_pod_runs() -> None:

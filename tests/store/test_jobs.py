@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
 from tests.store.store_support import FLEET, LEASE, T0, claim, insert, insert_job, job
-from worker.lifecycle import KNOWN_STATUSES, JobState, Phase, PollView, poll_view
+from worker.lifecycle import KNOWN_STATUSES, JobState, Phase, PollView, Tiles, poll_view
 from worker.store import db, jobs, leases
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -248,6 +248,15 @@ def states(draw: st.DrawFn) -> JobState:
         create_doubtful=draw(st.booleans()),
         intent_at=draw(MOMENTS),
         max_cost_pu=draw(st.none() | st.floats(1, 1e6)),
+        tiles=draw(
+            st.none()
+            | st.builds(
+                Tiles,
+                total=st.none() | st.integers(0, 10**6),
+                processed=st.integers(0, 10**6),
+                failed=st.integers(0, 10**6),
+            )
+        ),
         last_seen_at=draw(MOMENTS),
         ended_at=draw(MOMENTS.filter(bool)) if phase is Phase.ENDED else None,
     )
@@ -303,12 +312,22 @@ def targets(conn: Any, job_ids: list[str]) -> dict[str, jobs.PollTarget]:
 
 
 def test_the_derived_columns_are_named_for_the_lifecycles_poll_view() -> None:
-    assert tuple(jobs.DERIVED) == (*PollView._fields, "max_cost_pu")
+    assert tuple(jobs.DERIVED) == (
+        *PollView._fields,
+        "max_cost_pu",
+        "tiles_total",
+        "tiles_processed",
+        "tiles_failed",
+    )
 
 
 def derived_from(state: JobState) -> dict[str, Any]:
     """The derived columns a write of ``state`` must leave, from the lifecycle alone."""
-    return {**poll_view(state)._asdict(), "max_cost_pu": state.max_cost_pu}
+    return {
+        **poll_view(state)._asdict(),
+        "max_cost_pu": state.max_cost_pu,
+        **jobs.tile_columns(state),
+    }
 
 
 @settings(

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -180,9 +181,21 @@ def _publish(broker_url: str, queue: str, jobs: list[dict[str, Any]]) -> None:
         connection.close()
 
 
-def run_demo(base: Settings, *, speed: float | None = None, keep_going: bool = False) -> int:
+def run_demo(
+    base: Settings,
+    *,
+    speed: float | None = None,
+    keep_going: bool = False,
+    stay: bool | None = None,
+) -> int:
     """Run the demo to its end: 0 when every example job has ended, 2 when RabbitMQ or
-    PostgreSQL is not usable, 130 on Ctrl-C (everything it started is stopped)."""
+    PostgreSQL is not usable, 130 on Ctrl-C before then (everything it started is stopped).
+
+    Once the jobs have ended, the status page stays up until Ctrl-C when ``stay`` (by
+    default: when run on a terminal) or ``keep_going``; otherwise the demo ends at once.
+    """
+    if stay is None:
+        stay = sys.stdin.isatty() and sys.stdout.isatty()
     from worker.logs import setup_logging
     from worker.store.db import probe
 
@@ -213,7 +226,7 @@ def run_demo(base: Settings, *, speed: float | None = None, keep_going: bool = F
                 wire=base.log_wire,
                 fields={"worker": base.worker_name},
             )
-            return _run(console, base, speed or DEFAULT_SPEED, keep_going, log_path)
+            return _run(console, base, speed or DEFAULT_SPEED, keep_going or stay, log_path)
     except KeyboardInterrupt:
         console.print("demo: interrupted; everything it started has stopped")
         return EXIT_INTERRUPTED
@@ -226,11 +239,11 @@ def run_demo(base: Settings, *, speed: float | None = None, keep_going: bool = F
         root.setLevel(saved_level)
 
 
-def _metrics_port(console: Console, wanted: int) -> int:
+def _metrics_port(console: Console, wanted: int, what: str = "metrics") -> int:
     if _port_is_free(wanted):
         return wanted
     port = _free_port()
-    console.print(f"port {wanted} is taken: metrics on port {port} instead")
+    console.print(f"port {wanted} is taken: {what} on port {port} instead")
     return port
 
 
@@ -280,13 +293,32 @@ def _run(console: Console, base: Settings, speed: float, keep_going: bool, log_p
                 f" logs in {log_path}"
             )
             try:
-                return _follow(console, settings, broker_url, keep_going)
+                with _status_page(console, settings) as page:
+                    return _follow(console, settings, broker_url, keep_going, page)
             finally:
                 daemon.stop()
                 thread.join(settings.grace_period + 5)
 
 
-def _follow(console: Console, settings: Settings, broker_url: str, keep_going: bool) -> int:
+@contextmanager
+def _status_page(console: Console, settings: Settings) -> Iterator[str]:
+    """``batch-worker web`` on this machine's loopback for the demo's run."""
+    from worker.web.server import WebServer
+
+    web = settings.model_copy(
+        update={
+            "web_host": IPv4Address("127.0.0.1"),
+            "web_port": _metrics_port(console, settings.web_port, "the status page"),
+        }
+    )
+    with WebServer(web) as server:
+        console.print(f"status page: {server.url} (the API under /api/v1)", highlight=False)
+        yield server.url
+
+
+def _follow(
+    console: Console, settings: Settings, broker_url: str, keep_going: bool, page: str
+) -> int:
     jobs = _example_jobs()
     tracker = JobTracker([job["job_id"] for job in jobs])
     _wait_for_topology(broker_url, settings)
@@ -306,7 +338,10 @@ def _follow(console: Console, settings: Settings, broker_url: str, keep_going: b
                 show(progress, bars, tracker)
         print_summary(console, tracker, "batch-worker demo", json_lines=False)
         if keep_going:
-            console.print("all jobs ended; serving until Ctrl-C")
+            console.print(
+                f"all jobs ended; the status page stays up at {page}: press Ctrl-C to stop",
+                highlight=False,
+            )
             try:
                 while True:
                     follower.drain(1.0)

@@ -46,7 +46,7 @@ from worker.daemon.tiles import TileReader
 from worker.metrics import Metrics
 from worker.redact import register_secret
 from worker.settings import Settings
-from worker.store import capacity, db, outbox
+from worker.store import capacity, db, history, outbox
 from worker.wire.outgoing import OutboxMessage
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 # How often the supervisor looks at the loop threads; how often it samples the outbox.
 _SUPERVISE_EVERY = 1.0
 _GAUGES_EVERY = 5.0
+# Events past EVENT_HISTORY_DAYS are deleted this often (seconds), and once at start.
+_PRUNE_EVERY = 3600.0
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Daemon:
         self.health = Health()
         self._stopping = threading.Event()
         self._bounds = liveness.progress_bounds(settings)
+        self._next_prune = 0.0
 
     def run(self) -> int:
         settings = self.settings
@@ -268,6 +271,24 @@ class Daemon:
                 capacity.compact(conn, self.settings.fleet_id)
         except (psycopg.Error, PoolTimeout) as exc:  # the relay reports DB trouble itself
             log.debug("outbox gauge or active count fold skipped (%s)", type(exc).__name__)
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + _PRUNE_EVERY
+            self._prune_history(pool)
+
+    def _prune_history(self, pool: db.Pool) -> None:
+        """Events older than EVENT_HISTORY_DAYS leave the history (every worker of a fleet
+        does it now and then: a DELETE of what another already deleted costs an index probe)."""
+        try:
+            with pool.connection(timeout=2) as conn:
+                gone = history.prune_older(conn, days=self.settings.event_history_days)
+            if gone:
+                log.info(
+                    "event history: %d events older than %g days forgotten",
+                    gone,
+                    self.settings.event_history_days,
+                )
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.debug("event history prune skipped (%s)", type(exc).__name__)
 
     def _count_published(self, message: OutboxMessage) -> None:
         # Events only: reply_to copies and dead letters are not events of their own.

@@ -68,10 +68,7 @@ def resolve_features(
     """The request's features (blocking: may read S3). ``ValueError`` = analysis fails."""
     input_spec = request["input"]
     if outcome.features is not None:
-        return [
-            Feature(f"feature-{i:05d}", 4326, (0.0, 0.0, 1.0, 1.0))
-            for i in range(1, outcome.features + 1)
-        ]
+        return _laid_over(request, outcome.features)
     if input_spec["type"] == "tiling-grid":
         bounds = request["processRequest"]["input"].get("bounds") or {}
         bbox = bbox_of_bounds(bounds)
@@ -103,6 +100,24 @@ def resolve_features(
     if len(rows) > 700_000:  # §14
         raise ValueError("The GeoPackage holds more than 700000 features.")
     return [Feature(row.identifier, row.epsg, row.extent) for row in rows]
+
+
+def _laid_over(request: dict[str, Any], count: int) -> list[Feature]:
+    """``count`` features side by side over the request's bounds (in degrees), so a map of
+    them shows each apart; without such bounds, over the unit square at 0, 0."""
+    process_input = (request.get("processRequest") or {}).get("input") or {}
+    bbox = bbox_of_bounds(process_input.get("bounds") or {})
+    if bbox is None or not (-180 <= bbox[0] < bbox[2] <= 180 and -90 <= bbox[1] < bbox[3] <= 90):
+        bbox = (0.0, 0.0, 1.0, 1.0)
+    columns = max(1, round(count**0.5))
+    rows = -(-count // columns)
+    width, height = (bbox[2] - bbox[0]) / columns, (bbox[3] - bbox[1]) / rows
+    features = []
+    for i in range(count):
+        row, column = divmod(i, columns)
+        x, y = bbox[0] + column * width, bbox[3] - (row + 1) * height
+        features.append(Feature(f"feature-{i + 1:05d}", 4326, (x, y, x + width, y + height)))
+    return features
 
 
 def _degrees_from_metres(bbox: BBox) -> BBox:

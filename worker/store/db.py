@@ -18,7 +18,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from worker import APP_ID
 from worker.redact import redact_text
 from worker.settings import Settings
-from worker.store import api_budget, capacity, jobs, outbox, presence
+from worker.store import api_budget, capacity, history, jobs, outbox, presence
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,7 @@ def apply_schema(conn: psycopg.Connection[object]) -> None:
         outbox.upgrade(conn)
         conn.execute(presence.SCHEMA)
         conn.execute(api_budget.SCHEMA)
+        conn.execute(history.SCHEMA)
         capacity.install(conn)
         _compress_with_lz4(conn)
     log.debug("database schema in place")

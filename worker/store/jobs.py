@@ -68,6 +68,10 @@ DERIVED: dict[str, str] = {
     "create_doubtful": "boolean",
     "intent_at": "timestamptz",
     "max_cost_pu": "float8",
+    # The tile counts, for the status API's fleet overview (worker/store/listing.py).
+    "tiles_total": "bigint",
+    "tiles_processed": "bigint",
+    "tiles_failed": "bigint",
 }
 _ADD_DERIVED = ", ".join(
     f"ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind in DERIVED.items()
@@ -93,6 +97,9 @@ UPDATE bw_jobs SET
     create_doubtful = COALESCE((state->>'create_doubtful')::boolean, false),
     intent_at = (state->>'intent_at')::timestamptz,
     max_cost_pu = (state->>'max_cost_pu')::float8,
+    tiles_total = (state->'tiles'->>'total')::bigint,
+    tiles_processed = (state->'tiles'->>'processed')::bigint,
+    tiles_failed = (state->'tiles'->>'failed')::bigint,
     derived_rev = 1;
 CREATE OR REPLACE FUNCTION bw_jobs_derived_unknown() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -222,6 +229,16 @@ def columns(state: JobState) -> dict[str, Any]:
         # Written at insert only (``_INSERT_MANY``); a save passes them unused.
         "tenant": state.tenant,
         "adopted": state.adopt_id is not None,
+        **tile_columns(state),
+    }
+
+
+def tile_columns(state: JobState) -> dict[str, int | None]:
+    tiles = state.tiles
+    return {
+        "tiles_total": tiles.total if tiles else None,
+        "tiles_processed": tiles.processed if tiles else None,
+        "tiles_failed": tiles.failed if tiles else None,
     }
 
 

@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from worker.lifecycle import JobState
-from worker.store import jobs, outbox
+from worker.store import history, jobs, outbox
 from worker.store.jobs import Conn
 from worker.wire.outgoing import OutboxMessage, message_from_json, message_to_json
 
@@ -111,10 +111,11 @@ def claim_due(
 
 
 # One statement, so a step's writes travel to PostgreSQL together: the fenced update, the
-# outbox rows (inserted only when the update applied) and the relays' wake-up. With
-# ``release`` the lease is given back in the same update, which a step that ends the
-# drive (no action to perform) needs nothing else for. ``saved`` is 0 when the fence or a
-# request that arrived meanwhile kept the update from applying: then nothing was written.
+# outbox rows and the events' history (both inserted only when the update applied) and the
+# relays' wake-up. With ``release`` the lease is given back in the same update, which a
+# step that ends the drive (no action to perform) needs nothing else for. ``saved`` is 0
+# when the fence or a request that arrived meanwhile kept the update from applying: then
+# nothing was written.
 _SAVE = f"""
     WITH saved AS (
         UPDATE bw_jobs
@@ -140,6 +141,9 @@ _SAVE = f"""
         RETURNING 1
     ), queued AS (
         {outbox.INSERT_ROWS} WHERE EXISTS (SELECT FROM saved) ORDER BY n
+        RETURNING 1
+    ), kept AS (
+        {history.RECORD_ROWS} AND EXISTS (SELECT FROM saved) {history.ON_CONFLICT}
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM saved),
@@ -186,6 +190,7 @@ def save_step(
         {
             **jobs.columns(state),
             **outbox.rows_parameters(messages),
+            **history.record_parameters(messages),
             "channel": outbox.NOTIFY_CHANNEL,
             "status_event": Jsonb(message_to_json(status_event)) if status_event else None,
             "folded_cancel": folded_cancel,

@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 
+from worker.store import history
 from worker.wire.outgoing import OutboxMessage, decode_table, encode_table
 
 NOTIFY_CHANNEL = "bw_outbox"
@@ -86,6 +87,8 @@ def enqueue(conn: psycopg.Connection[Any], messages: Sequence[OutboxMessage]) ->
     if not messages:
         return
     conn.execute(f"{INSERT_ROWS} ORDER BY n", rows_parameters(messages))
+    # The events' history, in this transaction: it holds an event exactly when the outbox did.
+    history.record(conn, messages)
     conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
 
 

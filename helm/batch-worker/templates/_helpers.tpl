@@ -35,6 +35,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
+The status API's pods: their own name label, so that no selector of the workers' (the
+Deployment's, the Service's, the PodDisruptionBudget's, the NetworkPolicy's) takes them in.
+*/}}
+{{- define "batch-worker.webSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "batch-worker.name" . | trunc 59 | trimSuffix "-" }}-web
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: web
+{{- end }}
+
+{{- define "batch-worker.webLabels" -}}
+helm.sh/chart: {{ include "batch-worker.chart" . }}
+{{ include "batch-worker.webSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "batch-worker.webName" -}}
+{{- include "batch-worker.fullname" . | trunc 59 | trimSuffix "-" }}-web
+{{- end }}
+
+{{/*
 The chart test pod's labels: the release's, but not the worker's selector labels, so that
 neither the Service nor the PodDisruptionBudget nor the NetworkPolicy selects it.
 */}}
@@ -123,7 +144,7 @@ probe must give it that long once /healthz fails, or it cuts the hand-back of it
 
 {{/* Settings the chart sets itself; config must not set them too. */}}
 {{- define "batch-worker.checkConfig" -}}
-{{- range $key := list "API_BUDGET_PER_MINUTE" "GRACE_PERIOD" "METRICS_PORT" "WORKER_NAME" "SECRETS_DIR" "CLIENT_SECRET" "BROKER_URL" "DATABASE_URL" }}
+{{- range $key := list "API_BUDGET_PER_MINUTE" "GRACE_PERIOD" "METRICS_PORT" "WORKER_NAME" "SECRETS_DIR" "CLIENT_SECRET" "BROKER_URL" "DATABASE_URL" "WEB_HOST" "WEB_PORT" "WEB_TOKEN" "WEB_BASIC_AUTH" }}
 {{- if hasKey $.Values.config $key }}
 {{- fail (printf "config.%s is set by the chart; see values.yaml" $key) }}
 {{- end }}

@@ -1,0 +1,299 @@
+"""The status API and its pages: read-only JSON over the durable state, served by aiohttp.
+
+Every answer comes from PostgreSQL (jobs, their events' history) or the delivery bucket
+(a job's features); nothing here writes either. Database and S3 work is blocking, so it
+runs in threads; the event loop only routes. The routes and their answers are documented
+in ``openapi.json`` beside this module, served at ``/api/openapi.json``; the tests hold
+the answers to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from aiohttp import web
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from worker.redact import redact
+from worker.settings import Settings
+from worker.store import listing
+from worker.web.features import FeatureReader
+
+API = "/api/v1"
+STATIC = Path(str(resources.files("worker.web") / "static"))
+OPENAPI = Path(str(resources.files("worker.web") / "openapi.json"))
+# How often the pages ask again while a job runs (seconds); the API says it in /config.
+REFRESH_SECONDS = 2.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+POOL: web.AppKey[ConnectionPool] = web.AppKey("pool", ConnectionPool)
+READER: web.AppKey[FeatureReader] = web.AppKey("reader", FeatureReader)
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+
+
+class Problem(web.HTTPException):
+    """An error answer as JSON: ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str, **headers: str) -> None:
+        self.status_code = status
+        super().__init__(
+            text=json.dumps({"error": {"code": code, "message": message}}),
+            content_type="application/json",
+            headers=headers or None,
+        )
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=partial(json.dumps, default=str))
+
+
+# --- auth --------------------------------------------------------------------------------
+
+# The pages, their scripts and the API's document hold no data: open to all, so a page can
+# ask for a token before its first call.
+_OPEN = ("/healthz", "/api/openapi.json")
+
+
+def _authorised(settings: Settings, header: str) -> bool:
+    token = settings.web_token.get_secret_value()
+    basic = settings.web_basic_auth.get_secret_value()
+    scheme, _, value = header.partition(" ")
+    if token and scheme.lower() == "bearer":
+        return hmac.compare_digest(value.strip().encode(), token.encode())
+    if basic and scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(value.strip(), validate=True)
+        except ValueError:
+            return False
+        return hmac.compare_digest(given, basic.encode())
+    return False
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    token = settings.web_token.get_secret_value()
+    basic = settings.web_basic_auth.get_secret_value()
+    guarded = (token or basic) and request.path.startswith("/api/") and request.path not in _OPEN
+    if guarded and not _authorised(settings, request.headers.get("Authorization", "")):
+        scheme = "Basic" if basic else "Bearer"
+        raise Problem(
+            401,
+            "UNAUTHORISED",
+            "credentials missing or wrong",
+            **{"WWW-Authenticate": f'{scheme} realm="batch-worker"'},
+        )
+    return await handler(request)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+async def _in_thread(request: web.Request, read: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+    pool = request.app[POOL]
+
+    def run() -> Any:
+        with pool.connection(timeout=10) as conn:
+            try:
+                return read(conn)
+            finally:
+                conn.rollback()
+
+    try:
+        return await asyncio.to_thread(run)
+    except psycopg.errors.UndefinedTable:
+        return None  # no worker has made the tables yet: no job
+    except (psycopg.OperationalError, PoolTimeout):
+        raise Problem(
+            503, "DATABASE_UNAVAILABLE", "the job-state database is not answering"
+        ) from None
+
+
+def _fleet(request: web.Request) -> str:
+    return request.query.get("fleet") or request.app[SETTINGS].fleet_id
+
+
+def _time(request: web.Request, name: str) -> datetime | None:
+    text = request.query.get(name)
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise Problem(400, "BAD_QUERY", f"{name}: not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise Problem(400, "BAD_QUERY", f"{name}: give a time zone (Z or +hh:mm)")
+    return moment
+
+
+def _int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise Problem(400, "BAD_QUERY", f"{name}: not an integer") from None
+    if not low <= value <= high:
+        raise Problem(400, "BAD_QUERY", f"{name}: must be from {low} to {high}")
+    return value
+
+
+def job_filter(request: web.Request) -> listing.JobFilter:
+    statuses = tuple(
+        part.strip().upper()
+        for value in request.query.getall("status", [])
+        for part in value.split(",")
+        if part.strip()
+    )
+    active_text = request.query.get("active")
+    if active_text not in (None, "true", "false"):
+        raise Problem(400, "BAD_QUERY", "active: true or false")
+    order = request.query.get("order", "accepted")
+    if order not in ("accepted", "duration"):
+        raise Problem(400, "BAD_QUERY", "order: accepted or duration")
+    return listing.JobFilter(
+        fleet_id=_fleet(request),
+        statuses=statuses,
+        text=request.query.get("q") or None,
+        since=_time(request, "since"),
+        until=_time(request, "until"),
+        active=None if active_text is None else active_text == "true",
+        limit=_int(request, "limit", 50, 1, listing.MAX_PAGE),
+        offset=_int(request, "offset", 0, 0, 10_000_000),
+        order=order,
+    )
+
+
+async def _jobs(request: web.Request) -> web.Response:
+    spec = job_filter(request)
+    found = await _in_thread(request, lambda conn: listing.list_jobs(conn, spec))
+    page, total = found if found is not None else ([], 0)
+    following = spec.offset + len(page)
+    return _json(
+        {
+            "fleet_id": spec.fleet_id,
+            "jobs": page,
+            "total": total,
+            "limit": spec.limit,
+            "offset": spec.offset,
+            "next_offset": following if following < total else None,
+        }
+    )
+
+
+async def _overview(request: web.Request) -> web.Response:
+    fleet = _fleet(request)
+    overview = await _in_thread(request, lambda conn: listing.fleet_overview(conn, fleet))
+    if overview is None:
+        overview = listing.empty_overview(fleet)
+    return _json(overview)
+
+
+async def _fleets(request: web.Request) -> web.Response:
+    found = await _in_thread(request, listing.fleets) or []
+    configured = request.app[SETTINGS].fleet_id
+    return _json({"configured": configured, "fleets": sorted({configured, *found})})
+
+
+async def _detail(request: web.Request, job_id: str) -> dict[str, Any]:
+    fleet = _fleet(request)
+    detail = await _in_thread(request, lambda conn: listing.job_detail(conn, fleet, job_id))
+    if detail is None:
+        raise Problem(404, "NO_SUCH_JOB", f"no job {job_id!r} in fleet {fleet!r}")
+    result: dict[str, Any] = detail
+    return result
+
+
+async def _job(request: web.Request) -> web.Response:
+    return _json(await _detail(request, request.match_info["job_id"]))
+
+
+async def _features(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    fleet = _fleet(request)
+    # The request whole, credentials in it included: the reader needs only its delivery
+    # url, and nothing of it is answered but that url and the paths derived from it.
+    found = await _in_thread(request, lambda conn: listing.job_request(conn, fleet, job_id))
+    if found is None:
+        raise Problem(404, "NO_SUCH_JOB", f"no job {job_id!r} in fleet {fleet!r}")
+    payload, request_id = found
+    if request_id is None:
+        collection = {
+            "type": "FeatureCollection",
+            "features": [],
+            "counts": {"DONE": 0, "FATAL": 0, "PENDING": 0},
+            "truncated": False,
+            "delivery": None,
+            "problems": ["the job has no batch request yet"],
+        }
+    else:
+        reader = request.app[READER]
+        collection = await asyncio.to_thread(reader.collection, payload, request_id)
+    collection["job_id"] = job_id
+    collection["batch_request_id"] = request_id
+    return _json(redact(collection))
+
+
+async def _config(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return _json(
+        {
+            "fleet_id": settings.fleet_id,
+            "basemap_url": settings.web_basemap_url or None,
+            "refresh_seconds": REFRESH_SECONDS,
+        }
+    )
+
+
+async def _openapi(_: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+def _page(name: str) -> Handler:
+    async def page(_: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC / name)
+
+    return page
+
+
+async def _not_found(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        if request.path.startswith("/api/"):
+            raise Problem(404, "NOT_FOUND", f"no such path: {request.path}") from None
+        raise
+
+
+def build_app(settings: Settings, pool: ConnectionPool, reader: FeatureReader) -> web.Application:
+    app = web.Application(middlewares=[_auth, web.middleware(_not_found)])
+    app[SETTINGS] = settings
+    app[POOL] = pool
+    app[READER] = reader
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/api/openapi.json", _openapi)
+    app.router.add_get(f"{API}/config", _config)
+    app.router.add_get(f"{API}/fleets", _fleets)
+    app.router.add_get(f"{API}/fleet", _overview)
+    app.router.add_get(f"{API}/jobs", _jobs)
+    app.router.add_get(f"{API}/jobs/{{job_id}}", _job)
+    app.router.add_get(f"{API}/jobs/{{job_id}}/features", _features)
+    app.router.add_get("/", _page("index.html"))
+    app.router.add_get("/job", _page("job.html"))
+    app.router.add_static("/static/", STATIC, follow_symlinks=False)
+    return app
