@@ -183,9 +183,9 @@ def _dlq(args: argparse.Namespace) -> int:
 
     try:
         if args.dlq_command == "list":
-            return dlq.list_messages(settings, limit=args.limit)
+            return dlq.list_messages(settings, limit=args.limit, as_json=args.json)
         if args.dlq_command == "show":
-            return dlq.show_message(settings, args.message)
+            return dlq.show_message(settings, args.message, as_json=args.json)
         if args.dlq_command == "replay":
             return dlq.replay(settings, message=args.message, replay_all=args.all)
         if args.dlq_command == "drop":
@@ -334,9 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     dlq_list = dlq_commands.add_parser("list", help="one line per dead-lettered message")
     dlq_list.add_argument("--limit", type=int, default=100)
+    dlq_list.add_argument("--json", action="store_true", help="one JSON object instead")
     dlq_show = dlq_commands.add_parser("show", help="one message whole")
     named = "its id as `dlq list` prints it: the message id, or sha256:... for one without"
     dlq_show.add_argument("message", help=named)
+    dlq_show.add_argument("--json", action="store_true", help="one JSON object, body in base64 too")
     dlq_replay = dlq_commands.add_parser("replay", help="send messages back to the jobs queue")
     target = dlq_replay.add_mutually_exclusive_group(required=True)
     target.add_argument("message", nargs="?", help=named)

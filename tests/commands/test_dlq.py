@@ -3,6 +3,7 @@ queue); part of the broker-facing set that `make test` runs against RabbitMQ 4.0
 
 from __future__ import annotations
 
+import base64
 import json
 import select
 import subprocess
@@ -117,6 +118,24 @@ def test_list_shows_reason_and_job_id_and_twice_the_same(
     assert len(_rows(limited.stdout)) == 2
     assert limited.stdout.splitlines()[-1] == "... and 1 more (--limit)"
 
+    # A look returns what it fetched to the back of the queue: compared by id, not order.
+    as_json = json.loads(run_cli("dlq", "list", "--json", env=stack.env()).stdout)
+    assert as_json["queue"] == stack.names.dlq and as_json["more"] == 0
+    assert sorted(as_json["messages"], key=lambda m: m["id"]) == sorted(
+        [
+            {"id": rejected[0][0], "job_id": None, "reason": "MALFORMED_JSON", "bytes": 9},
+            {
+                "id": rejected[1][0],
+                "job_id": "j-explode",
+                "reason": "UNKNOWN_ACTION",
+                "bytes": len(rejected[1][1]["body"]),
+            },
+        ],
+        key=lambda m: m["id"],
+    )
+    one = json.loads(run_cli("dlq", "list", "--limit", "1", "--json", env=stack.env()).stdout)
+    assert len(one["messages"]) == 1 and one["more"] == 1
+
 
 @broker
 def test_show_prints_the_message_whole(
@@ -133,6 +152,11 @@ def test_show_prints_the_message_whole(
     assert headers["team"] == "zarr" and headers["attempt"] == 3
     assert headers["x-batch-worker-reason"] == "UNKNOWN_ACTION"
     assert "action" in headers["x-batch-worker-detail"]
+
+    shown = json.loads(run_cli("dlq", "show", message_id, "--json", env=stack.env()).stdout)
+    assert shown["id"] == message_id and shown["body"] == sent["body"].decode()
+    assert base64.b64decode(shown["body_base64"]) == sent["body"]
+    assert shown["properties"]["application_headers"]["x-batch-worker-reason"] == "UNKNOWN_ACTION"
 
     missing = run_cli("dlq", "show", "no-such-message", env=stack.env())
     assert missing.returncode == 1

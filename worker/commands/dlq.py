@@ -10,6 +10,7 @@ it has none (``sha256:`` and 16 hex digits), as ``dlq list`` prints it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import sys
@@ -122,10 +123,11 @@ def _dead_letters(settings: Settings, limit: int) -> Iterator[tuple[Channel, lis
 # the messages are back in the DLQ before the first line is out.
 
 
-def list_messages(settings: Settings, *, limit: int) -> int:
+def list_messages(settings: Settings, *, limit: int, as_json: bool = False) -> int:
     """One line per message: the id that names it, job id, reason, size. In the order the
     DLQ gave them, which is no name: a look returns them, and the next look may see
-    another order."""
+    another order. ``as_json``: one JSON object, the messages and how many more lie beyond
+    ``limit``."""
     with _dead_letters(settings, limit) as (channel, letters):
         _, count, _ = channel.queue_declare(settings.dlq, passive=True)
         lines = [
@@ -133,6 +135,18 @@ def list_messages(settings: Settings, *, limit: int) -> int:
             f"{len(letter.message.body)}"
             for letter in letters
         ]
+        listed = [
+            {
+                "id": letter.key,
+                "job_id": None if letter.job_id == "-" else letter.job_id,
+                "reason": None if letter.reason == "-" else letter.reason,
+                "bytes": len(letter.message.body),
+            }
+            for letter in letters
+        ]
+    if as_json:
+        print(json.dumps({"queue": settings.dlq, "messages": listed, "more": count}, indent=2))
+        return 0
     if not lines:
         print(f"{settings.dlq} is empty")
         return 0
@@ -149,7 +163,11 @@ def _no_such(settings: Settings, key: str) -> int:
     return 1
 
 
-def show_message(settings: Settings, key: str, *, limit: int = 10_000) -> int:
+def show_message(
+    settings: Settings, key: str, *, limit: int = 10_000, as_json: bool = False
+) -> int:
+    """The message's properties, then its body as it was dead-lettered. ``as_json``: one
+    JSON object, the body as text where it is UTF-8 and always in base64 (its bytes)."""
     with _dead_letters(settings, limit) as (_, letters):
         found = [letter.message for letter in letters if letter.key == key]
     if not found:
@@ -158,8 +176,22 @@ def show_message(settings: Settings, key: str, *, limit: int = 10_000) -> int:
         # The same request dead-lettered more than once (a producer's retried publish).
         print(f"{len(found)} messages have the id {key!r}; the first:", file=sys.stderr)
     properties = {k: v for k, v in found[0].properties.items()}
-    print(json.dumps(properties, indent=2, default=str))
     body = found[0].body
+    if as_json:
+        raw = body if isinstance(body, bytes) else str(body).encode("utf-8")
+        try:
+            text: str | None = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        shown = {
+            "id": key,
+            "properties": properties,
+            "body": text,
+            "body_base64": base64.b64encode(raw).decode("ascii"),
+        }
+        print(json.dumps(shown, indent=2, default=str))
+        return 0
+    print(json.dumps(properties, indent=2, default=str))
     sys.stdout.write(body.decode("utf-8", "replace") if isinstance(body, bytes) else body)
     sys.stdout.write("\n")
     return 0
