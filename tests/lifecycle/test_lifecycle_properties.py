@@ -117,6 +117,7 @@ jobs = st.builds(
         deadline=st.none() | st.integers(0, 120).map(lambda s: T0 + timedelta(seconds=s)),
         max_cost_pu=st.none() | st.floats(0, 400),
         request=st.sampled_from([None, RASTER]),
+        cost_guard=st.sampled_from(["spent", "forecast"]),
     ),
     st.sampled_from([0, 0, 1, 2]),  # retry_failed
 )
@@ -222,6 +223,11 @@ def test_a_stop_is_asked_only_for_a_reason(start: JobState, history: History) ->
             assert start.deadline is not None and now >= start.deadline
         if t.state.stopped_reason == "COST_LIMIT":
             assert start.max_cost_pu is not None
+        if t.state.stopped_reason == "COST_FORECAST":
+            assert start.max_cost_pu is not None and start.cost_guard == "forecast"
+            forecast = t.state.cost_forecast
+            assert forecast is not None and forecast.method == "linear"
+            assert forecast.at_completion >= POLICY.cost_min_completion
 
 
 @settings(max_examples=200, deadline=None)

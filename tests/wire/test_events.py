@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 
-from worker.lifecycle import KNOWN_STATUSES, Echo, JobError, JobState, PastRequest, Retry, Tiles
+from worker.lifecycle import (
+    KNOWN_STATUSES,
+    CostForecast,
+    Echo,
+    JobError,
+    JobState,
+    PastRequest,
+    Retry,
+    Tiles,
+)
 from worker.wire.event_models import CommandEventData
 from worker.wire.events import (
     APP_ID,
@@ -126,6 +135,8 @@ def test_a_status_event_matches_the_contract() -> None:
                     "failed": 2,
                 }
             ],
+            "cost_forecast_pu": None,
+            "cost_forecast": None,
         },
     }
     assert message.properties == {
@@ -177,6 +188,16 @@ def test_a_follow_up_names_every_request_sums_the_cost_and_tells_a_skip() -> Non
         "retry_skipped"
         not in envelope(job_event(first, "status", exchange=EVENTS, worker="w", now=NOW)[0])["data"]
     )
+
+
+def test_a_job_event_carries_the_cost_forecast_and_how_it_was_made() -> None:
+    forecast = CostForecast(pu=739.286, method="linear", at_completion=42.0)
+    [message] = job_event(
+        state(cost_forecast=forecast), "progress", exchange=EVENTS, worker="w", now=NOW
+    )
+    data = envelope(message)["data"]
+    assert data["cost_forecast_pu"] == 739.286
+    assert data["cost_forecast"] == {"method": "linear", "at_completion": 42.0}
 
 
 def test_a_progress_event_has_its_own_type_and_routing_key() -> None:

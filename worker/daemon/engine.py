@@ -106,6 +106,8 @@ def policy_from(settings: Settings) -> Policy:
         # An event held for tiles waits at most one poll. (The lease holding the job while
         # the read runs is renewed every lease / 3 by worker/daemon/presence.py.)
         tiles_wait=min(default.tiles_wait, poll),
+        cost_min_completion=settings.cost_guard_min_completion,
+        cost_guard_margin=settings.cost_guard_margin,
     )
 
 

@@ -300,6 +300,7 @@ class Intake:
                 req.retry_failed if req.retry_failed is not None else self._settings.retry_failed
             ),
             tenant=req.tenant,
+            cost_guard=req.cost_guard or self._settings.cost_guard,
         )
 
     # -- events -------------------------------------------------------------------------

@@ -104,6 +104,10 @@ class Policy:
         timedelta(seconds=s) for s in (0, 2, 5, 10, 20)
     )
     tiles_wait: timedelta = timedelta(seconds=10)  # hold ANALYSIS_DONE this long for its tiles
+    # The cost forecast (worker/lifecycle/cost.py): made from this completion (percent) on;
+    # the forecast guard stops a job forecast above max_cost_pu x (1 + margin).
+    cost_min_completion: float = 5.0
+    cost_guard_margin: float = 0.1
 
 
 @dataclass(frozen=True)

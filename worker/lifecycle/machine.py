@@ -30,6 +30,7 @@ from worker.lifecycle.actions import (
     Transition,
     WriteRetryInput,
 )
+from worker.lifecycle.cost import linear_forecast, over_forecast
 from worker.lifecycle.jobs import forget_credentials
 from worker.lifecycle.observations import (
     ActionRefused,
@@ -205,7 +206,7 @@ def _pending(d: _Draft, obs: Observation) -> None:
         if isinstance(obs, Wake):
             d.actions.append(Adopt(_required(d.state.adopt_id)))
     else:
-        reason = _wanted_stop(d.state, d.now)
+        reason = _wanted_stop(d.state, d.now, d.policy)
         if reason is not None:
             # Nothing upstream to stop. Should an uncertain create have made a request after
             # all, the poller keeps sweeping for the ended job a while (create_doubtful),
@@ -292,7 +293,7 @@ def _tracking(d: _Draft, obs: Observation) -> None:
         _ending(d, obs)
         return
     match obs:
-        case Wake() if _stop_to_decide(d.state, d.now):
+        case Wake() if _stop_to_decide(d.state, d.now, d.policy):
             d.actions.append(Poll(rid))  # a deadline: stop now (the read rides on the poller)
         case Wake():
             # A resend, a 404 retry, a hold: the status held may be a poll old, so read it
@@ -344,12 +345,18 @@ def _fold_task(d: _Draft, task: TaskSnapshot) -> None:
     d.status_read = True
     if task.status == "ANALYSIS_DONE" and s.analysis_done_at is None:
         d.set(analysis_done_at=d.now)
+    completion = max(s.completion, task.completion_percentage)
+    cost_pu = max(s.cost_pu or 0.0, task.cost_pu)
+    past = sum(p.cost_pu for p in s.retry.past)  # the cap covers every request of the job
+    forecast = linear_forecast(completion, cost_pu, d.policy.cost_min_completion, past)
     d.set(
         upstream_status=task.status,
         furthest_rank=max(s.furthest_rank, rank or 0),
         # Neither goes down for one request; a lower figure is an older read.
-        completion=max(s.completion, task.completion_percentage),
-        cost_pu=max(s.cost_pu or 0.0, task.cost_pu),
+        completion=completion,
+        cost_pu=cost_pu,
+        # Until progress makes one, a bound known before START stands.
+        cost_forecast=forecast or s.cost_forecast,
     )
     if task.status not in TERMINAL:
         return
@@ -418,7 +425,9 @@ def _writing_retry_input(d: _Draft, obs: Observation) -> None:
     match obs:
         case RetryInputWritten(url=url, features=features):
             d.state = followups.begin(s, url=url, features=features, now=d.now)
-            reason = _wanted_stop(d.state, d.now)
+            # The follow-up's own progress forecasts the job's cost afresh (with the sum).
+            d.set(cost_forecast=None)
+            reason = _wanted_stop(d.state, d.now, d.policy)
             if reason is not None:
                 # A cancel or a deadline that came while the input was written: nothing
                 # was created, the job ends as its last request did.
@@ -487,12 +496,12 @@ def _merge_tiles(known: Tiles | None, seen: Tiles) -> Tiles:
     )
 
 
-def _stop_to_decide(s: JobState, now: datetime) -> bool:
+def _stop_to_decide(s: JobState, now: datetime, policy: Policy) -> bool:
     """A stop is wanted that was never asked for."""
-    return s.stop_sent_at is None and _wanted_stop(s, now) is not None
+    return s.stop_sent_at is None and _wanted_stop(s, now, policy) is not None
 
 
-def _wanted_stop(s: JobState, now: datetime) -> StoppedReason | None:
+def _wanted_stop(s: JobState, now: datetime, policy: Policy) -> StoppedReason | None:
     if s.stop_reason is not None:
         return s.stop_reason  # decided once; a later reason does not rename a stop in flight
     if s.cancel_wanted:
@@ -502,6 +511,8 @@ def _wanted_stop(s: JobState, now: datetime) -> StoppedReason | None:
     cost = followups.total_cost(s)  # every request of the job: the cap covers the sum
     if s.max_cost_pu is not None and cost is not None and cost > s.max_cost_pu:
         return StoppedReason.COST_LIMIT
+    if over_forecast(s.cost_guard, s.max_cost_pu, s.cost_forecast, policy.cost_guard_margin):
+        return StoppedReason.COST_FORECAST
     return None
 
 
@@ -509,7 +520,7 @@ def _drive(d: _Draft) -> None:
     """Decide what the request needs from its last known status (§3.2)."""
     s, now, lag = d.state, d.now, d.policy.action_lag
     status = s.upstream_status
-    reason = _wanted_stop(s, now)
+    reason = _wanted_stop(s, now, d.policy)
     if status == "CREATED":
         if reason is not None:
             # The API cannot stop a CREATED request, and nothing will run unless the worker

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from worker.lifecycle.cost import CostForecast, CostGuard
+
 TERMINAL = frozenset({"DONE", "FAILED", "STOPPED"})
 # batch-v2-api.md §3.1. Statuses the API may add later are carried through as strings.
 KNOWN_STATUSES = (
@@ -45,7 +47,8 @@ class StoppedReason(StrEnum):
     OUT_OF_PU = "OUT_OF_PU"
     UNHEALTHY = "UNHEALTHY"
     DEADLINE = "DEADLINE"
-    COST_LIMIT = "COST_LIMIT"
+    COST_LIMIT = "COST_LIMIT"  # spent more than max_cost_pu
+    COST_FORECAST = "COST_FORECAST"  # forecast to cost more than max_cost_pu (and margin)
 
 
 class _Frozen(BaseModel):
@@ -127,6 +130,7 @@ class JobState(_Frozen):
     auto_start: bool = True
     deadline: datetime | None = None
     max_cost_pu: float | None = None
+    cost_guard: CostGuard = "spent"  # the request's, or the fleet's COST_GUARD at intake
     echo: Echo = Echo()
     accepted_at: datetime
 
@@ -145,6 +149,7 @@ class JobState(_Frozen):
     furthest_rank: int = 0  # the highest STATUS_RANK read so far; lower reads are stale
     completion: float = 0.0
     cost_pu: float | None = None
+    cost_forecast: CostForecast | None = None  # worker/lifecycle/cost.py
     tiles: Tiles | None = None
     start_wanted: bool = True  # auto_start, or a `start` command arrived
     cancel_wanted: bool = False

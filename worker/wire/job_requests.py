@@ -6,7 +6,8 @@ exception). ``request_hash`` and ``same_request`` tell an idempotent re-submit f
 Decisions the contract leaves open (documented in docs/events.md and the schemas):
 
 - ``start`` and ``cancel`` carry only ``job_id``: the submit-only fields (``request``,
-  ``batch_request_id``, ``auto_start``, ``deadline``, ``max_cost_pu``) are ignored on them,
+  ``batch_request_id``, ``auto_start``, ``deadline``, ``max_cost_pu``, ``cost_guard``) are
+  ignored on them,
   not validated, so a cancel is never refused for what it did not need.
 - ``request: null`` and ``batch_request_id: null`` count as absent.
 - ``Rejection.action`` is only ever a known action (or None): it becomes a metric label.
@@ -42,6 +43,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from worker.lifecycle import CostGuard
 from worker.settings import TENANT_PATTERN
 
 SCHEMA_VERSION = 1
@@ -55,6 +57,7 @@ SUBMIT_ONLY_FIELDS = (
     "deadline",
     "max_cost_pu",
     "retry_failed",
+    "cost_guard",
 )
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 # Batch V2 request ids are UUIDs (batch-v2-api.md); any case, the canonical 8-4-4-4-12 form.
@@ -188,6 +191,14 @@ class JobRequest(BaseModel):
         description=(
             "Follow-up batch requests over the features that ended FATAL, at most this many"
             " (one per attempt); unset: the fleet's RETRY_FAILED (default 0)."
+        ),
+    )
+    cost_guard: CostGuard | None = Field(
+        default=None,
+        description=(
+            "What max_cost_pu is held to: 'spent' stops once costPU exceeds it (COST_LIMIT);"
+            " 'forecast' also stops once the cost forecast from progress exceeds it and the"
+            " fleet's margin (COST_FORECAST). Absent: the fleet's COST_GUARD."
         ),
     )
 
@@ -413,7 +424,7 @@ def _defining_fields(req: JobRequest) -> dict[str, Any]:
     deadline = (
         req.deadline.astimezone(UTC).isoformat().replace("+00:00", "Z") if req.deadline else None
     )
-    return {
+    fields: dict[str, Any] = {
         "v": SCHEMA_VERSION,
         "request": req.request,
         "batch_request_id": req.batch_request_id,
@@ -423,6 +434,10 @@ def _defining_fields(req: JobRequest) -> dict[str, Any]:
         # Only when given: the hash of every job stored before the field existed holds.
         **({"retry_failed": req.retry_failed} if req.retry_failed is not None else {}),
     }
+    # Only when given: the hashes stored before the field existed stay what they were.
+    if req.cost_guard is not None:
+        fields["cost_guard"] = req.cost_guard
+    return fields
 
 
 # pydantic's JSON parser takes these constants, which the contract refuses (json.loads
