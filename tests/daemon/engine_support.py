@@ -140,6 +140,9 @@ class FakeApi:
 
 
 class NoTiles:
+    def cost_bound(self, request_id: str) -> float | None:
+        return None
+
     def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Tiles | None:
         return Tiles(total=4, processed=4 if execution_db else 0)
 

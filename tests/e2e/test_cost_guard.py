@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.e2e.conftest import Events, Producer, Stack, WorkerProcess
 from worker.lifecycle import tag_for
+from worker.store import jobs
 
 pytestmark = pytest.mark.integration
 
@@ -37,12 +39,15 @@ def test_a_job_forecast_at_three_times_its_cap_is_stopped_having_spent_under_hal
     data = final["data"]
     assert (data["status"], data["stopped_reason"]) == ("STOPPED", "COST_FORECAST")
     assert 0 < data["cost_pu"] <= CAP / 2
-    # The progress that decided it carried the forecast: the whole cost, made from 5 % on.
-    made = [
+    # The progress that decided it carried the forecast: the whole cost, made from 5 % on
+    # (before, the events carried the bound known before START: the 100 PU minimum).
+    told = [
         e["data"]
         for e in events.for_job(forecast["job_id"])
-        if e["data"].get("cost_forecast_pu") is not None
+        if e["type"] != "batchworker.command.accepted"
     ]
+    assert told[0]["cost_forecast"] is None  # CREATED: nothing known yet
+    made = [d for d in told if (d["cost_forecast"] or {}).get("method") == "linear"]
     assert made, events.summary()
     first = made[0]
     assert first["cost_forecast"]["method"] == "linear"
@@ -56,9 +61,49 @@ def test_a_job_forecast_at_three_times_its_cap_is_stopped_having_spent_under_hal
     assert data["cost_pu"] > CAP
     assert data["cost_forecast_pu"] == pytest.approx(3 * CAP, rel=0.02)  # told, not acted on
 
-    upstream = stack.upstream_requests()
-    fleet = stack.names.settings()["fleet_id"]
     for job in (forecast, spent):
-        tag = tag_for(fleet, job["job_id"])
-        (task,) = [t for t in upstream if tag in (t["request"].get("description") or "")]
+        (task,) = _tagged(stack, job["job_id"])
         assert task["status"] == "STOPPED"
+
+
+def test_an_auto_start_job_whose_bound_exceeds_its_cap_rests_analysed_until_started(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    start_worker()
+    # 300 GeoPackage features of 1000 x 1000 px: at least 127.2 PU by the documented rules
+    # at their cheapest (the simulator bills 381.5), against a cap of 120.
+    job = stack.payload("geopackage-fields.json", features=300)
+    job.update(max_cost_pu=120.0, cost_guard="forecast")
+    producer.publish(job)
+
+    def analysed() -> bool:
+        return "ANALYSIS_DONE" in events.statuses(job["job_id"])
+
+    events.wait_for(analysed, 90, "ANALYSIS_DONE")
+    (event,) = [
+        e["data"]
+        for e in events.for_job(job["job_id"])
+        if e["type"] == "batchworker.job.status" and e["data"]["status"] == "ANALYSIS_DONE"
+    ]
+    assert event["cost_forecast"] == {"method": "manifest", "at_completion": 0.0}
+    assert event["cost_forecast_pu"] == pytest.approx(127.157, abs=1e-3)
+    assert event["tiles"]["total"] == 300
+    # Decided in the step that published it: resting, as with auto_start false.
+    with psycopg.connect(stack.database_url) as conn:
+        found = jobs.get_job(conn, stack.names.settings()["fleet_id"], job["job_id"])
+    assert found is not None
+    assert (found.state.cost_held, found.state.start_wanted) == (True, False)
+    (task,) = _tagged(stack, job["job_id"])
+    assert (task["status"], task["userAction"]) == ("ANALYSIS_DONE", "ANALYSE")
+
+    # The producer's start is its decision; the forecast guard still holds.
+    producer.publish({"job_id": job["job_id"], "action": "start"})
+    final = events.wait_terminal(job["job_id"], timeout=120)
+    data = final["data"]
+    assert (data["status"], data["stopped_reason"]) == ("STOPPED", "COST_FORECAST")
+    assert data["cost_pu"] <= 120.0 / 2
+
+
+def _tagged(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    tag = tag_for(stack.names.settings()["fleet_id"], job_id)
+    return [t for t in stack.upstream_requests() if tag in (t["request"].get("description") or "")]

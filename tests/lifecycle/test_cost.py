@@ -10,16 +10,25 @@ from lifecycle_support import POLICY, RID, Run, at, job, task
 
 from worker.lifecycle import (
     MIN_CHARGE_PU,
+    Analyse,
     CreateSucceeded,
+    Poll,
+    ReadTiles,
+    Start,
+    StartRequested,
     Stop,
     TaskSeen,
+    Tiles,
+    TilesSeen,
     TilesUnavailable,
+    Transition,
     Wake,
     linear_forecast,
     lower_bound,
     manifest_lower_bound,
 )
 from worker.lifecycle.cost import bound_exceeds_cap, guard_limit, over_forecast
+from worker.lifecycle.polling import resting
 
 MIN = POLICY.cost_min_completion
 MARGIN = POLICY.cost_guard_margin
@@ -221,3 +230,95 @@ def test_a_forecast_guard_stops_exactly_the_jobs_forecast_above_the_cap(
     else:
         assert reason == "COST_LIMIT"
         assert total * stopped_at / 100 > cap
+
+
+# -- the bound before START --------------------------------------------------------------------
+
+
+def analysed(**kwargs: object) -> tuple[Run, Transition]:
+    """Created, then ANALYSIS_DONE read: the step that asks for the manifest."""
+    run = Run(job(**kwargs))  # type: ignore[arg-type]
+    run.feed(Wake(), at(0))
+    run.feed(CreateSucceeded(task("CREATED")), at(1))
+    return run, run.feed(TaskSeen(task("ANALYSIS_DONE")), at(100))
+
+
+def test_a_capped_auto_start_job_under_the_forecast_guard_analyses_first() -> None:
+    run = Run(job(max_cost_pu=500.0, cost_guard="forecast"))
+    run.feed(Wake(), at(0))
+    t = run.feed(CreateSucceeded(task("CREATED")), at(1))
+    assert Analyse(RID) in t.actions and Start(RID) not in t.actions
+    # Without a cap, or under the spent guard, start on CREATED as ever.
+    for kwargs in ({"cost_guard": "forecast"}, {"max_cost_pu": 500.0}):
+        other = Run(job(**kwargs))  # type: ignore[arg-type]
+        other.feed(Wake(), at(0))
+        assert Start(RID) in other.feed(CreateSucceeded(task("CREATED")), at(1)).actions
+
+
+def test_a_job_whose_manifest_bound_exceeds_its_cap_rests_with_the_estimate() -> None:
+    run, t = analysed(max_cost_pu=120.0, cost_guard="forecast")
+    assert t.actions == (ReadTiles(RID, execution_db=False),) and t.emits == ()
+    t = run.feed(TilesSeen(Tiles(total=300), cost_bound_pu=127.2), at(101))
+    assert Start(RID) not in t.actions
+    assert [e.kind for e in t.emits] == ["status"] and t.state.status == "ANALYSIS_DONE"
+    made = t.state.cost_forecast
+    assert made is not None and (made.pu, made.method) == (127.2, "manifest")
+    assert resting(t.state) and t.state.cost_held
+    # The producer's start is the decision: it starts, and the guard still holds.
+    t = run.feed(StartRequested(), at(400))
+    assert Start(RID) in t.actions
+    run.feed(TaskSeen(task("PROCESSING")), at(430))
+    t = run.feed(TaskSeen(task("PROCESSING", completion_percentage=6, cost_pu=22.8)), at(460))
+    assert Stop(RID) in t.actions and t.state.stop_reason == "COST_FORECAST"
+
+
+def test_a_cap_below_the_minimum_charge_rests_even_without_the_manifest() -> None:
+    run, _ = analysed(max_cost_pu=50.0, cost_guard="forecast")
+    t = run.feed(TilesUnavailable("denied"), at(101))
+    made = t.state.cost_forecast
+    assert made is not None and (made.pu, made.method) == (MIN_CHARGE_PU, "minimum_charge")
+    assert Start(RID) not in t.actions and resting(t.state)
+
+
+def test_a_manifest_read_that_never_answers_is_waited_for_tiles_wait_at_most() -> None:
+    run, t = analysed(max_cost_pu=500.0, cost_guard="forecast")
+    assert t.wake_at is not None and t.wake_at <= at(100) + POLICY.tiles_wait
+    t = run.feed(Wake(), t.wake_at)
+    assert Poll(RID, asap=True) in t.actions  # the wake reads the status, then decides
+    t = run.feed(TaskSeen(task("ANALYSIS_DONE")), at(100) + POLICY.tiles_wait)
+    # No bound came: the minimum charge is the bound, within this cap, so it starts.
+    assert t.state.cost_forecast is not None and t.state.cost_forecast.method == "minimum_charge"
+    assert Start(RID) in t.actions
+
+
+def test_a_bound_within_the_cap_starts_at_once_and_progress_then_forecasts() -> None:
+    run, _ = analysed(max_cost_pu=500.0, cost_guard="forecast")
+    t = run.feed(TilesSeen(Tiles(total=300), cost_bound_pu=127.2), at(101))
+    assert Start(RID) in t.actions and not t.state.cost_held
+    run.feed(TaskSeen(task("PROCESSING", completion_percentage=1, cost_pu=2)), at(130))
+    assert run.state.cost_forecast is not None
+    assert run.state.cost_forecast.method == "manifest"  # 1 % makes no forecast yet
+    run.feed(TaskSeen(task("PROCESSING", completion_percentage=10, cost_pu=30)), at(160))
+    assert run.state.cost_forecast is not None and run.state.cost_forecast.pu == 300.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cap=st.floats(1, 1000),
+    bound=st.none() | st.floats(100, 2000),
+    guard=st.sampled_from(["spent", "forecast"]),
+    read=st.booleans(),
+)
+def test_an_auto_start_is_withheld_exactly_when_a_guarded_bound_exceeds_the_cap(
+    cap: float, bound: float | None, guard: str, read: bool
+) -> None:
+    run, t = analysed(max_cost_pu=cap, cost_guard=guard)
+    if read:
+        t = run.feed(TilesSeen(Tiles(total=10), cost_bound_pu=bound), at(101))
+    else:
+        t = run.feed(TilesUnavailable(), at(101))
+    known = bound if read and bound is not None else MIN_CHARGE_PU
+    withheld = guard == "forecast" and known > cap
+    started = Start(RID) in t.actions or any(Start(RID) in x.actions for x in run.transitions)
+    assert started != withheld
+    assert t.state.cost_held == withheld == resting(t.state)

@@ -33,6 +33,8 @@ _FEWEST_BANDS_FACTOR = 1 / 3
 _MIN_SIZE_FACTOR = 0.01
 _BATCH_FACTOR = 1 / 3
 _BATCH_FACTOR_ABOVE_PIXELS = 10_000
+# §14: no feature is bigger than 3500 x 3500 px; a manifest that says more is not believed.
+_MAX_FEATURE_PIXELS = 3500 * 3500
 
 Method = Literal["linear", "minimum_charge", "manifest"]
 
@@ -77,8 +79,9 @@ def manifest_lower_bound(feature_pixels: Iterable[int]) -> float:
     """The least the PU rules can charge for features of these sizes (width x height, one
     per distinct feature), never below the minimum charge."""
     total = 0.0
-    for pixels in feature_pixels:
-        factor = max(_MIN_SIZE_FACTOR, max(pixels, 0) / _PU_PIXELS) * _FEWEST_BANDS_FACTOR
+    for given in feature_pixels:
+        pixels = min(max(given, 0), _MAX_FEATURE_PIXELS)
+        factor = max(_MIN_SIZE_FACTOR, pixels / _PU_PIXELS) * _FEWEST_BANDS_FACTOR
         if pixels > _BATCH_FACTOR_ABOVE_PIXELS:
             factor *= _BATCH_FACTOR
         total += factor

@@ -30,7 +30,7 @@ from worker.lifecycle.actions import (
     Transition,
     WriteRetryInput,
 )
-from worker.lifecycle.cost import linear_forecast, over_forecast
+from worker.lifecycle.cost import bound_exceeds_cap, linear_forecast, lower_bound, over_forecast
 from worker.lifecycle.jobs import forget_credentials
 from worker.lifecycle.observations import (
     ActionRefused,
@@ -320,8 +320,11 @@ def _tracking(d: _Draft, obs: Observation) -> None:
             d.set(**{f"{kind}_sent_at": None})
             d.wake_by(_not_before(d, retry_at))
             return
-        case TilesSeen(tiles=tiles):
+        case TilesSeen(tiles=tiles, cost_bound_pu=bound):
             d.set(tiles=_merge(d.state, tiles))
+            _bound_before_start(d, bound)
+        case TilesUnavailable():
+            _bound_before_start(d, None)
         case DuplicateFound(batch_request_id=other):
             _duplicate(d, other)
         case _:
@@ -534,11 +537,12 @@ def _drive(d: _Draft) -> None:
             _stop(d, reason)
             d.wake_by(launched + lag)
         else:
-            # start on CREATED runs analysis and then processing by itself (§3.2).
-            _send(d, "start" if s.start_wanted else "analyse")
+            # start on CREATED runs analysis and then processing by itself (§3.2); a
+            # start decided on the cost bound waits for the analysis.
+            _send(d, "start" if s.start_wanted and not _analyse_first(s) else "analyse")
     elif reason is not None:
         _stop(d, reason)
-    elif status == "ANALYSIS_DONE" and s.start_wanted:
+    elif status == "ANALYSIS_DONE" and s.start_wanted and not _start_held_for_cost(d):
         _send(d, "start")
     if d.status_read:
         _read_tiles(d)
@@ -556,6 +560,50 @@ def _read_tiles(d: _Draft) -> None:
             # comes next (the tiles, a failure, a Wake) publishes it.
             d.hold_status = True
             d.wake_by(d.now + d.policy.tiles_wait)
+
+
+def _analyse_first(s: JobState) -> bool:
+    """A start to be decided at ANALYSIS_DONE on what the job will cost at least: an auto
+    start under the forecast guard with a cap (a `start` after a hold is the producer's).
+    The first request only: a follow-up over FATAL features is started as the job's own
+    (the forecast guard covers the sum from its progress on)."""
+    return (
+        s.start_wanted
+        and s.retry.attempt == 0
+        and not s.cost_held
+        and s.cost_guard == "forecast"
+        and s.max_cost_pu is not None
+    )
+
+
+def _bound_before_start(d: _Draft, manifest_bound: float | None) -> None:
+    """The manifest was read (or could not be) at ANALYSIS_DONE: the bound known before
+    START becomes the job's estimate until its progress makes a forecast."""
+    s = d.state
+    if s.upstream_status != "ANALYSIS_DONE" or s.furthest_rank > STATUS_RANK["ANALYSIS_DONE"]:
+        return
+    if s.retry.attempt > 0:
+        return  # a follow-up's own bound is not the job's: its progress forecasts the sum
+    if s.cost_forecast is None or s.cost_forecast.method != "linear":
+        d.set(cost_forecast=lower_bound(manifest_bound))
+
+
+def _start_held_for_cost(d: _Draft) -> bool:
+    """Whether an analysed job's auto start waits: for the manifest's bound (at most
+    ``tiles_wait``), or for good when the bound already exceeds the cap."""
+    s = d.state
+    if not _analyse_first(s):
+        return False
+    if s.cost_forecast is None:
+        since = s.analysis_done_at or d.now
+        if d.now < since + d.policy.tiles_wait:
+            d.wake_by(since + d.policy.tiles_wait)
+            return True
+        d.set(cost_forecast=lower_bound(None))  # the manifest never came: the minimum
+    if bound_exceeds_cap(s.cost_guard, s.max_cost_pu, d.state.cost_forecast):
+        d.set(start_wanted=False, cost_held=True)  # resting, as with auto_start false
+        return True
+    return False
 
 
 def _stop(d: _Draft, reason: StoppedReason) -> None:

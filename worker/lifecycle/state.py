@@ -152,6 +152,9 @@ class JobState(_Frozen):
     cost_forecast: CostForecast | None = None  # worker/lifecycle/cost.py
     tiles: Tiles | None = None
     start_wanted: bool = True  # auto_start, or a `start` command arrived
+    # The auto start was withheld once: a lower bound of the cost exceeded the cap (the
+    # forecast guard). The job rests as with auto_start false; a `start` then starts it.
+    cost_held: bool = False
     cancel_wanted: bool = False
     analyse_sent_at: datetime | None = None
     start_sent_at: datetime | None = None

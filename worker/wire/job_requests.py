@@ -198,7 +198,9 @@ class JobRequest(BaseModel):
         description=(
             "What max_cost_pu is held to: 'spent' stops once costPU exceeds it (COST_LIMIT);"
             " 'forecast' also stops once the cost forecast from progress exceeds it and the"
-            " fleet's margin (COST_FORECAST). Absent: the fleet's COST_GUARD."
+            " fleet's margin (COST_FORECAST), and an auto_start job then rests at"
+            " ANALYSIS_DONE when a lower bound of its cost already exceeds it. Absent: the"
+            " fleet's COST_GUARD."
         ),
     )
 
