@@ -18,6 +18,7 @@ EXAMPLE_JOBS = {
     "geopackage-fields.json",
     "max-ndvi-geotiff.json",
     "max-ndvi-zarr.json",
+    "cost-forecast-stop.json",
 }
 
 

@@ -8,7 +8,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.e2e.conftest import Events, Producer, Stack, WorkerProcess
+from tests.e2e.conftest import Events, Producer, Stack, WorkerProcess, free_port
+from tests.e2e.test_lifecycle_end_to_end import _metric
 from worker.lifecycle import tag_for
 from worker.store import jobs
 
@@ -69,7 +70,8 @@ def test_a_job_forecast_at_three_times_its_cap_is_stopped_having_spent_under_hal
 def test_an_auto_start_job_whose_bound_exceeds_its_cap_rests_analysed_until_started(
     stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
 ) -> None:
-    start_worker()
+    port = free_port()
+    start_worker(metrics_port=port)
     # 300 GeoPackage features of 1000 x 1000 px: at least 127.2 PU by the documented rules
     # at their cheapest (the simulator bills 381.5), against a cap of 120.
     job = stack.payload("geopackage-fields.json", features=300)
@@ -95,6 +97,9 @@ def test_an_auto_start_job_whose_bound_exceeds_its_cap_rests_analysed_until_star
     assert (found.state.cost_held, found.state.start_wanted) == (True, False)
     (task,) = _tagged(stack, job["job_id"])
     assert (task["status"], task["userAction"]) == ("ANALYSIS_DONE", "ANALYSE")
+    events.wait_for(
+        lambda: _metric(port, "batch_worker_starts_withheld_total") == 1, 30, "the metric"
+    )
 
     # The producer's start is its decision; the forecast guard still holds.
     producer.publish({"job_id": job["job_id"], "action": "start"})
@@ -102,6 +107,8 @@ def test_an_auto_start_job_whose_bound_exceeds_its_cap_rests_analysed_until_star
     data = final["data"]
     assert (data["status"], data["stopped_reason"]) == ("STOPPED", "COST_FORECAST")
     assert data["cost_pu"] <= 120.0 / 2
+    stopped = 'batch_worker_jobs_finished_total{reason="COST_FORECAST",status="STOPPED"'
+    events.wait_for(lambda: _metric(port, stopped) == 1, 30, "the finished metric")
 
 
 def _tagged(stack: Stack, job_id: str) -> list[dict[str, Any]]:

@@ -75,6 +75,7 @@ class EngineMetrics(Protocol):
     def follow_up(self, recovered_delta: int, *, created: bool) -> None: ...
     def status_lag(self, seconds: float) -> None: ...
     def cost_share(self, share: float) -> None: ...
+    def start_withheld(self) -> None: ...
 
 
 def utc_now() -> datetime:
@@ -459,6 +460,8 @@ class Engine:
                 created = previous.phase is Phase.PENDING_CREATE and state.phase is Phase.TRACKING
                 if created or processed > 0:
                     metrics.follow_up(max(processed, 0), created=created)
+        if state.cost_held and not previous.cost_held:
+            metrics.start_withheld()
         if state.phase is Phase.ENDED and previous.phase is not Phase.ENDED:
             reason = state.stopped_reason or (state.error.code if state.error else None)
             duration = (
