@@ -7,6 +7,7 @@ import math
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from lifecycle_support import POLICY, RID, Run, at, job, task
+from test_lifecycle_properties import History, delays, observations
 
 from worker.lifecycle import (
     MIN_CHARGE_PU,
@@ -322,3 +323,19 @@ def test_an_auto_start_is_withheld_exactly_when_a_guarded_bound_exceeds_the_cap(
     started = Start(RID) in t.actions or any(Start(RID) in x.actions for x in run.transitions)
     assert started != withheld
     assert t.state.cost_held == withheld == resting(t.state)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tail=st.lists(st.tuples(delays, observations), max_size=40))
+def test_a_held_job_starts_only_on_a_start_that_comes_after_the_hold(tail: History) -> None:
+    run, _ = analysed(max_cost_pu=50.0, cost_guard="forecast")
+    held = run.feed(TilesUnavailable(), at(101))
+    assert held.state.cost_held and resting(held.state)
+    now, asked = at(101), False
+    for delay, observation in tail:
+        now += delay
+        asked = asked or isinstance(observation, StartRequested)
+        t = run.feed(observation, now)
+        if any(isinstance(a, Start) for a in t.actions):
+            assert asked
+        assert t.state.cost_held  # once held, the producer decides from then on
