@@ -72,6 +72,16 @@ def test_a_cost_billed_with_progress_is_forecast_exactly(total: float, completio
     assert math.isclose(made.pu, max(MIN_CHARGE_PU, total), rel_tol=1e-6, abs_tol=1e-3)
 
 
+@given(completion=st.floats(MIN, 100), cost=costs, before=st.floats(0, 1e6))
+def test_a_follow_up_forecasts_the_job_what_its_earlier_requests_cost_plus_its_own(
+    completion: float, cost: float, before: float
+) -> None:
+    alone = linear_forecast(completion, cost, MIN)
+    summed = linear_forecast(completion, cost, MIN, spent_before=before)
+    assert alone is not None and summed is not None
+    assert math.isclose(summed.pu, alone.pu + before, rel_tol=1e-9, abs_tol=2e-3)
+
+
 @given(completion=st.floats(MIN, 100), cost=costs, more=st.floats(0, 1e6), cap=st.floats(1, 1e6))
 def test_more_spend_at_the_same_completion_never_lowers_the_forecast_or_calms_the_guard(
     completion: float, cost: float, more: float, cap: float
