@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from datetime import datetime, timedelta
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from lifecycle_support import POLICY, RID, Run, at, job, task
@@ -13,8 +16,10 @@ from worker.lifecycle import (
     MIN_CHARGE_PU,
     Analyse,
     CreateSucceeded,
+    Phase,
     Poll,
     ReadTiles,
+    ResumeOn,
     Start,
     StartRequested,
     Stop,
@@ -23,6 +28,7 @@ from worker.lifecycle import (
     TilesSeen,
     TilesUnavailable,
     Transition,
+    UnhealthyRule,
     Wake,
     linear_forecast,
     lower_bound,
@@ -349,3 +355,140 @@ def test_a_held_job_starts_only_on_a_start_that_comes_after_the_hold(tail: Histo
         if any(isinstance(a, Start) for a in t.actions):
             assert asked
         assert t.state.cost_held  # once held, the producer decides from then on
+
+
+# -- with resume by policy (lifecycle/resume.py) -----------------------------------------------
+
+RESUMING = replace(
+    POLICY, restart_block=timedelta(seconds=60), restart_jitter=timedelta(seconds=10)
+)
+
+
+def paused_after(
+    run: Run, completion: float, cost: float, now: datetime
+) -> tuple[datetime, Transition]:
+    """Stopped UNHEALTHY at ``completion`` / ``cost``, paused, then the resume's START."""
+    t = run.feed(
+        TaskSeen(
+            task(
+                "STOPPED",
+                stopped_reason="UNHEALTHY",
+                completion_percentage=completion,
+                cost_pu=cost,
+            )
+        ),
+        now,
+    )
+    pause = t.state.pause
+    assert pause is not None and pause.resume_at is not None
+    t = run.feed(Wake(), pause.resume_at)
+    assert t.actions == (Start(RID),)
+    return pause.resume_at, t
+
+
+def guarded_resuming(cap: float) -> Run:
+    state = job(max_cost_pu=cap, cost_guard="forecast").model_copy(
+        update={"resume_on": ResumeOn(UNHEALTHY=UnhealthyRule(attempts=2))}
+    )
+    run = Run(state, policy=RESUMING)
+    run.feed(Wake(), at(0))
+    run.feed(CreateSucceeded(task("CREATED")), at(1))
+    return run
+
+
+def test_the_bound_before_start_holds_the_first_start_only_not_a_resumes() -> None:
+    run = guarded_resuming(cap=300.0)
+    run.feed(TaskSeen(task("ANALYSIS_DONE")), at(100))
+    # The manifest never came within tiles_wait: the minimum is the bound, and it starts.
+    t = run.feed(TaskSeen(task("ANALYSIS_DONE")), at(100) + RESUMING.tiles_wait)
+    assert Start(RID) in t.actions and not t.state.cost_held
+    run.feed(TaskSeen(task("PROCESSING", completion_percentage=2, cost_pu=8)), at(200))
+    sent, _ = paused_after(run, completion=3, cost=12, now=at(230))
+    # The restart shows ANALYSIS_DONE; its manifest read now tells a bound above the cap.
+    t = run.feed(
+        TaskSeen(task("ANALYSIS_DONE", completion_percentage=3, cost_pu=12)),
+        sent + timedelta(seconds=4),
+    )
+    assert t.state.pause is None and ReadTiles(RID, execution_db=False) in t.actions
+    t = run.feed(TilesSeen(Tiles(total=300), cost_bound_pu=900.0), sent + timedelta(seconds=5))
+    # The resume's START is not withheld: the job ran already, its progress forecasts it.
+    assert not t.state.cost_held and t.state.start_wanted and not resting(t.state)
+    assert t.state.cost_forecast is not None and t.state.cost_forecast.method == "minimum_charge"
+    # Still ANALYSIS_DONE a lag after it showed: the START goes again, as for any job.
+    later = sent + timedelta(seconds=5) + RESUMING.action_lag
+    t = run.feed(TaskSeen(task("ANALYSIS_DONE", completion_percentage=3, cost_pu=12)), later)
+    assert Start(RID) in t.actions
+    # And the forecast guard holds over both runs: 40 PU at 10 % is 400 PU, above 330.
+    t = run.feed(TaskSeen(task("PROCESSING", completion_percentage=10, cost_pu=40)), later)
+    assert Stop(RID) in t.actions and t.state.stop_reason == "COST_FORECAST"
+
+
+@pytest.mark.parametrize(
+    ("restart_completion", "cost_at_10", "forecast", "stopped"),
+    [
+        # The restart reprocesses from 0 %: its costPU keeps the 40 PU billed before, so
+        # the forecast is those plus this run's spend over its completion.
+        (0.0, 50.0, 140.0, False),
+        (0.0, 60.0, 240.0, True),
+    ],
+)
+def test_a_restart_that_reprocesses_is_forecast_on_top_of_what_the_runs_before_billed(
+    restart_completion: float, cost_at_10: float, forecast: float, stopped: bool
+) -> None:
+    run = guarded_resuming(cap=150.0)
+    run.feed(TaskSeen(task("ANALYSIS_DONE")), at(100))
+    run.feed(TilesSeen(Tiles(total=10), cost_bound_pu=None), at(101))
+    t = run.feed(TaskSeen(task("PROCESSING", completion_percentage=40, cost_pu=40)), at(200))
+    assert t.state.cost_forecast is not None and t.state.cost_forecast.pu == 100.0
+    sent, _ = paused_after(run, completion=40, cost=40, now=at(230))
+    back = TaskSeen(task("ANALYSIS_DONE", completion_percentage=restart_completion, cost_pu=40))
+    t = run.feed(back, sent + timedelta(seconds=4))
+    assert t.state.rerun_base_pu == 40.0
+    # Until this run makes a forecast of its own, the last one stands (and guards).
+    assert t.state.cost_forecast is not None and t.state.cost_forecast.pu == 100.0
+    t = run.feed(
+        TaskSeen(task("PROCESSING", completion_percentage=10, cost_pu=cost_at_10)),
+        sent + timedelta(seconds=30),
+    )
+    assert t.state.cost_forecast is not None and t.state.cost_forecast.pu == forecast
+    assert (t.state.stop_reason == "COST_FORECAST") == stopped == (Stop(RID) in t.actions)
+
+
+def test_a_restart_that_goes_on_where_it_stopped_is_forecast_as_one_run() -> None:
+    run = guarded_resuming(cap=150.0)
+    run.feed(TaskSeen(task("ANALYSIS_DONE")), at(100))
+    run.feed(TilesSeen(Tiles(total=10), cost_bound_pu=None), at(101))
+    run.feed(TaskSeen(task("PROCESSING", completion_percentage=40, cost_pu=40)), at(200))
+    sent, _ = paused_after(run, completion=40, cost=40, now=at(230))
+    back = TaskSeen(task("ANALYSIS_DONE", completion_percentage=40, cost_pu=40))
+    assert run.feed(back, sent + timedelta(seconds=4)).state.rerun_base_pu == 0.0
+    t = run.feed(
+        TaskSeen(task("PROCESSING", completion_percentage=80, cost_pu=100)),
+        sent + timedelta(seconds=30),
+    )
+    # 100 PU at 80 %: 125 PU in all, within 165; 140 PU at 80 % would not be.
+    assert t.state.cost_forecast is not None and t.state.cost_forecast.pu == 125.0
+    assert t.state.stop_reason is None
+    t = run.feed(
+        TaskSeen(task("PROCESSING", completion_percentage=80, cost_pu=140)),
+        sent + timedelta(seconds=40),
+    )
+    assert t.state.stop_reason == "COST_FORECAST" and Stop(RID) in t.actions
+
+
+def test_a_stop_that_lifts_the_forecast_over_the_cap_ends_the_job_instead_of_pausing() -> None:
+    run = guarded_resuming(cap=150.0)
+    run.feed(TaskSeen(task("ANALYSIS_DONE")), at(100))
+    run.feed(TilesSeen(Tiles(total=10), cost_bound_pu=None), at(101))
+    run.feed(TaskSeen(task("PROCESSING", completion_percentage=20, cost_pu=20)), at(200))
+    # Stopped UNHEALTHY having billed 60 PU at 30 %: 200 PU forecast, above 165.
+    t = run.feed(
+        TaskSeen(task("STOPPED", stopped_reason="UNHEALTHY", completion_percentage=30, cost_pu=60)),
+        at(230),
+    )
+    assert t.state.pause is None and Start(RID) not in t.actions
+    assert (t.state.phase, t.state.status, t.state.stopped_reason) == (
+        Phase.ENDED,
+        "STOPPED",
+        "COST_FORECAST",
+    )

@@ -56,20 +56,27 @@ class CostForecast(BaseModel):
 
 
 def linear_forecast(
-    completion: float, cost_pu: float | None, min_completion: float, spent_before: float = 0.0
+    completion: float,
+    cost_pu: float | None,
+    min_completion: float,
+    spent_before: float = 0.0,
+    rerun_base: float = 0.0,
 ) -> CostForecast | None:
     """The final cost by the spend so far, once ``min_completion`` percent is done.
 
     ``completion`` and ``cost_pu`` are the current request's highest read so far (neither
     goes down for one request); ``spent_before`` what the job's earlier requests cost (its
-    follow-ups over FATAL features sum them all). Below the minimum there is no forecast:
-    a few early features say little.
+    follow-ups over FATAL features sum them all); ``rerun_base`` what earlier runs of this
+    request billed when a restart (resume by policy) processes it again from 0 %: its
+    ``costPU`` keeps that, so only the rest is this run's spend over its completion.
+    Below the minimum there is no forecast: a few early features say little.
     """
     if cost_pu is None or completion <= 0 or completion < min_completion:
         return None
     share = min(completion, 100.0) / 100.0
+    this_run = max(0.0, cost_pu - rerun_base) / share
     return CostForecast(
-        pu=round(spent_before + max(MIN_CHARGE_PU, cost_pu / share), 3),
+        pu=round(spent_before + max(MIN_CHARGE_PU, rerun_base + this_run), 3),
         method="linear",
         at_completion=completion,
     )

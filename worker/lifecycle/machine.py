@@ -358,7 +358,9 @@ def _fold_task(d: _Draft, task: TaskSnapshot) -> None:
     completion = max(s.completion, task.completion_percentage)
     cost_pu = max(s.cost_pu or 0.0, task.cost_pu)
     past = sum(p.cost_pu for p in s.retry.past)  # the cap covers every request of the job
-    forecast = linear_forecast(completion, cost_pu, d.policy.cost_min_completion, past)
+    forecast = linear_forecast(
+        completion, cost_pu, d.policy.cost_min_completion, past, s.rerun_base_pu
+    )
     d.set(
         upstream_status=task.status,
         furthest_rank=max(s.furthest_rank, rank or 0),
@@ -585,11 +587,15 @@ def _read_tiles(d: _Draft) -> None:
 def _analyse_first(s: JobState) -> bool:
     """A start to be decided at ANALYSIS_DONE on what the job will cost at least: an auto
     start under the forecast guard with a cap (a `start` after a hold is the producer's).
-    The first request only: a follow-up over FATAL features is started as the job's own
-    (the forecast guard covers the sum from its progress on)."""
+    The first request's first START only: a follow-up over FATAL features is started as
+    the job's own, and a resume's START (the same request again) as the job's that ran
+    (the forecast guard covers the sum from its progress on). Once a START is sent, a bound
+    read later no longer withholds it."""
     return (
         s.start_wanted
         and s.retry.attempt == 0
+        and s.start_sent_at is None
+        and not s.resumed
         and not s.cost_held
         and s.cost_guard == "forecast"
         and s.max_cost_pu is not None
@@ -602,8 +608,10 @@ def _bound_before_start(d: _Draft, manifest_bound: float | None) -> None:
     s = d.state
     if s.upstream_status != "ANALYSIS_DONE" or s.furthest_rank > STATUS_RANK["ANALYSIS_DONE"]:
         return
-    if s.retry.attempt > 0:
-        return  # a follow-up's own bound is not the job's: its progress forecasts the sum
+    if s.retry.attempt > 0 or s.resumed:
+        # A follow-up's own bound is not the job's, nor a restart's (its earlier runs
+        # billed already): their progress forecasts the sum.
+        return
     if s.cost_forecast is None or s.cost_forecast.method != "linear":
         d.set(cost_forecast=lower_bound(manifest_bound))
 
@@ -681,13 +689,17 @@ def _paused(d: _Draft, obs: Observation) -> bool:
             if resume.restarted(pause, task.status, task.cost_pu):
                 # The restart's ANALYSIS_DONE counts from this read, so a START is sent
                 # again only if it still shows after the lag (not to a request that ran
-                # and stopped again meanwhile, which the API may let restart).
+                # and stopped again meanwhile, which the API may let restart). A restart
+                # from below where it stopped processes (and bills) again: the cost of the
+                # earlier runs is the base the forecast adds this run's spend to.
+                rerun = task.completion_percentage < s.completion
                 d.set(
                     pause=None,
                     stopped_reason=None,
                     furthest_rank=0,
                     completion=0.0,
                     analysis_done_at=None,
+                    rerun_base_pu=pause.cost_pu if rerun else s.rerun_base_pu,
                 )
                 return False
             d.set(last_seen_at=d.now, not_found_since=None)

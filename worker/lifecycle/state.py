@@ -152,6 +152,9 @@ class JobState(_Frozen):
     completion: float = 0.0
     cost_pu: float | None = None
     cost_forecast: CostForecast | None = None  # worker/lifecycle/cost.py
+    # costPU earlier runs of this request billed, when a resume's restart processes it
+    # again from 0 % (the forecast adds this run's own on top); 0 when it went on.
+    rerun_base_pu: float = 0.0
     tiles: Tiles | None = None
     start_wanted: bool = True  # auto_start, or a `start` command arrived
     # The auto start was withheld once: a lower bound of the cost exceeded the cap (the
