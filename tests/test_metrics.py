@@ -31,6 +31,7 @@ CONTRACT = {
     "batch_worker_follow_ups_total": ("counter", set()),
     "batch_worker_features_recovered_total": ("counter", set()),
     "batch_worker_jobs_paused_total": ("counter", {"reason"}),
+    "batch_worker_starts_withheld_total": ("counter", set()),
 }
 
 
@@ -103,6 +104,8 @@ def test_series_exist_before_anything_happens(metrics: Metrics) -> None:
     finished = "batch_worker_jobs_finished_total"
     assert sample(metrics, finished, status="STOPPED", reason="OUT_OF_PU", tenant="") == 0
     assert sample(metrics, finished, status="STOPPED", reason="COST_LIMIT", tenant="") == 0
+    assert sample(metrics, finished, status="STOPPED", reason="COST_FORECAST", tenant="") == 0
+    assert sample(metrics, "batch_worker_starts_withheld_total") == 0
     assert sample(metrics, finished, status="DONE", reason="", tenant="") == 0
 
 

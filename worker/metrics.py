@@ -205,6 +205,12 @@ class Metrics:
             "Features FATAL in an earlier request of their job and DONE in a follow-up.",
             registry=r,
         )
+        self._starts_withheld = Counter(
+            f"{PREFIX}_starts_withheld_total",
+            "Auto starts withheld: under the forecast cost guard, a lower bound of the job's "
+            "cost already exceeded its max_cost_pu, and it rests at ANALYSIS_DONE.",
+            registry=r,
+        )
         self._outbox_pending = Gauge(
             f"{PREFIX}_outbox_pending",
             "Messages saved in the outbox and not yet confirmed by the broker.",
@@ -337,6 +343,9 @@ class Metrics:
     def job_paused(self, reason: str) -> None:
         """A job paused on an API stop (resume by policy) instead of ending."""
         self._jobs_paused.labels(reason=_label(reason)).inc()
+
+    def start_withheld(self) -> None:
+        self._starts_withheld.inc()
 
     def status_lag(self, seconds: float) -> None:
         self._status_lag.set(max(0.0, seconds))

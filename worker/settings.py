@@ -162,6 +162,13 @@ class Settings(BaseSettings):
     tenant_source: Literal["message", "user_id"] = "message"
     # Without tenancy: may a submit adopt a batch request no job of the fleet created?
     adopt_foreign: bool = False
+    # What a job's max_cost_pu is held to when its request names no cost_guard
+    # (docs/contract.md "Cost guard"): "spent" (COST_LIMIT once spent) or "forecast" (also
+    # COST_FORECAST once forecast above the cap x (1 + COST_GUARD_MARGIN), the forecast made
+    # from COST_GUARD_MIN_COMPLETION percent done on).
+    cost_guard: Literal["spent", "forecast"] = "spent"
+    cost_guard_margin: float = Field(default=0.1, ge=0, le=10)
+    cost_guard_min_completion: float = Field(default=5.0, gt=0, le=100)
 
     # --- the broker ------------------------------------------------------------------
     broker_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672//")

@@ -46,7 +46,7 @@ def _example_job_ids() -> list[str]:
     )
 
 
-def test_demo_runs_the_examples_to_done_and_moves_off_a_taken_port(
+def test_demo_runs_the_examples_to_their_ends_and_moves_off_a_taken_port(
     demo_env: dict[str, str], tmp_path: Path
 ) -> None:
     with socket.socket() as taken:
@@ -54,7 +54,7 @@ def test_demo_runs_the_examples_to_done_and_moves_off_a_taken_port(
         taken.listen()
         port = taken.getsockname()[1]
         demo_env["BATCH_WORKER_METRICS_PORT"] = str(port)
-        # Waits for the jobs at x300: the longest (a follow-up) takes a few seconds.
+        # Waits for the jobs at x300: the longest (the forecast's) takes some 20 seconds.
         result = run_cli(
             "demo", "--speed", "300", "--exit", env=demo_env, cwd=tmp_path, timeout=180
         )
@@ -69,6 +69,8 @@ def test_demo_runs_the_examples_to_done_and_moves_off_a_taken_port(
         if "\t" in line and not line.startswith("job\t")
     }
     assert sorted(rows) == _example_job_ids()
+    # All end DONE but the one forecast at 3x its cap, stopped by its forecast.
+    assert rows.pop("corsica-cost-forecast") == "STOPPED (COST_FORECAST)"
     assert set(rows.values()) == {"DONE"}
     log = (tmp_path / "demo-output" / "worker.log").read_text()
     assert '"logger": "worker.daemon.supervisor"' in log

@@ -14,6 +14,7 @@ import pytest
 from tests.cli_support import REPO, clean_env
 
 EXAMPLE_JOBS = {
+    "cost-forecast-stop.json",
     "fatal-features-retry.json",
     "geopackage-fields.json",
     "max-ndvi-geotiff.json",

@@ -57,6 +57,11 @@ def test_status_of_ended_jobs_as_text_and_json(
     # The late reader gets the very event it missed, id and all.
     assert state["latest_status_event"]["id"] == final["id"]
     assert state["pending"] == {"start": False, "cancel": False}
+    # The forecast from the last read: at 100 %, what it cost.
+    assert state["cost_guard"] == "spent" and state["cost_held"] is False
+    assert state["cost_forecast"]["method"] == "linear"
+    assert state["cost_forecast"]["pu"] == pytest.approx(final["data"]["cost_pu"], abs=1e-3)
+    assert _field(text.stdout, "forecast") == f"{state['cost_forecast']['pu']} PU (linear)"
 
     failure = run_cli("status", failed["job_id"], env=stack.env())
     assert failure.returncode == 0, failure.stderr

@@ -140,6 +140,9 @@ class FakeApi:
 
 
 class NoTiles:
+    def cost_bound(self, request_id: str) -> float | None:
+        return None
+
     def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Tiles | None:
         return Tiles(total=4, processed=4 if execution_db else 0)
 
@@ -151,6 +154,7 @@ class Recorder:
         self.duplicates = 0
         self.follow_ups = 0
         self.recovered = 0
+        self.withheld = 0
         self.lag: list[float] = []
         self.in_flight: list[dict[str, int]] = []
         self.cost_shares: list[float] = []
@@ -186,6 +190,9 @@ class Recorder:
 
     def cost_share(self, share: float) -> None:
         self.cost_shares.append(share)
+
+    def start_withheld(self) -> None:
+        self.withheld += 1
 
 
 SETTINGS = Settings(fleet_id=FLEET, events_exchange="ev", lease_seconds=30)

@@ -75,6 +75,9 @@ class Tiler:
     def __init__(self, answer: Tiles | None) -> None:
         self.answer = answer
 
+    def cost_bound(self, request_id: str) -> float | None:
+        return None
+
     def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Tiles | None:
         return self.answer
 

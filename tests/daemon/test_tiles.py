@@ -16,7 +16,7 @@ import pytest
 from worker.api.artifacts import artifact_keys
 from worker.daemon.bucket_files import IN_MEMORY_BYTES, TEMP_PREFIX
 from worker.daemon.tiles import TileReader
-from worker.lifecycle import Tiles
+from worker.lifecycle import Tiles, manifest_lower_bound
 from worker.metrics import Metrics
 
 pytestmark = pytest.mark.integration
@@ -113,6 +113,30 @@ def test_total_counts_distinct_identifiers_in_a_single_table(bucket: Bucket) -> 
     bucket.put_manifest({"feature_3035": MANIFEST_TABLES["feature_32633"]})
     tiles = TileReader().read(bucket.request, bucket.request_id, execution_db=False)
     assert tiles == Tiles(total=4, processed=0, failed=0)
+
+
+def test_the_cost_bound_counts_each_feature_once_at_its_size(bucket: Bucket) -> None:
+    # 300 features of 1000 x 1000 px, one output each, then a second output each.
+    rows = [(f"f{i}", "default") for i in range(300)]
+    reader = TileReader()
+    assert reader.cost_bound(bucket.request_id) is None  # nothing read yet
+    bucket.put_manifest({"feature_4326": rows + [(f"f{i}", "ndvi") for i in range(300)]})
+    assert reader.read(bucket.request, bucket.request_id, execution_db=False) is not None
+    # 1000 x 1000 px = 3.81 PU of 3 bands; one band, the batch third: 300 x 0.424 PU.
+    assert reader.cost_bound(bucket.request_id) == manifest_lower_bound([1000 * 1000] * 300)
+    assert reader.cost_bound(bucket.request_id) == pytest.approx(127.157, abs=1e-3)
+
+
+def test_a_manifest_without_sizes_has_no_cost_bound(bucket: Bucket) -> None:
+    data = _sqlite_bytes(
+        bucket.tmp / "sizeless.gpkg",
+        "CREATE TABLE feature_4326 (fid INTEGER PRIMARY KEY, identifier TEXT)",
+        "INSERT INTO feature_4326 (identifier) VALUES ('a'), ('b')",
+    )
+    bucket.put(bucket.manifest_key, data)
+    reader = TileReader()
+    assert reader.read(bucket.request, bucket.request_id, execution_db=False) == Tiles(total=2)
+    assert reader.cost_bound(bucket.request_id) is None
 
 
 def test_processed_and_failed_from_the_execution_db(bucket: Bucket) -> None:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.lifecycle import (
+    CostGuard,
     Echo,
     JobState,
     Observation,
@@ -29,6 +30,7 @@ def job(
     deadline: datetime | None = None,
     max_cost_pu: float | None = None,
     request: dict[str, Any] | None = None,
+    cost_guard: CostGuard = "spent",
 ) -> JobState:
     payload = None if adopt_id else (request or {"description": "Max NDVI over Corsica"})
     return new_job(
@@ -42,6 +44,7 @@ def job(
         max_cost_pu=max_cost_pu,
         echo=Echo(message_id="m1"),
         now=T0,
+        cost_guard=cost_guard,
     )
 
 

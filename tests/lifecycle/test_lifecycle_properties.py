@@ -97,7 +97,7 @@ observations: st.SearchStrategy[Observation] = st.one_of(
     st.builds(
         ActionRefused, action=st.sampled_from(["analyse", "start", "stop"]), error=st.just(ERROR)
     ),
-    st.builds(TilesSeen, tiles=tiles),
+    st.builds(TilesSeen, tiles=tiles, cost_bound_pu=st.none() | st.floats(100, 1000)),
     st.just(TilesUnavailable("denied")),
     st.builds(DuplicateFound, batch_request_id=IDS),
     st.builds(RetryInputWritten, url=st.just("s3://b/f.gpkg"), features=st.integers(1, 50)),
@@ -117,6 +117,7 @@ jobs = st.builds(
         deadline=st.none() | st.integers(0, 120).map(lambda s: T0 + timedelta(seconds=s)),
         max_cost_pu=st.none() | st.floats(0, 400),
         request=st.sampled_from([None, RASTER]),
+        cost_guard=st.sampled_from(["spent", "forecast"]),
     ),
     st.sampled_from([0, 0, 1, 2]),  # retry_failed
 )
@@ -135,11 +136,13 @@ def test_every_history_keeps_the_invariants(start: JobState, history: History) -
     now = T0
     terminal_events = 0
     start_asked_for = start.auto_start
+    started_after_hold = False  # a start asked for since the cost bound held the job
     for delay, observation in history:
         now += delay
         before = run.state
         if isinstance(observation, StartRequested):
             start_asked_for = True
+            started_after_hold = before.cost_held
         t = run.feed(observation, now)
         after = t.state
 
@@ -176,6 +179,13 @@ def test_every_history_keeps_the_invariants(start: JobState, history: History) -
             assert not kinds & {Analyse, Start}
         if Start in kinds:
             assert start_asked_for
+            # A job its cost bound holds starts only on a start that came after the hold.
+            assert not after.cost_held or started_after_hold
+        if after.cost_held and not before.cost_held:  # held in this step: by its bound
+            assert after.cost_guard == "forecast" and after.max_cost_pu is not None
+            bound = after.cost_forecast
+            assert bound is not None and bound.method != "linear"
+            assert bound.pu > after.max_cost_pu and not after.start_wanted
 
         # An ended job's status is terminal and it is never woken. A job creating is always
         # woken; a tracked one only for what time decides (the poller reads its status),
@@ -222,6 +232,11 @@ def test_a_stop_is_asked_only_for_a_reason(start: JobState, history: History) ->
             assert start.deadline is not None and now >= start.deadline
         if t.state.stopped_reason == "COST_LIMIT":
             assert start.max_cost_pu is not None
+        if t.state.stopped_reason == "COST_FORECAST":
+            assert start.max_cost_pu is not None and start.cost_guard == "forecast"
+            forecast = t.state.cost_forecast
+            assert forecast is not None and forecast.method == "linear"
+            assert forecast.at_completion >= POLICY.cost_min_completion
 
 
 @settings(max_examples=200, deadline=None)

@@ -11,6 +11,7 @@ import pytest
 
 from worker.lifecycle import (
     KNOWN_STATUSES,
+    CostForecast,
     Echo,
     JobError,
     JobState,
@@ -139,6 +140,8 @@ def test_a_status_event_matches_the_contract() -> None:
                     "failed": 2,
                 }
             ],
+            "cost_forecast_pu": None,
+            "cost_forecast": None,
         },
     }
     assert message.properties == {
@@ -223,6 +226,16 @@ def test_only_the_terminal_status_event_is_final() -> None:
     assert envelope(status)["data"]["final"] is True
     assert envelope(status)["data"]["resumes"] == 1
     assert envelope(progress)["data"]["final"] is False
+
+
+def test_a_job_event_carries_the_cost_forecast_and_how_it_was_made() -> None:
+    forecast = CostForecast(pu=739.286, method="linear", at_completion=42.0)
+    [message] = job_event(
+        state(cost_forecast=forecast), "progress", exchange=EVENTS, worker="w", now=NOW
+    )
+    data = envelope(message)["data"]
+    assert data["cost_forecast_pu"] == 739.286
+    assert data["cost_forecast"] == {"method": "linear", "at_completion": 42.0}
 
 
 def test_a_progress_event_has_its_own_type_and_routing_key() -> None:

@@ -86,6 +86,12 @@ def test_defaults_make_a_minimal_submit() -> None:
     assert (req.batch_request_id, req.deadline, req.max_cost_pu) == (None, None, None)
 
 
+def test_cost_guard_is_spent_or_forecast_and_absent_by_default() -> None:
+    assert accepted(parse(job_id="j", request={})).cost_guard is None
+    for guard in ("spent", "forecast"):
+        assert accepted(parse(job_id="j", request={}, cost_guard=guard)).cost_guard == guard
+
+
 def test_adopting_an_existing_batch_request_needs_no_payload() -> None:
     rid = "6aa8765a-e9eb-4dd0-a567-b86cfdb840e0"
     req = accepted(parse(job_id="j", batch_request_id=rid, request=None))
@@ -211,6 +217,8 @@ def test_unusable_job_ids(job_id: Any) -> None:
         ({"request": {}, "max_cost_pu": 0}, RejectCode.INVALID_FIELD, "max_cost_pu"),
         ({"request": {}, "max_cost_pu": True}, RejectCode.INVALID_FIELD, "max_cost_pu"),
         ({"request": {}, "max_cost_pu": "5000"}, RejectCode.INVALID_FIELD, "max_cost_pu"),
+        ({"request": {}, "cost_guard": "maybe"}, RejectCode.INVALID_FIELD, "cost_guard"),
+        ({"request": {}, "cost_guard": 1}, RejectCode.INVALID_FIELD, "cost_guard"),
         ({"request": {}, "deadline": "2026-12-01T00:00:00"}, RejectCode.INVALID_FIELD, "deadline"),
         ({"request": {}, "deadline": 1_790_000_000}, RejectCode.INVALID_FIELD, "deadline"),
         ({"request": {}, "deadline": "tomorrow"}, RejectCode.INVALID_FIELD, "deadline"),
@@ -267,7 +275,7 @@ json_values = st.recursive(
 )
 field_names = st.sampled_from(
     ["schema_version", "job_id", "action", "request", "batch_request_id", "auto_start",
-     "deadline", "max_cost_pu", "other"]
+     "deadline", "max_cost_pu", "cost_guard", "other"]
 )  # fmt: skip
 
 
@@ -361,6 +369,8 @@ def test_the_hash_ignores_key_order_offsets_and_fields_that_do_not_define_the_re
         {"retry_failed": 0},
         {"retry_failed": 2},
         {"resume_on": ResumeOn(UNHEALTHY=UnhealthyRule(attempts=1))},
+        {"cost_guard": "forecast"},
+        {"cost_guard": "spent"},
     ],
 )
 def test_the_hash_changes_with_each_field_that_defines_the_request(change: dict[str, Any]) -> None:
@@ -376,6 +386,8 @@ def test_version_1_is_json_dumps_text_as_it_always_was() -> None:
         '"request":{"a":null,"b":[1,2.5,"é"]},"v":1}'
     )
     assert request_hash_v1(req) == hashlib.sha256(text.encode()).hexdigest()
+    # A field added later joins the hashed text only when given, so those stay the same.
+    assert request_hash_v1(req.model_copy(update={"cost_guard": None})) == request_hash_v1(req)
 
 
 def test_retry_failed_is_a_submit_field_from_0_to_10() -> None:

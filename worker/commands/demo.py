@@ -2,10 +2,11 @@
 
 It brings up a local S3 server (moto) and the Batch V2 simulator, runs the worker daemon
 against them (RabbitMQ and PostgreSQL must be reachable: `make demo` starts local ones when
-none is), publishes the seed examples as any producer would (pika, confirms, `mandatory`;
-one is stopped UNHEALTHY and resumes), and follows their events with a progress bar per job
-until every job has ended.
-Everything goes through production code: the same daemon, the same S3 reader, real AMQP.
+none is), publishes the example jobs (the seed examples, one stopped UNHEALTHY that
+resumes, and one stopped by its cost forecast) as any producer would (pika, confirms,
+`mandatory`), and follows their events with a progress bar per job until every job has
+ended. Everything goes through production code: the same daemon, the same S3 reader, real
+AMQP.
 """
 
 from __future__ import annotations

@@ -54,6 +54,9 @@ def job_status(
         "retry_failed": state.retry.attempts,
         "attempt": state.retry.attempt,
         "batch_requests": lifecycle.followups.batch_requests(state),
+        "cost_guard": state.cost_guard,
+        "cost_forecast": state.cost_forecast.model_dump() if state.cost_forecast else None,
+        "cost_held": state.cost_held,
         "accepted_at": state.accepted_at.isoformat(),
         "last_seen_at": state.last_seen_at.isoformat() if state.last_seen_at else None,
         "ended_at": state.ended_at.isoformat() if state.ended_at else None,
@@ -111,10 +114,13 @@ def print_status(
         f"tiles          {tiles.get('processed', '-')} done, {tiles.get('failed', '-')} failed,"
         f" {tiles.get('total', '-')} total",
         f"cost           {status['cost_pu'] if status['cost_pu'] is not None else '-'} PU",
+        f"forecast       {_forecast(status)}",
         f"sequence       {status['sequence']}",
         f"accepted       {status['accepted_at']}",
         f"last read      {status['last_seen_at'] or '-'}",
     ]
+    if status["cost_held"] and status["status"] == "ANALYSIS_DONE":
+        lines.append("held           its cost bound exceeds its cap: `start` or `cancel` it")
     if status["stopped_reason"]:
         lines.append(f"stopped        {status['stopped_reason']}")
     if status["paused"]:
@@ -128,3 +134,11 @@ def print_status(
         lines.append(f"ended          {status['ended_at']}")
     print("\n".join(lines))
     return 0
+
+
+def _forecast(status: dict[str, Any]) -> str:
+    """The cost forecast, how it was made, and the cap it is held to."""
+    forecast = status["cost_forecast"]
+    made = "-" if forecast is None else f"{forecast['pu']} PU ({forecast['method']})"
+    cap = status["max_cost_pu"]
+    return made if cap is None else f"{made}, cap {cap} PU ({status['cost_guard']} guard)"

@@ -85,6 +85,7 @@ class TileSource(Protocol):
     def read(
         self, request: dict[str, Any], request_id: str, *, execution_db: bool
     ) -> Tiles | None: ...
+    def cost_bound(self, request_id: str) -> float | None: ...
 
 
 def snapshot(task: TaskStatus) -> TaskSnapshot:
@@ -260,4 +261,4 @@ class ActionRunner:
         tiles = self._tiles.read(request, task_id, execution_db=execution_db)
         if tiles is None:
             return TilesUnavailable("the delivery bucket could not be read")
-        return TilesSeen(tiles)
+        return TilesSeen(tiles, cost_bound_pu=self._tiles.cost_bound(task_id))

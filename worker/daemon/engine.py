@@ -76,6 +76,7 @@ class EngineMetrics(Protocol):
     def job_paused(self, reason: str) -> None: ...
     def status_lag(self, seconds: float) -> None: ...
     def cost_share(self, share: float) -> None: ...
+    def start_withheld(self) -> None: ...
 
 
 def utc_now() -> datetime:
@@ -109,6 +110,8 @@ def policy_from(settings: Settings) -> Policy:
         tiles_wait=min(default.tiles_wait, poll),
         restart_block=timedelta(seconds=settings.restart_block),
         restart_jitter=timedelta(seconds=settings.restart_jitter),
+        cost_min_completion=settings.cost_guard_min_completion,
+        cost_guard_margin=settings.cost_guard_margin,
     )
 
 
@@ -464,6 +467,8 @@ class Engine:
                     metrics.follow_up(max(processed, 0), created=created)
         if state.pause is not None and previous.pause is None:
             metrics.job_paused(state.pause.reason)
+        if state.cost_held and not previous.cost_held:
+            metrics.start_withheld()
         if state.phase is Phase.ENDED and previous.phase is not Phase.ENDED:
             reason = state.stopped_reason or (state.error.code if state.error else None)
             duration = (

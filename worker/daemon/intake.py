@@ -307,6 +307,7 @@ class Intake:
             ),
             tenant=req.tenant,
             resume_on=req.resume_on if req.resume_on is not None else self._resume_on,
+            cost_guard=req.cost_guard or self._settings.cost_guard,
         )
 
     # -- events -------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from worker.daemon.bucket_files import (
     quote_identifier,
     sweep_stale_temp_dirs,
 )
-from worker.lifecycle import Tiles
+from worker.lifecycle import Tiles, manifest_lower_bound
 
 if TYPE_CHECKING:
     from worker.metrics import Metrics
@@ -133,8 +133,9 @@ class TileReader:
         self._metrics = metrics
         self._progress = on_progress or (lambda: None)
         self._lock = threading.Lock()
-        # The manifest never changes once written: its total is read once per request.
-        self._totals: _Bounded[str, int] = _Bounded(cache_size)
+        # The manifest never changes once written: its total (and the least its features'
+        # sizes can cost) is read once per request.
+        self._totals: _Bounded[str, tuple[int, float | None]] = _Bounded(cache_size)
         # The execution database changes every upload: remember its ETag to skip re-reads.
         self._executions: _Bounded[str, _ExecutionCounts] = _Bounded(cache_size)
         self._reported: _Bounded[tuple[str, str], bool] = _Bounded(cache_size)
@@ -193,17 +194,24 @@ class TileReader:
         except (BotoCoreError, OSError) as exc:
             raise ValueError(f"s3://{bucket}/{key}: {type(exc).__name__}") from None
 
+    def cost_bound(self, request_id: str) -> float | None:
+        """The least the PU rules can charge for the features of the manifest last read for
+        ``request_id`` (lifecycle/cost.py), if it was read and names their sizes."""
+        with self._lock:
+            cached = self._totals.get(request_id)
+        return None if cached is None else cached[1]
+
     # --- the two files -------------------------------------------------------------------
 
     def _manifest_total(self, bucket: str, key: str, request_id: str) -> int | None:
         with self._lock:
             cached = self._totals.get(request_id)
         if cached is not None:
-            return cached
+            return cached[0]
         try:
             _, data = self._download(bucket, key, etag=None)
             with data:
-                total = _count_features(data)
+                total, bound = _count_features(data)
         except (_Absent, _Unreadable) as exc:
             absent = isinstance(exc, _Absent)
             self._count(MANIFEST, "absent" if absent else "unreadable")
@@ -212,7 +220,7 @@ class TileReader:
             return None
         self._count(MANIFEST, "ok")
         with self._lock:
-            self._totals.put(request_id, total)
+            self._totals.put(request_id, (total, bound))
         return total
 
     def _execution_counts(self, bucket: str, key: str, request_id: str) -> _ExecutionCounts | None:
@@ -319,8 +327,9 @@ class TileReader:
         )
 
 
-def _count_features(file: File) -> int:
-    """Distinct feature identifiers across every ``feature_*`` table of a manifest."""
+def _count_features(file: File) -> tuple[int, float | None]:
+    """Distinct feature identifiers across every ``feature_*`` table of a manifest, and the
+    least the PU rules charge for them by their sizes (None without width and height)."""
     try:
         with closing(bounded(file.open())) as conn:
             tables = plain_tables(conn, "name LIKE 'feature\\_%' ESCAPE '\\'")
@@ -335,11 +344,26 @@ def _count_features(file: File) -> int:
                 for t in tables
             )
             (count,) = conn.execute(f"SELECT COUNT(DISTINCT identifier) FROM ({rows})").fetchone()
+            bound = _size_bound(conn, tables)
     except sqlite3.Error as exc:
         if interrupted(exc):
             raise _Unreadable(f"reading took longer than {SQLITE_SECONDS:g} s") from None
         raise _Unreadable(f"not a readable GeoPackage ({exc})") from None
-    return int(count)
+    return int(count), bound
+
+
+def _size_bound(conn: sqlite3.Connection, tables: list[str]) -> float | None:
+    """The manifest's cost lower bound: each distinct feature once, at its largest output
+    (the outputs of one feature may differ in size; counting each would not be a bound)."""
+    if not all({"width", "height"} <= set(columns(conn, t)) for t in tables):
+        return None
+    sizes = " UNION ALL ".join(
+        f"SELECT identifier, CAST(width AS INTEGER) * CAST(height AS INTEGER) AS pixels"
+        f" FROM {quote_identifier(t)} WHERE identifier IS NOT NULL"
+        for t in tables
+    )
+    rows = conn.execute(f"SELECT MAX(pixels) FROM ({sizes}) GROUP BY identifier")
+    return manifest_lower_bound(int(pixels) for (pixels,) in rows if pixels is not None)
 
 
 def _count_statuses(file: File) -> tuple[int, int]:

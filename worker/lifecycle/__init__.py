@@ -26,6 +26,15 @@ from worker.lifecycle.actions import (
     Transition,
     WriteRetryInput,
 )
+from worker.lifecycle.cost import (
+    COST_GUARDS,
+    MIN_CHARGE_PU,
+    CostForecast,
+    CostGuard,
+    linear_forecast,
+    lower_bound,
+    manifest_lower_bound,
+)
 from worker.lifecycle.followups import attempt_tag, request_tag, total_cost
 from worker.lifecycle.jobs import TAG_PREFIX, describe, is_active, new_job, tag_for
 from worker.lifecycle.machine import (
@@ -73,8 +82,10 @@ from worker.lifecycle.state import (
 
 __all__ = [
     "BATCH_FAILED",
+    "COST_GUARDS",
     "CREATE_ATTEMPTS_EXHAUSTED",
     "KNOWN_STATUSES",
+    "MIN_CHARGE_PU",
     "PAUSED",
     "STATUS_RANK",
     "TAG_PREFIX",
@@ -86,6 +97,8 @@ __all__ = [
     "Analyse",
     "CallNotDone",
     "CancelRequested",
+    "CostForecast",
+    "CostGuard",
     "Create",
     "CreateRefused",
     "CreateSucceeded",
@@ -128,6 +141,9 @@ __all__ = [
     "describe",
     "fold_requests",
     "is_active",
+    "linear_forecast",
+    "lower_bound",
+    "manifest_lower_bound",
     "new_job",
     "poll_view",
     "request_tag",

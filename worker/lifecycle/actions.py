@@ -106,6 +106,10 @@ class Policy:
     tiles_wait: timedelta = timedelta(seconds=10)  # hold ANALYSIS_DONE this long for its tiles
     restart_block: timedelta = timedelta(minutes=30)  # START refused this long after a stop
     restart_jitter: timedelta = timedelta(minutes=5)  # spread of a resume after the block
+    # The cost forecast (worker/lifecycle/cost.py): made from this completion (percent) on;
+    # the forecast guard stops a job forecast above max_cost_pu x (1 + margin).
+    cost_min_completion: float = 5.0
+    cost_guard_margin: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import re
 from datetime import datetime
 from typing import Any
 
+from worker.lifecycle.cost import CostGuard
 from worker.lifecycle.resume_rules import ResumeOn
 from worker.lifecycle.state import Echo, JobState, Phase, Retry
 from worker.redact import is_secret_key
@@ -50,6 +51,7 @@ def new_job(
     now: datetime,
     retry_failed: int = 0,
     tenant: str | None = None,
+    cost_guard: CostGuard = "spent",
     resume_on: ResumeOn | None = None,
 ) -> JobState:
     """The state of a job just taken in; the engine steps it with ``Wake()`` next.
@@ -74,6 +76,7 @@ def new_job(
         start_wanted=auto_start,
         deadline=deadline,
         max_cost_pu=max_cost_pu,
+        cost_guard=cost_guard,
         echo=echo,
         accepted_at=now,
         retry=Retry(attempts=retry_failed),

@@ -30,6 +30,7 @@ from worker.lifecycle.actions import (
     Transition,
     WriteRetryInput,
 )
+from worker.lifecycle.cost import bound_exceeds_cap, linear_forecast, lower_bound, over_forecast
 from worker.lifecycle.jobs import forget_credentials
 from worker.lifecycle.observations import (
     ActionRefused,
@@ -210,7 +211,7 @@ def _pending(d: _Draft, obs: Observation) -> None:
         if isinstance(obs, Wake):
             d.actions.append(Adopt(_required(d.state.adopt_id)))
     else:
-        reason = _wanted_stop(d.state, d.now)
+        reason = _wanted_stop(d.state, d.now, d.policy)
         if reason is not None:
             # Nothing upstream to stop. Should an uncertain create have made a request after
             # all, the poller keeps sweeping for the ended job a while (create_doubtful),
@@ -299,7 +300,7 @@ def _tracking(d: _Draft, obs: Observation) -> None:
     if d.state.pause is not None and _paused(d, obs):
         return
     match obs:
-        case Wake() if _stop_to_decide(d.state, d.now):
+        case Wake() if _stop_to_decide(d.state, d.now, d.policy):
             d.actions.append(Poll(rid))  # a deadline: stop now (the read rides on the poller)
         case Wake():
             # A resend, a 404 retry, a hold: the status held may be a poll old, so read it
@@ -326,8 +327,11 @@ def _tracking(d: _Draft, obs: Observation) -> None:
             d.set(**{f"{kind}_sent_at": None})
             d.wake_by(_not_before(d, retry_at))
             return
-        case TilesSeen(tiles=tiles):
+        case TilesSeen(tiles=tiles, cost_bound_pu=bound):
             d.set(tiles=_merge(d.state, tiles))
+            _bound_before_start(d, bound)
+        case TilesUnavailable():
+            _bound_before_start(d, None)
         case DuplicateFound(batch_request_id=other):
             _duplicate(d, other)
         case _:
@@ -351,12 +355,20 @@ def _fold_task(d: _Draft, task: TaskSnapshot) -> None:
     d.status_read = True
     if task.status == "ANALYSIS_DONE" and s.analysis_done_at is None:
         d.set(analysis_done_at=d.now)
+    completion = max(s.completion, task.completion_percentage)
+    cost_pu = max(s.cost_pu or 0.0, task.cost_pu)
+    past = sum(p.cost_pu for p in s.retry.past)  # the cap covers every request of the job
+    forecast = linear_forecast(
+        completion, cost_pu, d.policy.cost_min_completion, past, s.rerun_base_pu
+    )
     d.set(
         upstream_status=task.status,
         furthest_rank=max(s.furthest_rank, rank or 0),
         # Neither goes down for one request; a lower figure is an older read.
-        completion=max(s.completion, task.completion_percentage),
-        cost_pu=max(s.cost_pu or 0.0, task.cost_pu),
+        completion=completion,
+        cost_pu=cost_pu,
+        # Until progress makes one, a bound known before START stands.
+        cost_forecast=forecast or s.cost_forecast,
     )
     if task.status not in TERMINAL:
         return
@@ -437,7 +449,9 @@ def _writing_retry_input(d: _Draft, obs: Observation) -> None:
     match obs:
         case RetryInputWritten(url=url, features=features):
             d.state = followups.begin(s, url=url, features=features, now=d.now)
-            reason = _wanted_stop(d.state, d.now)
+            # The follow-up's own progress forecasts the job's cost afresh (with the sum).
+            d.set(cost_forecast=None)
+            reason = _wanted_stop(d.state, d.now, d.policy)
             if reason is not None:
                 # A cancel or a deadline that came while the input was written: nothing
                 # was created, the job ends as its last request did.
@@ -506,12 +520,12 @@ def _merge_tiles(known: Tiles | None, seen: Tiles) -> Tiles:
     )
 
 
-def _stop_to_decide(s: JobState, now: datetime) -> bool:
+def _stop_to_decide(s: JobState, now: datetime, policy: Policy) -> bool:
     """A stop is wanted that was never asked for."""
-    return s.stop_sent_at is None and _wanted_stop(s, now) is not None
+    return s.stop_sent_at is None and _wanted_stop(s, now, policy) is not None
 
 
-def _wanted_stop(s: JobState, now: datetime) -> StoppedReason | None:
+def _wanted_stop(s: JobState, now: datetime, policy: Policy) -> StoppedReason | None:
     if s.stop_reason is not None:
         return s.stop_reason  # decided once; a later reason does not rename a stop in flight
     if s.cancel_wanted:
@@ -521,6 +535,8 @@ def _wanted_stop(s: JobState, now: datetime) -> StoppedReason | None:
     cost = followups.total_cost(s)  # every request of the job: the cap covers the sum
     if s.max_cost_pu is not None and cost is not None and cost > s.max_cost_pu:
         return StoppedReason.COST_LIMIT
+    if over_forecast(s.cost_guard, s.max_cost_pu, s.cost_forecast, policy.cost_guard_margin):
+        return StoppedReason.COST_FORECAST
     return None
 
 
@@ -528,7 +544,7 @@ def _drive(d: _Draft) -> None:
     """Decide what the request needs from its last known status (§3.2)."""
     s, now, lag = d.state, d.now, d.policy.action_lag
     status = s.upstream_status
-    reason = _wanted_stop(s, now)
+    reason = _wanted_stop(s, now, d.policy)
     if status == "CREATED":
         if reason is not None:
             # The API cannot stop a CREATED request, and nothing will run unless the worker
@@ -542,11 +558,12 @@ def _drive(d: _Draft) -> None:
             _stop(d, reason)
             d.wake_by(launched + lag)
         else:
-            # start on CREATED runs analysis and then processing by itself (§3.2).
-            _send(d, "start" if s.start_wanted else "analyse")
+            # start on CREATED runs analysis and then processing by itself (§3.2); a
+            # start decided on the cost bound waits for the analysis.
+            _send(d, "start" if s.start_wanted and not _analyse_first(s) else "analyse")
     elif reason is not None:
         _stop(d, reason)
-    elif status == "ANALYSIS_DONE" and s.start_wanted:
+    elif status == "ANALYSIS_DONE" and s.start_wanted and not _start_held_for_cost(d):
         _send(d, "start")
     if d.status_read:
         _read_tiles(d)
@@ -565,6 +582,56 @@ def _read_tiles(d: _Draft) -> None:
             # comes next (the tiles, a failure, a Wake) publishes it.
             d.hold_status = True
             d.wake_by(d.now + d.policy.tiles_wait)
+
+
+def _analyse_first(s: JobState) -> bool:
+    """A start to be decided at ANALYSIS_DONE on what the job will cost at least: an auto
+    start under the forecast guard with a cap (a `start` after a hold is the producer's).
+    The first request's first START only: a follow-up over FATAL features is started as
+    the job's own, and a resume's START (the same request again) as the job's that ran
+    (the forecast guard covers the sum from its progress on). Once a START is sent, a bound
+    read later no longer withholds it."""
+    return (
+        s.start_wanted
+        and s.retry.attempt == 0
+        and s.start_sent_at is None
+        and not s.resumed
+        and not s.cost_held
+        and s.cost_guard == "forecast"
+        and s.max_cost_pu is not None
+    )
+
+
+def _bound_before_start(d: _Draft, manifest_bound: float | None) -> None:
+    """The manifest was read (or could not be) at ANALYSIS_DONE: the bound known before
+    START becomes the job's estimate until its progress makes a forecast."""
+    s = d.state
+    if s.upstream_status != "ANALYSIS_DONE" or s.furthest_rank > STATUS_RANK["ANALYSIS_DONE"]:
+        return
+    if s.retry.attempt > 0 or s.resumed:
+        # A follow-up's own bound is not the job's, nor a restart's (its earlier runs
+        # billed already): their progress forecasts the sum.
+        return
+    if s.cost_forecast is None or s.cost_forecast.method != "linear":
+        d.set(cost_forecast=lower_bound(manifest_bound))
+
+
+def _start_held_for_cost(d: _Draft) -> bool:
+    """Whether an analysed job's auto start waits: for the manifest's bound (at most
+    ``tiles_wait``), or for good when the bound already exceeds the cap."""
+    s = d.state
+    if not _analyse_first(s):
+        return False
+    if s.cost_forecast is None:
+        since = s.analysis_done_at or d.now
+        if d.now < since + d.policy.tiles_wait:
+            d.wake_by(since + d.policy.tiles_wait)
+            return True
+        d.set(cost_forecast=lower_bound(None))  # the manifest never came: the minimum
+    if bound_exceeds_cap(s.cost_guard, s.max_cost_pu, d.state.cost_forecast):
+        d.set(start_wanted=False, cost_held=True)  # resting, as with auto_start false
+        return True
+    return False
 
 
 def _stop(d: _Draft, reason: StoppedReason) -> None:
@@ -622,17 +689,23 @@ def _paused(d: _Draft, obs: Observation) -> bool:
             if resume.restarted(pause, task.status, task.cost_pu):
                 # The restart's ANALYSIS_DONE counts from this read, so a START is sent
                 # again only if it still shows after the lag (not to a request that ran
-                # and stopped again meanwhile, which the API may let restart).
+                # and stopped again meanwhile, which the API may let restart). A restart
+                # from below where it stopped processes (and bills) again: the cost of the
+                # earlier runs is the base the forecast adds this run's spend to.
+                rerun = task.completion_percentage < s.completion
                 d.set(
                     pause=None,
                     stopped_reason=None,
                     furthest_rank=0,
                     completion=0.0,
                     analysis_done_at=None,
+                    rerun_base_pu=pause.cost_pu if rerun else s.rerun_base_pu,
                 )
                 return False
             d.set(last_seen_at=d.now, not_found_since=None)
-        case Wake() if pause.restart_sent_at is not None and _wanted_stop(s, d.now) is None:
+        case Wake() if (
+            pause.restart_sent_at is not None and _wanted_stop(s, d.now, d.policy) is None
+        ):
             d.actions.append(Poll(rid, asap=True))  # has the START shown yet? Read first.
             d.wake_by(d.now + d.policy.poll_interval)  # should that read fail
             return True
@@ -661,7 +734,7 @@ def _drive_paused(d: _Draft) -> None:
     s, now, lag = d.state, d.now, d.policy.action_lag
     pause, rid = s.pause, _required(s.batch_request_id)
     assert pause is not None
-    reason = _wanted_stop(s, now)
+    reason = _wanted_stop(s, now, d.policy)
     sent = pause.restart_sent_at
     if reason is not None:
         # Cancel, deadline: the request is stopped already, unless the START of a resume

@@ -85,6 +85,9 @@ class ActionRefused:
 @dataclass(frozen=True)
 class TilesSeen:
     tiles: Tiles
+    # The least the feature manifest's sizes can cost by the documented PU rules
+    # (lifecycle/cost.py ``manifest_lower_bound``), when the manifest says.
+    cost_bound_pu: float | None = None
 
 
 @dataclass(frozen=True)

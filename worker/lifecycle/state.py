@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from worker.lifecycle.cost import CostForecast, CostGuard
 from worker.lifecycle.resume_rules import Pause, ResumeOn
 
 TERMINAL = frozenset({"DONE", "FAILED", "STOPPED"})
@@ -47,7 +48,8 @@ class StoppedReason(StrEnum):
     OUT_OF_PU = "OUT_OF_PU"
     UNHEALTHY = "UNHEALTHY"
     DEADLINE = "DEADLINE"
-    COST_LIMIT = "COST_LIMIT"
+    COST_LIMIT = "COST_LIMIT"  # spent more than max_cost_pu
+    COST_FORECAST = "COST_FORECAST"  # forecast to cost more than max_cost_pu (and margin)
 
 
 class _Frozen(BaseModel):
@@ -129,6 +131,7 @@ class JobState(_Frozen):
     auto_start: bool = True
     deadline: datetime | None = None
     max_cost_pu: float | None = None
+    cost_guard: CostGuard = "spent"  # the request's, or the fleet's COST_GUARD at intake
     echo: Echo = Echo()
     accepted_at: datetime
     resume_on: ResumeOn | None = None  # which API stops pause the job (lifecycle/resume.py)
@@ -148,8 +151,15 @@ class JobState(_Frozen):
     furthest_rank: int = 0  # the highest STATUS_RANK read so far; lower reads are stale
     completion: float = 0.0
     cost_pu: float | None = None
+    cost_forecast: CostForecast | None = None  # worker/lifecycle/cost.py
+    # costPU earlier runs of this request billed, when a resume's restart processes it
+    # again from 0 % (the forecast adds this run's own on top); 0 when it went on.
+    rerun_base_pu: float = 0.0
     tiles: Tiles | None = None
     start_wanted: bool = True  # auto_start, or a `start` command arrived
+    # The auto start was withheld once: a lower bound of the cost exceeded the cap (the
+    # forecast guard). The job rests as with auto_start false; a `start` then starts it.
+    cost_held: bool = False
     cancel_wanted: bool = False
     analyse_sent_at: datetime | None = None
     start_sent_at: datetime | None = None

@@ -4,7 +4,7 @@ Features come from the tiling grid and the bounds (§5.2, §7), or from the GeoP
 read from S3 (§5.2 rules). Faults per request come from markers in the description
 (``[sim:fail-analysis]``, ``[sim:out-of-pu]``, ``[sim:unhealthy]``, ``[sim:unhealthy=2]``
 (that many stops, one per run), ``[sim:fatal=3]``, ``[sim:fatal-attempts=2]``,
-``[sim:features=12]``) or from the configured rates.
+``[sim:features=12]``, ``[sim:cost=900]``) or from the configured rates.
 
 FATAL dice are per feature *and attempt*: a feature's attempt is how many earlier requests
 of the account processed a feature of that name to the same output path (a follow-up over
@@ -54,6 +54,8 @@ def decide_outcome(description: str, config: SimulatorConfig, dice: random.Rando
         outcome.fatal_attempts = max(1, int(markers["fatal-attempts"]))
     if markers.get("features"):
         outcome.features = max(1, int(markers["features"]))
+    if markers.get("cost"):
+        outcome.cost = float(max(1, int(markers["cost"])))
     return outcome
 
 

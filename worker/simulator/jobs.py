@@ -67,6 +67,7 @@ class Outcome:
     fatal_rate: float = 0.0
     fatal_attempts: int = 1  # attempts a feature picked by `fatal` stays FATAL
     features: int | None = None  # forced feature count
+    cost: float | None = None  # forced total cost (PU), accrued with progress like any other
 
 
 @dataclass
@@ -164,6 +165,8 @@ class SimJob:
         return next((p.at for p in self.phases if p.at > now), None)
 
     def _total_cost(self) -> float:
+        if self.outcome.cost is not None:
+            return self.outcome.cost
         return max(MIN_COST_PU, self.feature_count * self.pu_per_feature)
 
     def completion_at(self, now: float) -> float:

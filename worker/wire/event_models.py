@@ -53,6 +53,22 @@ class TilesData(_Wire):
     failed: int = Field(ge=0, description="FATAL rows of the execution database.")
 
 
+class CostForecastData(_Wire):
+    """How ``cost_forecast_pu`` was made."""
+
+    method: Literal["linear", "minimum_charge", "manifest"] = Field(
+        description=(
+            "linear: costPU over completionPercentage, once enough is done;"
+            " minimum_charge: the 100 PU minimum of a batch request (a lower bound);"
+            " manifest: the documented PU rules at their cheapest over the feature"
+            " manifest's sizes (a lower bound)."
+        )
+    )
+    at_completion: float = Field(
+        ge=0, le=100, description="The completionPercentage it was made at (0 for a bound)."
+    )
+
+
 class ErrorData(_Wire):
     source: Literal["worker", "api"]
     http_status: int | None
@@ -88,8 +104,8 @@ class JobEventData(_Wire):
     tiles: TilesData | None
     cost_pu: float | None
     stopped_reason: str | None = Field(
-        description="With STOPPED: USER_ACTION, OUT_OF_PU, UNHEALTHY, DEADLINE, COST_LIMIT;"
-        " with PAUSED: the API's stop it paused on (UNHEALTHY, OUT_OF_PU)."
+        description="With STOPPED: USER_ACTION, OUT_OF_PU, UNHEALTHY, DEADLINE, COST_LIMIT,"
+        " COST_FORECAST; with PAUSED: the API's stop it paused on (UNHEALTHY, OUT_OF_PU)."
     )
     error: ErrorData | None
     worker: str = Field(description=WORKER_DESCRIPTION)
@@ -132,6 +148,14 @@ class JobEventData(_Wire):
         default=None,
         json_schema_extra=_omitted_when_absent,
         description='The job\'s tenant (docs/contract.md "Tenancy"); absent when it has none.',
+    )
+    # Always sent (null until one is made); optional in the schema, added after v1.
+    cost_forecast_pu: float | None = Field(
+        default=None,
+        description="Extension: the worker's forecast of the final costPU; null until made.",
+    )
+    cost_forecast: CostForecastData | None = Field(
+        default=None, description="Extension: how cost_forecast_pu was made; null with it."
     )
 
 

@@ -27,6 +27,7 @@ from worker.wire.event_models import (
     JOB_PROGRESS,
     JOB_STATUS,
     BatchRequestData,
+    CostForecastData,
     ErrorData,
     JobEventData,
     TilesData,
@@ -116,6 +117,7 @@ def job_event(
     tiles = state.tiles
     error = state.error
     skipped = state.retry.skipped
+    forecast = state.cost_forecast
     data = JobEventData(
         job_id=state.job_id,
         batch_request_id=state.batch_request_id,
@@ -137,6 +139,10 @@ def job_event(
         batch_requests=[BatchRequestData(**row) for row in followups.batch_requests(state)],
         retry_skipped=None if skipped is None else ErrorData(**skipped.model_dump()),
         tenant=state.tenant,
+        cost_forecast_pu=None if forecast is None else forecast.pu,
+        cost_forecast=None
+        if forecast is None
+        else CostForecastData(method=forecast.method, at_completion=forecast.at_completion),
     )
     if kind == "status":
         event_type, routing_key = JOB_STATUS, status_routing_key(state.status)

@@ -7,7 +7,7 @@ Decisions the contract leaves open (documented in docs/events.md and the schemas
 
 - ``start``, ``cancel`` and ``resume`` carry only ``job_id``: the submit-only fields
   (``request``, ``batch_request_id``, ``auto_start``, ``deadline``, ``max_cost_pu``,
-  ``resume_on``) are ignored on them,
+  ``resume_on``, ``cost_guard``) are ignored on them,
   not validated, so a cancel is never refused for what it did not need.
 - ``request: null`` and ``batch_request_id: null`` count as absent.
 - ``Rejection.action`` is only ever a known action (or None): it becomes a metric label.
@@ -43,6 +43,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from worker.lifecycle import CostGuard
 from worker.lifecycle.resume_rules import ResumeOn
 from worker.settings import TENANT_PATTERN
 
@@ -59,6 +60,7 @@ SUBMIT_ONLY_FIELDS = (
     "max_cost_pu",
     "retry_failed",
     "resume_on",
+    "cost_guard",
 )
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 # Batch V2 request ids are UUIDs (batch-v2-api.md); any case, the canonical 8-4-4-4-12 form.
@@ -199,6 +201,16 @@ class JobRequest(BaseModel):
         strict=False,
         description="Stops of the API that pause the job instead of ending it (UNHEALTHY:"
         " attempts; OUT_OF_PU: until a date or a resume); absent: the fleet's RESUME_ON.",
+    )
+    cost_guard: CostGuard | None = Field(
+        default=None,
+        description=(
+            "What max_cost_pu is held to: 'spent' stops once costPU exceeds it (COST_LIMIT);"
+            " 'forecast' also stops once the cost forecast from progress exceeds it and the"
+            " fleet's margin (COST_FORECAST), and an auto_start job then rests at"
+            " ANALYSIS_DONE when a lower bound of its cost already exceeds it. Absent: the"
+            " fleet's COST_GUARD."
+        ),
     )
 
     @model_validator(mode="before")
@@ -436,6 +448,9 @@ def _defining_fields(req: JobRequest) -> dict[str, Any]:
     if req.resume_on is not None:
         # Only when given, so the hashes stored before resume_on existed still match.
         fields["resume_on"] = req.resume_on.model_dump(mode="json", exclude_none=True)
+    # Only when given: the hashes stored before the field existed stay what they were.
+    if req.cost_guard is not None:
+        fields["cost_guard"] = req.cost_guard
     return fields
 
 
