@@ -54,10 +54,19 @@ def test_a_database_that_stops_answering_stalls_loops_and_the_worker_ends_itself
     proxied = urlunsplit(parts._replace(netloc=f"{parts.hostname}:{proxy.port}"))
     port = free_port()
     grace = 3.0
+    # One attempt per outbox row: the outbox loop's bound grows with the attempts (each a
+    # relay turn), and the healthy phase below outlasts the longest bound.
+    attempts = 1
     worker = start_worker(
-        database_url=proxied, liveness_factor=FACTOR, metrics_port=port, grace_period=grace
+        database_url=proxied,
+        liveness_factor=FACTOR,
+        metrics_port=port,
+        grace_period=grace,
+        outbox_max_attempts=attempts,
     )
-    bounds = liveness.progress_bounds(Settings(**_settings_of(stack), liveness_factor=FACTOR))
+    bounds = liveness.progress_bounds(
+        Settings(**_settings_of(stack), liveness_factor=FACTOR, outbox_max_attempts=attempts)
+    )
 
     # Healthy for longer than every bound: each loop (consumer, engine, poller, relay,
     # supervisor) really goes round, or it would be stalled by now.
