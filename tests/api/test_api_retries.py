@@ -22,6 +22,7 @@ from worker.api.errors import (
     TransportError,
     Unauthorized,
 )
+from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -283,3 +284,24 @@ def test_a_refusal_after_an_attempt_that_may_have_landed_is_ambiguous(
         client.stop(RID)
 
     assert caught.value.ambiguous is True
+
+
+def test_the_settings_not_found_window_bounds_the_clients_own_retries(
+    server: ScriptedServer,
+) -> None:
+    # NOT_FOUND_WINDOW is the one window: the client made from the settings stops retrying a
+    # 404 once it is past, and the lifecycle's own re-send schedule takes over.
+    settings = Settings(
+        api_url=server.base,
+        token_url=server.token_url,
+        client_id=server.client_id,
+        client_secret=server.client_secret,
+        not_found_window=1.0,
+    )
+    server.on(
+        "GET", f"/process/{RID}", *[Reply(404, error_body(404, "COMMON_NOT_FOUND", "x"))] * 50
+    )
+    with BatchClient.from_settings(settings) as client, pytest.raises(NotFound):
+        client.get(RID, created_at=datetime.now(UTC) - timedelta(seconds=2))
+
+    assert len(server.seen("GET")) == 1

@@ -177,6 +177,8 @@ class BatchClient:
             budget=budget or RequestBudget(settings.api_budget_per_minute),
             timeout=settings.api_timeout,
             hooks=hooks,
+            # One window for a new request's 404s: past it, the lifecycle decides.
+            retry=RetryPolicy(not_found_window=settings.not_found_window),
         )
 
     def __repr__(self) -> str:
