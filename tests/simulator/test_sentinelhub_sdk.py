@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sentinelhub import BatchProcessClient, SHConfig
 from sentinelhub.api.batch import monitor_batch_process_analysis, monitor_batch_process_job
+from sentinelhub.api.batch import utils as batch_utils
 from sentinelhub.exceptions import DownloadFailedException
 
 from tests.simulator.conftest import small_request
@@ -42,10 +44,27 @@ def sdk_create(client: BatchProcessClient, description: str) -> Any:
     )
 
 
+# The monitor's test runs on a clock compressed by this factor on both sides: the simulator
+# runs this much faster, and the SDK's own sleeps (60 s at least between polls, it insists)
+# last this much shorter. What the SDK asks for is kept, and asserted.
+COMPRESSION = 10.0
+
+
+class CompressedTime:
+    """Stands in for the ``time`` module inside the SDK's monitors."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        time.sleep(seconds / COMPRESSION)
+
+
 @pytest.fixture
 def sdk_sim() -> Iterator[Running]:
     config = SimulatorConfig(
-        speed=20.0,
+        speed=20.0 * COMPRESSION,
         history=5,
         write_artifacts=False,
         client_id="sdk-client",
@@ -55,10 +74,14 @@ def sdk_sim() -> Iterator[Running]:
         yield running
 
 
-def test_sdk_monitors_a_job_from_create_to_done(sdk_sim: Running) -> None:
-    # The one test that waits: the SDK's job monitor sleeps at least 60 s between polls.
-    # At speed 20 analysis takes about 5 s and processing about 25 s, so the job is DONE
-    # at the monitor's first wake-up.
+def test_sdk_monitors_a_job_from_create_to_done(
+    sdk_sim: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The SDK's job monitor sleeps at least 60 s between polls. At speed 20 analysis takes
+    # about 5 s and processing about 25 s, so the job is DONE at the monitor's first
+    # wake-up (all of it COMPRESSION times faster here).
+    clock = CompressedTime()
+    monkeypatch.setattr(batch_utils, "time", clock)
     client = sdk_client(sdk_sim)
     created = sdk_create(client, "sdk fidelity")
     assert created.status.value == "CREATED" and created.cost_PU == 0.0
@@ -71,6 +94,10 @@ def test_sdk_monitors_a_job_from_create_to_done(sdk_sim: Running) -> None:
     assert finished.completion_percentage == 100.0
     assert finished.user_action.value == "START"
     assert finished.cost_PU >= 100.0
+    # The SDK's own waits: analysis polls of 5 s (none if a poll finds it done), then one
+    # job poll of 60 s.
+    assert clock.asked and clock.asked[-1] == 60
+    assert all(seconds == 5 for seconds in clock.asked[:-1])
 
 
 def test_sdk_calls_against_the_simulator() -> None:
