@@ -21,9 +21,11 @@ GEOTIFF = "max-ndvi-geotiff.json"
 RESUME_SETTINGS = {"restart_block": "2.5", "restart_jitter": "0.5"}
 
 
-def paused_job(stack: Stack, marker: str, resume_on: dict[str, Any]) -> dict[str, Any]:
+def paused_job(
+    stack: Stack, marker: str, resume_on: dict[str, Any], *, features: int = 4
+) -> dict[str, Any]:
     stack.simulator.configure(restart_block=400.0)
-    job = stack.payload(GEOTIFF, features=4)
+    job = stack.payload(GEOTIFF, features=features)
     job["request"]["description"] += f" {marker}"
     job["resume_on"] = resume_on
     return job
@@ -68,6 +70,45 @@ def test_an_unhealthy_stop_pauses_and_the_same_request_resumes_to_done(
     [task] = upstream(stack, job["job_id"])  # the same request, started again
     assert task["status"] == "DONE" and task["id"] == final["data"]["batch_request_id"]
     assert final["data"]["cost_pu"] == task["costPU"]
+
+
+# [sim:unhealthy] stops a run 30 % of the way through; eight features cost the 100 PU
+# minimum of a request (batch-v2-api.md §14), accrued with completion.
+FEATURES = 8
+RUN_PU = 100.0
+STOP_SHARE = 0.30
+
+
+@pytest.mark.parametrize(
+    ("restart_mode", "cost_pu"),
+    [
+        # START continues with the features not yet DONE: billed once.
+        ("continue", RUN_PU),
+        # START processes every feature again and bills it again: the stop's share on top.
+        ("reprocess", STOP_SHARE * RUN_PU + RUN_PU),
+    ],
+)
+def test_a_resumed_job_ends_with_every_feature_counted_and_its_whole_cost(
+    stack: Stack,
+    start_worker: StartWorker,
+    events: Events,
+    producer: Producer,
+    restart_mode: str,
+    cost_pu: float,
+) -> None:
+    # The demo's status lag (20 API s at its speed, 1 s): after the resume's START the
+    # request still shows STOPPED for longer than the simulator's uploads take.
+    stack.simulator.configure(restart_mode=restart_mode, status_lag=200.0)
+    start_worker(**RESUME_SETTINGS)
+    job = paused_job(stack, "[sim:unhealthy]", {"UNHEALTHY": {"attempts": 2}}, features=FEATURES)
+    producer.publish(job)
+    final = events.wait_terminal(job["job_id"], timeout=150)["data"]
+    assert (final["status"], final["resumes"]) == ("DONE", 1), events.summary()
+    assert final["tiles"] == {"total": FEATURES, "processed": FEATURES, "failed": 0}
+    [task] = upstream(stack, job["job_id"])
+    assert task["costPU"] == pytest.approx(cost_pu)
+    assert final["cost_pu"] == pytest.approx(cost_pu)
+    assert assert_one_final(events, job["job_id"]) == final
 
 
 def test_unhealthy_stops_past_the_attempts_end_the_job_stopped(

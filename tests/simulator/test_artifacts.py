@@ -207,3 +207,30 @@ def test_a_follow_up_over_fatal_features_runs_them_again_at_their_paths(
     db = fetch(s3_bucket, execution_key, tmp_path)
     counts = dict(db.execute("SELECT status, COUNT(*) FROM features GROUP BY status").fetchall())
     assert counts == {k: v for k, v in {"DONE": 3 - fatal_again, "FATAL": fatal_again}.items() if v}
+
+
+@pytest.mark.parametrize("restart_mode", ["continue", "reprocess"])
+def test_a_restart_after_a_stop_uploads_the_execution_db_to_the_end(
+    s3_sim: Running, s3_bucket: str, tmp_path: Path, restart_mode: str
+) -> None:
+    """START after an UNHEALTHY stop: the request shows STOPPED for the status lag, and the
+    databases of the run that follows (to all DONE) are uploaded all the same."""
+    # A status lag (0.2 s) longer than an upload to the emulator, a short restart block.
+    s3_sim.configure(status_lag=200.0, restart_block=100.0, restart_mode=restart_mode)
+    api = Api(s3_sim)
+    request = in_bucket(example_request("max-ndvi-geotiff.json"), s3_bucket)
+    request["description"] += " [sim:unhealthy] [sim:features=8]"
+    task = api.create(request)
+    api.post(f"/process/{task['id']}/start")
+    stopped = run_to(api, task["id"], {"STOPPED"})
+    assert stopped["stoppedStatusReason"] == "UNHEALTHY"
+    _, _, execution_key = artifact_keys(f"s3://{s3_bucket}", task["id"])
+    deadline = time.monotonic() + 5
+    while api.post(f"/process/{task['id']}/start").status_code != 204:
+        assert time.monotonic() < deadline, "START stayed refused past the restart block"
+        time.sleep(0.05)
+    done = run_to(api, task["id"], {"DONE"})
+    assert done["completionPercentage"] == 100.0
+    db = fetch(s3_bucket, execution_key, tmp_path)
+    counts = dict(db.execute("SELECT status, COUNT(*) FROM features GROUP BY status").fetchall())
+    assert counts == {"DONE": 8}

@@ -184,17 +184,21 @@ class Simulator:
         return delivery.keys(job.request, job.id)
 
     def _deliver(self, job: SimJob) -> None:
-        if job.id in self._deliverers:
+        running = self._deliverers.get(job.id)
+        # A loop that has returned but whose done callback has not run yet cannot be woken:
+        # a START in that gap (a restart right after the stop's upload) needs a new one.
+        if running is not None and not running.done():
             self._wake[job.id].set()
             return
         self._wake[job.id] = asyncio.Event()
         task = asyncio.get_running_loop().create_task(self._delivery_loop(job))
         self._deliverers[job.id] = task
-        task.add_done_callback(lambda _t: self._forget(job.id))
+        task.add_done_callback(lambda done: self._forget(job.id, done))
 
-    def _forget(self, job_id: str) -> None:
-        self._deliverers.pop(job_id, None)
-        self._wake.pop(job_id, None)
+    def _forget(self, job_id: str, task: asyncio.Task[None]) -> None:
+        if self._deliverers.get(job_id) is task:  # not the loop that replaced it
+            self._deliverers.pop(job_id, None)
+            self._wake.pop(job_id, None)
 
     async def _delivery_loop(self, job: SimJob) -> None:
         targets = self._artifacts_for(job)
@@ -230,7 +234,10 @@ class Simulator:
                     if done_at is not None and not final_up and now >= done_at - 1e-3:
                         final_up = True  # the last database is up: DONE may show
                         continue
-                    if status in {DONE, STOPPED}:
+                    # Ended, unless an action scheduled more: after a restart's START the
+                    # request still shows STOPPED for the status lag, and the run that
+                    # follows writes its databases too.
+                    if status in {DONE, STOPPED} and job.next_change(now) is None:
                         job.barrier = None
                         return
             await self._sleep(job, now)
