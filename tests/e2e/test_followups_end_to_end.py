@@ -126,3 +126,41 @@ def test_sigkill_while_the_follow_up_is_made_still_makes_one(
     worker = start_worker()
     data = assert_recovered(stack, events, job)
     assert data["status"] == "DONE"
+
+
+def test_a_follow_up_stopped_unhealthy_pauses_resumes_and_the_job_ends_once(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    """Only the follow-up meets the service's trouble: the simulator stops every request
+    made while its UNHEALTHY rate is 1 (decided at create), which is the follow-up's."""
+    fleet = stack.names.settings()["fleet_id"]
+    stack.simulator.configure(restart_block=400.0)  # 2 s at the simulator's speed
+    start_worker(restart_block="2.5", restart_jitter="0.5")
+    job = retrying_job(stack, " [sim:fatal=3]")
+    job["resume_on"] = {"UNHEALTHY": {"attempts": 1}}
+    job_id = job["job_id"]
+    producer.publish(job)
+    wait_until(
+        lambda: requests_tagged(stack, tag_for(fleet, job_id)) != [], 60, "the first", events
+    )
+    stack.simulator.configure(rate_unhealthy=1.0)
+    follow_tag = attempt_tag(fleet, job_id, 1)
+    wait_until(lambda: requests_tagged(stack, follow_tag) != [], 120, "the follow-up", events)
+    stack.simulator.configure(rate_unhealthy=0.0)
+    data = assert_recovered(stack, events, job)  # one end, DONE, every feature processed
+    [first] = requests_tagged(stack, tag_for(fleet, job_id))
+    [follow] = requests_tagged(stack, follow_tag)  # the same follow-up, started again
+    assert first.get("stoppedStatusReason") is None
+    assert data["resumes"] == 1
+    job_statuses = [
+        e["data"] for e in events.for_job(job_id) if e["type"] == "batchworker.job.status"
+    ]
+    [paused] = [d for d in job_statuses if d["status"] == "PAUSED"]
+    assert (paused["batch_request_id"], paused["attempt"]) == (follow["id"], 1)
+    assert paused["final"] is False and paused["stopped_reason"] == "UNHEALTHY"
+    # Features, not requests, while paused too: the follow-up stopped before any of its
+    # three (30 % of them) was DONE, so they are still the job's failed ones.
+    total = data["tiles"]["total"]
+    assert paused["tiles"] == {"total": total, "processed": total - 3, "failed": 3}
+    statuses = [d["status"] for d in job_statuses]
+    assert statuses[statuses.index("PAUSED") + 1 :] == ["PROCESSING", "DONE"]
