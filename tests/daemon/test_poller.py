@@ -264,6 +264,38 @@ def test_a_sweep_lists_for_duplicates_where_gets_would_be_cheaper() -> None:
     assert sorted(result.unchanged) == ["j0", "j1", "j2"]  # the scan read their statuses
 
 
+def test_a_sweep_finds_a_duplicate_of_a_follow_up_by_its_attempt_tag() -> None:
+    """A follow-up carries its attempt's tag, not the job's first one; the job's own earlier
+    requests (DONE, over) carry theirs and are no duplicates."""
+    follow = replace(target(1, seen=T0), batch_request_id="follow", attempt=2)
+    first_tag = lifecycle.tag_for(FLEET, "j1")
+    tasks = [
+        task(0),
+        Task(id="b1", status="DONE", created=T0, request={"description": first_tag}),
+        Task(
+            id="follow",
+            status="PROCESSING",
+            created=T0 + timedelta(seconds=3),
+            request={"description": lifecycle.attempt_tag(FLEET, "j1", 2)},
+        ),
+        *(
+            Task(
+                id=f"dup-{attempt}",
+                status="ANALYSING",
+                created=T0 + timedelta(seconds=4 + attempt),
+                request={"description": f"copy {lifecycle.attempt_tag(FLEET, 'j1', attempt)}"},
+            )
+            for attempt in (1, 2)
+        ),
+    ]
+    api = ListingApi(tasks, page_size=100)
+    result = Poller(api, FLEET).round([target(0, seen=T0), follow], [], sweep=True)
+    # Newest first, as the list reads.
+    assert result.observations == {
+        "j1": [DuplicateFound(batch_request_id="dup-2"), DuplicateFound(batch_request_id="dup-1")]
+    }
+
+
 def test_a_sweep_runs_with_nothing_due_and_reaches_back_past_a_doubtful_create() -> None:
     skew = timedelta(seconds=30)
     accepted = T0 - timedelta(minutes=5)

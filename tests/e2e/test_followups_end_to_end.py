@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.e2e.conftest import Events, Producer, Stack, WorkerProcess
+from tests.e2e.conftest import CLIENT_SECRET, Events, Producer, Stack, WorkerProcess
 from worker.lifecycle import attempt_tag, tag_for
 
 pytestmark = pytest.mark.integration
@@ -164,3 +164,40 @@ def test_a_follow_up_stopped_unhealthy_pauses_resumes_and_the_job_ends_once(
     assert paused["tiles"] == {"total": total, "processed": total - 3, "failed": 3}
     statuses = [d["status"] for d in job_statuses]
     assert statuses[statuses.index("PAUSED") + 1 :] == ["PROCESSING", "DONE"]
+
+
+def test_a_duplicate_of_a_follow_up_is_found_by_its_attempt_tag_and_stopped(
+    stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
+) -> None:
+    """A second request carrying the follow-up's tag (what a lost create answer and a
+    lagging list can make): the duplicate sweeps look for the attempt's tag too."""
+    from worker.api.client import BatchClient
+
+    fleet = stack.names.settings()["fleet_id"]
+    start_worker()
+    job = retrying_job(stack, " [sim:fatal=3]")
+    job_id = job["job_id"]
+    follow_tag = attempt_tag(fleet, job_id, 1)
+    producer.publish(job)
+    wait_until(lambda: retry_inputs(stack) != [], 120, "the follow-up's GeoPackage", events)
+    # The follow-up (made after its GeoPackage) runs long enough to meet the duplicate.
+    stack.simulator.configure(speed=20.0)
+    wait_until(lambda: requests_tagged(stack, follow_tag) != [], 60, "the follow-up", events)
+    [follow] = requests_tagged(stack, follow_tag)
+    copy = dict(follow["request"], description=f"copy {follow_tag}")
+    with BatchClient(
+        batch_url=stack.simulator.url + "/api/v2/batch",
+        token_url=stack.simulator.token_url,
+        client_id="test-client",
+        client_secret=CLIENT_SECRET,
+    ) as client:
+        duplicate = client.create(copy)
+        client.start(duplicate.id)
+    data = events.wait_terminal(job_id, timeout=180)["data"]
+    assert data["status"] == "DONE" and data["batch_request_id"] == follow["id"]
+    assert duplicate.id in data["duplicates_stopped"]
+    assert duplicate.id not in [r["batch_request_id"] for r in data["batch_requests"]]
+    stopped = next(t for t in stack.upstream_requests() if t["id"] == duplicate.id)
+    assert stopped["userAction"] == "STOP"
+    terminal = [s for s in events.statuses(job_id) if s in {"DONE", "FAILED", "STOPPED"}]
+    assert terminal == ["DONE"]

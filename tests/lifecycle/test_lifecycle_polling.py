@@ -38,7 +38,14 @@ def test_a_new_job_has_nothing_read_and_rests_not() -> None:
         resting=False,
         create_doubtful=False,
         intent_at=None,
+        attempt=0,
     )
+
+
+def test_a_follow_up_is_polled_with_its_attempt() -> None:
+    state = job()
+    follow = state.model_copy(update={"retry": state.retry.model_copy(update={"attempt": 2})})
+    assert poll_view(follow).attempt == 2
 
 
 def test_an_analysed_job_waiting_for_a_start_rests_until_the_start_or_a_cancel() -> None:

@@ -295,7 +295,13 @@ class Poller:
         the scan got there (not cut short by ``limit`` or an error)."""
         # An ended job's own request is over for the worker: only its tag is looked for.
         by_id = {t.batch_request_id: t for t in targets if t.batch_request_id and not t.ended}
-        by_tag = {lifecycle.tag_for(self._fleet_id, t.job_id): t for t in targets}
+        # Every tag the job has used: a follow-up carries its attempt's own (its duplicates
+        # too), and the job's earlier requests are over (DONE), so no duplicates to report.
+        by_tag = {
+            tag: t
+            for t in targets
+            for tag in lifecycle.job_tags(self._fleet_id, t.job_id, t.attempt)
+        }
         seen: set[str] = set()
         listed = ours = 0
         complete = False

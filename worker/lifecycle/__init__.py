@@ -35,7 +35,7 @@ from worker.lifecycle.cost import (
     lower_bound,
     manifest_lower_bound,
 )
-from worker.lifecycle.followups import attempt_tag, request_tag, total_cost
+from worker.lifecycle.followups import attempt_tag, job_tags, request_tag, total_cost
 from worker.lifecycle.jobs import TAG_PREFIX, describe, is_active, new_job, tag_for
 from worker.lifecycle.machine import (
     BATCH_FAILED,
@@ -141,6 +141,7 @@ __all__ = [
     "describe",
     "fold_requests",
     "is_active",
+    "job_tags",
     "linear_forecast",
     "lower_bound",
     "manifest_lower_bound",

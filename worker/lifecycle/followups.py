@@ -46,6 +46,14 @@ def attempt_tag(fleet_id: str, job_id: str, attempt: int) -> str:
     return TAG_PREFIX + digest[:30]
 
 
+def job_tags(fleet_id: str, job_id: str, attempt: int) -> list[str]:
+    """Every tag the job's requests carry up to follow-up ``attempt``, first to last."""
+    return [
+        tag_for(fleet_id, job_id),
+        *(attempt_tag(fleet_id, job_id, n) for n in range(1, attempt + 1)),
+    ]
+
+
 def request_tag(state: JobState) -> str:
     """The tag of the job's current batch request (the one a create scan looks for)."""
     if state.retry.attempt == 0:

@@ -28,6 +28,9 @@ class PollView(NamedTuple):
     # look for it soon, and for a while after the job ended.
     create_doubtful: bool
     intent_at: datetime | None  # the job's last create attempt
+    # Which of the job's requests is current (0: the first, n: the follow-up of attempt n):
+    # duplicate sweeps look for every tag the job has used (lifecycle/followups.py).
+    attempt: int
 
 
 def read_status(state: JobState) -> str | None:
@@ -53,4 +56,5 @@ def poll_view(state: JobState) -> PollView:
         resting=resting(state),
         create_doubtful=state.create_doubtful,
         intent_at=state.intent_at,
+        attempt=state.retry.attempt,
     )

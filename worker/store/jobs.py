@@ -67,6 +67,7 @@ DERIVED: dict[str, str] = {
     "resting": "boolean",
     "create_doubtful": "boolean",
     "intent_at": "timestamptz",
+    "attempt": "integer",
     "max_cost_pu": "float8",
     # The tile counts, for the status API's fleet overview (worker/store/listing.py).
     "tiles_total": "bigint",
@@ -96,6 +97,7 @@ UPDATE bw_jobs SET
         AND NOT COALESCE((state->>'cancel_wanted')::boolean, false), false),
     create_doubtful = COALESCE((state->>'create_doubtful')::boolean, false),
     intent_at = (state->>'intent_at')::timestamptz,
+    attempt = COALESCE((state->'retry'->>'attempt')::integer, 0),
     max_cost_pu = (state->>'max_cost_pu')::float8,
     tiles_total = (state->'tiles'->>'total')::bigint,
     tiles_processed = (state->'tiles'->>'processed')::bigint,
@@ -208,6 +210,7 @@ class PollTarget:
     # (docs/lifecycle.md "Duplicate sweeps"): never read for its status, only for its tag.
     ended: bool = False
     intent_at: datetime | None = None  # the job's last create attempt
+    attempt: int = 0  # its current request's (a follow-up's tag is its attempt's own)
 
 
 def columns(state: JobState) -> dict[str, Any]:
@@ -472,6 +475,12 @@ def request_actions(
 # ------------------------------------------------------------------------------------------
 
 
+# A row an older worker saved last has its derived columns unknown (``upgrade``): its
+# sweeps look for the first request's tag only until this version saves it again (the next
+# step), as no query reads the state's JSON.
+_ATTEMPT = "COALESCE(attempt, 0)"
+
+
 def active_poll_targets(conn: Conn, fleet_id: str) -> list[PollTarget]:
     """Active jobs that have a batch request, newest upstream first.
 
@@ -481,10 +490,11 @@ def active_poll_targets(conn: Conn, fleet_id: str) -> list[PollTarget]:
     the save derives them again), doubtful (so a sweep looks for it).
     """
     rows = conn.execute(
-        """
+        f"""
         SELECT job_id, batch_request_id, upstream_created, read_status,
                COALESCE(completion, 0), cost_pu, last_seen_at,
-               COALESCE(resting, false), COALESCE(create_doubtful, true), accepted_at
+               COALESCE(resting, false), COALESCE(create_doubtful, true), accepted_at,
+               false, NULL, {_ATTEMPT}
         FROM bw_jobs
         WHERE fleet_id = %s AND ended_at IS NULL AND batch_request_id IS NOT NULL
         ORDER BY upstream_created DESC NULLS LAST
@@ -499,10 +509,10 @@ def ended_doubtful_targets(conn: Conn, fleet_id: str, *, ended_since: datetime) 
     to be certain, ``active_poll_targets``): a request they never knew may exist, so
     duplicate sweeps keep looking for their tag a while."""
     rows = conn.execute(
-        """
+        f"""
         SELECT job_id, batch_request_id, upstream_created, status,
                COALESCE(completion, 0), cost_pu, last_seen_at, false, true, accepted_at, true,
-               intent_at
+               intent_at, {_ATTEMPT}
         FROM bw_jobs
         WHERE fleet_id = %s AND ended_at >= %s AND create_doubtful IS NOT false
         """,
