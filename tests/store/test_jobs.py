@@ -17,8 +17,16 @@ from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
 from tests.store.store_support import FLEET, LEASE, T0, claim, insert, insert_job, job
-from worker.lifecycle import KNOWN_STATUSES, JobState, Phase, PollView, Tiles, poll_view
-from worker.lifecycle.state import Retry
+from worker.lifecycle import (
+    KNOWN_STATUSES,
+    JobState,
+    Phase,
+    PollView,
+    Tiles,
+    poll_view,
+    total_cost,
+)
+from worker.lifecycle.state import PastRequest, Retry
 from worker.store import db, jobs, leases
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +153,24 @@ def test_max_cost_share_is_the_highest_share_of_its_cap_among_active_jobs(
         assert jobs.max_cost_share(conn, "other-fleet") == 0.0
 
 
+def test_max_cost_share_sums_every_request_of_a_job_with_follow_ups(
+    pool: ConnectionPool,
+) -> None:
+    """The cap covers the job's sum (lifecycle.total_cost), so does its share: a follow-up
+    that has spent 30 of a 100 PU cap after its first request's 60 is at 0.9, not 0.3."""
+    insert(pool, job("retried", max_cost_pu=100.0))
+    insert(pool, job("single", max_cost_pu=100.0))
+    first = PastRequest(batch_request_id="b0", attempt=0, status="DONE", cost_pu=60.0)
+    with pool.connection() as conn:
+        for c in leases.claim_due(conn, FLEET, "w1", now=T0, lease=LEASE, limit=10):
+            changes: dict[str, object] = {"cost_pu": 30.0, "status": "PROCESSING"}
+            if c.state.job_id == "retried":
+                changes["retry"] = Retry(attempts=1, attempt=1, past=(first,), covering=3)
+            state = c.state.model_copy(update=changes)
+            leases.save_step(conn, state, generation=c.generation, owner="w1")
+        assert jobs.max_cost_share(conn, FLEET) == pytest.approx(0.9)
+
+
 def test_ended_doubtful_jobs_are_listed_for_sweeps_for_a_while_and_claimable(
     pool: ConnectionPool,
 ) -> None:
@@ -228,6 +254,19 @@ MOMENTS = st.none() | st.datetimes(
 )
 
 
+def _retry(costs: list[float]) -> Retry:
+    past = tuple(
+        PastRequest(batch_request_id=f"b{n}", attempt=n, status="DONE", cost_pu=cost)
+        for n, cost in enumerate(costs)
+    )
+    return Retry(attempts=3, attempt=len(past), past=past)
+
+
+# A job on its first request or on a follow-up, its earlier requests' costs summed with the
+# current one's (no subnormals, as for ``cost_pu``).
+RETRIES = st.lists(st.floats(0, 1e6, allow_subnormal=False), max_size=3).map(_retry)
+
+
 @st.composite
 def states(draw: st.DrawFn) -> JobState:
     """Job states across what the derived columns depend on, as the lifecycle may leave
@@ -260,7 +299,7 @@ def states(draw: st.DrawFn) -> JobState:
         ),
         last_seen_at=draw(MOMENTS),
         ended_at=draw(MOMENTS.filter(bool)) if phase is Phase.ENDED else None,
-        retry=Retry(attempts=3, attempt=draw(st.integers(0, 3))),
+        retry=draw(RETRIES),
     )
 
 
@@ -319,6 +358,7 @@ def test_the_derived_columns_are_named_for_the_lifecycles_poll_view() -> None:
     assert tuple(jobs.DERIVED) == (
         *PollView._fields,
         "max_cost_pu",
+        "job_cost_pu",
         "tiles_total",
         "tiles_processed",
         "tiles_failed",
@@ -330,6 +370,7 @@ def derived_from(state: JobState) -> dict[str, Any]:
     return {
         **poll_view(state)._asdict(),
         "max_cost_pu": state.max_cost_pu,
+        "job_cost_pu": total_cost(state),
         **jobs.tile_columns(state),
     }
 
@@ -532,7 +573,18 @@ def test_the_upgrade_fills_the_columns_in_once_as_the_lifecycle_would(
             jobs.active_poll_targets(conn, FLEET),
             jobs.ended_doubtful_targets(conn, FLEET, ended_since=since),
         )
-        assert share is not None and jobs.max_cost_share(conn, FLEET) == share[0]
+        # The first release made no follow-ups: its share was the current request's. The
+        # upgraded one is the job's sum over the cap, as the lifecycle counts it.
+        assert share is not None
+        single = [s for s in saved if not s.retry.past]
+        if len(single) == len(saved):
+            assert jobs.max_cost_share(conn, FLEET) == share[0]
+        expected = [
+            (total_cost(s) or 0.0) / s.max_cost_pu
+            for s in saved
+            if s.ended_at is None and s.max_cost_pu
+        ]
+        assert jobs.max_cost_share(conn, FLEET) == max(expected, default=0.0)
         indexes = {
             name
             for (name,) in conn.execute(

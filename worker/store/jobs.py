@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg.rows import dict_row
 
-from worker.lifecycle import JobState, Phase, poll_view
+from worker.lifecycle import JobState, Phase, poll_view, total_cost
 from worker.store import capacity
 from worker.wire.outgoing import OutboxMessage, message_from_json
 
@@ -69,6 +69,9 @@ DERIVED: dict[str, str] = {
     "intent_at": "timestamptz",
     "attempt": "integer",
     "max_cost_pu": "float8",
+    # What every request of the job has cost (``cost_pu`` is the current request's, compared
+    # with each read): the cap's share and the status API's sums.
+    "job_cost_pu": "float8",
     # The tile counts, for the status API's fleet overview (worker/store/listing.py).
     "tiles_total": "bigint",
     "tiles_processed": "bigint",
@@ -99,6 +102,13 @@ UPDATE bw_jobs SET
     intent_at = (state->>'intent_at')::timestamptz,
     attempt = COALESCE((state->'retry'->>'attempt')::integer, 0),
     max_cost_pu = (state->>'max_cost_pu')::float8,
+    job_cost_pu = CASE
+        WHEN jsonb_array_length(COALESCE(state->'retry'->'past', '[]')) = 0
+        THEN (state->>'cost_pu')::float8
+        ELSE COALESCE((state->>'cost_pu')::float8, 0) + (
+            SELECT sum((past->>'cost_pu')::float8)
+            FROM jsonb_array_elements(state->'retry'->'past') AS past)
+    END,
     tiles_total = (state->'tiles'->>'total')::bigint,
     tiles_processed = (state->'tiles'->>'processed')::bigint,
     tiles_failed = (state->'tiles'->>'failed')::bigint,
@@ -229,6 +239,7 @@ def columns(state: JobState) -> dict[str, Any]:
         "last_seen_at": state.last_seen_at,
         **poll_view(state)._asdict(),
         "max_cost_pu": state.max_cost_pu,
+        "job_cost_pu": total_cost(state),
         # Written at insert only (``_INSERT_MANY``); a save passes them unused.
         "tenant": state.tenant,
         "adopted": state.adopt_id is not None,
@@ -549,10 +560,11 @@ def count_active_by_status(conn: Conn, fleet_id: str) -> dict[str, int]:
 
 
 def max_cost_share(conn: Conn, fleet_id: str) -> float:
-    """The highest ``cost_pu / max_cost_pu`` among active jobs with a cap (0 if none)."""
+    """The highest share of its cap among active jobs with one (0 if none): the job's cost
+    over all its requests (the cap covers the sum), over ``max_cost_pu``."""
     row = conn.execute(
         """
-        SELECT COALESCE(max(COALESCE(cost_pu, 0) / max_cost_pu), 0)
+        SELECT COALESCE(max(COALESCE(job_cost_pu, 0) / max_cost_pu), 0)
         FROM bw_jobs
         WHERE fleet_id = %s AND ended_at IS NULL AND max_cost_pu > 0
         """,

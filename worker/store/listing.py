@@ -49,7 +49,7 @@ _ORDERS = {
 # its JSON in SQL: tests/store/test_jobs.py); what is filtered, sorted or summed is in
 # columns of its own.
 _SUMMARY = """
-    SELECT job_id, fleet_id, phase, status, batch_request_id, completion, cost_pu,
+    SELECT job_id, fleet_id, phase, status, batch_request_id, completion, job_cost_pu,
            max_cost_pu, accepted_at, last_seen_at, ended_at, state,
            EXTRACT(EPOCH FROM COALESCE(ended_at, now()) - accepted_at) AS duration_seconds,
            count(*) OVER () AS total
@@ -95,7 +95,7 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
         "batch_request_id": row["batch_request_id"],
         "description": description if isinstance(description, str) else None,
         "completion_percentage": row["completion"] or 0.0,
-        "cost_pu": row["cost_pu"],
+        "cost_pu": row["job_cost_pu"],  # every request of the job
         "max_cost_pu": row["max_cost_pu"],
         "tiles": state.tiles.model_dump() if state.tiles is not None else None,
         "stopped_reason": state.stopped_reason,
@@ -135,7 +135,7 @@ def fleet_overview(conn: psycopg.Connection[Any], fleet_id: str, *, top: int = 5
     with conn.cursor(row_factory=dict_row) as cur:
         by_status = cur.execute(
             "SELECT COALESCE(status, phase) AS status, count(*) AS jobs,"
-            " COALESCE(sum(cost_pu), 0) AS cost_pu,"
+            " COALESCE(sum(job_cost_pu), 0) AS cost_pu,"
             " COALESCE(sum(tiles_total), 0) AS tiles_total,"
             " COALESCE(sum(tiles_processed), 0) AS tiles_processed,"
             " COALESCE(sum(tiles_failed), 0) AS tiles_failed"
