@@ -63,15 +63,22 @@ def test_demo_runs_the_examples_to_their_ends_and_moves_off_a_taken_port(
     assert "Traceback" not in result.stdout + result.stderr
     assert f"port {port} is taken: metrics on port " in result.stdout
     # Off a terminal the summary is tab-separated lines: job, batch request, status, ...
-    rows = {
-        line.split("\t")[0]: line.split("\t")[2]
+    cells = {
+        line.split("\t")[0]: line.split("\t")[1:]
         for line in result.stdout.splitlines()[1:]
         if "\t" in line and not line.startswith("job\t")
     }
+    rows = {job: row[1] for job, row in cells.items()}
     assert sorted(rows) == _example_job_ids()
     # All end DONE but the one forecast at 3x its cap, stopped by its forecast.
     assert rows.pop("corsica-cost-forecast") == "STOPPED (COST_FORECAST)"
     assert set(rows.values()) == {"DONE"}
+    # A DONE job has counted every feature (processed/failed/total), the resumed one too:
+    # its eight features, billed the 100 PU minimum once (the simulator continues).
+    for job in rows:
+        processed, failed, total = map(int, cells[job][2].split("/"))
+        assert total > 0 and processed + failed == total, (job, cells[job])
+    assert cells["corsica-resume-unhealthy"][2:4] == ["8/0/8", "100.0"]
     log = (tmp_path / "demo-output" / "worker.log").read_text()
     assert '"logger": "worker.daemon.supervisor"' in log
 
