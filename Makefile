@@ -64,10 +64,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy scripts/chart_readme.py
 
-# Most tests wait on I/O (jobs running in the simulator), so four processes share two cores
-# well; the few that restart the shared broker run alone afterwards.
+# Most tests wait on I/O (jobs running in the simulator): the suite's own processes use about
+# 435 CPU-seconds in all, so six processes share two cores well, and work stealing keeps the
+# long end-to-end tests from finishing last on one. The few that restart the shared broker
+# run alone afterwards.
 test: $(STAMP) $(CONTRACTS_STAMP) services tools browser lint typecheck
-	$(BIN)/pytest -q -p no:cacheprovider -n 4 -m "not serial"
+	$(BIN)/pytest -q -p no:cacheprovider -n 6 --dist worksteal -m "not serial"
 	$(BIN)/pytest -q -p no:cacheprovider -m serial
 	$(MAKE) --no-print-directory test-rabbitmq4
 
