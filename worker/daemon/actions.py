@@ -127,10 +127,8 @@ class ActionRunner:
         match action:
             case Create():
                 return self._create(state, action, now)
-            case Adopt(batch_request_id=task_id):
-                return self._get(task_id, None)
-            case Poll(batch_request_id=task_id, asap=True):
-                return self._get(task_id, state.upstream_created)
+            case Adopt(batch_request_id=task_id) | Poll(batch_request_id=task_id, asap=True):
+                return self._get(task_id)
             case Poll():
                 return None  # the poller reads it with the next list scan or GET round
             case Analyse(batch_request_id=task_id):
@@ -203,9 +201,11 @@ class ActionRunner:
 
     # -- the rest ------------------------------------------------------------------------
 
-    def _get(self, task_id: str, created_at: datetime | None) -> Observation | None:
+    def _get(self, task_id: str) -> Observation | None:
+        # A 404 answers at once (no created_at): the lifecycle reads a new request again on
+        # its NOT_FOUND_RETRIES schedule, without holding this step's thread meanwhile.
         try:
-            return TaskSeen(snapshot(self._client.get(task_id, created_at=created_at)))
+            return TaskSeen(snapshot(self._client.get(task_id)))
         except NotFound:
             return TaskMissing()
         except ApiError as exc:

@@ -366,7 +366,9 @@ class Poller:
                 continue
             result.requests += 1
             try:
-                task = self._client.get(target.batch_request_id, created_at=target.upstream_created)
+                # No created_at: a new request's 404 is the lifecycle's to read again on its
+                # NOT_FOUND_RETRIES schedule, not the client's to retry while the round waits.
+                task = self._client.get(target.batch_request_id)
             except NotFound:
                 result.add(target.job_id, TaskMissing())
                 continue
