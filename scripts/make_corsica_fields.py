@@ -1,6 +1,6 @@
 """Make ``corsica-fields.gpkg``: a handful of field polygons over Corsica (GeoPackage input).
 
-Written with the standard library's sqlite3 through ``worker.simulator.gpkg`` (GeoPackage
+Written with the standard library's sqlite3 through ``worker.api.geopackage`` (GeoPackage
 1.3: metadata tables, GP header + WKB polygons). One layer in UTM zone 32N (EPSG:32632),
 the columns the service reads (batch-v2-api.md §5.2): ``id`` (primary key), ``identifier``
 (unique text) and ``resolution`` (metres). Run from the repository root:
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from worker.simulator import gpkg
+from worker.api import geopackage
 
 OUT = Path(__file__).resolve().parents[1] / "worker" / "examples" / "corsica-fields.gpkg"
 
@@ -65,13 +65,16 @@ def field_ring(lon: float, lat: float, half: float) -> list[tuple[float, float]]
 
 
 def main() -> None:
-    conn = gpkg.create(OUT)
+    conn = geopackage.create(OUT)
     try:
-        gpkg.add_feature_table(
+        geopackage.add_feature_table(
             conn,
             "fields",
             32632,
-            [gpkg.Column("identifier", "TEXT NOT NULL UNIQUE"), gpkg.Column("resolution", "REAL")],
+            [
+                geopackage.Column("identifier", "TEXT NOT NULL UNIQUE"),
+                geopackage.Column("resolution", "REAL"),
+            ],
             [(field_ring(lon, lat, half), (name, res)) for name, lon, lat, half, res in FIELDS],
             primary_key="id",
             srs_definition=UTM_32N,

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
+from worker.api import geopackage
 from worker.api.artifacts import artifact_keys
 from worker.daemon.bucket_files import File
 from worker.daemon.followups import RetryInputWriter
 from worker.lifecycle import RetryInputFailed, RetryInputWritten
-from worker.simulator import delivery, gpkg
+from worker.simulator import delivery
 from worker.simulator.grids import Feature
 
 RID = "0f3c5d0e-1111-4222-8333-944445555666"
@@ -76,7 +77,7 @@ def test_the_fatal_features_rows_are_written_beside_the_manifest(tmp_path: Path)
     path = tmp_path / "retry.gpkg"
     path.write_bytes(bucket.objects[("bucket", key)])
     # Readable as a GeoPackage input by the service's rules (one row per feature, §5.2).
-    read = gpkg.read_features(path)
+    read = geopackage.read_features(path)
     assert sorted(f.identifier for f in read) == sorted(fatal)
     assert {f.identifier: f.extent for f in read} == {
         f.name: f.extent for f in FEATURES if f.name in fatal
@@ -117,7 +118,7 @@ def test_files_it_cannot_use_give_a_reason(tmp_path: Path, change: str, reason: 
     if change == "view":
         # A producer's file whose feature "tables" are views: never queried.
         path = tmp_path / "hostile.gpkg"
-        conn = gpkg.create(path)
+        conn = geopackage.create(path)
         conn.execute("CREATE VIEW feature_4326 AS SELECT 1 AS identifier, 2 AS geom")
         conn.commit()
         conn.close()

@@ -138,13 +138,13 @@ def follow_up_input(
     bucket: str, manifest: sqlite3.Connection, names: set[str], tmp_path: Path
 ) -> str:
     """A GeoPackage over ``names`` (rows of the manifest), uploaded; its s3:// url."""
-    from worker.simulator import gpkg
+    from worker.api import geopackage
 
     (table,) = manifest.execute("SELECT table_name FROM gpkg_contents").fetchone()
     (epsg,) = manifest.execute("SELECT srs_id FROM gpkg_contents").fetchone()
     rows = {
         identifier: (
-            gpkg.rectangle((0.0, 0.0, 1.0, 1.0)),
+            geopackage.rectangle((0.0, 0.0, 1.0, 1.0)),
             (identifier, width, height),
         )
         for identifier, width, height in manifest.execute(
@@ -153,13 +153,13 @@ def follow_up_input(
         if identifier in names
     }
     path = tmp_path / "retry.gpkg"
-    conn = gpkg.create(path)
+    conn = geopackage.create(path)
     columns = [
-        gpkg.Column("identifier", "TEXT"),
-        gpkg.Column("width", "INTEGER"),
-        gpkg.Column("height", "INTEGER"),
+        geopackage.Column("identifier", "TEXT"),
+        geopackage.Column("width", "INTEGER"),
+        geopackage.Column("height", "INTEGER"),
     ]
-    gpkg.add_feature_table(conn, table, epsg, columns, rows.values(), primary_key="id")
+    geopackage.add_feature_table(conn, table, epsg, columns, rows.values(), primary_key="id")
     conn.commit()
     conn.close()
     boto3.client("s3").upload_file(str(path), bucket, "retry/retry.gpkg")

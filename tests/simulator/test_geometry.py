@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
 import pytest
 
 from tests.simulator.conftest import EXAMPLES, example_request
-from worker.simulator import gpkg
+from worker.api import geopackage
 from worker.simulator.grids import GRIDS, bbox_of_bounds, grid_features
 from worker.simulator.validation import PayloadError, validate_create
 
@@ -43,22 +42,9 @@ def test_example_geopackage_is_a_valid_geopackage() -> None:
     ).fetchall() == [("fields", "POLYGON", 32632)]
     columns = {r[1] for r in db.execute("PRAGMA table_info(fields)")}
     assert {"id", "identifier", "resolution", "geom"} <= columns
-    features = gpkg.read_features(path)
+    features = geopackage.read_features(path)
     assert len(features) == 6
     assert all(400_000 < f.extent[0] < 600_000 for f in features)  # UTM 32N over Corsica
-
-
-def test_geopackage_round_trip_and_duplicate_identifiers(tmp_path: Path) -> None:
-    path = tmp_path / "t.gpkg"
-    conn = gpkg.create(path)
-    ring = gpkg.rectangle((0.0, 0.0, 1.0, 2.0))
-    gpkg.add_feature_table(
-        conn, "a", 4326, [gpkg.Column("identifier", "TEXT")], [(ring, ("x",)), (ring, ("x",))]
-    )
-    conn.commit()
-    conn.close()
-    with pytest.raises(ValueError, match="not unique"):
-        gpkg.read_features(path)
 
 
 @pytest.mark.parametrize(

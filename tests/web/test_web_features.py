@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from worker.simulator import gpkg
+from worker.api import geopackage
 from worker.simulator.delivery import execution_db_bytes
 from worker.web.features import FeatureReader
 
@@ -26,12 +26,12 @@ def _request(bucket: str) -> dict:
 def _manifest(tmp: Path) -> bytes:
     """Two features in UTM 32N (one of them twice, for two outputs), one in WGS 84."""
     path = tmp / "manifest.gpkg"
-    conn = gpkg.create(path)
-    columns = [gpkg.Column("outputId", "TEXT"), gpkg.Column("identifier", "TEXT"),
-               gpkg.Column("path", "TEXT")]  # fmt: skip
-    square = gpkg.rectangle((500_000.0, 4_650_000.0, 510_000.0, 4_660_000.0))
-    beside = gpkg.rectangle((510_000.0, 4_650_000.0, 520_000.0, 4_660_000.0))
-    gpkg.add_feature_table(
+    conn = geopackage.create(path)
+    columns = [geopackage.Column("outputId", "TEXT"), geopackage.Column("identifier", "TEXT"),
+               geopackage.Column("path", "TEXT")]  # fmt: skip
+    square = geopackage.rectangle((500_000.0, 4_650_000.0, 510_000.0, 4_660_000.0))
+    beside = geopackage.rectangle((510_000.0, 4_650_000.0, 520_000.0, 4_660_000.0))
+    geopackage.add_feature_table(
         conn,
         "feature_32632",
         32632,
@@ -42,8 +42,12 @@ def _manifest(tmp: Path) -> bytes:
             (beside, ("b04", "32TPL", "s3://x/32TPL/b04.tif")),
         ],
     )
-    gpkg.add_feature_table(
-        conn, "feature_4326", 4326, columns, [(gpkg.rectangle((1, 2, 3, 4)), ("b04", "g", "p"))]
+    geopackage.add_feature_table(
+        conn,
+        "feature_4326",
+        4326,
+        columns,
+        [(geopackage.rectangle((1, 2, 3, 4)), ("b04", "g", "p"))],
     )
     conn.commit()
     conn.close()

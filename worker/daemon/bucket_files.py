@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import quote
 
+from worker.api.geopackage import quote_identifier
+
 # Files up to this size are read in memory (most execution databases: ~100 bytes a feature);
 # larger ones go through a temporary file, so memory stays bounded whatever the job.
 IN_MEMORY_BYTES = 8 * 2**20
@@ -128,10 +130,6 @@ def plain_tables(conn: sqlite3.Connection, where: str, *args: str) -> list[str]:
 
 def columns(conn: sqlite3.Connection, table: str) -> set[str]:
     return {str(row[1]) for row in conn.execute(f"PRAGMA table_info({quote_identifier(table)})")}
-
-
-def quote_identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def interrupted(exc: sqlite3.Error) -> bool:

@@ -20,7 +20,9 @@ from collections.abc import Iterable
 from contextlib import closing
 from typing import Any, Protocol
 
+from worker.api import geopackage
 from worker.api.artifacts import artifact_keys, delivery_url
+from worker.api.geopackage import quote_identifier
 from worker.daemon.bucket_files import (
     SQLITE_SECONDS,
     File,
@@ -28,7 +30,6 @@ from worker.daemon.bucket_files import (
     columns,
     interrupted,
     plain_tables,
-    quote_identifier,
 )
 from worker.lifecycle import JobError, RetryInputFailed, RetryInputWritten
 from worker.lifecycle.followups import RETRY_INPUT_NOT_WRITTEN
@@ -36,16 +37,9 @@ from worker.lifecycle.followups import RETRY_INPUT_NOT_WRITTEN
 log = logging.getLogger(__name__)
 
 FAILED_FEATURES = "failedFeatures-{id}.gpkg"
-_APPLICATION_ID = 0x47504B47  # "GPKG"
-_USER_VERSION = 10300  # GeoPackage 1.3
-# Spatial reference systems every GeoPackage holds (OGC 12-128r18 §1.1.2.1.2).
 _GEOMETRY_TYPES = frozenset(
     {"GEOMETRY", "POLYGON", "MULTIPOLYGON", "CURVEPOLYGON", "MULTISURFACE", "SURFACE"}
 )
-_REQUIRED_SRS = {
-    -1: ("Undefined cartesian SRS", -1, "NONE", -1, "undefined", "undefined cartesian"),
-    0: ("Undefined geographic SRS", 0, "NONE", 0, "undefined", "undefined geographic"),
-}
 
 
 class BucketFiles(Protocol):
@@ -153,7 +147,7 @@ def _copy_features(source: sqlite3.Connection, names: set[str]) -> tuple[bytes, 
     }
     out = sqlite3.connect(":memory:")
     try:
-        _metadata(out)
+        geopackage.init(out)
         found: set[str] = set()
         srs_used: set[int] = set()
         for table in tables:
@@ -191,29 +185,6 @@ def _rows_of(
     return list(rows.values())
 
 
-def _metadata(out: sqlite3.Connection) -> None:
-    out.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-    out.execute(f"PRAGMA user_version = {_USER_VERSION}")
-    out.executescript(
-        """
-        CREATE TABLE gpkg_spatial_ref_sys (
-            srs_name TEXT NOT NULL, srs_id INTEGER PRIMARY KEY, organization TEXT NOT NULL,
-            organization_coordsys_id INTEGER NOT NULL, definition TEXT NOT NULL,
-            description TEXT);
-        CREATE TABLE gpkg_contents (
-            table_name TEXT NOT NULL PRIMARY KEY, data_type TEXT NOT NULL,
-            identifier TEXT UNIQUE, description TEXT DEFAULT '',
-            last_change DATETIME NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
-            min_x DOUBLE, min_y DOUBLE, max_x DOUBLE, max_y DOUBLE,
-            srs_id INTEGER REFERENCES gpkg_spatial_ref_sys(srs_id));
-        CREATE TABLE gpkg_geometry_columns (
-            table_name TEXT NOT NULL, column_name TEXT NOT NULL,
-            geometry_type_name TEXT NOT NULL, srs_id INTEGER NOT NULL, z TINYINT NOT NULL,
-            m TINYINT NOT NULL, PRIMARY KEY (table_name, column_name));
-        """
-    )
-
-
 def _feature_table(
     out: sqlite3.Connection,
     table: str,
@@ -225,23 +196,20 @@ def _feature_table(
     rows: Iterable[tuple[Any, ...]],
 ) -> None:
     # §5.2's columns: an integer id, a unique identifier, the geometry, width and height.
-    size_sql = "".join(f", {quote_identifier(c)} INTEGER" for c in sizes)
     kind = kind.upper() if kind.upper() in _GEOMETRY_TYPES else "GEOMETRY"
-    name, geom = quote_identifier(table), quote_identifier(column)
-    out.execute(
-        f"CREATE TABLE {name} (id INTEGER PRIMARY KEY AUTOINCREMENT, identifier TEXT NOT NULL"
-        f" UNIQUE, {geom} {kind}{size_sql})"
-    )
-    picked = ", ".join(["identifier", geom, *(quote_identifier(c) for c in sizes)])
-    marks = ", ".join("?" for _ in range(2 + len(sizes)))
-    out.executemany(f"INSERT INTO {name} ({picked}) VALUES ({marks})", rows)
-    out.execute(
-        "INSERT INTO gpkg_contents (table_name, data_type, identifier, srs_id)"
-        " VALUES (?, 'features', ?, ?)",
-        (table, table, srs),
-    )
-    out.execute(
-        "INSERT INTO gpkg_geometry_columns VALUES (?, ?, ?, ?, 0, 0)", (table, column, kind, srs)
+    geometry = geopackage.Column(column, kind)
+    geopackage.feature_table(
+        out,
+        table,
+        srs_id=srs,
+        geometry=geometry,
+        columns=[
+            geopackage.Column("identifier", "TEXT NOT NULL UNIQUE"),
+            geometry,
+            *(geopackage.Column(c, "INTEGER") for c in sizes),
+        ],
+        rows=rows,
+        primary_key="id",
     )
 
 
@@ -256,7 +224,7 @@ def _spatial_refs(source: sqlite3.Connection, out: sqlite3.Connection, used: set
             f" description FROM gpkg_spatial_ref_sys WHERE srs_id IN ({marks})"
         )
         known = {int(row[1]): tuple(row) for row in source.execute(query, wanted)}
-    rows = [*_REQUIRED_SRS.values()]
+    rows: list[tuple[Any, ...]] = [*geopackage.UNDEFINED_SRS]
     for srs in wanted:
         rows.append(known.get(srs, (f"EPSG:{srs}", srs, "EPSG", srs, "undefined", "")))
     out.executemany("INSERT OR IGNORE INTO gpkg_spatial_ref_sys VALUES (?, ?, ?, ?, ?, ?)", rows)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.api.artifacts import artifact_keys, delivery_url
+from worker.api.geopackage import quote_identifier
 from worker.daemon.bucket_files import (
     SQLITE_SECONDS,
     TEMP_PREFIX,
@@ -47,7 +48,6 @@ from worker.daemon.bucket_files import (
     columns,
     interrupted,
     plain_tables,
-    quote_identifier,
     sweep_stale_temp_dirs,
 )
 from worker.lifecycle import Tiles, manifest_lower_bound

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from worker.api import geopackage
 from worker.api.artifacts import artifact_keys, delivery_url, split_s3_url
-from worker.simulator import gpkg
 from worker.simulator.grids import Feature
 
 _EXTENSIONS = {"image/tiff": "tif", "application/json": "json", "zarr/array": "zarr"}
@@ -74,20 +74,20 @@ def manifest_bytes(
     for feature in features:
         by_crs.setdefault(feature.epsg, []).append(feature)
     columns = [
-        gpkg.Column("outputId", "TEXT"),
-        gpkg.Column("identifier", "TEXT"),
-        gpkg.Column("path", "TEXT"),
-        gpkg.Column("width", "INTEGER"),
-        gpkg.Column("height", "INTEGER"),
+        geopackage.Column("outputId", "TEXT"),
+        geopackage.Column("identifier", "TEXT"),
+        geopackage.Column("path", "TEXT"),
+        geopackage.Column("width", "INTEGER"),
+        geopackage.Column("height", "INTEGER"),
     ]
     with tempfile.TemporaryDirectory(prefix="sim-manifest-") as folder:
         path = Path(folder) / "manifest.gpkg"
-        conn = gpkg.create(path)
+        conn = geopackage.create(path)
         try:
             for epsg, members in sorted(by_crs.items()):
                 rows = [
                     (
-                        gpkg.rectangle(feature.extent),
+                        geopackage.rectangle(feature.extent),
                         (
                             response["identifier"],
                             feature.name,
@@ -105,7 +105,7 @@ def manifest_bytes(
                     for feature in members
                     for response in responses
                 ]
-                gpkg.add_feature_table(conn, f"feature_{epsg}", epsg, columns, rows)
+                geopackage.add_feature_table(conn, f"feature_{epsg}", epsg, columns, rows)
             conn.commit()
         finally:
             conn.close()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from worker.simulator import gpkg
+from worker.api import geopackage
 from worker.simulator.config import SimulatorConfig
 from worker.simulator.grids import GRIDS, BBox, Feature, bbox_of_bounds, grid_features
 from worker.simulator.jobs import Outcome
@@ -98,7 +98,7 @@ def resolve_features(
         except Exception as exc:
             logger.info("GeoPackage input %s cannot be read: %s", url, type(exc).__name__)
             raise ValueError(f"Unable to read the GeoPackage at {url}.") from exc
-        rows = gpkg.read_features(local)
+        rows = geopackage.read_features(local)
     if len(rows) > 700_000:  # §14
         raise ValueError("The GeoPackage holds more than 700000 features.")
     return [Feature(row.identifier, row.epsg, row.extent) for row in rows]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
-import struct
 import tempfile
 import threading
 import uuid
@@ -31,7 +30,9 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from worker.api import geopackage
 from worker.api.artifacts import artifact_keys, delivery_base, delivery_url
+from worker.api.geopackage import quote_identifier
 from worker.daemon import tiles
 from worker.daemon.bucket_files import (
     TEMP_PREFIX,
@@ -39,7 +40,6 @@ from worker.daemon.bucket_files import (
     bounded,
     columns,
     plain_tables,
-    quote_identifier,
 )
 
 STATUSES = ("DONE", "FATAL", "PENDING")
@@ -48,8 +48,6 @@ MAX_FEATURES = 50_000
 MAX_BYTES = 256 * 2**20
 _CACHED_REQUESTS = 16
 _ABSENT = frozenset({"NoSuchKey", "404", "NotFound"})
-# GeoPackage binary header (OGC 12-128r18 §2.1.3): "GP", version, flags, srs_id, envelope.
-_ENVELOPE_BYTES = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}
 
 
 class Unreadable(Exception):
@@ -323,18 +321,15 @@ def _geojson(blob: object, srs_id: int | None) -> dict[str, Any]:
     import shapely
     from shapely.geometry import mapping
 
-    if not isinstance(blob, bytes) or len(blob) < 8 or blob[:2] != b"GP":
-        raise Unreadable("a geometry is not a GeoPackage geometry blob")
-    flags = blob[3]
-    envelope = _ENVELOPE_BYTES.get((flags >> 1) & 0b111)
-    if envelope is None:
-        raise Unreadable("a geometry has an unknown envelope type")
-    header_srs = struct.unpack_from("<i" if flags & 1 else ">i", blob, 4)[0]
     try:
-        geometry = shapely.from_wkb(blob[8 + envelope :])
+        parts = geopackage.decode(blob)
+    except ValueError as exc:
+        raise Unreadable(str(exc)) from None
+    try:
+        geometry = shapely.from_wkb(parts.wkb)
     except shapely.errors.GEOSException as exc:
         raise Unreadable(f"a geometry is not WKB ({exc})") from None
-    epsg = srs_id if srs_id is not None else header_srs
+    epsg = srs_id if srs_id is not None else parts.srs_id
     if epsg not in (4326, 0, -1):
         transform = _to_wgs84(epsg)
         geometry = shapely.transform(geometry, transform, interleaved=False)

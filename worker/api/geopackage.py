@@ -2,7 +2,9 @@
 
 Enough of the spec for the service's artifacts and inputs: the required metadata tables
 (``gpkg_spatial_ref_sys``, ``gpkg_contents``, ``gpkg_geometry_columns``), feature tables,
-and geometries as a GeoPackage binary header followed by little-endian WKB polygons.
+and geometries as a GeoPackage binary header followed by little-endian WKB polygons. The
+one writer and reader of both the simulator (its manifests, the service's input rules) and
+the worker (a follow-up's input, copied from a manifest's rows).
 """
 
 from __future__ import annotations
@@ -14,40 +16,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_APPLICATION_ID = 0x47504B47  # "GPKG"
-_USER_VERSION = 10300  # GeoPackage 1.3
+APPLICATION_ID = 0x47504B47  # "GPKG"
+USER_VERSION = 10300  # GeoPackage 1.3
 _WKB_POLYGON = 3
+# Bytes of the header's envelope by its type, flags bits 1-3 (§2.1.3): none, xy, xyz, xym, xyzm.
+_ENVELOPE_BYTES = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}
 
-# Spatial reference systems the spec requires in every GeoPackage.
-_REQUIRED_SRS = [
-    (
-        "WGS 84 geodetic",
-        4326,
-        "EPSG",
-        4326,
-        'GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
-        'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]]',
-        "longitude/latitude coordinates in decimal degrees on the WGS 84 spheroid",
-    ),
+SrsRow = tuple[str, int, str, int, str, str]
+WGS84_SRS: SrsRow = (
+    "WGS 84 geodetic",
+    4326,
+    "EPSG",
+    4326,
+    'GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
+    'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]]',
+    "longitude/latitude coordinates in decimal degrees on the WGS 84 spheroid",
+)
+# The two undefined systems every GeoPackage holds (§1.1.2.1.2), whatever else it defines.
+UNDEFINED_SRS: list[SrsRow] = [
     ("Undefined cartesian SRS", -1, "NONE", -1, "undefined", "undefined cartesian coordinate"),
     ("Undefined geographic SRS", 0, "NONE", 0, "undefined", "undefined geographic coordinate"),
 ]
+# Spatial reference systems the spec requires in every GeoPackage.
+REQUIRED_SRS: list[SrsRow] = [WGS84_SRS, *UNDEFINED_SRS]
 
 Ring = Sequence[tuple[float, float]]
+Extent = tuple[float, float, float, float]  # min_x, min_y, max_x, max_y
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
-    sql_type: str  # INTEGER | TEXT | REAL | BOOLEAN
+    sql_type: str  # INTEGER | TEXT | REAL | BOOLEAN, or a geometry type name
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def create(path: Path) -> sqlite3.Connection:
     """A new, empty GeoPackage at ``path`` (replacing any file there)."""
     path.unlink(missing_ok=True)
     conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-    conn.execute(f"PRAGMA user_version = {_USER_VERSION}")
+    init(conn)
+    conn.executemany("INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, ?, ?, ?, ?)", REQUIRED_SRS)
+    return conn
+
+
+def init(conn: sqlite3.Connection) -> None:
+    """The GeoPackage's identity and metadata tables on an empty database; the spatial
+    reference systems are the caller's to insert (``REQUIRED_SRS`` at the least)."""
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(f"PRAGMA user_version = {USER_VERSION}")
     conn.executescript(
         """
         CREATE TABLE gpkg_spatial_ref_sys (
@@ -66,8 +86,42 @@ def create(path: Path) -> sqlite3.Connection:
             m TINYINT NOT NULL, PRIMARY KEY (table_name, column_name));
         """
     )
-    conn.executemany("INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, ?, ?, ?, ?)", _REQUIRED_SRS)
-    return conn
+
+
+def feature_table(
+    conn: sqlite3.Connection,
+    table: str,
+    *,
+    srs_id: int,
+    geometry: Column,
+    columns: Sequence[Column],
+    rows: Iterable[Sequence[Any]],
+    primary_key: str = "fid",
+    extent: Extent | None = None,
+) -> None:
+    """A feature table registered in the metadata tables: an autoincrement ``primary_key``,
+    then ``columns`` in their order (``geometry`` one of them, its values geometry blobs);
+    each row has a value for each column."""
+    if geometry not in columns:
+        raise ValueError(f"the geometry column {geometry.name} is not among the columns")
+    name = quote_identifier(table)
+    defined = "".join(f", {quote_identifier(c.name)} {c.sql_type}" for c in columns)
+    conn.execute(
+        f"CREATE TABLE {name} ({quote_identifier(primary_key)} INTEGER PRIMARY KEY AUTOINCREMENT"
+        f"{defined})"
+    )
+    names = ", ".join(quote_identifier(c.name) for c in columns)
+    marks = ", ".join("?" for _ in columns)
+    conn.executemany(f"INSERT INTO {name} ({names}) VALUES ({marks})", rows)
+    conn.execute(
+        "INSERT INTO gpkg_contents (table_name, data_type, identifier, min_x, min_y, max_x,"
+        " max_y, srs_id) VALUES (?, 'features', ?, ?, ?, ?, ?, ?)",
+        (table, table, *(extent or (None,) * 4), srs_id),
+    )
+    conn.execute(
+        "INSERT INTO gpkg_geometry_columns VALUES (?, ?, ?, ?, 0, 0)",
+        (table, geometry.name, geometry.sql_type, srs_id),
+    )
 
 
 def add_feature_table(
@@ -90,13 +144,7 @@ def add_feature_table(
             "INSERT OR IGNORE INTO gpkg_spatial_ref_sys VALUES (?, ?, 'EPSG', ?, ?, '')",
             (f"EPSG:{epsg}", epsg, epsg, srs_definition),
         )
-    columns_sql = "".join(f', "{c.name}" {c.sql_type}' for c in columns)
-    conn.execute(
-        f'CREATE TABLE "{table}" ("{primary_key}" INTEGER PRIMARY KEY AUTOINCREMENT,'
-        f" geom POLYGON{columns_sql})"
-    )
-    names = ", ".join(f'"{c.name}"' for c in columns)
-    marks = ", ".join("?" for _ in columns)
+    geom = Column("geom", "POLYGON")
     extent = [float("inf"), float("inf"), float("-inf"), float("-inf")]
     values: list[tuple[Any, ...]] = []
     for ring, row in rows:
@@ -109,14 +157,15 @@ def add_feature_table(
             max(extent[3], *ys),
         ]
         values.append((encode_polygon(ring, epsg), *row))
-    conn.executemany(f'INSERT INTO "{table}" (geom, {names}) VALUES (?, {marks})', values)
-    conn.execute(
-        "INSERT INTO gpkg_contents (table_name, data_type, identifier, min_x, min_y, max_x,"
-        " max_y, srs_id) VALUES (?, 'features', ?, ?, ?, ?, ?, ?)",
-        (table, table, *(extent if values else [None] * 4), epsg),
-    )
-    conn.execute(
-        "INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', 'POLYGON', ?, 0, 0)", (table, epsg)
+    feature_table(
+        conn,
+        table,
+        srs_id=epsg,
+        geometry=geom,
+        columns=[geom, *columns],
+        rows=values,
+        primary_key=primary_key,
+        extent=(extent[0], extent[1], extent[2], extent[3]) if values else None,
     )
 
 
@@ -134,16 +183,43 @@ def encode_polygon(ring: Ring, srs_id: int) -> bytes:
     return header + wkb
 
 
-def rectangle(extent: tuple[float, float, float, float]) -> Ring:
+def rectangle(extent: Extent) -> Ring:
     min_x, min_y, max_x, max_y = extent
     return [(min_x, min_y), (max_x, min_y), (max_x, max_y), (min_x, max_y), (min_x, min_y)]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A geometry blob taken apart: the header's srs id and xy envelope (None when the
+    header has none), and the WKB after the header."""
+
+    srs_id: int
+    envelope: Extent | None
+    wkb: bytes
+
+
+def decode(blob: object) -> Geometry:
+    """The parts of a GeoPackage geometry blob (§2.1.3); ``ValueError`` when it is none."""
+    if not isinstance(blob, bytes) or len(blob) < 8 or blob[:2] != b"GP":
+        raise ValueError("a geometry is not a GeoPackage geometry blob")
+    flags = blob[3]
+    size = _ENVELOPE_BYTES.get((flags >> 1) & 0b111)
+    if size is None:
+        raise ValueError("a geometry has an unknown envelope type")
+    endian = "<" if flags & 1 else ">"
+    (srs_id,) = struct.unpack_from(f"{endian}i", blob, 4)
+    envelope: Extent | None = None
+    if size:
+        min_x, max_x, min_y, max_y = struct.unpack_from(f"{endian}4d", blob, 8)
+        envelope = (min_x, min_y, max_x, max_y)
+    return Geometry(srs_id, envelope, blob[8 + size :])
 
 
 @dataclass(frozen=True)
 class InputFeature:
     identifier: str
     epsg: int
-    extent: tuple[float, float, float, float]
+    extent: Extent
 
 
 def read_features(path: Path) -> list[InputFeature]:
@@ -177,12 +253,9 @@ def read_features(path: Path) -> list[InputFeature]:
     return features
 
 
-def _envelope(blob: bytes) -> tuple[float, float, float, float]:
-    if not isinstance(blob, bytes) or blob[:2] != b"GP":
-        raise ValueError("A geometry is not a GeoPackage geometry blob.")
-    flags = blob[3]
-    endian = "<" if flags & 1 else ">"
-    if (flags >> 1) & 0b111 == 0:
-        return (0.0, 0.0, 0.0, 0.0)
-    min_x, max_x, min_y, max_y = struct.unpack_from(f"{endian}4d", blob, 8)
-    return (min_x, min_y, max_x, max_y)
+def _envelope(blob: object) -> Extent:
+    try:
+        envelope = decode(blob).envelope
+    except ValueError:
+        raise ValueError("A geometry is not a GeoPackage geometry blob.") from None
+    return envelope or (0.0, 0.0, 0.0, 0.0)
