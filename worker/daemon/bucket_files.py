@@ -1,5 +1,9 @@
 """Files from a producer's bucket, read as hostile input: bounded in size, memory, disk and time.
 
+``BucketReader`` downloads an object of at most ``max_bytes`` (the tile counts' reader and
+the status API's features reader share it); only the S3 error code is ever told, never a
+message that may quote the request.
+
 A downloaded object is held in memory up to ``IN_MEMORY_BYTES``, past that in a temporary file
 of this process's folder (``TEMP_PREFIX``), which the next start sweeps if the process was
 killed. SQLite opens it read-only; ``bounded`` interrupts any query past ``SQLITE_SECONDS``,
@@ -13,10 +17,16 @@ import io
 import os
 import shutil
 import sqlite3
+import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.api.geopackage import quote_identifier
 
@@ -27,6 +37,29 @@ IN_MEMORY_BYTES = 8 * 2**20
 SQLITE_SECONDS = 10.0
 # This process's folder for the larger files: <tmp>/batch-worker-tiles-<pid>-<random>.
 TEMP_PREFIX = "batch-worker-tiles-"
+# The S3 client's timeouts and tries (worker/daemon/liveness.py derives a step's bound from
+# them). Retries are few and short: the next poll is the real retry.
+S3_CONNECT_TIMEOUT = 5.0
+S3_READ_TIMEOUT = 30.0
+S3_MAX_ATTEMPTS = 3
+# Codes S3 (and S3-compatible stores) answer for a key that is not there (yet).
+_ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_CHUNK = 1 << 20
+
+
+class Unreadable(Exception):
+    """An object cannot be read: access, network, size, format. The message says which."""
+
+
+class Absent(Unreadable):
+    """The object does not exist (yet)."""
+
+    def __init__(self) -> None:
+        super().__init__("not written yet")
+
+
+class NotModified(Exception):
+    """The object still has the ETag read last time."""
 
 
 class File:
@@ -82,6 +115,98 @@ class File:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+class BucketReader:
+    """Bounded downloads from S3 (and plain writes) with one client; safe to share between
+    threads. ``on_progress`` is called on the reading thread as a download moves on (the
+    object's answer, then every MiB)."""
+
+    def __init__(
+        self,
+        *,
+        s3_client: Any | None = None,
+        max_bytes: int,
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
+        self._client = s3_client
+        self._client_lock = threading.Lock()
+        self.max_bytes = max_bytes
+        self._progress = on_progress or (lambda: None)
+        # Files past IN_MEMORY_BYTES go here: <tmp>/batch-worker-tiles-<pid>-<random>.
+        root = Path(tempfile.gettempdir())
+        self.temp_dir = root / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def download(
+        self, bucket: str, key: str, *, etag: str | None = None
+    ) -> tuple[str | None, File]:
+        """The object and its ETag (close the file). Raises Absent, NotModified (when
+        ``etag`` is still the object's), Unreadable."""
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if etag:
+            params["IfNoneMatch"] = etag
+        file = File(self.temp_dir)
+        try:
+            response = self._s3().get_object(**params)
+            self._progress()
+            body = response["Body"]
+            try:
+                length = response.get("ContentLength")
+                if isinstance(length, int) and length > self.max_bytes:
+                    raise Unreadable(f"{length} bytes, more than the {self.max_bytes} allowed")
+                for chunk in body.iter_chunks(_CHUNK):
+                    if file.size + len(chunk) > self.max_bytes:
+                        raise Unreadable(f"more than the {self.max_bytes} bytes allowed")
+                    file.write(chunk)
+                    self._progress()
+            finally:
+                body.close()
+        except ClientError as exc:
+            file.close()
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 304 or code == "304":
+                raise NotModified from None
+            if code in _ABSENT_CODES:
+                raise Absent from None
+            # The code only (AccessDenied, NoSuchBucket, ...): messages may quote the request.
+            raise Unreadable(code or f"HTTP {status}") from None
+        except (BotoCoreError, OSError) as exc:
+            file.close()
+            raise Unreadable(type(exc).__name__) from None
+        except BaseException:
+            file.close()
+            raise
+        tag = response.get("ETag")
+        return (tag if isinstance(tag, str) else None), file
+
+    def put(self, bucket: str, key: str, body: bytes, *, content_type: str) -> None:
+        """Write an object with the worker's own identity; ``ValueError`` names the code."""
+        try:
+            self._s3().put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", "")) or "refused"
+            raise ValueError(f"s3://{bucket}/{key}: {code}") from None
+        except (BotoCoreError, OSError) as exc:
+            raise ValueError(f"s3://{bucket}/{key}: {type(exc).__name__}") from None
+
+    def _s3(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                # The standard chain: AWS_ENDPOINT_URL, keys, profile, or the pod's IAM role.
+                self._client = boto3.client(
+                    "s3",
+                    config=Config(
+                        connect_timeout=S3_CONNECT_TIMEOUT,
+                        read_timeout=S3_READ_TIMEOUT,
+                        retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
+                    ),
+                )
+            return self._client
 
 
 def sweep_stale_temp_dirs(root: Path) -> list[Path]:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from worker.api.client import ApiHooks
 from worker.api.retry import RetryPolicy
 from worker.broker import CONNECT_RETRY, CONNECT_TIMEOUT
-from worker.daemon import consumer, engine, loops, relay, tiles
+from worker.daemon import bucket_files, consumer, engine, loops, relay
 from worker.daemon.health import Health
 from worker.settings import Settings
 
@@ -112,8 +112,8 @@ def api_call_seconds(settings: Settings, retry: RetryPolicy | None = None) -> fl
 def s3_request_seconds() -> float:
     """The longest one S3 request of a tile read may take before its answer: every try
     with its connect and read timeouts, and the back-offs between them."""
-    tries = tiles.S3_MAX_ATTEMPTS
-    attempt = tiles.S3_CONNECT_TIMEOUT + tiles.S3_READ_TIMEOUT
+    tries = bucket_files.S3_MAX_ATTEMPTS
+    attempt = bucket_files.S3_CONNECT_TIMEOUT + bucket_files.S3_READ_TIMEOUT
     return tries * attempt + (tries - 1) * S3_BACKOFF_CAP
 
 

@@ -24,11 +24,9 @@ request, and never raises into the engine.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import tempfile
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import closing
@@ -36,14 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from worker.api.artifacts import artifact_keys, delivery_url
 from worker.api.geopackage import quote_identifier
 from worker.daemon.bucket_files import (
     SQLITE_SECONDS,
-    TEMP_PREFIX,
+    Absent,
+    BucketReader,
     File,
+    NotModified,
+    Unreadable,
     bounded,
     columns,
     interrupted,
@@ -59,15 +58,6 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest"
 EXECUTION_DB = "execution_db"
-
-_CHUNK = 1 << 20
-# The S3 client's timeouts and tries (worker/liveness.py derives a step's bound from them).
-# Retries are few and short: the next poll is the real retry.
-S3_CONNECT_TIMEOUT = 5.0
-S3_READ_TIMEOUT = 30.0
-S3_MAX_ATTEMPTS = 3
-# Codes S3 (and S3-compatible stores) answer for a key that is not there (yet).
-_ABSENT_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -93,18 +83,6 @@ class _Bounded(Generic[K, V]):
             self._items.popitem(last=False)
 
 
-class _Absent(Exception):
-    """The object does not exist (yet)."""
-
-
-class _NotModified(Exception):
-    """The object still has the ETag we read last time."""
-
-
-class _Unreadable(Exception):
-    """Anything else: access, network, size, format. The message says which."""
-
-
 @dataclass(frozen=True)
 class _ExecutionCounts:
     etag: str | None
@@ -127,11 +105,10 @@ class TileReader:
         """``on_progress`` is called on the reading thread as a download moves on (the
         object's answer, then every MiB): a large file on a slow link is progress, not a
         hang (the daemon's liveness watch, worker/daemon/health.py)."""
-        self._client = s3_client
-        self._client_lock = threading.Lock()
-        self._max_bytes = max_bytes
+        self._bucket = BucketReader(
+            s3_client=s3_client, max_bytes=max_bytes, on_progress=on_progress
+        )
         self._metrics = metrics
-        self._progress = on_progress or (lambda: None)
         self._lock = threading.Lock()
         # The manifest never changes once written: its total (and the least its features'
         # sizes can cost) is read once per request.
@@ -139,10 +116,8 @@ class TileReader:
         # The execution database changes every upload: remember its ETag to skip re-reads.
         self._executions: _Bounded[str, _ExecutionCounts] = _Bounded(cache_size)
         self._reported: _Bounded[tuple[str, str], bool] = _Bounded(cache_size)
-        # Files past IN_MEMORY_BYTES go here; what a killed process left is swept now.
-        root = Path(tempfile.gettempdir())
-        sweep_stale_temp_dirs(root)
-        self._temp_dir = root / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # What a killed process left in the folder of the larger files is swept now.
+        sweep_stale_temp_dirs(Path(tempfile.gettempdir()))
 
     def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Tiles | None:
         """Tile counts of batch request ``request_id`` (``request``: its create payload).
@@ -176,23 +151,15 @@ class TileReader:
         Raises ``LookupError`` when it is not there, ``ValueError`` (the reason, never the
         object's content) when it cannot be read."""
         try:
-            return self._download(bucket, key, etag=None)[1]
-        except _Absent:
+            return self._bucket.download(bucket, key)[1]
+        except Absent:
             raise LookupError(f"s3://{bucket}/{key} is not there") from None
-        except (_Unreadable, _NotModified) as exc:
+        except (Unreadable, NotModified) as exc:
             raise ValueError(f"s3://{bucket}/{key}: {exc}") from None
 
     def put(self, bucket: str, key: str, body: bytes) -> None:
         """Write an object with the worker's own identity; ``ValueError`` names the code."""
-        try:
-            self._s3().put_object(
-                Bucket=bucket, Key=key, Body=body, ContentType="application/geopackage+sqlite3"
-            )
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", "")) or "refused"
-            raise ValueError(f"s3://{bucket}/{key}: {code}") from None
-        except (BotoCoreError, OSError) as exc:
-            raise ValueError(f"s3://{bucket}/{key}: {type(exc).__name__}") from None
+        self._bucket.put(bucket, key, body, content_type="application/geopackage+sqlite3")
 
     def cost_bound(self, request_id: str) -> float | None:
         """The least the PU rules can charge for the features of the manifest last read for
@@ -209,11 +176,11 @@ class TileReader:
         if cached is not None:
             return cached[0]
         try:
-            _, data = self._download(bucket, key, etag=None)
+            _, data = self._bucket.download(bucket, key)
             with data:
                 total, bound = _count_features(data)
-        except (_Absent, _Unreadable) as exc:
-            absent = isinstance(exc, _Absent)
+        except (Absent, Unreadable) as exc:
+            absent = isinstance(exc, Absent)
             self._count(MANIFEST, "absent" if absent else "unreadable")
             reason = "not written yet" if absent else str(exc)
             self._report(request_id, MANIFEST, f"s3://{bucket}/{key}: {reason}")
@@ -227,17 +194,19 @@ class TileReader:
         with self._lock:
             previous = self._executions.get(request_id)
         try:
-            etag, data = self._download(bucket, key, etag=previous.etag if previous else None)
+            etag, data = self._bucket.download(
+                bucket, key, etag=previous.etag if previous else None
+            )
             with data:
                 processed, failed = _count_statuses(data)
-        except _NotModified:
+        except NotModified:
             self._count(EXECUTION_DB, "not_modified")
             return previous
-        except _Absent:
+        except Absent:
             # Processing has not uploaded its first database yet (§8.3).
             self._count(EXECUTION_DB, "absent")
             return _ExecutionCounts(etag=None, processed=0, failed=0)
-        except _Unreadable as exc:
+        except Unreadable as exc:
             self._count(EXECUTION_DB, "unreadable")
             self._report(request_id, EXECUTION_DB, f"s3://{bucket}/{key}: {exc}")
             return None
@@ -246,66 +215,6 @@ class TileReader:
         with self._lock:
             self._executions.put(request_id, counts)
         return counts
-
-    # --- S3 --------------------------------------------------------------------------------
-
-    def _s3(self) -> Any:
-        with self._client_lock:
-            if self._client is None:
-                import boto3
-                from botocore.config import Config
-
-                # The standard chain: AWS_ENDPOINT_URL, keys, profile, or the pod's IAM role.
-                self._client = boto3.client(
-                    "s3",
-                    config=Config(
-                        connect_timeout=S3_CONNECT_TIMEOUT,
-                        read_timeout=S3_READ_TIMEOUT,
-                        retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
-                    ),
-                )
-            return self._client
-
-    def _download(self, bucket: str, key: str, *, etag: str | None) -> tuple[str | None, File]:
-        """The object and its ETag. Raises _Absent, _NotModified, _Unreadable."""
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        if etag:
-            params["IfNoneMatch"] = etag
-        file = File(self._temp_dir)
-        try:
-            response = self._s3().get_object(**params)
-            self._progress()
-            body = response["Body"]
-            try:
-                length = response.get("ContentLength")
-                if isinstance(length, int) and length > self._max_bytes:
-                    raise _Unreadable(f"{length} bytes, more than the {self._max_bytes} allowed")
-                for chunk in body.iter_chunks(_CHUNK):
-                    if file.size + len(chunk) > self._max_bytes:
-                        raise _Unreadable(f"more than the {self._max_bytes} bytes allowed")
-                    file.write(chunk)
-                    self._progress()
-            finally:
-                body.close()
-        except ClientError as exc:
-            file.close()
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status == 304 or code == "304":
-                raise _NotModified from None
-            if code in _ABSENT_CODES:
-                raise _Absent from None
-            # The code only (AccessDenied, NoSuchBucket, ...): messages may quote the request.
-            raise _Unreadable(code or f"HTTP {status}") from None
-        except (BotoCoreError, OSError) as exc:
-            file.close()
-            raise _Unreadable(type(exc).__name__) from None
-        except BaseException:
-            file.close()
-            raise
-        tag = response.get("ETag")
-        return (tag if isinstance(tag, str) else None), file
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -334,10 +243,10 @@ def _count_features(file: File) -> tuple[int, float | None]:
         with closing(bounded(file.open())) as conn:
             tables = plain_tables(conn, "name LIKE 'feature\\_%' ESCAPE '\\'")
             if not tables:
-                raise _Unreadable("no feature_* tables: not a feature manifest")
+                raise Unreadable("no feature_* tables: not a feature manifest")
             for table in tables:
                 if "identifier" not in columns(conn, table):
-                    raise _Unreadable(f"table {table} has no identifier column")
+                    raise Unreadable(f"table {table} has no identifier column")
             # One row per feature *and output*: only DISTINCT de-duplicates within a table.
             rows = " UNION ALL ".join(
                 f"SELECT identifier FROM {quote_identifier(t)} WHERE identifier IS NOT NULL"
@@ -347,8 +256,8 @@ def _count_features(file: File) -> tuple[int, float | None]:
             bound = _size_bound(conn, tables)
     except sqlite3.Error as exc:
         if interrupted(exc):
-            raise _Unreadable(f"reading took longer than {SQLITE_SECONDS:g} s") from None
-        raise _Unreadable(f"not a readable GeoPackage ({exc})") from None
+            raise Unreadable(f"reading took longer than {SQLITE_SECONDS:g} s") from None
+        raise Unreadable(f"not a readable GeoPackage ({exc})") from None
     return int(count), bound
 
 
@@ -371,16 +280,16 @@ def _count_statuses(file: File) -> tuple[int, int]:
     try:
         with closing(bounded(file.open())) as conn:
             if not plain_tables(conn, "name = ?", "features"):
-                raise _Unreadable("no features table (a view or a virtual table is not read)")
+                raise Unreadable("no features table (a view or a virtual table is not read)")
             if "status" not in columns(conn, "features"):
-                raise _Unreadable("the features table has no status column")
+                raise Unreadable("the features table has no status column")
             rows = conn.execute(
                 "SELECT status, COUNT(*) FROM features "
                 "WHERE status IN ('DONE', 'FATAL') GROUP BY status"
             ).fetchall()
     except sqlite3.Error as exc:
         if interrupted(exc):
-            raise _Unreadable(f"reading took longer than {SQLITE_SECONDS:g} s") from None
-        raise _Unreadable(f"not a readable execution database ({exc})") from None
+            raise Unreadable(f"reading took longer than {SQLITE_SECONDS:g} s") from None
+        raise Unreadable(f"not a readable execution database ({exc})") from None
     counts = {str(status): int(n) for status, n in rows}
     return counts.get("DONE", 0), counts.get("FATAL", 0)

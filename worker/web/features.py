@@ -17,26 +17,22 @@ ETag changes.
 from __future__ import annotations
 
 import functools
-import os
 import sqlite3
-import tempfile
 import threading
-import uuid
 from collections import OrderedDict
 from contextlib import closing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.api import geopackage
 from worker.api.artifacts import artifact_keys, delivery_base, delivery_url
 from worker.api.geopackage import quote_identifier
-from worker.daemon import tiles
 from worker.daemon.bucket_files import (
-    TEMP_PREFIX,
+    Absent,
+    BucketReader,
     File,
+    NotModified,
+    Unreadable,
     bounded,
     columns,
     plain_tables,
@@ -47,11 +43,6 @@ STATUSES = ("DONE", "FATAL", "PENDING")
 MAX_FEATURES = 50_000
 MAX_BYTES = 256 * 2**20
 _CACHED_REQUESTS = 16
-_ABSENT = frozenset({"NoSuchKey", "404", "NotFound"})
-
-
-class Unreadable(Exception):
-    """A file of the bucket cannot be read; the text says which and why, no secret."""
 
 
 @dataclass(frozen=True)
@@ -71,13 +62,10 @@ class FeatureReader:
     """Reads and caches features of batch requests; safe to share between threads."""
 
     def __init__(self, *, s3_client: Any | None = None, max_bytes: int = MAX_BYTES) -> None:
-        self._client = s3_client
-        self._max_bytes = max_bytes
+        self._bucket = BucketReader(s3_client=s3_client, max_bytes=max_bytes)
         self._lock = threading.Lock()
         self._manifests: OrderedDict[str, tuple[list[_Feature], bool]] = OrderedDict()
         self._statuses: OrderedDict[str, _Statuses] = OrderedDict()
-        root = Path(tempfile.gettempdir())
-        self._temp_dir = root / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def collection(self, request: dict[str, Any] | None, request_id: str) -> dict[str, Any]:
         """A GeoJSON FeatureCollection; ``counts``, ``delivery`` and ``problems`` are
@@ -114,7 +102,7 @@ class FeatureReader:
             cached = self._manifests.get(request_id)
         if cached is not None:
             return cached
-        _, file = self._download(bucket, key, etag=None)
+        _, file = self._bucket.download(bucket, key)
         with file:
             read = _read_manifest(file)
         with self._lock:
@@ -125,79 +113,19 @@ class FeatureReader:
         with self._lock:
             previous = self._statuses.get(request_id)
         try:
-            etag, file = self._download(bucket, key, etag=previous.etag if previous else None)
-        except _NotModified:
+            etag, file = self._bucket.download(
+                bucket, key, etag=previous.etag if previous else None
+            )
+        except NotModified:
             assert previous is not None
             return previous.by_name
-        except _Absent:
+        except Absent:
             return {}  # processing has not written one yet: every feature is PENDING
         with file:
             by_name = _read_statuses(file)
         with self._lock:
             _remember(self._statuses, request_id, _Statuses(etag, by_name))
         return by_name
-
-    # --- S3 ------------------------------------------------------------------------------
-
-    def _s3(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                import boto3
-                from botocore.config import Config
-
-                self._client = boto3.client(
-                    "s3",
-                    config=Config(
-                        connect_timeout=tiles.S3_CONNECT_TIMEOUT,
-                        read_timeout=tiles.S3_READ_TIMEOUT,
-                        retries={"mode": "standard", "max_attempts": tiles.S3_MAX_ATTEMPTS},
-                    ),
-                )
-            return self._client
-
-    def _download(self, bucket: str, key: str, *, etag: str | None) -> tuple[str | None, File]:
-        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        if etag:
-            params["IfNoneMatch"] = etag
-        file = File(self._temp_dir)
-        try:
-            response = self._s3().get_object(**params)
-            body = response["Body"]
-            try:
-                for chunk in body.iter_chunks(1 << 20):
-                    if file.size + len(chunk) > self._max_bytes:
-                        raise Unreadable(f"more than the {self._max_bytes} bytes allowed")
-                    file.write(chunk)
-            finally:
-                body.close()
-        except ClientError as exc:
-            file.close()
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status == 304 or code == "304":
-                raise _NotModified from None
-            if code in _ABSENT:
-                raise _Absent from None
-            if status == 404:
-                raise _Absent from None
-            raise Unreadable(code or f"HTTP {status}") from None
-        except (BotoCoreError, OSError) as exc:
-            file.close()
-            raise Unreadable(type(exc).__name__) from None
-        except BaseException:
-            file.close()
-            raise
-        tag = response.get("ETag")
-        return (tag if isinstance(tag, str) else None), file
-
-
-class _Absent(Unreadable):
-    def __init__(self) -> None:
-        super().__init__("not written yet")
-
-
-class _NotModified(Exception):
-    pass
 
 
 def _remember(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
