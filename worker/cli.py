@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 
 from worker import __version__
@@ -117,29 +116,34 @@ def _status(args: argparse.Namespace) -> int:
     return print_status(settings, args.job_id, as_json=args.json, tenant=args.tenant)
 
 
-def _instant(text: str) -> datetime:
-    """An ISO 8601 instant with its zone (--since, --until)."""
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        raise ValueError("give a time zone (Z or +hh:mm)")
-    return moment
+def _instant(text: str) -> str:
+    """An ISO 8601 instant with its zone (--since, --until), checked as the options are read."""
+    from worker.store.listing import instant
+
+    instant(text)
+    return text
 
 
 def _jobs(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     from worker.commands.jobs import list_jobs
-    from worker.store.listing import JobFilter
+    from worker.store.listing import BadFilter, JobFilter
 
-    spec = JobFilter(
-        fleet_id=args.fleet or settings.fleet_id,
-        statuses=tuple(s.strip().upper() for v in args.status for s in v.split(",") if s.strip()),
-        text=args.text,
-        since=args.since,
-        until=args.until,
-        active=True if args.active else False if args.ended else None,
-        limit=args.limit,
-        offset=args.offset,
-    )
+    # The options as the status API's query: both lists select and page alike.
+    query = [("status", value) for value in args.status]
+    query += [
+        (name, value)
+        for name, value in (("q", args.text), ("since", args.since), ("until", args.until))
+        if value
+    ]
+    if args.active or args.ended:
+        query.append(("active", "true" if args.active else "false"))
+    query += [("limit", str(args.limit)), ("offset", str(args.offset))]
+    try:
+        spec = JobFilter.from_query(query, fleet_id=args.fleet or settings.fleet_id)
+    except BadFilter as exc:
+        _problem(f"jobs: --{exc}")
+        return EXIT_CONFIG
     return list_jobs(settings, spec, as_json=args.json)
 
 

@@ -64,3 +64,9 @@ def test_jobs_lists_filters_and_pages_as_the_api_does(
 
     bad = run_cli("jobs", "--since", "yesterday", env=stack.env())
     assert bad.returncode == 2 and "--since" in bad.stderr and "Traceback" not in bad.stderr
+    naive = run_cli("jobs", "--until", "2026-01-02T03:04:05", env=stack.env())
+    assert naive.returncode == 2 and "--until" in naive.stderr
+    # Refused by the status API's rule, named as the option it came from.
+    before_first = run_cli("jobs", "--offset", "-1", env=stack.env())
+    assert before_first.returncode == 2 and before_first.stdout == ""
+    assert "jobs: --offset: must be from 0 to 10000000" in before_first.stderr

@@ -44,20 +44,7 @@ def list_jobs(settings: Settings, spec: listing.JobFilter, *, as_json: bool) -> 
         print(f"{db.connect_problem(url, exc)} (BATCH_WORKER_DATABASE_URL)", file=sys.stderr)
         return 1
     if as_json:
-        following = spec.offset + len(page)
-        print(
-            json.dumps(
-                {
-                    "fleet_id": spec.fleet_id,
-                    "jobs": page,
-                    "total": total,
-                    "limit": spec.limit,
-                    "offset": spec.offset,
-                    "next_offset": following if following < total else None,
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps(spec.page(page, total), indent=2))
         return 0
     rows = [_row(job) for job in page]
     if sys.stdout.isatty():

@@ -10,6 +10,7 @@ key comes out masked.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,23 @@ from worker.redact import redact
 from worker.store import history, jobs
 
 MAX_PAGE = 500
+_MAX_OFFSET = 10_000_000
+_ORDER_NAMES = ("accepted", "duration")
+
+
+class BadFilter(ValueError):
+    """A filter's value the list does not take; the message names the field first."""
+
+
+def instant(text: str) -> datetime:
+    """An ISO 8601 instant with its zone (``ValueError`` says what is wrong)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise ValueError("give a time zone (Z or +hh:mm)")
+    return moment
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,75 @@ class JobFilter:
     offset: int = 0
     order: str = "accepted"  # accepted (newest first) | duration (longest first)
     job_id: str | None = None  # exactly this job
+
+    @classmethod
+    def from_query(cls, query: Iterable[tuple[str, str]], *, fleet_id: str) -> JobFilter:
+        """The filter a query asks for, as the status API's ``/api/v1/jobs`` takes it (and
+        ``batch-worker jobs`` passes its options): ``status`` (repeated, or a,b), ``q``,
+        ``since``, ``until``, ``active`` (true|false), ``limit``, ``offset``, ``order``;
+        the first value of any other name counts. Raises ``BadFilter``."""
+        values: dict[str, list[str]] = {}
+        for name, value in query:
+            values.setdefault(name, []).append(value)
+
+        def first(name: str) -> str | None:
+            return values.get(name, [None])[0]
+
+        active = first("active")
+        if active not in (None, "true", "false"):
+            raise BadFilter("active: true or false")
+        order = first("order") or "accepted"
+        if order not in _ORDER_NAMES:
+            raise BadFilter("order: accepted or duration")
+        return cls(
+            fleet_id=fleet_id,
+            statuses=tuple(
+                part.strip().upper()
+                for value in values.get("status", [])
+                for part in value.split(",")
+                if part.strip()
+            ),
+            text=first("q") or None,
+            since=_instant(first("since"), "since"),
+            until=_instant(first("until"), "until"),
+            active=None if active is None else active == "true",
+            limit=_whole(first("limit"), "limit", 50, 1, MAX_PAGE),
+            offset=_whole(first("offset"), "offset", 0, 0, _MAX_OFFSET),
+            order=order,
+        )
+
+    def page(self, jobs: list[dict[str, Any]], total: int) -> dict[str, Any]:
+        """The answer for one page of ``jobs`` (of ``total``) that this filter selected."""
+        following = self.offset + len(jobs)
+        return {
+            "fleet_id": self.fleet_id,
+            "jobs": jobs,
+            "total": total,
+            "limit": self.limit,
+            "offset": self.offset,
+            "next_offset": following if following < total else None,
+        }
+
+
+def _instant(text: str | None, name: str) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return instant(text)
+    except ValueError as exc:
+        raise BadFilter(f"{name}: {exc}") from None
+
+
+def _whole(text: str | None, name: str, default: int, low: int, high: int) -> int:
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadFilter(f"{name}: not an integer") from None
+    if not low <= value <= high:
+        raise BadFilter(f"{name}: must be from {low} to {high}")
+    return value
 
 
 _ORDERS = {

@@ -14,7 +14,6 @@ import base64
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -123,73 +122,18 @@ def _fleet(request: web.Request) -> str:
     return request.query.get("fleet") or request.app[SETTINGS].fleet_id
 
 
-def _time(request: web.Request, name: str) -> datetime | None:
-    text = request.query.get(name)
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise Problem(400, "BAD_QUERY", f"{name}: not an ISO 8601 time") from None
-    if moment.tzinfo is None:
-        raise Problem(400, "BAD_QUERY", f"{name}: give a time zone (Z or +hh:mm)")
-    return moment
-
-
-def _int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    text = request.query.get(name)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise Problem(400, "BAD_QUERY", f"{name}: not an integer") from None
-    if not low <= value <= high:
-        raise Problem(400, "BAD_QUERY", f"{name}: must be from {low} to {high}")
-    return value
-
-
 def job_filter(request: web.Request) -> listing.JobFilter:
-    statuses = tuple(
-        part.strip().upper()
-        for value in request.query.getall("status", [])
-        for part in value.split(",")
-        if part.strip()
-    )
-    active_text = request.query.get("active")
-    if active_text not in (None, "true", "false"):
-        raise Problem(400, "BAD_QUERY", "active: true or false")
-    order = request.query.get("order", "accepted")
-    if order not in ("accepted", "duration"):
-        raise Problem(400, "BAD_QUERY", "order: accepted or duration")
-    return listing.JobFilter(
-        fleet_id=_fleet(request),
-        statuses=statuses,
-        text=request.query.get("q") or None,
-        since=_time(request, "since"),
-        until=_time(request, "until"),
-        active=None if active_text is None else active_text == "true",
-        limit=_int(request, "limit", 50, 1, listing.MAX_PAGE),
-        offset=_int(request, "offset", 0, 0, 10_000_000),
-        order=order,
-    )
+    try:
+        return listing.JobFilter.from_query(request.query.items(), fleet_id=_fleet(request))
+    except listing.BadFilter as exc:
+        raise Problem(400, "BAD_QUERY", str(exc)) from None
 
 
 async def _jobs(request: web.Request) -> web.Response:
     spec = job_filter(request)
     found = await _in_thread(request, lambda conn: listing.list_jobs(conn, spec))
     page, total = found if found is not None else ([], 0)
-    following = spec.offset + len(page)
-    return _json(
-        {
-            "fleet_id": spec.fleet_id,
-            "jobs": page,
-            "total": total,
-            "limit": spec.limit,
-            "offset": spec.offset,
-            "next_offset": following if following < total else None,
-        }
-    )
+    return _json(spec.page(page, total))
 
 
 async def _overview(request: web.Request) -> web.Response:
