@@ -60,6 +60,21 @@ def run_cli(
     )
 
 
+def done_and_failed(
+    on: Stack, publisher: Producer, seen: Events
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Two jobs of two features each run to their ends by a started worker: one DONE, one
+    whose analysis fails; (done, failed, the done one's terminal event)."""
+    done = on.payload("max-ndvi-zarr.json", features=2)
+    failed = on.payload("max-ndvi-geotiff.json", features=2)
+    failed["request"]["description"] += " [sim:fail-analysis]"
+    for job in (done, failed):
+        publisher.publish(job)
+    final = seen.wait_terminal(done["job_id"], timeout=120)
+    seen.wait_terminal(failed["job_id"], timeout=120)
+    return done, failed, final
+
+
 def write_job(tmp: Path, job: dict[str, Any], name: str = "job.json") -> Path:
     path = tmp / name
     path.write_text(json.dumps(job))

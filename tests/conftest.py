@@ -91,12 +91,14 @@ def database_url(pg_server_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def pool(database_url: str) -> Iterator[Any]:
-    """A connection pool on the fresh database, with the worker's schema in it (modules
-    that need more connections define their own)."""
+def pool(database_url: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A connection pool on the fresh database, with the worker's schema in it, of four
+    connections at the most, or of a module's ``POOL_SIZE`` (the engine's tests step jobs
+    in threads of their own)."""
     from worker.store import db
 
-    pool = db.open_pool(database_url, min_size=1, max_size=4)
+    size = getattr(request.module, "POOL_SIZE", 4)
+    pool = db.open_pool(database_url, min_size=1, max_size=size)
     db.ensure_schema(pool)
     yield pool
     pool.close()

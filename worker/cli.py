@@ -44,6 +44,22 @@ def _settings_or_exit(*, credentials: bool = False, warn: bool = True) -> Settin
     return settings
 
 
+def _setup_logging(settings: Settings) -> None:
+    """The log of a long-running process (the worker, the status API) as configured; names
+    that are not settings are warned about in it, where whoever runs it reads the rest of
+    its start-up."""
+    from worker.logs import setup_logging
+
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        wire=settings.log_wire,
+        fields={"worker": settings.worker_name},
+    )
+    for line in unknown_settings():
+        logging.getLogger("worker.settings").warning(line)
+
+
 def _problem(text: str) -> None:
     print(f"batch-worker: {text}", file=sys.stderr)
 
@@ -58,18 +74,9 @@ def _run(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(credentials=True, warn=False)
     from worker.daemon.health import ListenError
     from worker.daemon.supervisor import Daemon
-    from worker.logs import setup_logging
     from worker.store.db import DatabaseUnusable
 
-    setup_logging(
-        settings.log_level,
-        settings.log_format,
-        wire=settings.log_wire,
-        fields={"worker": settings.worker_name},
-    )
-    # Into the worker's own log, where whoever runs it reads the rest of its start-up.
-    for line in unknown_settings():
-        logging.getLogger("worker.settings").warning(line)
+    _setup_logging(settings)
     try:
         return Daemon(settings).run()
     except ListenError as exc:
@@ -149,16 +156,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
 def _web(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(warn=False)
-    from worker.logs import setup_logging
-
-    setup_logging(
-        settings.log_level,
-        settings.log_format,
-        wire=settings.log_wire,
-        fields={"worker": settings.worker_name},
-    )
-    for line in unknown_settings():
-        logging.getLogger("worker.settings").warning(line)
+    _setup_logging(settings)
     try:
         from worker.web.server import serve
     except ImportError as exc:

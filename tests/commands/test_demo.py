@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -92,11 +94,17 @@ DEMO_AS_AT_A_TERMINAL = (
 )
 
 
-def test_ctrl_c_ends_the_demo_cleanly(demo_env: dict[str, str], tmp_path: Path) -> None:
+@contextmanager
+def _demo_at_a_terminal(
+    env: dict[str, str], cwd: Path, until: Callable[[str], bool], *options: str
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """The demo started as at a terminal, its output read up to the first line ``until``
+    takes; killed on the way out if it still runs."""
+    argv = ", ".join(repr(arg) for arg in ("demo", *options))
     process = subprocess.Popen(
-        [sys.executable, "-c", DEMO_AS_AT_A_TERMINAL],
-        cwd=tmp_path,
-        env=demo_env,
+        [sys.executable, "-c", DEMO_AS_AT_A_TERMINAL.replace("'demo'", argv)],
+        cwd=cwd,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -106,15 +114,21 @@ def test_ctrl_c_ends_the_demo_cleanly(demo_env: dict[str, str], tmp_path: Path) 
         seen = []
         for line in process.stdout:
             seen.append(line)
-            if line.startswith("published "):
+            if until(line):
                 break
-        assert seen and seen[-1].startswith("published "), "".join(seen)
-        process.send_signal(signal.SIGINT)
-        rest, errors = process.communicate(timeout=60)
+        yield process, seen
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_ctrl_c_ends_the_demo_cleanly(demo_env: dict[str, str], tmp_path: Path) -> None:
+    published = _demo_at_a_terminal(demo_env, tmp_path, lambda line: line.startswith("published "))
+    with published as (process, seen):
+        assert seen and seen[-1].startswith("published "), "".join(seen)
+        process.send_signal(signal.SIGINT)
+        rest, errors = process.communicate(timeout=60)
     assert process.returncode == 130, errors
     assert "demo: interrupted; everything it started has stopped" in rest
     assert "Traceback" not in errors
@@ -123,25 +137,14 @@ def test_ctrl_c_ends_the_demo_cleanly(demo_env: dict[str, str], tmp_path: Path) 
 def test_the_demo_keeps_its_status_page_up_until_ctrl_c(
     demo_env: dict[str, str], tmp_path: Path
 ) -> None:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            DEMO_AS_AT_A_TERMINAL.replace("'demo'", "'demo', '--keep-running', '--speed', '300'"),
-        ],
-        cwd=tmp_path,
-        env=demo_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        seen = []
-        for line in process.stdout:
-            seen.append(line)
-            if "press Ctrl-C to stop" in line:
-                break
+    with _demo_at_a_terminal(
+        demo_env,
+        tmp_path,
+        lambda line: "press Ctrl-C to stop" in line,
+        "--keep-running",
+        "--speed",
+        "300",
+    ) as (process, seen):
         [page] = re.findall(r"stays up at (http://127\.0\.0\.1:\d+/)", seen[-1])
         # After the jobs' end the page and its API still answer, with the demo's jobs.
         jobs = requests.get(page + "api/v1/jobs", timeout=30).json()
@@ -156,10 +159,6 @@ def test_the_demo_keeps_its_status_page_up_until_ctrl_c(
         assert features["features"] and features["counts"]["PENDING"] == 0
         process.send_signal(signal.SIGINT)
         _, errors = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == 0, errors
     assert "Traceback" not in errors
     with pytest.raises(requests.ConnectionError):

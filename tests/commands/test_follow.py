@@ -263,6 +263,16 @@ def _drain_until(follower: EventFollower, predicate: Callable[[], bool], what: s
         follower.drain(0.2)
 
 
+def _follower(settings: Settings) -> tuple[Recorded, JobTracker, EventFollower]:
+    """A follower of job ``a``: what it notes and reads recorded, its tracker's views."""
+    recorded = Recorded()
+    tracker = JobTracker(["a"])
+    follower = EventFollower(
+        settings, tracker, on_note=recorded.notes.append, read_store=recorded.read_store
+    )
+    return recorded, tracker, follower
+
+
 def _proxied(settings: Settings, proxy: PausableProxy) -> Settings:
     parts = urlsplit(settings.broker_url.get_secret_value())
     url = urlunsplit(parts._replace(netloc=f"{parts.netloc.rsplit(':', 1)[0]}:{proxy.port}"))
@@ -279,11 +289,7 @@ def proxy(follow_settings: Settings) -> Iterator[PausableProxy]:
 
 @pytest.mark.integration
 def test_a_quiet_follower_keeps_its_connection_by_heartbeats(follow_settings: Settings) -> None:
-    recorded = Recorded()
-    tracker = JobTracker(["a"])
-    follower = EventFollower(
-        follow_settings, tracker, on_note=recorded.notes.append, read_store=recorded.read_store
-    )
+    recorded, tracker, follower = _follower(follow_settings)
     try:
         follower.drain(6)  # six heartbeat intervals without a single event
         _publish_events(follow_settings, _status("a", 1, "PROCESSING"))
@@ -298,14 +304,7 @@ def test_a_quiet_follower_keeps_its_connection_by_heartbeats(follow_settings: Se
 def test_a_cut_connection_is_made_again_and_what_came_meanwhile_is_not_lost(
     follow_settings: Settings, proxy: PausableProxy
 ) -> None:
-    recorded = Recorded()
-    tracker = JobTracker(["a"])
-    follower = EventFollower(
-        _proxied(follow_settings, proxy),
-        tracker,
-        on_note=recorded.notes.append,
-        read_store=recorded.read_store,
-    )
+    recorded, tracker, follower = _follower(_proxied(follow_settings, proxy))
     try:
         _publish_events(follow_settings, _status("a", 1, "CREATED"))
         _drain_until(follower, lambda: tracker.views["a"].status == "CREATED", "CREATED")
@@ -333,14 +332,7 @@ def test_a_cut_connection_is_made_again_and_what_came_meanwhile_is_not_lost(
 def test_a_blackholed_connection_is_noticed_by_its_heartbeats_and_made_again(
     follow_settings: Settings, proxy: PausableProxy
 ) -> None:
-    recorded = Recorded()
-    tracker = JobTracker(["a"])
-    follower = EventFollower(
-        _proxied(follow_settings, proxy),
-        tracker,
-        on_note=recorded.notes.append,
-        read_store=recorded.read_store,
-    )
+    recorded, tracker, follower = _follower(_proxied(follow_settings, proxy))
     try:
         proxy.paused.set()  # nothing moves, nothing closes: only heartbeats can tell
         _drain_until(follower, lambda: not follower.connected, "the loss to be noticed")

@@ -10,7 +10,14 @@ import pytest
 
 pytest.register_assert_rewrite("tests.cli_support")
 
-from tests.cli_support import Events, Producer, Stack, WorkerProcess, run_cli  # noqa: E402
+from tests.cli_support import (  # noqa: E402
+    Events,
+    Producer,
+    Stack,
+    WorkerProcess,
+    done_and_failed,
+    run_cli,
+)
 from tests.web.web_support import get, web_server  # noqa: E402
 
 pytest_plugins = ("tests.cli_support",)
@@ -26,13 +33,7 @@ def test_jobs_lists_filters_and_pages_as_the_api_does(
     assert before.returncode == 0 and before.stdout == "", before.stderr
 
     start_worker()
-    done = stack.payload("max-ndvi-zarr.json", features=2)
-    failed = stack.payload("max-ndvi-geotiff.json", features=2)
-    failed["request"]["description"] += " [sim:fail-analysis]"
-    for job in (done, failed):
-        producer.publish(job)
-    final = events.wait_terminal(done["job_id"], timeout=120)
-    events.wait_terminal(failed["job_id"], timeout=120)
+    done, failed, final = done_and_failed(stack, producer, events)
 
     # Off a terminal: one tab-separated line per job, whole ids, newest first.
     listed = run_cli("jobs", env=stack.env())

@@ -10,7 +10,14 @@ import pytest
 
 pytest.register_assert_rewrite("tests.cli_support")
 
-from tests.cli_support import Events, Producer, Stack, WorkerProcess, run_cli  # noqa: E402
+from tests.cli_support import (  # noqa: E402
+    Events,
+    Producer,
+    Stack,
+    WorkerProcess,
+    done_and_failed,
+    run_cli,
+)
 
 # The e2e harness's fixtures (stack, start_worker, events, producer), through cli_support.
 pytest_plugins = ("tests.cli_support",)
@@ -28,13 +35,7 @@ def test_status_of_ended_jobs_as_text_and_json(
     stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
 ) -> None:
     start_worker()
-    done = stack.payload("max-ndvi-zarr.json", features=2)
-    failed = stack.payload("max-ndvi-geotiff.json", features=2)
-    failed["request"]["description"] += " [sim:fail-analysis]"
-    for job in (done, failed):
-        producer.publish(job)
-    final = events.wait_terminal(done["job_id"], timeout=90)
-    events.wait_terminal(failed["job_id"], timeout=90)
+    done, failed, final = done_and_failed(stack, producer, events)
 
     text = run_cli("status", done["job_id"], env=stack.env())
     assert text.returncode == 0, text.stderr

@@ -215,8 +215,9 @@ def make_engine(pool: ConnectionPool, api: FakeApi, name: str = "w1", **kw: Any)
     )
 
 
-def add_job(pool: ConnectionPool, job_id: str = "j1", **fields: Any) -> None:
-    now = datetime.now(UTC)
+def new_state(job_id: str, *, now: datetime, **fields: Any) -> lifecycle.JobState:
+    """A job of the fleet as intake accepts it: ``PAYLOAD``, started once analysed, no
+    deadline or cost cap, unless ``fields`` (of ``lifecycle.new_job``) say otherwise."""
     args: dict[str, Any] = {
         "request": PAYLOAD,
         "adopt_id": None,
@@ -226,7 +227,12 @@ def add_job(pool: ConnectionPool, job_id: str = "j1", **fields: Any) -> None:
         "echo": lifecycle.Echo(),
     }
     args.update(fields)
-    state = lifecycle.new_job(job_id=job_id, fleet_id=FLEET, request_hash="h", now=now, **args)
+    return lifecycle.new_job(job_id=job_id, fleet_id=FLEET, request_hash="h", now=now, **args)
+
+
+def add_job(pool: ConnectionPool, job_id: str = "j1", **fields: Any) -> None:
+    now = datetime.now(UTC)
+    state = new_state(job_id, now=now, **fields)
     with pool.connection() as conn:
         insert_job(conn, state, next_run_at=now)
 

@@ -8,7 +8,6 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,15 +35,9 @@ from worker import lifecycle
 from worker.api.models import Task
 from worker.daemon.engine import STEPS_LOOP, Engine
 from worker.daemon.health import Health
-from worker.store import db, leases
+from worker.store import leases
 
-
-@pytest.fixture
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    pool = db.open_pool(database_url, max_size=12)
-    db.ensure_schema(pool)
-    yield pool
-    pool.close()
+POOL_SIZE = 12  # the pool fixture's (tests/conftest.py): each step holds a connection
 
 
 def test_submitted_job_runs_to_done_with_events_in_order(pool: ConnectionPool) -> None:

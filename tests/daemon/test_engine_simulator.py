@@ -34,7 +34,7 @@ from worker.daemon.tiles import TileReader
 from worker.lifecycle import JobState, Phase
 from worker.settings import Settings
 from worker.simulator import Running, SimulatorConfig, start_background
-from worker.store import db, jobs
+from worker.store import jobs
 from worker.wire import job_requests
 from worker.wire.job_requests import JobRequest
 
@@ -45,12 +45,7 @@ FLEET = "fleet-sim"
 CLIENT_ID, CLIENT_SECRET = "engine-test", "engine-test-secret"
 
 
-@pytest.fixture
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    pool = db.open_pool(database_url, max_size=12)
-    db.ensure_schema(pool)
-    yield pool
-    pool.close()
+POOL_SIZE = 12  # the pool fixture's (tests/conftest.py): each step holds a connection
 
 
 @pytest.fixture

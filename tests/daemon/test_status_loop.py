@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -15,12 +14,12 @@ from psycopg_pool import ConnectionPool
 
 from tests.daemon.engine_support import (
     FAST,
-    FLEET,
     PAYLOAD,
     FakeApi,
     add_job,
     make_status,
     make_worker,
+    new_state,
     record,
     statuses,
 )
@@ -29,15 +28,9 @@ from worker import lifecycle
 from worker.api.models import Task
 from worker.daemon import status_loop
 from worker.lifecycle import Observation, Phase, TaskSeen
-from worker.store import db, leases
+from worker.store import leases
 
-
-@pytest.fixture
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    pool = db.open_pool(database_url, max_size=12)
-    db.ensure_schema(pool)
-    yield pool
-    pool.close()
+POOL_SIZE = 12  # the pool fixture's (tests/conftest.py): each step holds a connection
 
 
 class RecordingDriver:
@@ -66,18 +59,7 @@ def tracked(pool: ConnectionPool, api: FakeApi, job_id: str, status: str, seen: 
     created = datetime.now(UTC) - timedelta(minutes=5)
     task = Task(id=f"req-{job_id}", request=PAYLOAD, status=status, created=created)
     api.tasks[task.id] = task
-    state = lifecycle.new_job(
-        job_id=job_id,
-        fleet_id=FLEET,
-        request=PAYLOAD,
-        adopt_id=None,
-        request_hash="h",
-        auto_start=True,
-        deadline=None,
-        max_cost_pu=None,
-        echo=lifecycle.Echo(),
-        now=created,
-    ).model_copy(
+    state = new_state(job_id, now=created).model_copy(
         update={
             "phase": Phase.TRACKING,
             "batch_request_id": task.id,
