@@ -164,34 +164,12 @@ def _delete_topology(broker_url: str, names: AmqpNames) -> None:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 HTTP endpoint (moto's server) on loopback, used through boto3."""
-    from moto.server import ThreadedMotoServer
+    from worker.commands.demo import s3_emulator
 
     # The emulator logs every request at INFO; that drowns a failing test's own log.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in _AWS_ENV}
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="eu-central-1",
-    )
-    yield endpoint
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    with s3_emulator() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

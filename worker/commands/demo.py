@@ -88,7 +88,9 @@ _AWS_VARIABLES = (
 
 
 @contextmanager
-def _s3_server() -> Iterator[str]:
+def s3_emulator() -> Iterator[str]:
+    """An S3 endpoint (moto's server) on loopback, set as this process's AWS_* for boto3
+    while it runs (the demo's; the tests' too); the AWS_* there were are put back."""
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
@@ -253,7 +255,7 @@ def _run(console: Console, base: Settings, speed: float, keep_going: bool, log_p
     from worker.simulator import SimulatorConfig, start_background
 
     broker_url = base.broker_url.get_secret_value()
-    with _s3_server() as s3_endpoint:
+    with s3_emulator() as s3_endpoint:
         _prepare_bucket(s3_endpoint)
         console.print(f"S3 emulator (moto) at {s3_endpoint}, bucket {DEMO_BUCKET}")
         simulator_config = SimulatorConfig(
