@@ -244,17 +244,22 @@ def record(pool: ConnectionPool, job_id: str = "j1") -> jobs.JobRecord:
     return found
 
 
-def statuses(pool: ConnectionPool, job_id: str = "j1") -> list[tuple[int, str]]:
+def job_events(pool: ConnectionPool, job_id: str = "j1") -> list[dict[str, Any]]:
+    """The job's events in the outbox, oldest first."""
     with pool.connection() as conn:
         rows = conn.execute(
             "SELECT body FROM bw_outbox WHERE exchange = 'ev' ORDER BY id"
         ).fetchall()
-    out = []
-    for (body,) in rows:
-        event = json.loads(bytes(body))
-        if event["type"] == "batchworker.job.status" and event["subject"] == job_id:
-            out.append((event["data"]["sequence"], event["data"]["status"]))
-    return out
+    events = [json.loads(bytes(body)) for (body,) in rows]
+    return [e for e in events if e["subject"] == job_id and e["type"].startswith("batchworker.job")]
+
+
+def statuses(pool: ConnectionPool, job_id: str = "j1") -> list[tuple[int, str]]:
+    return [
+        (event["data"]["sequence"], event["data"]["status"])
+        for event in job_events(pool, job_id)
+        if event["type"] == "batchworker.job.status"
+    ]
 
 
 @dataclass

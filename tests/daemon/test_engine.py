@@ -4,7 +4,6 @@ scripted Batch API fake (tests/daemon/engine_support.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import uuid
@@ -23,6 +22,7 @@ from tests.daemon.engine_support import (
     Recorder,
     Worker,
     add_job,
+    job_events,
     make_engine,
     make_worker,
     record,
@@ -351,15 +351,6 @@ def cancelled_while_the_create_was_uncertain(
     assert (state.status, state.batch_request_id, state.create_doubtful) == ("STOPPED", None, True)
     assert api.calls == ["create"]
     return worker
-
-
-def job_events(pool: ConnectionPool, job_id: str = "j1") -> list[dict[str, Any]]:
-    with pool.connection() as conn:
-        rows = conn.execute(
-            "SELECT body FROM bw_outbox WHERE exchange = 'ev' ORDER BY id"
-        ).fetchall()
-    events = [json.loads(bytes(body)) for (body,) in rows]
-    return [e for e in events if e["subject"] == job_id and e["type"].startswith("batchworker.job")]
 
 
 def test_a_running_request_found_after_the_cancel_is_stopped_and_reported(

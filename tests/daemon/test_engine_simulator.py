@@ -22,6 +22,7 @@ import boto3
 import pytest
 from psycopg_pool import ConnectionPool
 
+from tests.daemon.engine_support import job_events
 from tests.store.store_support import insert_job, request_action
 from worker import lifecycle
 from worker.api.client import BatchClient
@@ -128,15 +129,6 @@ def state_of(pool: ConnectionPool, job_id: str) -> JobState:
         found = jobs.get_job(conn, FLEET, job_id)
     assert found is not None
     return found.state
-
-
-def job_events(pool: ConnectionPool, job_id: str) -> list[dict[str, Any]]:
-    with pool.connection() as conn:
-        rows = conn.execute(
-            "SELECT body FROM bw_outbox WHERE exchange = 'ev' ORDER BY id"
-        ).fetchall()
-    found = [json.loads(bytes(body)) for (body,) in rows]
-    return [e for e in found if e["subject"] == job_id and e["type"].startswith("batchworker.job")]
 
 
 @dataclass
