@@ -209,7 +209,7 @@ def make_engine(pool: ConnectionPool, api: FakeApi, name: str = "w1", **kw: Any)
         policy=kw.pop("policy", FAST),
         worker_name=name,
         threads=4,
-        idle_wait=0.02,
+        idle_wait=kw.pop("idle_wait", 0.02),
         gauges_every=0.1,
         **kw,
     )

@@ -10,6 +10,7 @@ from psycopg_pool import ConnectionPool
 from tests.store.store_support import FLEET, LEASE, T0, claim, insert, job, request_action
 from worker.lifecycle import Phase
 from worker.store import jobs, leases
+from worker.store.presence import FIRST_IN_LINE
 from worker.wire.outgoing import OutboxMessage
 
 
@@ -225,3 +226,16 @@ def test_a_releasing_save_that_lost_its_lease_writes_and_releases_nothing(
     assert record is not None and record.lease_owner == "w2" and record.state == c.state
     assert rows == (0,)
     assert other.generation == c.generation + 1
+
+
+def test_a_rescue_claim_takes_only_the_jobs_a_dead_worker_left(pool: ConnectionPool) -> None:
+    insert(pool, job("due"), T0)
+    insert(pool, job("orphan"), FIRST_IN_LINE)
+    with pool.connection() as conn:
+        rescued = leases.claim_due(
+            conn, FLEET, "w1", now=T0, lease=LEASE, limit=10, rescued_only=True
+        )
+    assert [c.state.job_id for c in rescued] == ["orphan"]
+    # The ordinary claim still takes both kinds, the dead worker's first.
+    insert(pool, job("orphan2"), FIRST_IN_LINE)
+    assert [c.state.job_id for c in claim(pool, "w2")] == ["orphan2", "due"]

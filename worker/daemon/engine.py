@@ -51,6 +51,9 @@ MAX_STEPS_PER_CLAIM = 32
 # step moves on, ``on_idle`` when its thread is done with the job).
 ENGINE_LOOP = loops.ENGINE
 STEPS_LOOP = loops.STEPS
+# Threads of their own for a dead worker's jobs (worker/store/presence.py, first in line):
+# they are stepped again at once however busy the other threads are.
+RESCUE_THREADS = 4
 # The claim loop's back-off after an error: doubling from the first, up to the most.
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
@@ -144,6 +147,7 @@ class Engine:
         worker_name: str,
         clock: Callable[[], datetime] = utc_now,
         threads: int = 8,
+        rescue_threads: int = RESCUE_THREADS,
         claim_batch: int = 64,
         idle_wait: float = 0.5,
         gauges_every: float = 10.0,
@@ -166,6 +170,7 @@ class Engine:
         self._clock = clock
         self._lease = timedelta(seconds=settings.lease_seconds)
         self._threads = threads
+        self._rescue_threads = rescue_threads
         self._claim_batch = claim_batch
         self._idle_wait = idle_wait
         self._gauges_every = gauges_every
@@ -180,6 +185,8 @@ class Engine:
         )
         self._stop = threading.Event()
         self._in_hand: set[Future[None]] = set()
+        self._rescuing: set[Future[None]] = set()
+        self._wake = threading.Event()
         self._lock = threading.Lock()
 
     # -- the loop -------------------------------------------------------------------------
@@ -187,16 +194,28 @@ class Engine:
     def request_stop(self) -> None:
         """Stop claiming; steps in hand finish their current action, save and release."""
         self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Claim now, not at the next idle round: jobs were freed (a dead worker's leases
+        run out) or a thread became idle. Cheap and thread-safe."""
+        self._wake.set()
 
     def run(self) -> None:
         """Block until ``request_stop``; every exception is logged and the loop goes on."""
         next_gauges = 0.0
         backoff = 0.0
-        with ThreadPoolExecutor(self._threads, thread_name_prefix="engine") as executor:
+        with (
+            ThreadPoolExecutor(self._threads, thread_name_prefix="engine") as executor,
+            ThreadPoolExecutor(
+                max(1, self._rescue_threads), thread_name_prefix="engine-rescue"
+            ) as rescue,
+        ):
             while not self._stop.is_set():
                 self._progress(ENGINE_LOOP)
+                self._wake.clear()
                 try:
-                    claimed = self._claim_and_submit(executor)
+                    claimed = self._claim_and_submit(executor, rescue)
                     if self._clock().timestamp() >= next_gauges:
                         self._update_gauges()
                         next_gauges = self._clock().timestamp() + self._gauges_every
@@ -207,34 +226,63 @@ class Engine:
                     self._stop.wait(backoff)
                     continue
                 if not claimed:
-                    self._stop.wait(self._idle_wait)
+                    self._wake.wait(self._idle_wait)
         log.info("engine stopped")
 
-    def _claim_and_submit(self, executor: ThreadPoolExecutor) -> int:
+    def _claim_and_submit(
+        self, executor: ThreadPoolExecutor, rescue: ThreadPoolExecutor | None = None
+    ) -> int:
+        """Claim as many due jobs as there are idle threads, no more: a job claimed into a
+        queue would hold its lease while it waits, out of every other worker's reach (a
+        dead worker's jobs waited 5 s so behind a peer's busy threads). The rescue lane's
+        threads take only a dead worker's jobs (first in line), so those are stepped at once
+        even when every other thread is busy."""
         with self._lock:
             self._in_hand = {f for f in self._in_hand if not f.done()}
-            free = self._threads * 2 - len(self._in_hand)
-        if free <= 0:
+            self._rescuing = {f for f in self._rescuing if not f.done()}
+            free = self._threads - len(self._in_hand)
+            free_rescue = self._rescue_threads - len(self._rescuing) if rescue else 0
+        if free <= 0 and free_rescue <= 0:
             return 0
+        claims: list[leases.Claim] = []
+        rescued: list[leases.Claim] = []
+        limit = min(free, self._claim_batch)
         with self._pool.connection() as conn:
-            claims = leases.claim_due(
-                conn,
-                self._fleet,
-                self._owner,
-                now=self._clock(),
-                lease=self._lease,
-                limit=min(free, self._claim_batch),
-            )
+            now = self._clock()
+            if free > 0:
+                # First in line come first here too: the rescue lane is for what is left.
+                claims = leases.claim_due(
+                    conn, self._fleet, self._owner, now=now, lease=self._lease, limit=limit
+                )
+            if free_rescue > 0 and len(claims) == max(limit, 0):
+                rescued = leases.claim_due(
+                    conn,
+                    self._fleet,
+                    self._owner,
+                    now=now,
+                    lease=self._lease,
+                    limit=free_rescue,
+                    rescued_only=True,
+                )
         for claim in claims:
-            self._submit(executor, claim, [])
-        return len(claims)
+            self._submit(executor, claim, [], self._in_hand)
+        for claim in rescued:
+            assert rescue is not None  # free_rescue is 0 without it
+            self._submit(rescue, claim, [], self._rescuing)
+        return len(claims) + len(rescued)
 
     def _submit(
-        self, executor: ThreadPoolExecutor, claim: leases.Claim, observations: list[Observation]
+        self,
+        executor: ThreadPoolExecutor,
+        claim: leases.Claim,
+        observations: list[Observation],
+        lane: set[Future[None]],
     ) -> None:
         future = executor.submit(self.drive_safely, claim, observations)
         with self._lock:
-            self._in_hand.add(future)
+            lane.add(future)
+        # A thread idle again: claim for it now, not at the next idle round.
+        future.add_done_callback(lambda _f: self._wake.set())
 
     def _update_gauges(self) -> None:
         if self._metrics is None:

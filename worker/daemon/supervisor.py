@@ -179,7 +179,6 @@ class Daemon:
             on_outbox_progress=lambda: health.beat(liveness.RELAY_OUTBOX_LOOP),
         )
         tiles = TileReader(metrics=self.metrics, on_progress=health.beat_thread)
-        marks = Presence(settings)
         engine = Engine(
             settings,
             pool,
@@ -190,8 +189,12 @@ class Daemon:
             worker_name=settings.worker_name,
             on_progress=health.beat,
             on_idle=health.idle,
-            lease_guard=marks.lease_valid,
+            # (Late bound: the marks are made next, to wake this engine.)
+            lease_guard=lambda job, generation, at: marks.lease_valid(job, generation, at),  # noqa: PLW0108
         )
+        # A dead worker's jobs freed: this worker's engine claims them now, not at its next
+        # idle round.
+        marks = Presence(settings, on_taken_over=lambda _count: engine.wake())
         status = StatusLoop(
             settings,
             pool,

@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 from worker.lifecycle import JobState
 from worker.store import history, jobs, outbox
 from worker.store.jobs import Conn
+from worker.store.presence import FIRST_IN_LINE
 from worker.wire.outgoing import OutboxMessage, message_from_json, message_to_json
 
 
@@ -59,9 +60,11 @@ def claim_due(
     lease: timedelta,
     limit: int,
     job_ids: Sequence[str] | None = None,
+    rescued_only: bool = False,
 ) -> list[Claim]:
     """Lease up to ``limit`` due jobs (or the given ``job_ids`` when free: due or not,
-    ended or not).
+    ended or not; or with ``rescued_only`` only the jobs a dead worker left, first in
+    line: worker/store/presence.py).
 
     SKIP LOCKED lets many workers claim at once without waiting on each other's rows.
     A claimed job is due again when its lease runs out: should this worker die mid-step,
@@ -69,6 +72,8 @@ def claim_due(
     """
     # Given jobs may have ended: a duplicate found for one must still be stopped (and told).
     where = "next_run_at <= %(now)s" if job_ids is None else "job_id = ANY(%(job_ids)s)"
+    if rescued_only:
+        where = "next_run_at = %(first)s"
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
             f"""
@@ -94,6 +99,7 @@ def claim_due(
                 "owner": owner,
                 "lease_until": now + lease,
                 "job_ids": list(job_ids or ()),
+                "first": FIRST_IN_LINE,
             },
         ).fetchall()
     return [
