@@ -28,6 +28,7 @@ from psycopg_pool import ConnectionPool
 from worker import lifecycle
 from worker.daemon import loops
 from worker.daemon.actions import ActionRunner, BatchApi, RetryInputs, TileSource
+from worker.daemon.fleet_budget import fenced
 from worker.lifecycle import (
     CancelRequested,
     JobState,
@@ -40,6 +41,7 @@ from worker.lifecycle import (
 )
 from worker.settings import PROGRESS_FRESHNESS_POLLS, Settings
 from worker.store import db, jobs, leases
+from worker.store.api_budget import Fence
 from worker.wire import events
 from worker.wire.outgoing import OutboxMessage
 
@@ -396,7 +398,7 @@ class Engine:
                         extra=_job_fields(held.state),
                     )
                 # The step's own `now`: a create's `create_not_before` was decided with it.
-                outcome = self._runner.perform(held.state, action, now)
+                outcome = self._perform(held, action, now)
                 if outcome is not None:
                     pending.append(outcome)
         if pending or stop.is_set() or self._stop.is_set():
@@ -423,6 +425,15 @@ class Engine:
             return self._clock() + self._policy.create_retry
         # A tracked job without a wake-up is the status poller's (it reads every one).
         return wake_at
+
+    def _perform(self, held: _Held, action: lifecycle.Action, now: datetime) -> Observation | None:
+        if not isinstance(action, _SENT):
+            return self._runner.perform(held.state, action, now)
+        # Checked again in the budget token's own statement, the last round trip before the
+        # request: a freeze after the check above does not send what another worker owns.
+        fence = Fence(held.state.job_id, held.generation, self._owner)
+        with fenced(fence):
+            return self._runner.perform(held.state, action, now)
 
     def _check_lease(self, held: _Held) -> None:
         guard = self._lease_guard

@@ -11,16 +11,20 @@ API's own 429s and their ``Retry-After`` still bound it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from worker.api.budget import Priority, RequestBudget
 from worker.store import api_budget
+from worker.store.api_budget import Fence
+from worker.store.leases import LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,22 @@ BURST_SECONDS = 5.0
 # Sleep at least this long between looks at an empty bucket (others are taking too).
 _MIN_WAIT = 0.01
 _POOL_WAIT = 10.0  # a busy pool is waited for; only a database out of reach falls back
+
+# The claim the requests made on this thread are sent under (``fenced``), if any.
+_FENCE: ContextVar[Fence | None] = ContextVar("fence", default=None)
+
+
+@contextlib.contextmanager
+def fenced(fence: Fence) -> Iterator[None]:
+    """Every token taken on this thread meanwhile checks ``fence`` in its own statement, and
+    raises ``LeaseLost`` instead of granting when another worker has taken the job over: a
+    worker frozen (SIGSTOP, a long pause, a budget wait) between its lease check and the
+    request finds out in the last round trip before the request, not after it."""
+    token = _FENCE.set(fence)
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
 
 
 class FleetBudget(RequestBudget):
@@ -52,6 +72,7 @@ class FleetBudget(RequestBudget):
 
     def acquire(self, priority: Priority = Priority.HIGH) -> float:
         keep = 1.0 if priority is Priority.LOW else 0.0
+        fence = _FENCE.get()
         waited = 0.0
         while True:
             try:
@@ -62,10 +83,23 @@ class FleetBudget(RequestBudget):
                         rate=self._rate_per_second,
                         capacity=self._fleet_capacity,
                         keep=keep,
+                        fence=fence,
                     )
             except (psycopg.Error, PoolTimeout) as exc:
+                if fence is not None:
+                    # The claim cannot be confirmed: the request waits for a step that can.
+                    raise LeaseLost(
+                        f"job {fence.job_id}: lease not confirmed before the request"
+                        f" ({type(exc).__name__})"
+                    ) from None
                 self._fall_back(exc)
                 return waited + super().acquire(priority)
+            if taken.fenced_out:
+                assert fence is not None  # only a fenced take is refused so
+                raise LeaseLost(
+                    f"job {fence.job_id}: taken over before the request"
+                    f" (generation {fence.generation})"
+                )
             if self._degraded.is_set():
                 self._degraded.clear()
                 log.info("the fleet's API budget is shared through the database again")

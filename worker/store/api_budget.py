@@ -26,11 +26,38 @@ CREATE TABLE IF NOT EXISTS bw_api_budget (
 class Take:
     granted: bool
     wait: float  # seconds until the bucket holds what was asked for, when not granted
+    fenced_out: bool = False  # the fence no longer holds: no token taken, nothing to send
 
 
-def take(conn: Conn, fleet_id: str, *, rate: float, capacity: float, keep: float = 0.0) -> Take:
+@dataclass(frozen=True)
+class Fence:
+    """The claim a request is sent under: the job's generation and lease owner, as claimed.
+    Checked in the token's own statement, the last round trip before the request goes."""
+
+    job_id: str
+    generation: int
+    owner: str
+
+
+_HELD = "SELECT 1 FROM bw_jobs WHERE fleet_id = %(fleet)s AND job_id = %(job)s"
+_HELD += " AND generation = %(generation)s AND lease_owner = %(owner)s"
+_ALWAYS = "SELECT 1"
+
+
+def take(
+    conn: Conn,
+    fleet_id: str,
+    *,
+    rate: float,
+    capacity: float,
+    keep: float = 0.0,
+    fence: Fence | None = None,
+) -> Take:
     """One token, if the bucket holds one more than ``keep`` (a reserve left to others:
     creates leave one for status reads); else how long until it does.
+
+    With a ``fence``, only while the job is still claimed under it (no other worker took it
+    over since); else no token, and ``fenced_out``. One statement either way.
 
     ``rate`` is tokens per second, ``capacity`` the burst the bucket holds at most.
     """
@@ -41,23 +68,35 @@ def take(conn: Conn, fleet_id: str, *, rate: float, capacity: float, keep: float
         """,
         (fleet_id, capacity),
     )
+    held = _HELD if fence is not None else _ALWAYS
     row = conn.execute(
-        """
-        WITH b AS (
+        f"""
+        WITH f AS ({held}), b AS (
             SELECT LEAST(%(capacity)s, tokens + %(rate)s
                          * GREATEST(0, EXTRACT(EPOCH FROM clock_timestamp() - stamp))) AS avail,
                    clock_timestamp() AS at
             FROM bw_api_budget WHERE fleet_id = %(fleet)s FOR UPDATE
         )
         UPDATE bw_api_budget u
-        SET tokens = b.avail - CASE WHEN b.avail >= 1 + %(keep)s THEN 1 ELSE 0 END,
+        SET tokens = b.avail - CASE
+                WHEN b.avail >= 1 + %(keep)s AND EXISTS (SELECT FROM f) THEN 1 ELSE 0 END,
             stamp = b.at
         FROM b WHERE u.fleet_id = %(fleet)s
-        RETURNING b.avail >= 1 + %(keep)s, b.avail
+        RETURNING b.avail >= 1 + %(keep)s, b.avail, EXISTS (SELECT FROM f)
         """,
-        {"fleet": fleet_id, "rate": rate, "capacity": capacity, "keep": keep},
+        {
+            "fleet": fleet_id,
+            "rate": rate,
+            "capacity": capacity,
+            "keep": keep,
+            "job": fence.job_id if fence else None,
+            "generation": fence.generation if fence else None,
+            "owner": fence.owner if fence else None,
+        },
     ).fetchone()
     assert row is not None  # inserted above
+    if not row[2]:
+        return Take(granted=False, wait=0.0, fenced_out=True)
     granted, available = bool(row[0]), float(row[1])
     return Take(granted, 0.0 if granted else (1 + keep - available) / rate)
 
