@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from tests.store.store_support import FLEET, claim, insert, job
-from worker.daemon.presence import Presence
+from worker.daemon.presence import Presence, mark_conninfo
 from worker.settings import Settings
 
 
@@ -61,3 +62,13 @@ def test_renewals_keep_the_lease_valid_and_a_lost_job_is_not(
     assert me.lease_valid("a", held.generation, stepped - 60)
     assert not me.lease_valid("a", held.generation + 1, stepped - 60)  # a later claim's
     me.close()
+
+
+def test_heartbeat_mode_asks_the_server_for_no_startup_options() -> None:
+    # PgBouncer (what heartbeat mode is for) refuses a startup `options` it does not know.
+    url = "postgresql://u@db:6432/bw"
+    locked = conninfo_to_dict(mark_conninfo(url, "w1"))
+    beating = conninfo_to_dict(mark_conninfo(url, "w1", server_keepalives=False))
+    assert "tcp_keepalives_idle=5" in str(locked["options"])
+    assert "options" not in beating
+    assert beating["keepalives"] == "1"  # the client's own keepalives stay on

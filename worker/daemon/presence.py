@@ -45,11 +45,16 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def mark_conninfo(url: str, worker: str) -> str:
-    """The mark's connection: keepalives on both ends, named for ``pg_stat_activity``."""
+def mark_conninfo(url: str, worker: str, *, server_keepalives: bool = True) -> str:
+    """The mark's connection: keepalives on both ends, named for ``pg_stat_activity``.
+
+    Without ``server_keepalives`` (``PRESENCE=heartbeat``) the server is not asked for its
+    own: a lock the server must drop is not what marks the worker then, and PgBouncer, the
+    reason for heartbeat mode, refuses a startup ``options`` parameter it does not know."""
     params: dict[str, Any] = conninfo_to_dict(url)
-    server = " ".join(f"-c tcp_keepalives_{k}={v}" for k, v in _KEEPALIVES.items())
-    params["options"] = f"{params.get('options', '')} {server}".strip()
+    if server_keepalives:
+        server = " ".join(f"-c tcp_keepalives_{k}={v}" for k, v in _KEEPALIVES.items())
+        params["options"] = f"{params.get('options', '')} {server}".strip()
     params.update(
         keepalives=1,
         keepalives_idle=_KEEPALIVES["idle"],
@@ -74,7 +79,11 @@ class Presence:
         self._me = settings.worker_name
         self._mode: presence.Mode = "heartbeat" if settings.presence == "heartbeat" else "lock"
         self._enabled = settings.presence != "off"
-        self._url = mark_conninfo(settings.database_url.get_secret_value(), self._me)
+        self._url = mark_conninfo(
+            settings.database_url.get_secret_value(),
+            self._me,
+            server_keepalives=self._mode == "lock",
+        )
         self._lease = timedelta(seconds=settings.lease_seconds)
         self._renew_every = settings.lease_seconds / 3
         self._clock = clock
