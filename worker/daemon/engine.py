@@ -55,7 +55,7 @@ ENGINE_LOOP = loops.ENGINE
 STEPS_LOOP = loops.STEPS
 # Threads of their own for a dead worker's jobs (worker/store/presence.py, first in line):
 # they are stepped again at once however busy the other threads are.
-RESCUE_THREADS = 4
+RESCUE_THREADS = 8
 # The claim loop's back-off after an error: doubling from the first, up to the most.
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
