@@ -5,27 +5,17 @@ reach), and a dead worker's jobs on threads of their own, however busy the other
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from psycopg_pool import ConnectionPool
 
 from tests.daemon.engine_support import FLEET, FakeApi, add_job, make_engine, record
 from worker.api.models import Task
 from worker.daemon.engine import Engine
-from worker.store import db
 from worker.store.presence import FIRST_IN_LINE
 
+POOL_SIZE = 12  # the pool fixture's (tests/conftest.py): each step holds a connection
 GUARD = 10.0  # seconds: a hang guard, not an expected duration
-
-
-@pytest.fixture
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    pool = db.open_pool(database_url, max_size=12)
-    db.ensure_schema(pool)
-    yield pool
-    pool.close()
 
 
 class CreatesHeld(FakeApi):

@@ -16,7 +16,6 @@ from psycopg_pool import ConnectionPool
 from tests.daemon.test_engine_simulator import (  # the fixtures, and what they are built from
     client_for,
     example,
-    pool,
     settings,
     simulator,
     submit,
@@ -31,7 +30,8 @@ from worker.store import api_budget, leases
 
 pytestmark = pytest.mark.integration
 
-__all__ = ["pool", "simulator"]  # fixtures
+__all__ = ["simulator"]  # a fixture
+POOL_SIZE = 12  # the pool fixture's (tests/conftest.py): each step holds a connection
 FLEET = "fleet-sim"
 LEASE = timedelta(seconds=30)
 GUARD = 20.0  # seconds: hang guards, not expected durations
