@@ -35,15 +35,10 @@ from worker.lifecycle.cost import (
     lower_bound,
     manifest_lower_bound,
 )
+from worker.lifecycle.creating import CREATE_ATTEMPTS_EXHAUSTED
 from worker.lifecycle.followups import attempt_tag, job_tags, request_tag, total_cost
 from worker.lifecycle.jobs import TAG_PREFIX, describe, is_active, new_job, tag_for
-from worker.lifecycle.machine import (
-    BATCH_FAILED,
-    CREATE_ATTEMPTS_EXHAUSTED,
-    UPSTREAM_NOT_FOUND,
-    fold_requests,
-    step,
-)
+from worker.lifecycle.machine import fold_requests, step
 from worker.lifecycle.observations import (
     ActionRefused,
     CallNotDone,
@@ -64,6 +59,7 @@ from worker.lifecycle.observations import (
     Wake,
 )
 from worker.lifecycle.polling import PollView, poll_view
+from worker.lifecycle.reads import UPSTREAM_NOT_FOUND
 from worker.lifecycle.resume_rules import PAUSED, OutOfPuRule, Pause, ResumeOn, UnhealthyRule
 from worker.lifecycle.state import (
     KNOWN_STATUSES,
@@ -79,6 +75,7 @@ from worker.lifecycle.state import (
     TaskSnapshot,
     Tiles,
 )
+from worker.lifecycle.tracking import BATCH_FAILED
 
 __all__ = [
     "BATCH_FAILED",
