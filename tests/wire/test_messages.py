@@ -17,13 +17,12 @@ from worker.wire.job_requests import (
     JobRequest,
     RejectCode,
     Rejection,
-    _parse_fully,
-    _parse_quickly,
     parse_job_request,
     request_hash,
     request_hash_v1,
     same_request,
 )
+from worker.wire.request_parsing import _parse_fully, _parse_quickly
 
 PAYLOAD = {
     "processRequest": {"input": {}, "output": {}, "evalscript": "//VERSION=3"},
