@@ -27,7 +27,7 @@ from worker.lifecycle import (
     total_cost,
 )
 from worker.lifecycle.state import PastRequest, Retry
-from worker.store import db, jobs, leases
+from worker.store import db, job_intake, job_rows, jobs, leases
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -227,7 +227,7 @@ def test_the_intake_lookup_probes_each_id_whatever_the_statistics_say(
             {},
         )
         (plan,) = conn.execute(
-            "EXPLAIN (ANALYZE, FORMAT JSON) " + jobs._INTAKE_VIEWS,
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + job_intake._INTAKE_VIEWS,
             (["j00007", "j02999", "nope"], FLEET),
         ).fetchone()
 
@@ -433,9 +433,11 @@ def test_no_query_reads_the_states_json_but_the_upgrade() -> None:
         str(path.relative_to(ROOT)): len(reads.findall(path.read_text()))
         for path in sorted((ROOT / "worker").rglob("*.py"))
     }
-    in_upgrade = len(reads.findall(jobs._UPGRADE)) + len(reads.findall(jobs._UPGRADE_TENANCY))
+    in_upgrade = len(reads.findall(job_rows._UPGRADE)) + len(
+        reads.findall(job_rows._UPGRADE_TENANCY)
+    )
     assert in_upgrade > 0  # the pattern finds what it is meant to
-    assert {path: n for path, n in found.items() if n} == {"worker/store/jobs.py": in_upgrade}
+    assert {path: n for path, n in found.items() if n} == {"worker/store/job_rows.py": in_upgrade}
 
 
 # -- the upgrade from a table made before the derived columns ---------------------------------
