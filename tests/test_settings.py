@@ -400,3 +400,33 @@ def test_the_readme_table_lists_every_setting_and_nothing_else() -> None:
 def test_every_name_a_configuration_table_gives_is_a_setting(path: Path) -> None:
     settings = {name.removeprefix(ENV_PREFIX) for name in setting_names()}
     assert table_names(path) - settings == set()
+
+
+def test_tenant_tokens_name_configured_tenants_are_long_unique_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BATCH_WORKER_TENANTS", '{"team-a": {}}')
+    monkeypatch.setenv("BATCH_WORKER_WEB_TENANT_TOKENS", '{"team-a": "a-token-of-team-a-77"}')
+    settings = load_settings()
+    assert settings.web_tenant_tokens["team-a"].get_secret_value() == "a-token-of-team-a-77"
+    assert "a-token-of-team-a-77" not in repr(settings)
+
+    for tokens, problem in (
+        ('{"team-b": "a-token-of-team-b-77"}', "tenants not in TENANTS: team-b"),
+        ('{"team-a": "short"}', "at least 16 characters"),
+    ):
+        monkeypatch.setenv("BATCH_WORKER_WEB_TENANT_TOKENS", tokens)
+        with pytest.raises(SettingsError) as caught:
+            load_settings()
+        [line] = caught.value.problems
+        assert line.startswith("BATCH_WORKER_WEB_TENANT_TOKENS: ") and problem in line
+        assert "token-of" not in line and "short" not in line  # no value echoed
+    monkeypatch.setenv("BATCH_WORKER_TENANTS", '{"a": {}, "b": {}}')
+    monkeypatch.setenv(
+        "BATCH_WORKER_WEB_TENANT_TOKENS", '{"a": "same-token-0000001", "b": "same-token-0000001"}'
+    )
+    with pytest.raises(SettingsError, match="unique"):
+        load_settings()
+    monkeypatch.setenv("BATCH_WORKER_WEB_TENANT_HEADER", "X-Bad Header")
+    with pytest.raises(SettingsError, match="WEB_TENANT_HEADER"):
+        load_settings()

@@ -147,7 +147,9 @@ def _jobs(args: argparse.Namespace) -> int:
         query.append(("active", "true" if args.active else "false"))
     query += [("limit", str(args.limit)), ("offset", str(args.offset))]
     try:
-        spec = JobFilter.from_query(query, fleet_id=args.fleet or settings.fleet_id)
+        spec = JobFilter.from_query(
+            query, fleet_id=args.fleet or settings.fleet_id, tenant=args.tenant
+        )
     except BadFilter as exc:
         _problem(f"jobs: --{exc}")
         return EXIT_CONFIG
@@ -322,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument("--active", action="store_true", help="only jobs not ended")
     state.add_argument("--ended", action="store_true", help="only ended jobs")
     jobs.add_argument("--fleet", help="another fleet than FLEET_ID")
+    jobs.add_argument("--tenant", metavar="TENANT", help="only this tenant's jobs")
     jobs.add_argument("--limit", type=int, default=50, choices=range(1, 501), metavar="1..500")
     jobs.add_argument("--offset", type=int, default=0)
     jobs.add_argument("--json", action="store_true", help="the status API's JSON")

@@ -26,6 +26,7 @@ from pydantic import (
     IPvAnyAddress,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -208,6 +209,12 @@ class Settings(BaseSettings):
     # Either opens the API to whoever knows it: a bearer token, or ``user:password``.
     web_token: SecretStr = SecretStr("")
     web_basic_auth: SecretStr = SecretStr("")
+    # The API scoped by tenant (docs/operations.md "Status API by tenant"): a bearer token
+    # per tenant (JSON, tenant -> token; a Secret), and/or the name of a header an
+    # authenticating proxy in front sets to the caller's tenant. Either set: a caller with
+    # neither a tenant nor WEB_TOKEN / WEB_BASIC_AUTH is refused; neither: as before.
+    web_tenant_tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    web_tenant_header: str = Field(default="", pattern=r"^([A-Za-z0-9-]{1,64})?$")
     # A tile URL template ({z}/{x}/{y}) under the job page's map; none: a graticule.
     web_basemap_url: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -281,6 +288,23 @@ class Settings(BaseSettings):
         text = value.get_secret_value()
         if text and (":" not in text or text.startswith(":")):
             raise ValueError("must be user:password")
+        return value
+
+    @field_validator("web_tenant_tokens")
+    @classmethod
+    def _tenant_tokens(
+        cls, value: dict[str, SecretStr], info: ValidationInfo
+    ) -> dict[str, SecretStr]:
+        tokens = [token.get_secret_value() for token in value.values()]
+        configured = info.data.get("tenants") or {}
+        if not all(re.fullmatch(TENANT_PATTERN, name) for name in value):
+            raise ValueError("keys must be tenant names (as in TENANTS)")
+        unknown = sorted(set(value) - set(configured)) if configured else []
+        if unknown:
+            raise ValueError(f"tenants not in TENANTS: {', '.join(unknown)}")
+        # Shorter tokens can be guessed; a token shared by two tenants names neither.
+        if any(len(token) < 16 for token in tokens) or len(set(tokens)) < len(tokens):
+            raise ValueError("each token must be at least 16 characters, and unique")
         return value
 
     @field_validator("web_basemap_url")

@@ -27,11 +27,14 @@ CHART_MANAGED = {
     "CLIENT_SECRET",
     "BROKER_URL",
     "DATABASE_URL",
-    # on the status API's pods (web.*), and its secrets (secrets.webToken, webBasicAuth)
+    # on the status API's pods (web.*), and its secrets (secrets.webToken, webBasicAuth,
+    # webTenantTokens)
     "WEB_HOST",
     "WEB_PORT",
     "WEB_TOKEN",
     "WEB_BASIC_AUTH",
+    "WEB_TENANT_TOKENS",
+    "WEB_TENANT_HEADER",
 }
 SETTINGS_ENV = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 SCHEMA_ERROR = "values don't meet the specifications of the schema(s)"

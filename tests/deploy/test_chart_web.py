@@ -139,3 +139,46 @@ def test_the_web_process_reads_its_rendered_env_and_secret_files(
     assert loaded.web_basic_auth.get_secret_value() == "ops:pw"
     assert loaded.web_basemap_url == "https://tiles.example/{z}/{x}/{y}.png"
     assert loaded.database_url.get_secret_value() == SECRETS["databaseUrl"]
+
+
+def test_tenant_tokens_go_in_the_secret_and_the_proxy_header_in_the_web_env(
+    chart: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = {"team-a": "token-of-team-a-0001", "team-b": "token-of-team-b-0002"}
+    values = {
+        **WEB,
+        "config": {**WEB.get("config", {}), "TENANTS": '{"team-a": {}, "team-b": {}}'},
+        "web": {**WEB["web"], "tenantHeader": "X-Auth-Request-User"},
+        "secrets": {**SECRETS, "webTenantTokens": tokens},
+    }
+    manifests = render(chart, values)
+    secret = _worker(manifests, "Secret")["stringData"]
+    assert json.loads(secret[f"{ENV_PREFIX}WEB_TENANT_TOKENS"]) == tokens
+    spec = json.dumps(_web(manifests, "Deployment"))
+    assert not any(token in spec for token in tokens.values())
+    # The workers need neither: the header is the web pods' alone.
+    assert f"{ENV_PREFIX}WEB_TENANT_HEADER" not in json.dumps(_worker(manifests, "Deployment"))
+
+    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    for key, value in secret.items():
+        (secrets_dir / key).write_text(value + "\n")
+    (container,) = _web(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    for entry in container["env"]:
+        monkeypatch.setenv(entry["name"], entry.get("value", "web-7c9f-x2k"))
+    monkeypatch.setenv(f"{ENV_PREFIX}SECRETS_DIR", str(secrets_dir))
+
+    loaded = load_settings()
+
+    assert loaded.web_tenant_header == "X-Auth-Request-User"
+    assert {t: s.get_secret_value() for t, s in loaded.web_tenant_tokens.items()} == tokens
+    for wrong in (
+        {"web": {"tenantHeader": "X Bad"}},
+        {"secrets": {"webTenantTokens": {"team-a": "short"}}},
+        {"secrets": {"webTenantTokens": {"bad name!": "token-of-team-a-0001"}}},
+    ):
+        with pytest.raises(Exception):  # noqa: B017 - helm's own error type
+            render(chart, wrong)

@@ -56,13 +56,17 @@ class JobFilter:
     offset: int = 0
     order: str = "accepted"  # accepted (newest first) | duration (longest first)
     job_id: str | None = None  # exactly this job
+    tenant: str | None = None  # only this tenant's jobs (None: every job, of none too)
 
     @classmethod
-    def from_query(cls, query: Iterable[tuple[str, str]], *, fleet_id: str) -> JobFilter:
+    def from_query(
+        cls, query: Iterable[tuple[str, str]], *, fleet_id: str, tenant: str | None = None
+    ) -> JobFilter:
         """The filter a query asks for, as the status API's ``/api/v1/jobs`` takes it (and
         ``batch-worker jobs`` passes its options): ``status`` (repeated, or a,b), ``q``,
         ``since``, ``until``, ``active`` (true|false), ``limit``, ``offset``, ``order``;
-        the first value of any other name counts. Raises ``BadFilter``."""
+        the first value of any other name counts. Raises ``BadFilter``. ``tenant`` is the
+        caller's, never the query's (a query cannot widen its own scope)."""
         values: dict[str, list[str]] = {}
         for name, value in query:
             values.setdefault(name, []).append(value)
@@ -78,6 +82,7 @@ class JobFilter:
             raise BadFilter("order: accepted or duration")
         return cls(
             fleet_id=fleet_id,
+            tenant=tenant,
             statuses=tuple(
                 part.strip().upper()
                 for value in values.get("status", [])
@@ -136,7 +141,7 @@ _ORDERS = {
 # its JSON in SQL: tests/store/test_jobs.py); what is filtered, sorted or summed is in
 # columns of its own.
 _SUMMARY = """
-    SELECT job_id, fleet_id, phase, status, batch_request_id, completion, job_cost_pu,
+    SELECT job_id, fleet_id, tenant, phase, status, batch_request_id, completion, job_cost_pu,
            max_cost_pu, accepted_at, last_seen_at, ended_at, state,
            EXTRACT(EPOCH FROM COALESCE(ended_at, now()) - accepted_at) AS duration_seconds,
            count(*) OVER () AS total
@@ -157,6 +162,9 @@ def _where(spec: JobFilter) -> tuple[str, list[Any]]:
             " OR position(lower(%s) in lower(COALESCE(batch_request_id, ''))) > 0)"
         )
         params += [spec.text] * 2
+    if spec.tenant is not None:
+        clauses.append("tenant = %s")
+        params.append(spec.tenant)
     if spec.job_id is not None:
         clauses.append("job_id = %s")
         params.append(spec.job_id)
@@ -177,6 +185,7 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "job_id": row["job_id"],
         "fleet_id": row["fleet_id"],
+        "tenant": row["tenant"],
         "phase": row["phase"],
         "status": row["status"],
         "batch_request_id": row["batch_request_id"],
@@ -212,13 +221,23 @@ def _count(conn: psycopg.Connection[Any], where: str, params: list[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-def fleets(conn: psycopg.Connection[Any]) -> list[str]:
-    return [row[0] for row in conn.execute("SELECT DISTINCT fleet_id FROM bw_jobs ORDER BY 1")]
+def fleets(conn: psycopg.Connection[Any], *, tenant: str | None = None) -> list[str]:
+    """The fleets with jobs (of ``tenant``, when given)."""
+    if tenant is None:
+        rows = conn.execute("SELECT DISTINCT fleet_id FROM bw_jobs ORDER BY 1")
+    else:
+        rows = conn.execute(
+            "SELECT DISTINCT fleet_id FROM bw_jobs WHERE tenant = %s ORDER BY 1", (tenant,)
+        )
+    return [row[0] for row in rows]
 
 
-def fleet_overview(conn: psycopg.Connection[Any], fleet_id: str, *, top: int = 5) -> dict[str, Any]:
-    """The fleet at a glance: jobs by status, cost and tiles summed, the slowest jobs still
-    running and the latest that failed."""
+def fleet_overview(
+    conn: psycopg.Connection[Any], fleet_id: str, *, top: int = 5, tenant: str | None = None
+) -> dict[str, Any]:
+    """The fleet at a glance (its jobs of ``tenant``, when given): jobs by status, cost and
+    tiles summed, the slowest jobs still running and the latest that failed."""
+    where, params = _where(JobFilter(fleet_id=fleet_id, tenant=tenant))
     with conn.cursor(row_factory=dict_row) as cur:
         by_status = cur.execute(
             "SELECT COALESCE(status, phase) AS status, count(*) AS jobs,"
@@ -226,13 +245,16 @@ def fleet_overview(conn: psycopg.Connection[Any], fleet_id: str, *, top: int = 5
             " COALESCE(sum(tiles_total), 0) AS tiles_total,"
             " COALESCE(sum(tiles_processed), 0) AS tiles_processed,"
             " COALESCE(sum(tiles_failed), 0) AS tiles_failed"
-            " FROM bw_jobs WHERE fleet_id = %s GROUP BY 1 ORDER BY 1",
-            (fleet_id,),
+            f" FROM bw_jobs WHERE {where} GROUP BY 1 ORDER BY 1",
+            params,
         ).fetchall()
     slowest, _ = list_jobs(
-        conn, JobFilter(fleet_id=fleet_id, active=True, order="duration", limit=top)
+        conn,
+        JobFilter(fleet_id=fleet_id, tenant=tenant, active=True, order="duration", limit=top),
     )
-    failing, _ = list_jobs(conn, JobFilter(fleet_id=fleet_id, statuses=("FAILED",), limit=top))
+    failing, _ = list_jobs(
+        conn, JobFilter(fleet_id=fleet_id, tenant=tenant, statuses=("FAILED",), limit=top)
+    )
     statuses: dict[str, dict[str, Any]] = {
         row["status"]: {
             "jobs": int(row["jobs"]),
@@ -271,22 +293,32 @@ def empty_overview(fleet_id: str) -> dict[str, Any]:
     }
 
 
+def _owned(record: jobs.JobRecord, tenant: str | None) -> bool:
+    # Another tenant's job is no job at all: answered as an id nobody uses, so a tenant
+    # cannot tell which ids others have.
+    return tenant is None or record.state.tenant == tenant
+
+
 def job_request(
-    conn: psycopg.Connection[Any], fleet_id: str, job_id: str
+    conn: psycopg.Connection[Any], fleet_id: str, job_id: str, *, tenant: str | None = None
 ) -> tuple[dict[str, Any] | None, str | None] | None:
     """The job's create payload (unredacted: for reading its delivery bucket, never for an
-    answer) and its batch request id; None when the fleet has no such job."""
+    answer) and its batch request id; None when the fleet has no such job (of ``tenant``,
+    when given)."""
     record = jobs.get_job(conn, fleet_id, job_id)
-    if record is None:
+    if record is None or not _owned(record, tenant):
         return None
     return record.state.request, record.state.batch_request_id
 
 
-def job_detail(conn: psycopg.Connection[Any], fleet_id: str, job_id: str) -> dict[str, Any] | None:
+def job_detail(
+    conn: psycopg.Connection[Any], fleet_id: str, job_id: str, *, tenant: str | None = None
+) -> dict[str, Any] | None:
     """One job whole: its summary, its request (credentials masked), its batch requests
-    and its events, oldest first; None when the fleet has no such job."""
+    and its events, oldest first; None when the fleet has no such job (of ``tenant``, when
+    given)."""
     record = jobs.get_job(conn, fleet_id, job_id)
-    if record is None:
+    if record is None or not _owned(record, tenant):
         return None
     [summary], _ = list_jobs(conn, JobFilter(fleet_id=fleet_id, job_id=job_id, limit=1))
     state = record.state

@@ -10,8 +10,6 @@ the answers to it.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -26,6 +24,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from worker.redact import redact
 from worker.settings import Settings
 from worker.store import listing
+from worker.web import callers
 from worker.web.features import FeatureReader
 
 API = "/api/v1"
@@ -38,6 +37,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 POOL: web.AppKey[ConnectionPool] = web.AppKey("pool", ConnectionPool)
 READER: web.AppKey[FeatureReader] = web.AppKey("reader", FeatureReader)
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+CALLER: web.RequestKey[callers.Caller] = web.RequestKey("caller", callers.Caller)
 
 
 class Problem(web.HTTPException):
@@ -63,36 +63,38 @@ def _json(data: Any, status: int = 200) -> web.Response:
 _OPEN = ("/healthz", "/api/openapi.json")
 
 
-def _authorised(settings: Settings, header: str) -> bool:
-    token = settings.web_token.get_secret_value()
-    basic = settings.web_basic_auth.get_secret_value()
-    scheme, _, value = header.partition(" ")
-    if token and scheme.lower() == "bearer":
-        return hmac.compare_digest(value.strip().encode(), token.encode())
-    if basic and scheme.lower() == "basic":
-        try:
-            given = base64.b64decode(value.strip(), validate=True)
-        except ValueError:
-            return False
-        return hmac.compare_digest(given, basic.encode())
-    return False
-
-
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
-    token = settings.web_token.get_secret_value()
-    basic = settings.web_basic_auth.get_secret_value()
-    guarded = (token or basic) and request.path.startswith("/api/") and request.path not in _OPEN
-    if guarded and not _authorised(settings, request.headers.get("Authorization", "")):
-        scheme = "Basic" if basic else "Bearer"
-        raise Problem(
-            401,
-            "UNAUTHORISED",
-            "credentials missing or wrong",
-            **{"WWW-Authenticate": f'{scheme} realm="batch-worker"'},
+    if not request.path.startswith("/api/") or request.path in _OPEN:
+        return await handler(request)
+    header = settings.web_tenant_header
+    try:
+        request[CALLER] = callers.identify(
+            settings,
+            request.headers.get("Authorization", ""),
+            request.headers.get(header) if header else None,
         )
+    except callers.Refused as refused:
+        challenge = "Basic" if settings.web_basic_auth.get_secret_value() else "Bearer"
+        headers = {"WWW-Authenticate": f'{challenge} realm="batch-worker"'}
+        raise Problem(
+            refused.status,
+            refused.code,
+            refused.message,
+            **(headers if refused.status == 401 else {}),
+        ) from None
     return await handler(request)
+
+
+def _caller(request: web.Request) -> callers.Caller:
+    caller: callers.Caller = request.get(CALLER, callers.EVERYONE)
+    return caller
+
+
+def _tenant(request: web.Request) -> str | None:
+    """Whose jobs this request may see: None for all of them."""
+    return _caller(request).tenant
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -124,7 +126,9 @@ def _fleet(request: web.Request) -> str:
 
 def job_filter(request: web.Request) -> listing.JobFilter:
     try:
-        return listing.JobFilter.from_query(request.query.items(), fleet_id=_fleet(request))
+        return listing.JobFilter.from_query(
+            request.query.items(), fleet_id=_fleet(request), tenant=_tenant(request)
+        )
     except listing.BadFilter as exc:
         raise Problem(400, "BAD_QUERY", str(exc)) from None
 
@@ -138,21 +142,28 @@ async def _jobs(request: web.Request) -> web.Response:
 
 async def _overview(request: web.Request) -> web.Response:
     fleet = _fleet(request)
-    overview = await _in_thread(request, lambda conn: listing.fleet_overview(conn, fleet))
+    tenant = _tenant(request)
+    overview = await _in_thread(
+        request, lambda conn: listing.fleet_overview(conn, fleet, tenant=tenant)
+    )
     if overview is None:
         overview = listing.empty_overview(fleet)
     return _json(overview)
 
 
 async def _fleets(request: web.Request) -> web.Response:
-    found = await _in_thread(request, listing.fleets) or []
+    tenant = _tenant(request)
+    found = await _in_thread(request, lambda conn: listing.fleets(conn, tenant=tenant)) or []
     configured = request.app[SETTINGS].fleet_id
     return _json({"configured": configured, "fleets": sorted({configured, *found})})
 
 
 async def _detail(request: web.Request, job_id: str) -> dict[str, Any]:
     fleet = _fleet(request)
-    detail = await _in_thread(request, lambda conn: listing.job_detail(conn, fleet, job_id))
+    tenant = _tenant(request)
+    detail = await _in_thread(
+        request, lambda conn: listing.job_detail(conn, fleet, job_id, tenant=tenant)
+    )
     if detail is None:
         raise Problem(404, "NO_SUCH_JOB", f"no job {job_id!r} in fleet {fleet!r}")
     result: dict[str, Any] = detail
@@ -168,7 +179,10 @@ async def _features(request: web.Request) -> web.Response:
     fleet = _fleet(request)
     # The request whole, credentials in it included: the reader needs only its delivery
     # url, and nothing of it is answered but that url and the paths derived from it.
-    found = await _in_thread(request, lambda conn: listing.job_request(conn, fleet, job_id))
+    tenant = _tenant(request)
+    found = await _in_thread(
+        request, lambda conn: listing.job_request(conn, fleet, job_id, tenant=tenant)
+    )
     if found is None:
         raise Problem(404, "NO_SUCH_JOB", f"no job {job_id!r} in fleet {fleet!r}")
     payload, request_id = found
@@ -194,6 +208,7 @@ async def _config(request: web.Request) -> web.Response:
     return _json(
         {
             "fleet_id": settings.fleet_id,
+            "tenant": _caller(request).name,
             "basemap_url": settings.web_basemap_url or None,
             "refresh_seconds": REFRESH_SECONDS,
         }

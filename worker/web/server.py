@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 def register_web_secrets(settings: Settings) -> None:
     register_secret(settings.web_token.get_secret_value())
+    for token in settings.web_tenant_tokens.values():
+        register_secret(token.get_secret_value())
     basic = settings.web_basic_auth.get_secret_value()
     if basic:
         register_secret(basic.partition(":")[2])
