@@ -9,7 +9,17 @@ PostgreSQL (one batch each, as the consumer hands them over), then collects garb
 - ``unlimited``: N valid submits of 5 MiB taken in with the limit lifted: what the worker
   did before it (each stored as a job, its events written);
 - ``parsed-5mib``: N bodies of 5 MiB parsed as the worker did before the limit (json.loads
-  and the model), for the side-by-side figure; no database.
+  and the model), for the side-by-side figure; no database;
+- ``oversized-kept``: ``oversized`` as the worker did before memory was given back: the
+  allocator's mmap threshold left to move, and the intake connection kept however large
+  a message went through it (the baseline);
+- ``-pinned`` after a name: the last message stays referenced (one live 5 MiB buffer,
+  counted in "after"), as the first version of this bench left it by mistake: it shows
+  what one live allocation above freed buffers does to a heap that must shrink from the
+  top.
+
+Every scenario but the baseline starts as ``batch-worker run`` does
+(``worker.memory.return_large_frees``).
 
 Run: PYTHONPATH=. python bench/bench_large_requests.py [N]
 Needs PostgreSQL at BATCH_WORKER_TEST_DATABASE_URL (default the local server). Prints MiB.
@@ -58,11 +68,21 @@ def body(size: int, n: int) -> bytes:
 def scenario(name: str, count: int, database_url: str) -> None:
     from worker.daemon.inbound import InboundMessage
     from worker.daemon.intake import Intake
+    from worker.memory import return_large_frees
     from worker.settings import Settings
     from worker.store import db
     from worker.wire import job_requests, request_parsing
 
+    # "-pinned": the last message stays referenced, as the first version of this bench left
+    # it: one live buffer above the freed ones, where whatever a process allocates for good
+    # may land, and the heap cannot shrink below it.
+    pinned = name.endswith("-pinned")
+    name = name.removesuffix("-pinned")
     size = 5 * 1024 * 1024 if name != "at-limit" else job_requests.MAX_REQUEST_BYTES - 64
+    if name == "oversized-kept":
+        db.LARGE_MESSAGE_BYTES = 1 << 40
+    else:
+        return_large_frees()
     if name == "unlimited":
         request_parsing.MAX_REQUEST_BYTES = 1 << 40  # the name parse_job_request reads
     pool = db.open_pool(database_url, max_size=2) if name != "parsed-5mib" else None
@@ -71,6 +91,7 @@ def scenario(name: str, count: int, database_url: str) -> None:
     settings = Settings(fleet_id="bench-large", database_url=database_url)
     intake = Intake(settings, pool) if pool is not None else None
     gc.collect()
+    kept: list[object] = []
     before = rss_mib()
     for n in range(count):
         raw = body(size, n)
@@ -86,6 +107,9 @@ def scenario(name: str, count: int, database_url: str) -> None:
                 redelivered=False,
             )
             intake.handle_batch([message])
+            if pinned:
+                kept[:] = [message]
+            del message
         del raw
     gc.collect()
     after = rss_mib()
@@ -93,8 +117,9 @@ def scenario(name: str, count: int, database_url: str) -> None:
     trimmed = rss_mib()
     if pool is not None:
         pool.close()
+    shown = name + ("-pinned" if pinned else "")
     print(
-        f"{name:12} {count:3} x {size / 1024:7.0f} KiB: before {before:6.1f}  peak "
+        f"{shown:21} {count:3} x {size / 1024:7.0f} KiB: before {before:6.1f}  peak "
         f"{peak_mib():6.1f}  after {after:6.1f} (+{after - before:.1f})  after malloc_trim "
         f"{trimmed:6.1f} MiB"
     )
@@ -110,7 +135,16 @@ def main() -> None:
         conn.execute(f"CREATE DATABASE {name}")
     database_url = SERVER.rsplit("/", 1)[0] + "/" + name
     try:
-        for which in ("oversized", "at-limit", "unlimited", "parsed-5mib"):
+        for which in (
+            "oversized-kept",
+            "oversized",
+            "oversized-kept-pinned",
+            "oversized-pinned",
+            "at-limit",
+            "unlimited-pinned",
+            "unlimited",
+            "parsed-5mib",
+        ):
             subprocess.run(
                 [sys.executable, __file__, "--scenario", which, str(count), database_url],
                 check=True,

@@ -74,9 +74,11 @@ def _run(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(credentials=True, warn=False)
     from worker.daemon.health import ListenError
     from worker.daemon.supervisor import Daemon
+    from worker.memory import return_large_frees
     from worker.store.db import DatabaseUnusable
 
     _setup_logging(settings)
+    return_large_frees()
     try:
         return Daemon(settings).run()
     except ListenError as exc:

@@ -399,3 +399,32 @@ def test_hostile_bodies_get_their_own_code_and_the_rest_of_the_batch_goes_on(
         (dead,) = conn.execute("SELECT body FROM bw_outbox WHERE routing_key = 't.dlq'").fetchone()
     assert bytes(dead) == body  # dead-lettered byte for byte
     assert get(pool, "j1") is None and get(pool, "j2") is not None
+
+
+def test_a_connection_that_carried_a_large_message_is_replaced_quietly(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # libpq keeps a connection's buffers as large as the largest message through it: after
+    # a 5 MiB dead letter the connection is closed and the pool opens another.
+    one = db.open_pool(database_url, min_size=1, max_size=1)
+    try:
+        db.ensure_schema(one)
+        taken = Intake(Settings(fleet_id=FLEET, dlq="t.dlq", events_exchange="t.ev"), one)
+
+        def backend() -> int:
+            with one.connection() as conn:
+                return conn.info.backend_pid
+
+        first = backend()
+        taken.handle_batch([msg(submit("small"))])
+        assert backend() == first
+        huge = json.dumps({"job_id": "huge", "request": {"x": "y" * (5 * 2**20)}}).encode()
+        taken.handle_batch([msg(huge, message_id="m2")])
+        assert backend() != first
+        assert "discarding closed connection" not in caplog.text
+        # Nothing was lost with the connection: the refusal and its dead letter are kept.
+        with one.connection() as conn:
+            rows = conn.execute("SELECT length(body) FROM bw_outbox").fetchall()
+        assert max(length for (length,) in rows) >= 5 * 2**20
+    finally:
+        one.close()

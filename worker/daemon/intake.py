@@ -131,6 +131,8 @@ class Intake:
         try:
             with self._pool.connection() as conn:
                 decisions = yield from self._take_in(conn, batch.reads, batch.now)
+                if any(len(m.body) > db.LARGE_MESSAGE_BYTES for m in batch.messages):
+                    db.discard(conn)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             # Nothing was committed; the consumer keeps the batch and tries it again.
             raise IntakeUnavailable(f"the database is unavailable ({type(exc).__name__})") from exc

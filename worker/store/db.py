@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import select
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import zip_longest
@@ -179,6 +180,31 @@ def open_pool(
             configuration=False,
         ) from None
     return pool
+
+
+# libpq grows a connection's buffers to the largest message it sent or read and keeps them
+# for the connection's life: one 5 MiB dead letter through it is 5 MiB held for good
+# (docs/performance.md, "Large requests: memory"). A connection that carried one is closed
+# at the end of its use, and the pool opens a fresh one.
+LARGE_MESSAGE_BYTES = 1024 * 1024
+_discarded: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+
+
+class _QuietDiscard(logging.Filter):
+    """The pool warns of every closed connection handed back; not of ours, closed on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (args and any(arg is conn for conn in _discarded for arg in args))
+
+
+logging.getLogger("psycopg.pool").addFilter(_QuietDiscard())
+
+
+def discard(conn: psycopg.Connection[Any]) -> None:
+    """Close ``conn`` (after its transaction) so the pool replaces it, without a warning."""
+    _discarded.add(conn)
+    conn.close()
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
