@@ -253,9 +253,11 @@ def test_each_chunk_is_deleted_and_reported_as_progress(settings, pool, reader) 
 
 def test_running_relays_wake_on_notify_and_share_one_outbox(settings, pool, reader) -> None:
     channel, queue = reader
-    relays = [relay.Relay(settings, pool, batch_size=7) for _ in range(2)]
     changes: list[bool] = []
-    relays[0]._on_connection_change = changes.append
+    relays = [
+        relay.Relay(settings, pool, batch_size=7, on_connection_change=changes.append),
+        relay.Relay(settings, pool, batch_size=7),
+    ]
     threads = [threading.Thread(target=r.run) for r in relays]
     for thread in threads:
         thread.start()

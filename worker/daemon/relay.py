@@ -34,8 +34,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import amqp
@@ -43,7 +41,9 @@ import psycopg
 from kombu.exceptions import OperationalError
 from psycopg_pool import ConnectionPool
 
-from worker.broker import broker_problem, connection, declare_topology, ensure_connected, release
+from worker.broker import broker_problem
+from worker.daemon.relay_flight import Flight, amqp_message
+from worker.daemon.relay_link import BrokerLink, OutboxListener
 from worker.settings import Settings
 from worker.store import outbox
 from worker.wire.outgoing import OutboxMessage
@@ -82,66 +82,6 @@ _AMQP_ERRORS = (
 )
 
 
-@dataclass
-class _Flight:
-    """Publishes of one round, keyed by the channel's confirm sequence number."""
-
-    rows: dict[int, tuple[int, OutboxMessage]] = field(default_factory=dict)
-    acked: set[int] = field(default_factory=set)
-    nacked: set[int] = field(default_factory=set)
-    returned: set[int] = field(default_factory=set)
-    deleted: set[int] = field(default_factory=set)
-
-    # Published and not yet acked or nacked, in publish order (dicts keep it): a multiple
-    # ack settles a prefix without a scan of the whole round.
-    unsettled: dict[int, None] = field(default_factory=dict)
-
-    def add(self, seq: int, row: tuple[int, OutboxMessage]) -> None:
-        self.rows[seq] = row
-        self.unsettled[seq] = None
-
-    def settle(self, tag: int, multiple: bool, into: set[int]) -> None:
-        if multiple:
-            done = []
-            for seq in self.unsettled:
-                if seq > tag:
-                    break
-                done.append(seq)
-        else:
-            done = [tag] if tag in self.unsettled else []
-        for seq in done:
-            del self.unsettled[seq]
-        into.update(done)
-
-    @property
-    def settled(self) -> int:
-        return len(self.rows) - len(self.unsettled)
-
-    @property
-    def outstanding(self) -> int:
-        return len(self.unsettled)
-
-    @property
-    def in_window(self) -> int:
-        """Published and not deleted: what a kill now would republish (nacked rows aside)."""
-        return len(self.rows) - len(self.deleted) - len(self.nacked)
-
-    @property
-    def acked_in_window(self) -> int:
-        return len(self.acked) - len(self.deleted)
-
-
-def amqp_message(message: OutboxMessage) -> amqp.Message:
-    """The py-amqp message for an outbox row (the timestamp property is int seconds)."""
-    properties = dict(message.properties)
-    timestamp = properties.get("timestamp")
-    if isinstance(timestamp, datetime):
-        properties["timestamp"] = int(timestamp.timestamp())
-    if message.headers:
-        properties["application_headers"] = message.headers
-    return amqp.Message(message.body, **properties)
-
-
 class Relay:
     def __init__(
         self,
@@ -169,7 +109,6 @@ class Relay:
         self._settings = settings
         self._pool = pool
         self._on_published = on_published
-        self._on_connection_change = on_connection_change
         self._on_progress = on_progress or (lambda: None)
         self._on_outbox_progress = on_outbox_progress or (lambda: None)
         self._on_parked = on_parked
@@ -182,12 +121,15 @@ class Relay:
         self._chunk_size = chunk_size
         self._confirm_timeout = confirm_timeout
         self._stop = threading.Event()
-        self._conn: Any = None  # kombu Connection (untyped)
-        self._channel: Any = None
-        self._next_seq = 1
-        self._flight = _Flight()
-        self._listener: psycopg.Connection[Any] | None = None
-        self._connected: bool | None = None
+        self._flight = Flight()
+        self._link = BrokerLink(
+            settings,
+            on_ack=self._on_ack,
+            on_nack=self._on_nack,
+            on_return=self._on_return,
+            on_connection_change=on_connection_change,
+        )
+        self._listener = OutboxListener(settings)
 
     def request_stop(self) -> None:
         """Thread-safe: finish the round in hand (publish, confirm, delete), then return."""
@@ -272,7 +214,7 @@ class Relay:
             raise _Unsettled(f"{unsettled} publish(es) not confirmed")
         return len(claimed)
 
-    def _suspect(self, flight: _Flight) -> None:
+    def _suspect(self, flight: Flight) -> None:
         """The rows of ``flight`` the broker did not ack: one of them drew its refusal."""
         self._suspects.update(flight.rows[seq][0] for seq in (*flight.unsettled, *flight.nacked))
 
@@ -290,9 +232,8 @@ class Relay:
         for row in claimed:
             if row[0] not in self._suspects:
                 continue
-            flight = self._flight = _Flight()
-            seq = self._next_seq
-            self._next_seq += 1
+            flight = self._flight = Flight()
+            seq = self._link.next_seq()
             flight.add(seq, row)
             try:
                 self._basic_publish(channel, row[1])
@@ -341,17 +282,16 @@ class Relay:
         channel: Any,
         claimed: Sequence[tuple[int, OutboxMessage]],
         marker: psycopg.Connection[Any],
-    ) -> _Flight:
+    ) -> Flight:
         """Publish ``claimed`` in id order, never more than a chunk ahead of the deletes."""
-        flight = self._flight = _Flight()
+        flight = self._flight = Flight()
         queue = deque(claimed)
         # A chunk is deleted once half of it is acked, so the window refills while the
         # rest of it is still in flight.
         refill_at = max(1, self._chunk_size // 2)
         while True:
             while queue and flight.in_window < self._chunk_size and not flight.nacked:
-                seq = self._next_seq
-                self._next_seq += 1
+                seq = self._link.next_seq()
                 row = queue.popleft()
                 flight.add(seq, row)
                 self._basic_publish(channel, row[1])
@@ -365,7 +305,7 @@ class Relay:
             if flight.nacked and not flight.outstanding:
                 return flight
 
-    def _await_confirms(self, flight: _Flight, want: int) -> bool:
+    def _await_confirms(self, flight: Flight, want: int) -> bool:
         """Wait until ``want`` rows are acked and not deleted (0: until nothing is
         outstanding); False when no confirm came within the timeout."""
         deadline = time.monotonic() + self._confirm_timeout
@@ -375,12 +315,12 @@ class Relay:
                 return False
             settled = flight.settled
             with suppress(TimeoutError):
-                self._connection().drain_events(timeout=min(remaining, 1.0))
+                self._link.connection().drain_events(timeout=min(remaining, 1.0))
             if flight.settled > settled:
                 deadline = time.monotonic() + self._confirm_timeout
         return True
 
-    def _delete_acked(self, flight: _Flight, marker: psycopg.Connection[Any]) -> None:
+    def _delete_acked(self, flight: Flight, marker: psycopg.Connection[Any]) -> None:
         """Delete the acked rows not deleted yet, in their own transaction; then report."""
         seqs = sorted(flight.acked - flight.deleted)
         if not seqs:
@@ -428,69 +368,18 @@ class Relay:
             exc,
         )
 
-    # -- connections ------------------------------------------------------------------
-
-    def _connection(self) -> Any:
-        if self._conn is None:
-            raise OperationalError("relay is not connected")
-        return self._conn
+    # -- connections (worker.daemon.relay_link) -----------------------------------------
 
     def _ensure_channel(self) -> Any:
-        if self._channel is not None:
-            return self._channel
-        if self._conn is None:
-            conn = ensure_connected(connection(self._settings, purpose="publish"))
-            # Declared so that the exchanges published to exist: publishing to a missing
-            # exchange closes the channel, and the round would fail forever.
-            declare_topology(conn, self._settings)
-            self._conn = conn
-        channel = self._connection().channel()
-        channel.events["basic_ack"].add(self._on_ack)
-        channel.events["basic_nack"].add(self._on_nack)
-        channel.events["basic_return"].add(self._on_return)
-        channel.confirm_select()
-        self._channel = channel
-        self._next_seq = 1
-        self._set_connected(True)
-        return channel
+        return self._link.channel()
 
     def _drop_channel(self, *, broken: bool = False) -> None:
-        conn = self._conn
-        self._channel = self._conn = None
-        if conn is not None:
-            # Closing the connection closes its channel; never a wait on a silent broker.
-            with suppress(Exception):
-                release(conn, broken=broken)
-        self._set_connected(False)
+        self._link.drop(broken=broken)
 
     def _wait_for_work(self) -> None:
         """Sleep until a NOTIFY, a second at most; keep the AMQP connection alive."""
-        listener = self._ensure_listener()
-        for _ in listener.notifies(timeout=POLL_SECONDS, stop_after=1):
-            pass
-        if self._conn is not None:
-            with suppress(TimeoutError):
-                self._conn.drain_events(timeout=0.001)
-            self._conn.heartbeat_check()
-
-    def _ensure_listener(self) -> psycopg.Connection[Any]:
-        if self._listener is None or self._listener.closed:
-            listener = psycopg.connect(
-                self._settings.database_url.get_secret_value(), autocommit=True
-            )
-            listener.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
-            self._listener = listener
-        return self._listener
+        self._listener.wait(POLL_SECONDS)
+        self._link.keep_alive()
 
     def _close_listener(self) -> None:
-        if self._listener is not None:
-            with suppress(Exception):
-                self._listener.close()
-            self._listener = None
-
-    def _set_connected(self, connected: bool) -> None:
-        if connected == self._connected:
-            return
-        self._connected = connected
-        if self._on_connection_change is not None:
-            self._on_connection_change(connected)
+        self._listener.close()
