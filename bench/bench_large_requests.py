@@ -13,6 +13,9 @@ PostgreSQL (one batch each, as the consumer hands them over), then collects garb
 - ``oversized-kept``: ``oversized`` as the worker did before memory was given back: the
   allocator's mmap threshold left to move, and the intake connection kept however large
   a message went through it (the baseline);
+- ``relayed``: N outbox rows of 5 MiB (dead letters) published by the relay to RabbitMQ
+  (the first one before "before": the relay connected and running), ``relayed-kept`` the
+  same as before (threshold moving, the relay's connection kept);
 - ``-pinned`` after a name: the last message stays referenced (one live 5 MiB buffer,
   counted in "after"), as the first version of this bench left it by mistake: it shows
   what one live allocation above freed buffers does to a heap that must shrink from the
@@ -22,7 +25,8 @@ Every scenario but the baseline starts as ``batch-worker run`` does
 (``worker.memory.return_large_frees``).
 
 Run: PYTHONPATH=. python bench/bench_large_requests.py [N]
-Needs PostgreSQL at BATCH_WORKER_TEST_DATABASE_URL (default the local server). Prints MiB.
+Needs PostgreSQL at BATCH_WORKER_TEST_DATABASE_URL and, for ``relayed``, RabbitMQ at
+BATCH_WORKER_TEST_BROKER_URL (defaults: the local servers). Prints MiB.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import psycopg
 SERVER = os.environ.get(
     "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+BROKER = os.environ.get("BATCH_WORKER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def rss_mib() -> float:
@@ -125,9 +130,53 @@ def scenario(name: str, count: int, database_url: str) -> None:
     )
 
 
+def relayed(name: str, count: int, database_url: str) -> None:
+    """N outbox rows of 5 MiB (dead letters) published by the relay to RabbitMQ, to a
+    routing key no queue is bound to (the broker drops them)."""
+    from worker.daemon.relay import Relay
+    from worker.memory import return_large_frees
+    from worker.settings import Settings
+    from worker.store import db, outbox
+    from worker.wire.outgoing import OutboxMessage
+
+    if name == "relayed-kept":
+        db.LARGE_MESSAGE_BYTES = 1 << 40
+    else:
+        return_large_frees()
+    size = 5 * 1024 * 1024
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        outbox.ensure_schema(conn)
+        for n in range(count):  # one at a time: the peak is the relay's, not this
+            with conn.transaction():
+                row = OutboxMessage(exchange="", routing_key="bw-nowhere", body=body(size, n))
+                outbox.enqueue(conn, [row])
+            del row
+    settings = Settings(fleet_id="bench-large", database_url=database_url, broker_url=BROKER)
+    pool = db.open_pool(database_url, max_size=2)
+    relay = Relay(settings, pool, batch_size=1, chunk_size=1)
+    relay.relay_once()  # connected, the first row out: the process as it runs
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = rss_mib()
+    while relay.relay_once():
+        pass
+    gc.collect()
+    after = rss_mib()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trimmed = rss_mib()
+    relay.close()
+    pool.close()
+    print(
+        f"{name:21} {count - 1:3} x {size / 1024:7.0f} KiB: before {before:6.1f}  peak "
+        f"{peak_mib():6.1f}  after {after:6.1f} (+{after - before:.1f})  after malloc_trim "
+        f"{trimmed:6.1f} MiB"
+    )
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--scenario":
-        scenario(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        run = relayed if sys.argv[2].startswith("relayed") else scenario
+        run(sys.argv[2], int(sys.argv[3]), sys.argv[4])
         return
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     name = f"bw_bench_large_{uuid.uuid4().hex[:8]}"
@@ -144,6 +193,8 @@ def main() -> None:
             "unlimited-pinned",
             "unlimited",
             "parsed-5mib",
+            "relayed-kept",
+            "relayed",
         ):
             subprocess.run(
                 [sys.executable, __file__, "--scenario", which, str(count), database_url],

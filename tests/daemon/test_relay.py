@@ -334,3 +334,37 @@ def test_timestamp_given_as_datetime_is_sent_as_seconds() -> None:
     )
     assert message.properties["timestamp"] == int(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
     assert "application_headers" not in message.properties
+
+
+def test_a_connection_that_read_a_large_row_is_replaced_and_the_row_published(
+    settings, database_url: str, reader
+) -> None:
+    # libpq keeps its read buffer as large as the largest row read (store/db.py): the
+    # relay's lock connection, which read a 5 MiB dead letter, is not kept for the next.
+    channel, queue = reader
+    with ConnectionPool(database_url, min_size=2, max_size=2, open=True) as two:
+        with two.connection() as conn:
+            outbox.ensure_schema(conn)
+
+        def backends() -> set[int]:
+            with two.connection() as a, two.connection() as b:
+                return {a.info.backend_pid, b.info.backend_pid}
+
+        worker = relay.Relay(settings, two)
+        try:
+            _enqueue(two, [_event(queue, 1)])
+            before = backends()
+            assert worker.relay_once() == 1
+            assert backends() == before
+            large = OutboxMessage(exchange="", routing_key=queue, body=b"x" * (5 * 2**20))
+            _enqueue(two, [large, _event(queue, 2)])
+            assert worker.relay_once() == 2
+            assert len(backends() - before) == 1
+        finally:
+            worker.close()
+        got = _drain(channel, queue, 3)
+        assert [body for _p, body in got] == [
+            _event(queue, 1).body,
+            large.body,
+            _event(queue, 2).body,
+        ]

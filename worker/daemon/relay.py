@@ -45,7 +45,7 @@ from worker.broker import broker_problem
 from worker.daemon.relay_flight import Flight, amqp_message
 from worker.daemon.relay_link import BrokerLink, OutboxListener
 from worker.settings import Settings
-from worker.store import outbox
+from worker.store import db, outbox
 from worker.wire.outgoing import OutboxMessage
 
 log = logging.getLogger(__name__)
@@ -199,14 +199,21 @@ class Relay:
             if not claimed:
                 self._on_outbox_progress()
                 return 0
-            with self._pool.connection() as marker:
-                if self._suspects:
-                    return self._publish_suspects(channel, claimed, marker)
-                try:
-                    flight = self._publish(channel, claimed, marker)
-                except _REFUSALS:
-                    self._suspect(self._flight)
-                    raise
+            try:
+                with self._pool.connection() as marker:
+                    if self._suspects:
+                        return self._publish_suspects(channel, claimed, marker)
+                    try:
+                        flight = self._publish(channel, claimed, marker)
+                    except _REFUSALS:
+                        self._suspect(self._flight)
+                        raise
+            finally:
+                # A row this large left libpq's read buffer as large, for the connection's
+                # life (store/db.py): a fresh one next round. Nothing was written on this
+                # connection, and closing it lets the lock go, as its commit would have.
+                if any(len(message.body) > db.LARGE_MESSAGE_BYTES for _, message in claimed):
+                    db.discard(conn)
         unsettled = len(claimed) - len(flight.deleted)
         if unsettled:
             if flight.nacked:
