@@ -118,6 +118,7 @@ def test_a_row_the_broker_refuses_is_parked_and_the_rest_go_on(
     worker = relay.Relay(
         settings, pool, on_parked=lambda row_id, reason: parked.append((row_id, reason))
     )
+    waits = worker._stop = _Waits()
     thread = _running(worker)
     got: list[bytes] = []
 
@@ -139,6 +140,22 @@ def test_a_row_the_broker_refuses_is_parked_and_the_rest_go_on(
     assert (row.id, row.attempts) == (parked[0][0], 2)
     assert row.message_id == "id-99"
     assert row.last_error and ("PRECONDITION_FAILED" in row.last_error or "541" in row.last_error)
+    # A refusal counted on its row is tried again at once, not after a growing back-off
+    # (which held the rows behind a poison for a minute or more, tests/e2e/test_hostile.py).
+    assert waits.timeouts and set(waits.timeouts) == {relay.BACKOFF_FIRST}, waits.timeouts
+
+
+class _Waits(threading.Event):
+    """The relay's stop event, noting each back-off it waits (not the polls' sleeps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            self.timeouts.append(timeout)
+        return super().wait(timeout)
 
 
 def test_replay_puts_a_parked_row_back_and_drop_deletes_it(settings, pool, reader) -> None:
