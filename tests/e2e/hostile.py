@@ -6,10 +6,13 @@ Every message carries a fresh ``message_id``: the worker echoes it as ``causatio
 the event that answers it, and keeps it on the dead-lettered copy, so each outcome is found
 whatever else the message held.
 
-Left out for now, each the subject of a fix under way elsewhere (issue 16): NUL and other
-control characters in properties and headers, ``user_id``, ``reply_to``, ``CC``/``BCC``
-and ``expiration``, and nesting past what the documented limits will take. They are
-``HELD_BACK`` below, named, to be turned on as the fixes land.
+Properties and headers hold control characters, NUL included (``INVALID_PROPERTY``);
+messages carry ``user_id`` (the publishing connection's own user, the only one the broker
+lets through), ``reply_to`` (queue names, malformed and well-shaped direct reply-to names),
+``CC``/``BCC`` (queue names, as the broker takes them) and ``expiration``; bodies nest past
+the documented depth and pass the size limit. What the broker itself refuses to take from
+a producer (a ``user_id`` not its own, a ``CC`` that is not an array, an ``expiration``
+that is not a number) is left out: such a message never reaches the worker.
 """
 
 from __future__ import annotations
@@ -24,12 +27,10 @@ from typing import Any
 import pika
 from hypothesis import strategies as st
 
-HELD_BACK = ("control characters in properties/headers", "user_id", "reply_to", "CC/BCC",
-             "expiration", "nesting past the limits")  # fmt: skip
-
-# Text producers write, and text they should not: scripts, emoji, the odd escape, but no
-# NUL in a header or property (HELD_BACK); the body may hold anything JSON can.
-_prop_text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=0, max_size=40)
+# Text producers write, and text they should not: scripts, emoji, control characters and
+# NUL, in properties and headers as in the body.
+_prop_text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=40)
+_queue_names = st.text(string.ascii_letters + string.digits + "._-", min_size=1, max_size=30)
 _body_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 _job_ids = st.one_of(
     st.text(string.ascii_letters + string.digits + "._:-", min_size=1, max_size=128),
@@ -105,7 +106,32 @@ def _mutated(data: bytes, cut: int, flip: int) -> bytes:
     return bytes(flipped)
 
 
+def _nested(depth: int, kind: str) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"n": value}
+    return value
+
+
+# Past the documented limits (docs/contract.md): nesting around 32 levels, bodies around
+# 256 KiB (REQUEST_TOO_DEEP, REQUEST_TOO_LARGE), near-valid otherwise.
+_deep = st.builds(
+    lambda depth, kind, where: json.dumps(
+        {"job_id": f"deep-{depth}", where: _nested(depth, kind)}
+    ).encode(),
+    st.integers(25, 400),
+    st.sampled_from(["list", "dict"]),
+    st.sampled_from(["request", "extra"]),
+)
+_large = st.integers(256 * 1024 - 300, 256 * 1024 + 300).map(
+    lambda size: json.dumps(
+        {"job_id": f"large-{size}", "request": {"description": "x" * (size - 60)}}
+    ).encode()
+)
+
 bodies = st.one_of(
+    _deep,
+    _large,
     near_valid().map(lambda body: json.dumps(body).encode()),
     near_valid().map(lambda body: json.dumps(body).encode()),
     request_objects().map(lambda body: json.dumps(body).encode()),
@@ -126,10 +152,30 @@ _header_values = st.recursive(
 )
 headers = st.one_of(
     st.none(),
-    st.dictionaries(
-        _prop_text.filter(lambda k: k.upper() not in ("CC", "BCC")), _header_values, max_size=4
+    st.builds(
+        lambda table, routes: {**table, **routes},
+        st.dictionaries(
+            _prop_text.filter(lambda k: k.upper() not in ("CC", "BCC")),
+            _header_values,
+            max_size=4,
+        ),
+        st.dictionaries(
+            st.sampled_from(["CC", "BCC"]), st.lists(_queue_names, max_size=2), max_size=2
+        ),
     ),
 )
+# A direct reply-to name a broker could have given (base64 Erlang term, 16-byte key), and
+# ones it never would. (The bare "amq.rabbitmq.reply-to" the broker refuses from a
+# publisher not consuming from it: such a message never arrives.)
+_REPLY_TO_SHAPED = "amq.rabbitmq.reply-to.g2gCZAAsc2FzZEBsb2NhbGhvc3Q=.AAAAAAAAAAAAAAAAAAAAAA=="
+reply_tos = st.one_of(
+    st.none(),
+    _queue_names,
+    _prop_text.filter(lambda text: text != "amq.rabbitmq.reply-to"),
+    st.just(_REPLY_TO_SHAPED),
+    _prop_text.map(lambda tail: "amq.rabbitmq.reply-to." + tail),
+)
+expirations = st.one_of(st.none(), st.integers(600_000, 2**31 - 1).map(str))
 content_types = st.one_of(
     st.none(),
     st.sampled_from(
@@ -158,10 +204,16 @@ class Hostile:
     app_id: str | None = None
     type: str | None = None
     timestamp: int | None = None
+    reply_to: str | None = None
+    expiration: str | None = None
+    own_user_id: bool = False  # user_id: the publishing connection's user
     message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
-    def properties(self) -> pika.BasicProperties:
+    def properties(self, user: str | None = None) -> pika.BasicProperties:
         return pika.BasicProperties(
+            reply_to=self.reply_to,
+            expiration=self.expiration,
+            user_id=user if self.own_user_id else None,
             content_type=self.content_type,
             delivery_mode=2,
             message_id=self.message_id,
@@ -184,7 +236,16 @@ messages = st.builds(
     app_id=st.one_of(st.none(), _prop_text),
     type=st.one_of(st.none(), _prop_text),
     timestamp=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+    reply_to=reply_tos,
+    expiration=expirations,
+    own_user_id=st.booleans(),
 )
+
+
+# Refusals of the properties themselves: the event echoes none of them (they are the
+# problem), message id included, so such a message is known by its dead letter's reason,
+# and the events are counted.
+PROPERTY_CODES = ("INVALID_PROPERTY", "INVALID_REPLY_TO")
 
 
 @dataclass
@@ -195,10 +256,14 @@ class Outcomes:
     rejected: dict[str, str] = field(default_factory=dict)  # message id -> code
     dead: dict[str, bytes] = field(default_factory=dict)  # message id -> body
     dead_reason: dict[str, str | None] = field(default_factory=dict)
+    uncaused: dict[str, int] = field(default_factory=dict)  # property refusals' events
 
     def take_event(self, event: dict[str, Any]) -> None:
         cause = event.get("causationid")
         if cause is None:
+            code = (event.get("data") or {}).get("code")
+            if event["type"] == "batchworker.command.rejected" and code in PROPERTY_CODES:
+                self.uncaused[code] = self.uncaused.get(code, 0) + 1
             return
         if event["type"] == "batchworker.command.accepted":
             self.accepted.add(cause)
@@ -212,19 +277,35 @@ class Outcomes:
                 "x-batch-worker-reason"
             )
 
+    def _property_refused(self, mid: str) -> bool:
+        return mid not in self.rejected and self.dead_reason.get(mid) in PROPERTY_CODES
+
+    def property_refusals(self) -> dict[str, int]:
+        """Dead letters of property refusals, by code."""
+        counts: dict[str, int] = {}
+        for mid, code in self.dead_reason.items():
+            if code is not None and self._property_refused(mid):
+                counts[code] = counts.get(code, 0) + 1
+        return counts
+
     def settled(self, sent: list[Hostile]) -> bool:
+        refused = self.property_refusals()
         return all(
             m.message_id in self.accepted
             or (m.message_id in self.rejected and m.message_id in self.dead)
+            or self._property_refused(m.message_id)
             for m in sent
-        )
+        ) and all(self.uncaused.get(code, 0) >= count for code, count in refused.items())
 
     def problems(self, sent: list[Hostile]) -> list[str]:
         """Every message whose outcome breaks the contract, with what it was."""
         found = []
         for m in sent:
             mid = m.message_id
-            what = f"{m.body[:120]!r} content_type={m.content_type!r} headers={m.headers!r}"
+            what = (
+                f"{m.body[:120]!r} content_type={m.content_type!r} headers={m.headers!r}"
+                f" reply_to={m.reply_to!r} expiration={m.expiration!r} user_id={m.own_user_id}"
+            )
             if mid in self.accepted and mid in self.rejected:
                 found.append(f"both accepted and rejected: {what}")
             elif mid in self.rejected:
@@ -235,6 +316,13 @@ class Outcomes:
                     found.append(f"rejected ({code}) without its byte-for-byte dead letter: {what}")
                 elif self.dead_reason.get(mid) != code:
                     found.append(f"dead letter's reason {self.dead_reason.get(mid)!r}: {what}")
+            elif self._property_refused(mid):
+                if self.dead.get(mid) != m.body:
+                    found.append(f"refused without its byte-for-byte dead letter: {what}")
             elif mid not in self.accepted:
-                found.append(f"no outcome: {what}")
+                dead = "dead-lettered" if mid in self.dead else "not dead-lettered"
+                found.append(f"no outcome ({dead}): {what}")
+        for code, count in self.property_refusals().items():
+            if self.uncaused.get(code, 0) < count:
+                found.append(f"{count} dead letters {code}, {self.uncaused.get(code, 0)} events")
         return found

@@ -52,10 +52,11 @@ class Publisher:
         self.channel.confirm_delivery()
         self.queue = stack.names.jobs_queue
         self.dlq = stack.names.dlq
+        self.user = pika_parameters(stack.broker_url).credentials.username
 
     def publish(self, message: Hostile) -> None:
         self.channel.basic_publish(
-            "", self.queue, message.body, message.properties(), mandatory=True
+            "", self.queue, message.body, message.properties(self.user), mandatory=True
         )
 
     def drain_dlq(self, outcomes: Outcomes) -> None:
@@ -88,6 +89,7 @@ def test_hostile_messages_are_each_accepted_or_rejected_and_dead_lettered_whole(
     memory: list[dict[str, int]] = []
     outcomes = Outcomes()
     tried: list[Hostile] = []
+    timings: list[tuple[float, float]] = []  # per batch: seconds publishing, settling
 
     # Generation only: shrinking would replay batches against the live worker for minutes;
     # a failure names every message that went wrong instead.
@@ -100,10 +102,13 @@ def test_hostile_messages_are_each_accepted_or_rejected_and_dead_lettered_whole(
     )
     @given(batch=st.lists(messages, min_size=BATCH, max_size=BATCH))
     def campaign(batch: list[Hostile]) -> None:
+        begun = time.monotonic()
         for message in batch:
             publisher.publish(message)
+        published = time.monotonic()
         tried.extend(batch)
         settle(events, publisher, outcomes, batch)
+        timings.append((round(published - begun, 1), round(time.monotonic() - published, 1)))
         memory.append(memory_kib(worker.process.pid))
         problems = outcomes.problems(batch)
         assert problems == [], "\n".join(problems)
@@ -119,13 +124,14 @@ def test_hostile_messages_are_each_accepted_or_rejected_and_dead_lettered_whole(
     finally:
         publisher.connection.close()
         if REPORT:
-            codes = Counter(outcomes.rejected.values())
+            codes = Counter(outcomes.rejected.values()) + Counter(outcomes.property_refusals())
             figures = {
                 "messages": len(tried),
                 "accepted": len(outcomes.accepted),
                 "rejected": dict(codes.most_common()),
                 "seconds": round(time.monotonic() - started, 1),
                 "worker_memory_kib": memory,
+                "batch_seconds": timings,
             }
             Path(REPORT).write_text(json.dumps(figures, indent=2))
     assert len(tried) == BATCH * BATCHES
