@@ -12,9 +12,12 @@ a GET every 10 s while CREATED/ANALYSING, every 120 s after; plus create and sta
 Jobs go in through the store (as intake writes them) in one transaction. Every lifecycle
 timing scales with ``--speed`` like the simulator's job durations (poll 30 s / speed, and
 so on), so at speed 1 the figures are the production ones; the request budget does not
-scale (it is the account's, per real minute). Tile reads are off (no S3 here): the figures
-are the API's. Needs PostgreSQL at BATCH_WORKER_TEST_DATABASE_URL (a scratch database is
-created and dropped). No pass/fail: it prints figures (see docs/performance.md).
+scale (it is the account's, per real minute). Tile reads are off unless ``--tiles``: then an
+S3 emulator (moto's server, a process of its own) holds the delivery bucket, the simulator
+writes each job's feature manifest and execution database there, and the engine reads them
+with the daemon's ``TileReader`` (conditional GETs, as in production). Needs PostgreSQL at
+BATCH_WORKER_TEST_DATABASE_URL (a scratch database is created and dropped). No pass/fail:
+it prints figures (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from worker.api.client import ApiHooks, BatchClient
 from worker.daemon.engine import Engine
 from worker.daemon.status_loop import SWEEP_EVERY_POLLS, StatusLoop
 from worker.daemon.supervisor import tune_gc
+from worker.daemon.tiles import TileReader
 from worker.lifecycle import Tiles
 from worker.settings import Settings
 from worker.simulator.server import TOKEN_PATH
@@ -59,6 +63,7 @@ PG_URL = os.environ.get(
     "BATCH_WORKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 FLEET = "bench"
+BUCKET = "bench-bucket"
 # A small Corsica tile: one or two features of the 60 m grid, so analysis is about 61 API s
 # and processing about 140-160 API s (the simulator's duration model).
 PAYLOAD: dict[str, Any] = {
@@ -84,6 +89,48 @@ class NoTiles:
     def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Tiles | None:
         return None
 
+    def cost_bound(self, request_id: str) -> float | None:
+        return None
+
+
+class TileMetrics:
+    """The one metric the tile reader reports: reads by file and outcome."""
+
+    reads: Counter[tuple[str, str]] = Counter()
+    _lock = threading.Lock()
+
+    def tile_read(self, file: str, outcome: str) -> None:
+        with self._lock:
+            self.reads[(file, outcome)] += 1
+
+
+def start_s3(port: int) -> subprocess.Popen[bytes]:
+    """moto's S3 server in a process of its own, so its memory and CPU are not the engine's."""
+    code = (
+        "import logging, sys, time\n"
+        "from moto.server import ThreadedMotoServer\n"
+        "logging.getLogger('werkzeug').setLevel(logging.WARNING)\n"
+        f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start()\n"
+        "while True: time.sleep(3600)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for_port(port, process)
+    return process
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"nothing listens on port {port}")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -106,7 +153,12 @@ def drop_database(name: str) -> None:
 
 
 def start_simulator(
-    port: int, speed: float, state_file: Path, processing: float | None = None
+    port: int,
+    speed: float,
+    state_file: Path,
+    processing: float | None = None,
+    *,
+    artifacts: bool = False,
 ) -> subprocess.Popen[bytes]:
     command = [
         sys.executable,
@@ -121,22 +173,15 @@ def start_simulator(
         "0",
         "--history",
         "0",
-        "--no-write-artifacts",
+        "--write-artifacts" if artifacts else "--no-write-artifacts",
         "--state-file",
         str(state_file),
     ]
     if processing is not None:
         command += ["--processing-base", str(processing)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the simulator did not start")
+    wait_for_port(port, process)
+    return process
 
 
 def insert_jobs(pool: db.Pool, n: int) -> None:
@@ -284,6 +329,11 @@ def main() -> None:
         help="write every transition (job, status, API time, event time, seconds) as CSV",
     )
     parser.add_argument(
+        "--tiles",
+        action="store_true",
+        help="read tile counts from an S3 emulator the simulator writes the artifacts to",
+    )
+    parser.add_argument(
         "--sweeps",
         choices=("on", "off", "both"),
         default="on",
@@ -313,7 +363,24 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
     state_file = tmp / "simulator.json"
     port = free_port()
     db_name, db_url = scratch_database()
-    simulator = start_simulator(port, speed, state_file, args.processing)
+    s3 = None
+    tiles: Any = NoTiles()
+    if args.tiles:
+        s3_port = free_port()
+        s3 = start_s3(s3_port)
+        os.environ.update(
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}",
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",  # the emulator takes any key
+            AWS_DEFAULT_REGION="eu-central-1",
+        )
+        import boto3
+
+        boto3.client("s3").create_bucket(
+            Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-central-1"}
+        )
+        tiles = TileReader(metrics=TileMetrics())
+    simulator = start_simulator(port, speed, state_file, args.processing, artifacts=args.tiles)
     requests: Counter[str] = Counter()
     lock = threading.Lock()
 
@@ -351,7 +418,7 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
             settings,
             pool,
             client,
-            tiles=NoTiles(),
+            tiles=tiles,
             worker_name="bench",
             threads=args.threads,
         )
@@ -398,6 +465,9 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
         client.close()
         simulator.send_signal(signal.SIGTERM)
         simulator.wait(60)
+        if s3 is not None:
+            s3.kill()
+            s3.wait(60)
         drop_database(db_name)
 
     sim_jobs = json.loads(state_file.read_text())["jobs"]
@@ -435,6 +505,8 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
         f"progress freshness {settings.progress_freshness:g} s"
     )
     print(f"peak RSS of the engine process: {rss_mb:.0f} MB")
+    if args.tiles:
+        print(f"tile reads (file, outcome): {dict(sorted(TileMetrics.reads.items()))}")
     print(f"API requests: {total} ({dict(requests)}), {ours:.2f} per job")
     if latencies:
         print(

@@ -91,6 +91,9 @@ def _child(jobs_count: int, steps: int) -> dict[str, Any]:
             def read(self, request: dict[str, Any], request_id: str, *, execution_db: bool) -> Any:
                 return Tiles(total=100, processed=50)
 
+            def cost_bound(self, request_id: str) -> float | None:
+                return None  # asked since the cost guard (f7530cc); older trees never ask
+
         engine = Engine(settings, pool, client=None, tiles=Tiles1(), worker_name="bench")  # type: ignore[arg-type]
 
         def xacts() -> int:
