@@ -204,7 +204,7 @@ def make_engine(pool: ConnectionPool, api: FakeApi, name: str = "w1", **kw: Any)
         SETTINGS,
         pool,
         api,
-        tiles=NoTiles(),
+        tiles=kw.pop("tiles", NoTiles()),
         metrics=kw.pop("metrics", None),
         policy=kw.pop("policy", FAST),
         worker_name=name,

@@ -120,6 +120,16 @@ def policy_from(settings: Settings) -> Policy:
     )
 
 
+@dataclass(frozen=True)
+class _Link:
+    """A step decided: what it stepped on, what it decided, and when."""
+
+    observation: Observation
+    transition: Transition
+    now: datetime
+    stepped_at: float  # monotonic
+
+
 @dataclass
 class _Held:
     """A claimed job while a worker thread drives it."""
@@ -353,40 +363,61 @@ class Engine:
         # The request columns as last read; the next save clears them, and applies only
         # while they are unchanged (a request arriving meanwhile is refolded, see below).
         seen = claim.requests
+        # Steps decided and not saved yet: a step on a read whose actions only read again
+        # (the tile read after a status read) is saved with the step after it, one round
+        # trip for both (see _deferrable). A crash meanwhile loses nothing the next read
+        # does not bring back.
+        chain: list[_Link] = []
+        # With a request that arrived during unsaved steps: the saved state with it folded
+        # in, which the first of those steps is decided on again (``replay``).
+        folded: JobState | None = None
+        replay: _Link | None = None
         wake_at: datetime | None = None
         steps = 0
-        while pending and steps < MAX_STEPS_PER_CLAIM:
+        while True:
+            if not pending or steps >= MAX_STEPS_PER_CLAIM:
+                if not chain:
+                    break
+                # The drive ends on unsaved steps (their reads answered nothing to step on,
+                # or it is stopping): their save gives the lease back.
+                last = chain[-1].transition
+                wake = self._clock() if pending or self._stopping(stop) else last.wake_at
+                release = leases.Release(self._wake_at(last.state, wake))
+                arrived = self._save(held, chain, seen, release)
+                if arrived is None:
+                    self._progress(STEPS_LOOP)
+                    return
+                seen, folded, replay = self._refold(held, chain, pending, arrived)
+                chain = []
+                continue
             steps += 1
             self._progress(STEPS_LOOP)
-            now = self._clock()
-            stepped_at = time.monotonic()
             observation = pending.popleft()
-            transition = lifecycle.step(held.state, observation, now, self._policy)
-            release = self._last(transition, pending, stop)
-            arrived = self._save(held, transition, now, seen, release, stepped_at=stepped_at)
-            while arrived is not None:
-                # A start or cancel came while this step was decided (say a cancel while the
-                # create was in flight): decide it again knowing the request; the first
-                # decision was not saved and its actions (an Analyse, a Start) never run.
-                # Intake only sets an empty column, so this ends after two rounds at most.
-                seen = arrived
-                log.info("job %s: a request arrived during the step", held.state.job_id)
-                known = lifecycle.fold_requests(
-                    held.state,
-                    cancel=arrived.cancel_requested_at is not None,
-                    start=arrived.start_requested_at is not None,
-                )
-                transition = lifecycle.step(known, observation, now, self._policy)
-                self._progress(STEPS_LOOP)
-                release = self._last(transition, pending, stop)
-                arrived = self._save(held, transition, now, seen, release, stepped_at=stepped_at)
-            seen = leases.Requests()
+            if replay is not None:
+                # The step's own `now`: a create's `create_not_before` was decided with it.
+                now, stepped_at, replay = replay.now, replay.stepped_at, None
+            else:
+                now, stepped_at = self._clock(), time.monotonic()
+            before = chain[-1].transition.state if chain else (folded or held.state)
+            transition = lifecycle.step(before, observation, now, self._policy)
+            chain.append(_Link(observation, transition, now, stepped_at))
+            if not self._deferrable(observation, transition, pending, stop):
+                arrived = self._save(held, chain, seen, self._last(transition, pending, stop))
+                if arrived is not None:
+                    # A start or cancel came while these steps were decided (say a cancel
+                    # while the create was in flight): decide them again knowing the
+                    # request; nothing was saved, and no action of theirs but reads ran.
+                    # Intake only sets an empty column, so this ends after two rounds.
+                    seen, folded, replay = self._refold(held, chain, pending, arrived)
+                    chain = []
+                    continue
+                chain, folded, seen = [], None, leases.Requests()
+                if held.released:
+                    self._progress(STEPS_LOOP)
+                    return
             wake_at = transition.wake_at
-            if held.released:
-                self._progress(STEPS_LOOP)
-                return
             for action in transition.actions:
-                if stop.is_set() or self._stop.is_set():
+                if self._stopping(stop):
                     break  # stopping: the action in hand finished; take on nothing new
                 self._progress(STEPS_LOOP)
                 if isinstance(action, _SENT):
@@ -398,14 +429,61 @@ class Engine:
                         extra=_job_fields(held.state),
                     )
                 # The step's own `now`: a create's `create_not_before` was decided with it.
-                outcome = self._perform(held, action, now)
+                outcome = self._perform(held, transition.state, action, now)
                 if outcome is not None:
                     pending.append(outcome)
-        if pending or stop.is_set() or self._stop.is_set():
+        if pending or self._stopping(stop):
             # Stopping (another worker takes it at once) or looping: pick it up again now.
             wake_at = self._clock()
         self._progress(STEPS_LOOP)
         self._release(held, wake_at)
+
+    def _stopping(self, stop: threading.Event) -> bool:
+        return stop.is_set() or self._stop.is_set()
+
+    def _deferrable(
+        self,
+        observation: Observation,
+        transition: Transition,
+        pending: deque[Observation],
+        stop: threading.Event,
+    ) -> bool:
+        """Whether a step's save can wait for the step after it: the step folds in a read
+        (a status, tile counts), so if it is lost the next read brings it back, and its
+        actions only read again (the tiles, a status), so performing them before the save
+        commits the job to nothing. Nothing else waits (what the reads answer is all the
+        drive steps on next; see _refold) and the drive is not stopping."""
+        return (
+            bool(transition.actions)
+            and not pending
+            and not self._stopping(stop)
+            and isinstance(observation, _READ_OBSERVATIONS)
+            and all(isinstance(action, _READS) for action in transition.actions)
+        )
+
+    def _refold(
+        self,
+        held: _Held,
+        chain: list[_Link],
+        pending: deque[Observation],
+        arrived: leases.Requests,
+    ) -> tuple[leases.Requests, JobState, _Link]:
+        """A start or cancel arrived during ``chain``'s steps: nothing of them was saved.
+        The first step is decided again on the saved state with the request folded in, at
+        its own time; what the chain's reads answered is dropped (a step that reads
+        waits for nothing else, so ``pending`` holds only their answers), and read again
+        if the new decision asks."""
+        log.info("job %s: a request arrived during the step", held.state.job_id)
+        if len(chain) > 1:
+            pending.clear()
+        first = chain[0]
+        pending.appendleft(first.observation)
+        folded = lifecycle.fold_requests(
+            held.state,
+            cancel=arrived.cancel_requested_at is not None,
+            start=arrived.start_requested_at is not None,
+        )
+        return arrived, folded, first
 
     def _last(
         self, transition: Transition, pending: deque[Observation], stop: threading.Event
@@ -415,7 +493,7 @@ class Engine:
         """
         if transition.actions or pending:
             return None
-        if stop.is_set() or self._stop.is_set():
+        if self._stopping(stop):
             return leases.Release(self._clock())  # another worker takes it at once
         return leases.Release(self._wake_at(transition.state, transition.wake_at))
 
@@ -426,14 +504,18 @@ class Engine:
         # A tracked job without a wake-up is the status poller's (it reads every one).
         return wake_at
 
-    def _perform(self, held: _Held, action: lifecycle.Action, now: datetime) -> Observation | None:
+    def _perform(
+        self, held: _Held, state: JobState, action: lifecycle.Action, now: datetime
+    ) -> Observation | None:
+        """Perform ``action`` of the step that led to ``state`` (saved by now, unless the
+        action only reads: see _deferrable)."""
         if not isinstance(action, _SENT):
-            return self._runner.perform(held.state, action, now)
+            return self._runner.perform(state, action, now)
         # Checked again in the budget token's own statement, the last round trip before the
         # request: a freeze after the check above does not send what another worker owns.
         fence = Fence(held.state.job_id, held.generation, self._owner)
         with fenced(fence):
-            return self._runner.perform(held.state, action, now)
+            return self._runner.perform(state, action, now)
 
     def _check_lease(self, held: _Held) -> None:
         guard = self._lease_guard
@@ -447,54 +529,54 @@ class Engine:
     def _save(
         self,
         held: _Held,
-        transition: Transition,
-        now: datetime,
+        chain: list[_Link],
         seen: leases.Requests,
         release: leases.Release | None,
-        *,
-        stepped_at: float,
     ) -> leases.Requests | None:
-        """Save the step (state, events, requests cleared; with ``release``, the lease given
-        back); None when saved, else the requests that arrived since ``seen`` (nothing was
-        written)."""
-        previous, state = held.state, transition.state
+        """Save the chain's steps (the last one's state, every step's events, requests
+        cleared; with ``release``, the lease given back); None when saved, else the
+        requests that arrived since ``seen`` (nothing was written)."""
+        previous = held.state
+        last = chain[-1]
         messages: list[OutboxMessage] = []
         status_event: OutboxMessage | None = None
-        for emit in transition.emits:
-            out = events.job_event(
-                state,
-                emit.kind,
-                exchange=self._settings.events_exchange,
-                worker=self._owner,
-                now=now,
-                sequence=emit.sequence,
-            )
-            messages.extend(out)
-            if emit.kind == "status":
-                status_event = next(
-                    (m for m in out if m.exchange == self._settings.events_exchange), None
+        exchange = self._settings.events_exchange
+        for link in chain:
+            for emit in link.transition.emits:
+                out = events.job_event(
+                    link.transition.state,
+                    emit.kind,
+                    exchange=exchange,
+                    worker=self._owner,
+                    now=link.now,
+                    sequence=emit.sequence,
                 )
+                messages.extend(out)
+                if emit.kind == "status":
+                    status_event = next((m for m in out if m.exchange == exchange), None)
         # One statement (see leases.save_step), in autocommit: its own transaction, so the
-        # step's writes and, when it ends the drive, the release cost one round trip.
+        # steps' writes and, when they end the drive, the release cost one round trip.
         with self._pool.connection() as conn, db.autocommit(conn):
             arrived = leases.save_step(
                 conn,
-                state,
+                last.transition.state,
                 generation=held.generation,
                 owner=self._owner,
                 messages=messages,
                 status_event=status_event,
                 folded_cancel=seen.cancel_requested_at,
                 folded_start=seen.start_requested_at,
-                lease_until=now + self._lease,
+                lease_until=last.now + self._lease,
                 release=release,
             )
         if arrived is not None:
             return arrived
-        held.state = state
-        held.saved_at = stepped_at  # the save set lease_until from the step's `now`
+        held.state = last.transition.state
+        held.saved_at = last.stepped_at  # the save set lease_until from the step's `now`
         held.released = release is not None
-        self._after_commit(previous, state)
+        for link in chain:
+            self._after_commit(previous, link.transition.state)
+            previous = link.transition.state
         return None
 
     def _after_commit(self, previous: JobState, state: JobState) -> None:
@@ -554,6 +636,11 @@ class Engine:
 # Actions that ask the API to do something, logged at INFO as they go out; reads (polls,
 # tile reads) are not: a job reads its status hundreds of times.
 _SENT = (lifecycle.Create, lifecycle.Adopt, lifecycle.Analyse, lifecycle.Start, lifecycle.Stop)
+# Actions that only read (S3's tile files, the task's status), and the observations that only
+# bring what was read: a step of the second kind asking for the first is saved with the step
+# after it (Engine._deferrable).
+_READS = (lifecycle.ReadTiles, lifecycle.Poll)
+_READ_OBSERVATIONS = (lifecycle.TaskSeen, lifecycle.TilesSeen, lifecycle.TilesUnavailable)
 
 
 def _job_fields(state: JobState) -> dict[str, Any]:
