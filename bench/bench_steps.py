@@ -51,6 +51,15 @@ def _child(jobs_count: int, steps: int) -> dict[str, Any]:
     from worker.settings import Settings
     from worker.store import db, jobs, leases
 
+    if os.environ.get("BENCH_STEPS_HISTORY") == "off":
+        # Today's save without its history insert (--history-cost): what keeping events
+        # for the status API adds, from the same tree.
+        from worker.store import history
+
+        kept = f"{history.record_queued('queued')}\n        RETURNING 1"
+        assert kept in leases._SAVE, "the save's history insert moved: update the bench"
+        leases._SAVE = leases._SAVE.replace(kept, "SELECT 1 WHERE false")
+
     name = f"bench_steps_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(SERVER, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -104,9 +113,28 @@ def _child(jobs_count: int, steps: int) -> dict[str, Any]:
                 ).fetchone()
             return int(row[0]) if row else 0
 
+        def server_cpu() -> dict[int, float]:
+            """CPU seconds of each server process of the scratch database (this machine's)."""
+            with psycopg.connect(SERVER, autocommit=True) as conn:
+                pids = [
+                    int(pid)
+                    for (pid,) in conn.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)
+                    ).fetchall()
+                ]
+            found = {}
+            for pid in pids:
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # another machine's server, or gone
+                found[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return found
+
         ids = [s.job_id for s in states]
         done = 0
         before_x = xacts()
+        server0 = server_cpu()
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         wall0 = time.perf_counter()
         while done < steps:
@@ -135,6 +163,8 @@ def _child(jobs_count: int, steps: int) -> dict[str, Any]:
                 done += 1
         wall = time.perf_counter() - wall0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        server1 = server_cpu()
+        server = sum(cpu - server0.get(pid, 0.0) for pid, cpu in server1.items())
         # pg_stat_database is updated when a backend reports, which it does at idle: close first.
         pool.close()
         time.sleep(1.0)
@@ -145,6 +175,7 @@ def _child(jobs_count: int, steps: int) -> dict[str, Any]:
         return {
             "cpu_ms_per_1000": cpu / steps * 1e6,
             "wall_ms_per_1000": wall / steps * 1e6,
+            "server_cpu_ms_per_1000": server / steps * 1e6,
             "xacts_per_step": (after_x - before_x) / steps,
             "events": int(events[0]) if events else 0,
         }
@@ -164,8 +195,10 @@ def _export(ref: str, into: Path) -> Path:
     return into / "tree"
 
 
-def _run(tree: Path, jobs_count: int, steps: int) -> dict[str, Any]:
+def _run(tree: Path, jobs_count: int, steps: int, history: bool = True) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    if not history:
+        env["BENCH_STEPS_HISTORY"] = "off"
     out = subprocess.run(
         [sys.executable, __file__, "--child", "--jobs", str(jobs_count), "--steps", str(steps)],
         env=env,
@@ -183,6 +216,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--history-cost",
+        action="store_true",
+        help="also run today's tree without the event history insert, and print its cost",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -190,34 +228,59 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="bench-steps-") as tmp:
         trees = {"baseline": _export(args.baseline, Path(tmp)), "today": ROOT}
+        if args.history_cost:
+            trees["no-history"] = ROOT
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
         for round_no in range(args.rounds):
             order = list(trees) if round_no % 2 == 0 else list(reversed(trees))
             for name in order:
-                result = _run(trees[name], args.jobs, args.steps)
+                result = _run(trees[name], args.jobs, args.steps, history=name != "no-history")
                 results[name].append(result)
                 print(f"round {round_no + 1} {name:<8} {json.dumps(result)}", flush=True)
     print(
         f"\n{args.steps} steps over {args.jobs} jobs, median of {args.rounds} rounds"
         f" (baseline {args.baseline}):"
     )
-    print(f"{'':<10} {'CPU ms/1000':>12} {'wall ms/1000':>13} {'xacts/step':>11}")
+    print(
+        f"{'':<10} {'CPU ms/1000':>12} {'wall ms/1000':>13} {'xacts/step':>11} {'events/step':>12}"
+    )
     medians: dict[str, dict[str, float]] = {}
     for name, runs in results.items():
         medians[name] = {
             key: statistics.median(r[key] for r in runs)
-            for key in ("cpu_ms_per_1000", "wall_ms_per_1000", "xacts_per_step")
+            for key in (
+                "cpu_ms_per_1000",
+                "server_cpu_ms_per_1000",
+                "wall_ms_per_1000",
+                "xacts_per_step",
+                "events",
+            )
         }
         m = medians[name]
         print(
-            f"{name:<10} {m['cpu_ms_per_1000']:>12.0f} {m['wall_ms_per_1000']:>13.0f}"
-            f" {m['xacts_per_step']:>11.2f}"
+            f"{name:<10} {m['cpu_ms_per_1000']:>12.0f} {m['server_cpu_ms_per_1000']:>11.0f}"
+            f" {m['wall_ms_per_1000']:>13.0f} {m['xacts_per_step']:>11.2f}"
+            f" {m['events'] / args.steps:>12.2f}"
         )
     ratio = {k: medians["today"][k] / medians["baseline"][k] for k in medians["today"]}
     print(
-        f"{'ratio':<10} {ratio['cpu_ms_per_1000']:>12.2f} {ratio['wall_ms_per_1000']:>13.2f}"
-        f" {ratio['xacts_per_step']:>11.2f}"
+        f"{'ratio':<10} {ratio['cpu_ms_per_1000']:>12.2f} {ratio['server_cpu_ms_per_1000']:>11.2f}"
+        f" {ratio['wall_ms_per_1000']:>13.2f} {ratio['xacts_per_step']:>11.2f}"
     )
+    if args.history_cost:
+        with_it, without = medians["today"], medians["no-history"]
+        per_event = args.steps / with_it["events"] if with_it["events"] else float("nan")
+        for key, label in (
+            ("cpu_ms_per_1000", "CPU (worker)"),
+            ("server_cpu_ms_per_1000", "CPU (PostgreSQL)"),
+            ("wall_ms_per_1000", "wall"),
+        ):
+            extra = (with_it[key] - without[key]) / 1000  # ms per step
+            print(
+                f"the event history's {label}: {extra * 1000:+.0f} µs a step,"
+                f" {extra * 1000 * per_event:+.0f} µs an event"
+                f" ({with_it[key] / without[key] - 1:+.1%})"
+            )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Three layers, because a secret can reach text in three ways:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -184,8 +185,13 @@ def is_secret_key(key: object) -> bool:
 
 
 def _is_secret_key(key: object) -> bool:
-    if not isinstance(key, str):
-        return False
+    return isinstance(key, str) and _names_a_secret(key)
+
+
+# Events and logs ask about the same few dozen keys all day; a bounded memo spares the
+# normalising of each (a producer's own keys cannot grow it past its size).
+@functools.lru_cache(maxsize=4096)
+def _names_a_secret(key: str) -> bool:
     return key.lower().replace("_", "").replace("-", "") in SECRET_KEYS
 
 
@@ -196,15 +202,25 @@ def redact(obj: Any) -> Any:
     other scalars are returned as they are.
     """
     if isinstance(obj, dict):
-        return {
-            key: (REDACTED if _is_secret_key(key) and value is not None else redact(value))
-            for key, value in obj.items()
-        }
+        out: dict[Any, Any] = {}
+        for key, value in obj.items():
+            if value is None:
+                out[key] = None
+            elif _is_secret_key(key):
+                out[key] = REDACTED  # whatever the value, a number included
+            elif type(value) in _SCALARS:
+                out[key] = value  # numbers and booleans hold no text to redact
+            else:
+                out[key] = redact(value)
+        return out
     if isinstance(obj, list | tuple):
         return [redact(item) for item in obj]
     if isinstance(obj, str):
         return redact_text(obj)
     return obj
+
+
+_SCALARS = frozenset({int, float, bool})
 
 
 class RedactingFilter(logging.Filter):

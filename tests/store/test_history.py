@@ -3,6 +3,7 @@ never for a rolled-back transaction, pruned by age."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -125,3 +126,30 @@ def test_the_engines_save_keeps_its_events_only_when_the_fenced_update_applied(
         kept = history.job_events(conn, FLEET, "j5")
     assert [event["id"] for event in kept] == [sent[0].properties["message_id"]]
     assert kept[0]["data"]["sequence"] == 2
+
+
+def test_the_engines_save_keeps_an_event_once_as_sent_and_not_its_reply_copy(pool) -> None:
+    from tests.store.store_support import FLEET, claim, insert, job
+    from worker.store import leases
+
+    state = job(
+        "j6",
+        status="PROCESSING",
+        batch_request_id="b6",
+        sequence=3,
+        echo=Echo(reply_to="replies", correlation_id="c6"),
+    )
+    assert insert(pool, state)
+    (claimed,) = claim(pool)
+    sent = events.job_event(state, "progress", exchange="batch.events", worker="w1", now=T0)
+    assert [m.exchange for m in sent] == ["batch.events", ""]  # the event and its reply copy
+    with pool.connection() as conn:
+        assert (
+            leases.save_step(conn, state, generation=claimed.generation, owner="w1", messages=sent)
+            is None
+        )
+        conn.commit()
+        kept = history.job_events(conn, FLEET, "j6")
+        queued = conn.execute("SELECT count(*) FROM bw_outbox").fetchone()
+    assert queued == (2,)
+    assert kept == [json.loads(sent[0].body)]

@@ -36,16 +36,31 @@ CREATE INDEX IF NOT EXISTS bw_event_history_time ON bw_event_history (time);
 
 # The fleet is the event's ``source`` (``/batch-worker/<fleet>``), the job its ``subject``;
 # a command event without a job (a request too broken to name one) has no story to join.
-# A caller may add to the WHERE before ``ON_CONFLICT`` (the engine's save keeps events only
-# when its fenced update applied, worker/store/leases.py).
-RECORD_ROWS = """
-    INSERT INTO bw_event_history (fleet_id, job_id, event_id, type, sequence, time, body)
+_INSERT = "INSERT INTO bw_event_history (fleet_id, job_id, event_id, type, sequence, time, body)"
+_COLUMNS = """
     SELECT regexp_replace(e->>'source', '^/batch-worker/', ''), e->>'subject', e->>'id',
            e->>'type', (e->'data'->>'sequence')::bigint, (e->>'time')::timestamptz, e
+"""
+# A caller may add to the WHERE before ``ON_CONFLICT``.
+RECORD_ROWS = f"""
+    {_INSERT} {_COLUMNS}
     FROM (SELECT b::jsonb AS e FROM unnest(%(history)b::text[]) AS u (b)) AS events
     WHERE e->>'subject' IS NOT NULL
 """
 ON_CONFLICT = " ON CONFLICT (fleet_id, event_id) DO NOTHING"
+
+
+def record_queued(source: str) -> str:
+    """The statement keeping the events among the outbox rows ``source`` (a WITH query's
+    ``RETURNING exchange, body, properties`` of its insert into ``bw_outbox``): with the
+    outbox insert in one statement, as the engine's save is (worker/store/leases.py), each
+    event's body travels to the server once and is kept exactly when its row went in."""
+    return f"""
+    {_INSERT} {_COLUMNS}
+    FROM (SELECT convert_from(body, 'UTF8')::jsonb AS e FROM {source}
+          WHERE exchange <> '' AND properties->>'content_type' = '{CONTENT_TYPE}') AS events
+    WHERE e->>'subject' IS NOT NULL {ON_CONFLICT}
+"""
 
 
 def is_event(message: OutboxMessage) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -119,42 +120,45 @@ def claim_due(
 # One statement, so a step's writes travel to PostgreSQL together: the fenced update, the
 # outbox rows and the events' history (both inserted only when the update applied) and the
 # relays' wake-up. With ``release`` the lease is given back in the same update, which a
-# step that ends the drive (no action to perform) needs nothing else for. ``saved`` is 0
-# when the fence or a request that arrived meanwhile kept the update from applying: then
-# nothing was written.
+# step that ends the drive (no action to perform) needs nothing else for. No row comes
+# back (or 0, the count of ``saved``) when the fence or a request that arrived meanwhile
+# kept the update from applying: then nothing was written.
+_UPDATE = f"""
+    UPDATE bw_jobs
+    SET state = %(state)s::jsonb, phase = %(phase)s, status = %(status)s,
+        batch_request_id = %(batch_request_id)s, upstream_created = %(upstream_created)s,
+        ended_at = %(ended_at)s,
+        last_seen_at = GREATEST(last_seen_at, %(last_seen_at)s),
+        {jobs.DERIVED_SET},
+        last_status_event = COALESCE(%(status_event)s, last_status_event),
+        cancel_requested_at = NULL,
+        start_requested_at = NULL,
+        lease_owner = CASE WHEN %(release)s THEN NULL ELSE lease_owner END,
+        lease_until = CASE WHEN %(release)s THEN NULL
+            ELSE COALESCE(%(lease_until)s, lease_until) END,
+        next_run_at = CASE
+            WHEN %(release)s AND %(ended_at)s::timestamptz IS NOT NULL THEN NULL
+            WHEN %(release)s THEN %(next_run_at)s::timestamptz
+            ELSE COALESCE(%(lease_until)s, next_run_at) END
+    WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
+      AND generation = %(generation)s AND lease_owner = %(owner)s
+      AND cancel_requested_at IS NOT DISTINCT FROM %(folded_cancel)s
+      AND start_requested_at IS NOT DISTINCT FROM %(folded_start)s
+    RETURNING 1
+"""
 _SAVE = f"""
-    WITH saved AS (
-        UPDATE bw_jobs
-        SET state = %(state)s::jsonb, phase = %(phase)s, status = %(status)s,
-            batch_request_id = %(batch_request_id)s, upstream_created = %(upstream_created)s,
-            ended_at = %(ended_at)s,
-            last_seen_at = GREATEST(last_seen_at, %(last_seen_at)s),
-            {jobs.DERIVED_SET},
-            last_status_event = COALESCE(%(status_event)s, last_status_event),
-            cancel_requested_at = NULL,
-            start_requested_at = NULL,
-            lease_owner = CASE WHEN %(release)s THEN NULL ELSE lease_owner END,
-            lease_until = CASE WHEN %(release)s THEN NULL
-                ELSE COALESCE(%(lease_until)s, lease_until) END,
-            next_run_at = CASE
-                WHEN %(release)s AND %(ended_at)s::timestamptz IS NOT NULL THEN NULL
-                WHEN %(release)s THEN %(next_run_at)s::timestamptz
-                ELSE COALESCE(%(lease_until)s, next_run_at) END
-        WHERE fleet_id = %(fleet_id)s AND job_id = %(job_id)s
-          AND generation = %(generation)s AND lease_owner = %(owner)s
-          AND cancel_requested_at IS NOT DISTINCT FROM %(folded_cancel)s
-          AND start_requested_at IS NOT DISTINCT FROM %(folded_start)s
-        RETURNING 1
-    ), queued AS (
+    WITH saved AS ({_UPDATE}), queued AS (
         {outbox.INSERT_ROWS} WHERE EXISTS (SELECT FROM saved) ORDER BY n
-        RETURNING 1
+        RETURNING exchange, body, properties
     ), kept AS (
-        {history.RECORD_ROWS} AND EXISTS (SELECT FROM saved) {history.ON_CONFLICT}
+        {history.record_queued("queued")}
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM saved),
            CASE WHEN EXISTS (SELECT FROM queued) THEN pg_notify(%(channel)s, '') END
 """
+# A step with no event (most steps of a job that is not moving): the update alone.
+_SAVE_QUIET = _UPDATE
 
 
 @dataclass(frozen=True)
@@ -191,13 +195,14 @@ def save_step(
     not run). ``lease_until`` extends the lease for a long step; ``release`` gives it back
     instead, as :func:`release` would (no request can be pending: the save cleared them).
     """
+    events: dict[str, Any] = outbox.rows_parameters(messages) if messages else {}
+    if messages:
+        events["channel"] = outbox.NOTIFY_CHANNEL
     row = conn.execute(
-        _SAVE,
+        _SAVE if messages else _SAVE_QUIET,
         {
             **jobs.columns(state),
-            **outbox.rows_parameters(messages),
-            **history.record_parameters(messages),
-            "channel": outbox.NOTIFY_CHANNEL,
+            **events,
             "status_event": Jsonb(message_to_json(status_event)) if status_event else None,
             "folded_cancel": folded_cancel,
             "folded_start": folded_start,
