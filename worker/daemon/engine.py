@@ -20,15 +20,16 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from datetime import datetime, timedelta
 
 from psycopg_pool import ConnectionPool
 
 from worker import lifecycle
-from worker.daemon import loops
+from worker.daemon import loops, step_report
 from worker.daemon.actions import ActionRunner, BatchApi, RetryInputs, TileSource
 from worker.daemon.fleet_budget import fenced
+from worker.daemon.step_report import EngineMetrics
+from worker.daemon.timings import policy_from, utc_now
 from worker.lifecycle import (
     CancelRequested,
     JobState,
@@ -39,7 +40,7 @@ from worker.lifecycle import (
     Transition,
     Wake,
 )
-from worker.settings import PROGRESS_FRESHNESS_POLLS, Settings
+from worker.settings import Settings
 from worker.store import db, jobs, leases
 from worker.store.api_budget import Fence
 from worker.wire import events
@@ -59,65 +60,6 @@ RESCUE_THREADS = 8
 # The claim loop's back-off after an error: doubling from the first, up to the most.
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
-# The shortest retry the derived timings go down to.
-_FLOOR = timedelta(milliseconds=100)
-_ZERO = timedelta(0)
-
-
-class EngineMetrics(Protocol):
-    """The ``worker.metrics.Metrics`` methods the engine calls."""
-
-    def job_finished(
-        self,
-        status: str,
-        reason: str | None,
-        duration_seconds: float | None,
-        tenant: str | None = None,
-    ) -> None: ...
-    def set_in_flight(self, counts: dict[str, int]) -> None: ...
-    def tiles(self, processed_delta: int, failed_delta: int) -> None: ...
-    def duplicate_stopped(self) -> None: ...
-    def follow_up(self, recovered_delta: int, *, created: bool) -> None: ...
-    def job_paused(self, reason: str) -> None: ...
-    def status_lag(self, seconds: float) -> None: ...
-    def cost_share(self, share: float) -> None: ...
-    def start_withheld(self) -> None: ...
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def policy_from(settings: Settings) -> Policy:
-    """The lifecycle's timings from the settings; the finer ones follow the coarse ones, so
-    a deployment (or a test) that shortens the coarse ones gets a consistent whole."""
-    default = Policy()
-    poll = timedelta(seconds=settings.poll_interval)
-    not_found = timedelta(seconds=settings.not_found_window)
-    list_lag = timedelta(seconds=settings.list_lag_window)
-    return Policy(
-        poll_interval=poll,
-        rest_poll_interval=timedelta(seconds=settings.rest_poll_interval),
-        progress_freshness=timedelta(seconds=settings.progress_freshness)
-        if settings.progress_freshness is not None
-        else poll * PROGRESS_FRESHNESS_POLLS,
-        action_lag=timedelta(seconds=settings.action_lag),
-        not_found_window=not_found,
-        list_lag_window=list_lag,
-        # A few re-reads inside the 404 window; a few scans inside the list lag.
-        not_found_retries=tuple(
-            min(timedelta(seconds=delay), max(not_found / 4, _FLOOR)) if delay > 0 else _ZERO
-            for delay in settings.not_found_retries
-        ),
-        create_retry=min(default.create_retry, max(list_lag / 4, _FLOOR)),
-        # An event held for tiles waits at most one poll. (The lease holding the job while
-        # the read runs is renewed every lease / 3 by worker/daemon/presence.py.)
-        tiles_wait=min(default.tiles_wait, poll),
-        restart_block=timedelta(seconds=settings.restart_block),
-        restart_jitter=timedelta(seconds=settings.restart_jitter),
-        cost_min_completion=settings.cost_guard_min_completion,
-        cost_guard_margin=settings.cost_guard_margin,
-    )
 
 
 @dataclass(frozen=True)
@@ -426,7 +368,7 @@ class Engine:
                         "job %s: %s sent",
                         held.state.job_id,
                         type(action).__name__.lower(),
-                        extra=_job_fields(held.state),
+                        extra=step_report.job_fields(held.state),
                     )
                 # The step's own `now`: a create's `create_not_before` was decided with it.
                 outcome = self._perform(held, transition.state, action, now)
@@ -575,47 +517,9 @@ class Engine:
         held.saved_at = last.stepped_at  # the save set lease_until from the step's `now`
         held.released = release is not None
         for link in chain:
-            self._after_commit(previous, link.transition.state)
+            step_report.report(previous, link.transition.state, self._metrics)
             previous = link.transition.state
         return None
-
-    def _after_commit(self, previous: JobState, state: JobState) -> None:
-        if state.status != previous.status or (
-            state.phase is Phase.ENDED and previous.phase is not Phase.ENDED
-        ):
-            # One line per status change, the fields an operator filters on.
-            why = state.stopped_reason or (state.error.code if state.error else None)
-            log.info(
-                "job %s: %s%s",
-                state.job_id,
-                state.status,
-                f" ({why})" if why else "",
-                extra=_job_fields(state),
-            )
-        metrics = self._metrics
-        if metrics is None:
-            return
-        old_tiles, new_tiles = previous.tiles, state.tiles
-        if new_tiles is not None:
-            processed = new_tiles.processed - (old_tiles.processed if old_tiles else 0)
-            failed = new_tiles.failed - (old_tiles.failed if old_tiles else 0)
-            if processed > 0 or failed > 0:
-                metrics.tiles(max(processed, 0), max(failed, 0))
-            if state.retry.attempt > 0:
-                # A follow-up's processed features were all failed before: recovered.
-                created = previous.phase is Phase.PENDING_CREATE and state.phase is Phase.TRACKING
-                if created or processed > 0:
-                    metrics.follow_up(max(processed, 0), created=created)
-        if state.pause is not None and previous.pause is None:
-            metrics.job_paused(state.pause.reason)
-        if state.cost_held and not previous.cost_held:
-            metrics.start_withheld()
-        if state.phase is Phase.ENDED and previous.phase is not Phase.ENDED:
-            reason = state.stopped_reason or (state.error.code if state.error else None)
-            duration = (
-                (state.ended_at - state.accepted_at).total_seconds() if state.ended_at else None
-            )
-            metrics.job_finished(state.status or "UNKNOWN", reason, duration, state.tenant)
 
     def _release(self, held: _Held, wake_at: datetime | None) -> None:
         wake_at = self._wake_at(held.state, wake_at)
@@ -641,11 +545,3 @@ _SENT = (lifecycle.Create, lifecycle.Adopt, lifecycle.Analyse, lifecycle.Start, 
 # after it (Engine._deferrable).
 _READS = (lifecycle.ReadTiles, lifecycle.Poll)
 _READ_OBSERVATIONS = (lifecycle.TaskSeen, lifecycle.TilesSeen, lifecycle.TilesUnavailable)
-
-
-def _job_fields(state: JobState) -> dict[str, Any]:
-    return {
-        "job_id": state.job_id,
-        "batch_request_id": state.batch_request_id,
-        "status": state.status,
-    }

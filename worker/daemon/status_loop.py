@@ -24,7 +24,6 @@ from typing import Protocol
 from psycopg_pool import ConnectionPool
 
 from worker.daemon.actions import BatchApi
-from worker.daemon.engine import policy_from, utc_now
 from worker.daemon.poller import (
     Poller,
     PollResult,
@@ -33,6 +32,7 @@ from worker.daemon.poller import (
     jobs_read,
     jobs_to_step,
 )
+from worker.daemon.timings import policy_from, utc_now
 from worker.lifecycle import Observation, Policy
 from worker.lifecycle.schedule import PROCESSING, Progress, next_read_at
 from worker.settings import Settings
