@@ -242,7 +242,8 @@ def main() -> None:
         f" (baseline {args.baseline}):"
     )
     print(
-        f"{'':<10} {'CPU ms/1000':>12} {'wall ms/1000':>13} {'xacts/step':>11} {'events/step':>12}"
+        f"{'':<10} {'CPU ms/1000':>12} {'server CPU':>11} {'wall ms/1000':>13}"
+        f" {'xacts/step':>11} {'events/step':>12}"
     )
     medians: dict[str, dict[str, float]] = {}
     for name, runs in results.items():
