@@ -4,6 +4,8 @@ Order per job, always under its lease (docs/design.md "Per-job serialisation"):
 fold pending start/cancel requests → ``step`` → SAVE (state + events, fenced on the
 claim's generation) → perform the actions → their outcomes are observations → step →
 save → … → release with the next wake-up. A lost lease aborts before any action runs.
+A step on a read whose actions only read again is saved with the step after it
+(``_deferrable``), and the save that ends a drive releases the lease in the same statement.
 
 Jobs run on a bounded thread pool; nothing per job lives in memory between steps. The
 engine claims the jobs that are due (a timed wake-up, a request intake recorded); the jobs
