@@ -6,7 +6,10 @@ these rounds are what keeps them moving. Each round takes the active jobs from t
 those due within the round's share of the request budget (worker/daemon/poller.py), marks
 the unchanged as seen in one UPDATE, and claims the changed to step them with what was
 read: on this loop's own pool of threads, by the engine's drive (``JobDriver``), under the
-same leases as every other step.
+same leases as every other step. A changed job waits in this loop's memory, unleased, until
+a thread is free for it, and is claimed then (as the engine claims): a lease taken for a job
+in a queue would keep it out of every other worker's reach, and a worker killed with a long
+queue left them all to wait out their leases (docs/reliability.md "The long haul").
 
 A loop like the daemon's others: ``run`` until ``request_stop``, ``on_progress`` each time
 round, idle or not (worker/daemon/liveness.py watches it as ``poller``).
@@ -16,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Protocol
 
 from psycopg_pool import ConnectionPool
@@ -123,7 +127,11 @@ class StatusLoop:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._progress_backlog = threads * PROGRESS_BACKLOG_PER_THREAD
-        self._steps_pending = 0  # status steps submitted and not finished
+        # Jobs read as changed and not yet claimed, with what was read: new statuses first,
+        # then progress, each in the order read. Unleased: another worker may step them.
+        self._waiting: dict[str, list[Observation]] = {}
+        self._waiting_progress: dict[str, list[Observation]] = {}
+        self._stepping: set[str] = set()  # claimed (or being claimed) and not finished
         # The first read of each processing job's run, for its completion's rate. In
         # memory: after a restart a job is read every interval until its rate shows again.
         self._progress_from: dict[str, Progress] = {}
@@ -143,6 +151,10 @@ class StatusLoop:
                     log.error("poller error (%s)", exc)
                     waited = ERROR_WAIT
                 self._stop.wait(waited)
+        with self._lock:
+            # Unleased, so nothing to hand back: they are read again by whoever reads next.
+            self._waiting.clear()
+            self._waiting_progress.clear()
         log.info("status loop stopped")
 
     def poll_once(self, executor: ThreadPoolExecutor | None = None) -> float:
@@ -190,21 +202,6 @@ class StatusLoop:
         to_step = self._to_step(result, active)
         with self._pool.connection() as conn:
             jobs.touch_seen(conn, self._fleet, jobs_read(result, to_step), seen_at=now)
-            claims = (
-                leases.claim_due(
-                    conn,
-                    self._fleet,
-                    self._owner,
-                    now=self._clock(),
-                    lease=self._lease,
-                    limit=len(to_step),
-                    job_ids=to_step,
-                )
-                if to_step
-                else []
-            )
-        # The executor is first come, first served: new statuses go ahead of progress.
-        claims.sort(key=lambda claim: claim.state.job_id not in result.urgent)
         log.debug(
             "status round: %d due, %s, %d requests, %d changed, %d unchanged",
             len(due),
@@ -213,17 +210,85 @@ class StatusLoop:
             len(result.observations),
             len(result.unchanged),
         )
-        for claim in claims:
-            observations = result.observations[claim.state.job_id]
-            if executor is None:
-                self._driver.drive_safely(claim, observations, stop=self._stop)
-                continue
-            with self._lock:
-                self._steps_pending += 1
-            executor.submit(
-                self._driver.drive_safely, claim, observations, stop=self._stop
-            ).add_done_callback(self._step_done)
+        self._wait_for_threads(result, to_step)
+        if executor is None:
+            while self._claim_and_submit(None, limit=1) is not None:
+                pass
+        else:
+            self._claim_and_submit(executor)
         return 0.2
+
+    def _wait_for_threads(self, result: PollResult, to_step: list[str]) -> None:
+        """Queue the round's changed jobs, unleased. A job still waiting from an earlier
+        round keeps its place; a new status read for it since replaces mere progress (a
+        status snapshot holds the progress too). One being stepped is left out, as when
+        its lease refused it: its step saves what it read, and the next read is fresh."""
+        with self._lock:
+            for job_id in to_step:
+                if job_id in self._stepping:
+                    continue
+                observations = result.observations[job_id]
+                if job_id in result.urgent:
+                    self._waiting_progress.pop(job_id, None)
+                    self._waiting.setdefault(job_id, observations)
+                elif job_id not in self._waiting:
+                    self._waiting_progress.setdefault(job_id, observations)
+
+    def _claim_and_submit(self, executor: ThreadPoolExecutor | None, limit: int = 0) -> int | None:
+        """Claim as many waiting jobs as there are idle threads (or ``limit``), no more, and
+        step them; the number claimed, None when none was waiting. A waiting job another
+        worker holds now is dropped: its owner steps it, and a later round reads anew."""
+        with self._lock:
+            free = limit or self._threads - len(self._stepping)
+            picked: list[tuple[str, list[Observation]]] = []
+            for queue in (self._waiting, self._waiting_progress):
+                while queue and len(picked) < free:
+                    job_id = next(iter(queue))
+                    picked.append((job_id, queue.pop(job_id)))
+            self._stepping.update(job_id for job_id, _ in picked)  # their threads, held
+        if not picked:
+            return None
+        observed = dict(picked)
+        try:
+            with self._pool.connection() as conn:
+                claims = leases.claim_due(
+                    conn,
+                    self._fleet,
+                    self._owner,
+                    now=self._clock(),
+                    lease=self._lease,
+                    limit=len(picked),
+                    job_ids=list(observed),
+                )
+        except BaseException:
+            self._steps_finished(observed)
+            raise
+        self._steps_finished(set(observed) - {claim.state.job_id for claim in claims})
+        # In the order picked: new statuses go ahead of progress.
+        order = {job_id: n for n, (job_id, _) in enumerate(picked)}
+        claims.sort(key=lambda claim: order[claim.state.job_id])
+        for claim in claims:
+            observations = observed[claim.state.job_id]
+            if executor is None:
+                self._drive_here(claim, observations)
+                continue
+            try:
+                future = executor.submit(
+                    self._driver.drive_safely, claim, observations, stop=self._stop
+                )
+            except RuntimeError:
+                # The loop stopped and its executor shut down meanwhile: step it here (a
+                # stopping step takes on no new action and releases the job).
+                self._drive_here(claim, observations)
+                continue
+            future.add_done_callback(partial(self._step_done, executor, claim.state.job_id))
+        return len(claims)
+
+    def _drive_here(self, claim: leases.Claim, observations: list[Observation]) -> None:
+        try:
+            self._driver.drive_safely(claim, observations, stop=self._stop)
+        finally:
+            self._steps_finished({claim.state.job_id})
 
     def _read_at(self, active: list[jobs.PollTarget]) -> dict[str, datetime]:
         """When each job read before is next due (worker/lifecycle/schedule.py), keeping
@@ -255,11 +320,23 @@ class StatusLoop:
             )
         return read_at
 
-    def _step_done(self, _future: Future[None]) -> None:
+    def _steps_finished(self, job_ids: Iterable[str]) -> None:
         with self._lock:
-            self._steps_pending -= 1
+            self._stepping.difference_update(job_ids)
+
+    def _step_done(self, executor: ThreadPoolExecutor, job_id: str, _step: Future[None]) -> None:
+        """A thread is free: claim the next waiting job for it now, not at the next round."""
+        self._steps_finished({job_id})
+        if self._stop.is_set():
+            return
+        try:
+            self._claim_and_submit(executor)
+        except Exception as exc:  # noqa: BLE001 - the next round claims what is left
+            log.error("status loop: claim after a step failed (%s)", exc)
 
     def _to_step(self, result: PollResult, targets: list[jobs.PollTarget]) -> list[str]:
         with self._lock:
-            room = max(0, self._progress_backlog - self._steps_pending)
+            # Waiting or stepping: the old executor's queue, now kept unleased.
+            pending = len(self._waiting) + len(self._waiting_progress) + len(self._stepping)
+            room = max(0, self._progress_backlog - pending)
         return jobs_to_step(result, targets, progress_room=room)
