@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 from psycopg_pool import ConnectionPool
 
-from tests.daemon.engine_support import FLEET, FakeApi, make_status
+from tests.daemon.engine_support import FakeApi, make_status
+from tests.daemon.test_engine_claims import leased
 from tests.daemon.test_status_loop import tracked
 from worker.lifecycle import Observation, TaskSeen
 from worker.store import leases
@@ -40,16 +41,6 @@ class HeldDriver:
             self.driven.append((claim.state.job_id, observations))
         self.entered.release()
         assert self.go.wait(GUARD)
-
-
-def leased(pool: ConnectionPool) -> int:
-    with pool.connection() as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM bw_jobs WHERE fleet_id = %s AND lease_owner IS NOT NULL",
-            (FLEET,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def test_a_burst_of_new_statuses_is_leased_only_as_threads_come_free(
