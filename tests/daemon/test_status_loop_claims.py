@@ -87,12 +87,14 @@ def test_a_round_while_every_thread_is_busy_leases_nothing_more(
             assert leased(pool) == THREADS
             first = {job_id for job_id, _ in driver.driven}
             waiting = {f"busy{n}" for n in range(THREADS + 2)} - first
-            # A round while every thread is busy: the two waiting are read again, and
-            # a new one comes due; nothing more is leased.
+            # A round while every thread is busy: a new one comes due, and it alone is
+            # read (the waiting and the stepped hold their reads); nothing more is leased.
             tracked(pool, api, "late", "ANALYSING", stale)
+            calls = len(api.calls)
             loop.poll_once(executor)
             threading.Event().wait(0.3)
             assert leased(pool) == THREADS
+            assert api.calls[calls:] == ["get"]
         finally:
             driver.go.set()
         for _ in range(3):

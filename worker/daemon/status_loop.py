@@ -182,7 +182,12 @@ class StatusLoop:
         # Ended jobs only widen a sweep (for their tag); their statuses are never read.
         targets = active + ended
         read_at = self._read_at(active)
-        due = due_targets(active, now=now, interval=interval, rest_interval=rest, read_at=read_at)
+        # A job waiting for a thread, or being stepped, holds a read its step will save: it
+        # is not read again meanwhile (unleased while it waits, it would be due every round).
+        with self._lock:
+            in_hand = self._waiting.keys() | self._waiting_progress.keys() | self._stepping
+        polled = [t for t in active if t.job_id not in in_hand]
+        due = due_targets(polled, now=now, interval=interval, rest_interval=rest, read_at=read_at)
         sweep = sweeps is not None and sweeps.wanted(targets, now)
         if not due and not sweep:
             soonest = min(read_at.values(), default=now + interval)
@@ -192,7 +197,7 @@ class StatusLoop:
         # Jobs due within half an interval are read too where the scan can reach them: the
         # rounds then fall into step, one scan through the list doing for many.
         soon = due_targets(
-            active, now=now + interval / 2, interval=interval, rest_interval=rest, read_at=read_at
+            polled, now=now + interval / 2, interval=interval, rest_interval=rest, read_at=read_at
         )
         result = self._poller.round(
             targets, due, max_requests=self._round_requests, sweep=sweep, due_soon=soon
