@@ -62,7 +62,10 @@ def test_an_unhealthy_stop_pauses_and_the_same_request_resumes_to_done(
     assert final["data"]["final"] is True and final["data"]["resumes"] == 1
     statuses = events.statuses(job["job_id"])
     assert "PAUSED" in statuses
-    assert statuses[statuses.index("PAUSED") + 1 :].count("PROCESSING") == 1
+    # One processing run after the pause, at most: statuses are sampled (events.md), and a
+    # restart that continues with the few features left may pass PROCESSING between reads.
+    after = statuses[statuses.index("PAUSED") + 1 :]
+    assert after.count("PROCESSING") <= 1 and after[-1] == "DONE"
     [paused] = [d for d in job_events(events, job["job_id"]) if d["status"] == "PAUSED"]
     assert paused["final"] is False and paused["stopped_reason"] == "UNHEALTHY"
     assert paused["resume_at"] is not None
