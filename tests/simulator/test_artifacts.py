@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from tests.simulator.conftest import EXAMPLES, FAST, Api, example_request
 from worker.api.artifacts import artifact_keys
-from worker.simulator import Running, SimulatorConfig, start_background
+from worker.simulator import Running, SimulatorConfig, delivery, start_background
 
 pytestmark = pytest.mark.integration
 
@@ -234,3 +235,28 @@ def test_a_restart_after_a_stop_uploads_the_execution_db_to_the_end(
     db = fetch(s3_bucket, execution_key, tmp_path)
     counts = dict(db.execute("SELECT status, COUNT(*) FROM features GROUP BY status").fetchall())
     assert counts == {"DONE": 8}
+
+
+def test_api_answers_while_a_manifest_is_being_made(
+    s3_sim: Running, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The manifest's making holds until the API has answered a GET: made on the
+    # simulator's loop, it would hold that answer too and give up at its bound instead.
+    entered, answered = threading.Event(), threading.Event()
+    released: list[bool] = []
+    make = delivery.manifest_bytes
+
+    def slow_manifest(*args: Any) -> bytes:
+        entered.set()
+        released.append(answered.wait(timeout=5))  # a bound on the wait, not a speed check
+        return make(*args)
+
+    monkeypatch.setattr(delivery, "manifest_bytes", slow_manifest)
+    api = Api(s3_sim)
+    task = api.create(in_bucket(example_request("max-ndvi-zarr.json"), s3_bucket))
+    api.post(f"/process/{task['id']}/analyse")
+    assert entered.wait(timeout=20)
+    assert api.get(f"/process/{task['id']}").status_code == 200
+    answered.set()
+    run_to(api, task["id"], {"ANALYSIS_DONE"})
+    assert released == [True]

@@ -217,7 +217,8 @@ class Simulator:
                     job.barrier = None
                     return
                 if now >= end:
-                    await self._upload(loop, job, bucket, manifest_key, self._manifest(job))
+                    manifest = await loop.run_in_executor(self.pool, self._manifest(job))
+                    await self._upload(loop, job, bucket, manifest_key, manifest)
                     manifest_up = True
                     continue
             else:
@@ -228,7 +229,9 @@ class Simulator:
                     rows = job.feature_rows(now)
                     state = (status, sum(1 for row in rows if row[2] != "PENDING"))
                     if state != written:
-                        body = delivery.execution_db_bytes(rows)
+                        body = await loop.run_in_executor(
+                            self.pool, delivery.execution_db_bytes, rows
+                        )
                         await self._upload(loop, job, bucket, execution_key, body)
                         written = state
                     if done_at is not None and not final_up and now >= done_at - 1e-3:
@@ -260,13 +263,17 @@ class Simulator:
             return
         self._wake[job.id].clear()
 
-    def _manifest(self, job: SimJob) -> bytes:
+    def _manifest(self, job: SimJob) -> Callable[[], bytes]:
+        """The manifest's making, its inputs taken now: it runs off the loop (a GeoPackage
+        takes tens of ms, and hundreds of jobs ending their analysis together would hold
+        every API answer and status behind them)."""
         spec = job.request["input"]
         if spec["type"] == "tiling-grid":
             pixels = GRIDS[spec["id"]].tile_pixels(float(spec["resolution"]))
         else:
             pixels = int((spec.get("defaults") or {}).get("width") or 1000)
-        return delivery.manifest_bytes(job.request, job.id, job.features or [], pixels)
+        request, request_id, features = copy.deepcopy(job.request), job.id, list(job.features or [])
+        return lambda: delivery.manifest_bytes(request, request_id, features, pixels)
 
     async def _upload(
         self, loop: asyncio.AbstractEventLoop, job: SimJob, bucket: str, key: str, body: bytes
