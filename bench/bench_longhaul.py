@@ -31,7 +31,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import uuid
@@ -41,6 +40,7 @@ from typing import Any
 
 import boto3
 import pika
+from baseline import export
 from longhaul_parts import (
     EventLog,
     PgCluster,
@@ -78,17 +78,6 @@ class TreeWorker(WorkerProcess):
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-
-
-def export(ref: str, into: Path) -> Path:
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "worker"], check=True, capture_output=True
-    ).stdout
-    path = into / "baseline.tar"
-    path.write_bytes(archive)
-    with tarfile.open(path) as tar:
-        tar.extractall(into / "tree", filter="data")
-    return into / "tree"
 
 
 @dataclass

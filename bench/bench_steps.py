@@ -25,13 +25,14 @@ import resource
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from baseline import export
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 50  # jobs claimed at once
@@ -184,17 +185,6 @@ def _child(jobs_count: int, steps: int) -> dict[str, Any]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _export(ref: str, into: Path) -> Path:
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "worker"], check=True, capture_output=True
-    ).stdout
-    path = into / "baseline.tar"
-    path.write_bytes(archive)
-    with tarfile.open(path) as tar:
-        tar.extractall(into / "tree", filter="data")
-    return into / "tree"
-
-
 def _run(tree: Path, jobs_count: int, steps: int, history: bool = True) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     if not history:
@@ -227,7 +217,7 @@ def main() -> None:
         print(json.dumps(_child(args.jobs, args.steps)))
         return
     with tempfile.TemporaryDirectory(prefix="bench-steps-") as tmp:
-        trees = {"baseline": _export(args.baseline, Path(tmp)), "today": ROOT}
+        trees = {"baseline": export(args.baseline, Path(tmp)), "today": ROOT}
         if args.history_cost:
             trees["no-history"] = ROOT
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
