@@ -32,6 +32,28 @@ def _worker(manifests: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found
 
 
+def _settings_of_the_web_pod(
+    manifests: list[dict[str, Any]],
+    secret: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    """What the web pod's process loads: its rendered env, and the Secret as mounted files
+    (nothing of this test process's own environment)."""
+    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    for key, value in secret.items():
+        (secrets_dir / key).write_text(value + "\n")
+    (container,) = _web(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    for entry in container["env"]:
+        monkeypatch.setenv(entry["name"], entry.get("value", "web-7c9f-x2k"))
+    monkeypatch.setenv(f"{ENV_PREFIX}SECRETS_DIR", str(secrets_dir))
+    return load_settings()
+
+
 def test_off_by_default_and_on_with_its_own_deployment_service_and_ingress(chart: Any) -> None:
     assert not [m for m in render(chart) if m["metadata"]["name"].endswith("-web")]
     manifests = render(chart, WEB)
@@ -120,19 +142,7 @@ def test_the_web_process_reads_its_rendered_env_and_secret_files(
     assert secret[f"{ENV_PREFIX}WEB_TOKEN"] == "t0ken-value-123456"
     spec = json.dumps(_web(manifests, "Deployment"))
     assert "t0ken-value-123456" not in spec and "ops:pw" not in spec
-    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    secrets_dir = tmp_path / "secrets"
-    secrets_dir.mkdir()
-    for key, value in secret.items():
-        (secrets_dir / key).write_text(value + "\n")
-    (container,) = _web(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
-    for entry in container["env"]:
-        monkeypatch.setenv(entry["name"], entry.get("value", "web-7c9f-x2k"))
-    monkeypatch.setenv(f"{ENV_PREFIX}SECRETS_DIR", str(secrets_dir))
-
-    loaded = load_settings()
+    loaded = _settings_of_the_web_pod(manifests, secret, tmp_path, monkeypatch)
 
     assert str(loaded.web_host) == "0.0.0.0" and loaded.web_port == 8080
     assert loaded.web_token.get_secret_value() == "t0ken-value-123456"
@@ -159,19 +169,7 @@ def test_tenant_tokens_go_in_the_secret_and_the_proxy_header_in_the_web_env(
     # The workers need neither: the header is the web pods' alone.
     assert f"{ENV_PREFIX}WEB_TENANT_HEADER" not in json.dumps(_worker(manifests, "Deployment"))
 
-    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    secrets_dir = tmp_path / "secrets"
-    secrets_dir.mkdir()
-    for key, value in secret.items():
-        (secrets_dir / key).write_text(value + "\n")
-    (container,) = _web(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
-    for entry in container["env"]:
-        monkeypatch.setenv(entry["name"], entry.get("value", "web-7c9f-x2k"))
-    monkeypatch.setenv(f"{ENV_PREFIX}SECRETS_DIR", str(secrets_dir))
-
-    loaded = load_settings()
+    loaded = _settings_of_the_web_pod(manifests, secret, tmp_path, monkeypatch)
 
     assert loaded.web_tenant_header == "X-Auth-Request-User"
     assert {t: s.get_secret_value() for t, s in loaded.web_tenant_tokens.items()} == tokens
