@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pika
@@ -30,6 +30,9 @@ from tests.conftest import AmqpNames, pika_parameters
 from worker.broker import connection, declare_topology
 from worker.settings import Settings
 from worker.simulator import Running, SimulatorConfig, start_background
+
+if TYPE_CHECKING:
+    from worker.api.client import BatchClient
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "worker" / "examples"
 REPO = Path(__file__).resolve().parents[2]
@@ -112,21 +115,22 @@ class Stack:
             request["description"] = f"{request.get('description', '')} [sim:features={features}]"
         return job
 
-    def upstream_requests(self) -> list[dict[str, Any]]:
-        """Every batch request the simulator holds that this fleet created (by tag-free scan:
-        the worker's own description suffix is what we look for)."""
+    def api_client(self) -> BatchClient:
+        """A client of the simulator's API, as a producer or another tool would hold one."""
         from worker.api.client import BatchClient
 
-        client = BatchClient(
+        return BatchClient(
             batch_url=self.simulator.url + "/api/v2/batch",
             token_url=self.simulator.token_url,
             client_id=CLIENT_ID,
             client_secret=CLIENT_SECRET,
         )
-        try:
+
+    def upstream_requests(self) -> list[dict[str, Any]]:
+        """Every batch request the simulator holds that this fleet created (by tag-free scan:
+        the worker's own description suffix is what we look for)."""
+        with self.api_client() as client:
             return [task.model_dump(by_alias=True) for task in client.iter_requests()]
-        finally:
-            client.close()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.e2e.conftest import CLIENT_SECRET, Events, Producer, Stack, WorkerProcess
+from tests.e2e.conftest import Events, Producer, Stack, WorkerProcess
 from worker.lifecycle import attempt_tag, tag_for
 
 pytestmark = pytest.mark.integration
@@ -171,7 +171,6 @@ def test_a_duplicate_of_a_follow_up_is_found_by_its_attempt_tag_and_stopped(
 ) -> None:
     """A second request carrying the follow-up's tag (what a lost create answer and a
     lagging list can make): the duplicate sweeps look for the attempt's tag too."""
-    from worker.api.client import BatchClient
 
     fleet = stack.names.settings()["fleet_id"]
     start_worker()
@@ -185,12 +184,7 @@ def test_a_duplicate_of_a_follow_up_is_found_by_its_attempt_tag_and_stopped(
     wait_until(lambda: requests_tagged(stack, follow_tag) != [], 60, "the follow-up", events)
     [follow] = requests_tagged(stack, follow_tag)
     copy = dict(follow["request"], description=f"copy {follow_tag}")
-    with BatchClient(
-        batch_url=stack.simulator.url + "/api/v2/batch",
-        token_url=stack.simulator.token_url,
-        client_id="test-client",
-        client_secret=CLIENT_SECRET,
-    ) as client:
+    with stack.api_client() as client:
         duplicate = client.create(copy)
         client.start(duplicate.id)
     data = events.wait_terminal(job_id, timeout=180)["data"]

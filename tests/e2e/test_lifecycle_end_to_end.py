@@ -189,7 +189,6 @@ def test_reply_to_receives_a_copy_of_every_event_of_the_job(
 def test_a_duplicate_batch_request_is_stopped_and_reported(
     stack: Stack, start_worker: StartWorker, events: Events, producer: Producer
 ) -> None:
-    from worker.api.client import BatchClient
 
     stack.simulator.configure(speed=20.0)  # long enough for the scan to meet the duplicate
     port = free_port()
@@ -201,12 +200,7 @@ def test_a_duplicate_batch_request_is_stopped_and_reported(
     # job's tag: the worker must stop it and say so.
     tag = tag_for(stack.names.settings()["fleet_id"], job["job_id"])
     duplicate_payload = dict(job["request"], description=f"copy {tag}")
-    with BatchClient(
-        batch_url=stack.simulator.url + "/api/v2/batch",
-        token_url=stack.simulator.token_url,
-        client_id="test-client",
-        client_secret=CLIENT_SECRET,
-    ) as client:
+    with stack.api_client() as client:
         duplicate = client.create(duplicate_payload)
         client.start(duplicate.id)
     final = events.wait_terminal(job["job_id"], timeout=90)
