@@ -224,3 +224,22 @@ def test_start_after_a_stop_continues_or_reprocesses_and_bills_again(
     # costPU never goes down across the restart
     costs = [j.view(T0 + 20_000 + t).cost for t in range(0, 10_000, 50)]
     assert costs == sorted(costs)
+
+
+def test_a_phase_records_when_a_reader_first_saw_it() -> None:
+    # The bench measures status change -> event from this, not from the scheduled time,
+    # so a status the service held back (the artifact barrier) is not the reader's latency.
+    j = job()
+    j.analyse(T0, CONFIG)  # ANALYSING at +5 s, ANALYSIS_DONE at +25 s
+    j.status(T0 + 30)  # the service's own look is no reader's
+    assert [p.shown for p in j.phases] == [None, None]
+    j.to_api(T0 + 7)
+    j.to_api_json(T0 + 9)
+    assert [p.shown for p in j.phases] == [T0 + 7, None]
+    j.barrier = T0 + 25  # the manifest is not up yet: ANALYSIS_DONE is held
+    j.to_api(T0 + 40)
+    assert [p.shown for p in j.phases] == [T0 + 7, None]
+    j.barrier = None
+    j.to_api_json(T0 + 41)
+    j.to_api(T0 + 50)
+    assert [p.shown for p in j.phases] == [T0 + 7, T0 + 41]

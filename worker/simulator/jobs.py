@@ -51,6 +51,9 @@ class Phase:
     reason: str | None = None
     error: str | None = None
     billed: float = 0.0  # PUs earlier runs billed (restart_mode "reprocess"), on top
+    # When a GET or list page first answered this status (epoch seconds), None before:
+    # a status held at the barrier shows later than ``at``, and the bench measures from here.
+    shown: float | None = None
 
 
 @dataclass
@@ -113,9 +116,12 @@ class SimJob:
     barrier: float | None = None
 
     # --- reading -----------------------------------------------------------------------
-    def view(self, now: float) -> View:
-        now = self._clamp(now)
+    def view(self, now: float, *, answered: bool = False) -> View:
+        """``answered``: a reader gets this view (records when the phase first showed)."""
+        shown_at, now = now, self._clamp(now)
         phase = self._phase_at(now)
+        if answered and phase is not None and phase.shown is None:
+            phase.shown = shown_at
         if phase is None:
             return View(CREATED, 0.0, 0.0, self.user_action_updated or self.created, None, None)
         completion = phase.progress
@@ -360,7 +366,7 @@ class SimJob:
         return f'{{"id": "{self.id}", "request": {self.request_json}, {rest[1:]}'
 
     def _fields(self, now: float) -> dict[str, Any]:
-        view = self.view(now)
+        view = self.view(now, answered=True)
         body: dict[str, Any] = {
             "domainAccountId": self.account_id,
             "projectId": self.project_id,
