@@ -243,3 +243,17 @@ def test_a_phase_records_when_a_reader_first_saw_it() -> None:
     j.to_api_json(T0 + 41)
     j.to_api(T0 + 50)
     assert [p.shown for p in j.phases] == [T0 + 7, T0 + 41]
+
+
+def test_lifting_the_barrier_records_when_the_held_status_became_answerable() -> None:
+    # The bench's middle bound: the later of the scheduled time and the barrier's release.
+    j = job()
+    j.analyse(T0, CONFIG)  # ANALYSING at +5 s, ANALYSIS_DONE at +25 s
+    j.hold(T0 + 25, T0 + 1)  # the manifest is not up yet
+    j.hold(None, T0 + 20)  # up before ANALYSIS_DONE was due: nothing was held back
+    assert [p.released for p in j.phases] == [None, None]
+    j.hold(T0 + 25, T0 + 21)
+    j.hold(T0 + 25, T0 + 30)  # the same barrier again: still held
+    j.hold(None, T0 + 34)
+    assert [p.released for p in j.phases] == [None, T0 + 34]
+    assert j.status(T0 + 34) == "ANALYSIS_DONE"

@@ -54,6 +54,8 @@ class Phase:
     # When a GET or list page first answered this status (epoch seconds), None before:
     # a status held at the barrier shows later than ``at``, and the bench measures from here.
     shown: float | None = None
+    # When the barrier that held this status back was lifted (None: never held).
+    released: float | None = None
 
 
 @dataclass
@@ -114,6 +116,14 @@ class SimJob:
     # While set, time stands still just before it: the status does not move past an
     # artifact the service must upload first (the manifest before ANALYSIS_DONE, §3.2).
     barrier: float | None = None
+
+    def hold(self, barrier: float | None, now: float) -> None:
+        """Move the barrier (None lifts it); the held phases it lets show record ``now``."""
+        if self.barrier is not None:
+            for phase in self.phases:
+                if self.barrier <= phase.at <= now and (barrier is None or phase.at < barrier):
+                    phase.released = now
+        self.barrier = barrier
 
     # --- reading -----------------------------------------------------------------------
     def view(self, now: float, *, answered: bool = False) -> View:

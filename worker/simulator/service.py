@@ -173,7 +173,7 @@ class Simulator:
         if self._artifacts_for(job) is not None and job.analysis_error is None:
             end = job.analysis_end
             if end is not None and end > time.time() and job.id not in self._deliverers:
-                job.barrier = end
+                job.hold(end, time.time())
             self._deliver(job)
         self.changed()
 
@@ -203,7 +203,7 @@ class Simulator:
     async def _delivery_loop(self, job: SimJob) -> None:
         targets = self._artifacts_for(job)
         if targets is None:
-            job.barrier = None
+            job.hold(None, time.time())
             return
         bucket, manifest_key, execution_key = targets
         loop = asyncio.get_running_loop()
@@ -214,7 +214,7 @@ class Simulator:
             end = job.analysis_end
             if not manifest_up:
                 if end is None or job.analysis_error is not None:
-                    job.barrier = None
+                    job.hold(None, now)
                     return
                 if now >= end:
                     manifest = await loop.run_in_executor(self.pool, self._manifest(job))
@@ -223,7 +223,7 @@ class Simulator:
                     continue
             else:
                 done_at = job.done_at()
-                job.barrier = done_at if done_at is not None and not final_up else None
+                job.hold(done_at if done_at is not None and not final_up else None, now)
                 status = job.status(now)
                 if status in {PROCESSING, DONE, STOPPED}:
                     rows = job.feature_rows(now)
@@ -241,7 +241,7 @@ class Simulator:
                     # request still shows STOPPED for the status lag, and the run that
                     # follows writes its databases too.
                     if status in {DONE, STOPPED} and job.next_change(now) is None:
-                        job.barrier = None
+                        job.hold(None, now)
                         return
             await self._sleep(job, now)
 
