@@ -5,7 +5,8 @@ Prints: peak RSS of this process (the engine, its pools and threads; the simulat
 apart), API requests per job, status change -> event latency (the event's ``time`` against when
 the simulator first answered the status to a reader, "from shown", and against the
 transition's scheduled time, "from scheduled": the simulator holds a status back until its
-artifact is uploaded, and that hold is the simulator's, not the engine's), and the requests
+artifact is uploaded, and that hold is the simulator's, not the engine's; between them,
+"from answerable": the later of the scheduled time and the hold's release), and the requests
 per job the official SDK's monitoring would make at its defaults for the same job timelines
 (``monitor_batch_process_job``: a GET every 10 s while CREATED/ANALYSING, every 120 s
 after; plus create and start).
@@ -276,9 +277,9 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1)]
 
 
-Row = tuple[str, str, float, float | None, float]
-"""job id, status, when it was scheduled, when a reader first got it (None: never), when
-its event was made: epoch seconds."""
+Row = tuple[str, str, float, float, float | None, float]
+"""job id, status, when it was scheduled, when it could first be answered, when a reader
+first got it (None: never), when its event was made: epoch seconds."""
 
 
 def print_latency(name: str, values: list[float], speed: float) -> None:
@@ -297,24 +298,25 @@ def print_breakdown(rows: list[Row], speed: float, t0: float) -> None:
     if not rows:
         return
     by_status: dict[str, list[float]] = {}
+    from_answerable: dict[str, list[float]] = {}
     from_shown: dict[str, list[float]] = {}
     by_window: dict[int, list[float]] = {}
     window = 600.0 / speed  # ten API minutes
-    for _, status, api_at, shown_at, event_at in rows:
+    for _, status, api_at, answerable_at, shown_at, event_at in rows:
         seconds = (event_at - api_at) * speed
         by_status.setdefault(status, []).append(seconds)
+        from_answerable.setdefault(status, []).append((event_at - answerable_at) * speed)
         if shown_at is not None:
             from_shown.setdefault(status, []).append((event_at - shown_at) * speed)
         by_window.setdefault(int((api_at - t0) // window), []).append(seconds)
-    print("  latency by status (API s), from shown | from scheduled:")
+    print("  latency by status (API s), from shown | answerable | scheduled:")
     for status, values in sorted(by_status.items()):
-        shown = from_shown.get(status) or [math.nan]
-        print(
-            f"    {status:14} n {len(shown):6} | {len(values):6}  "
-            f"p50 {statistics.median(shown):6.0f} | {statistics.median(values):6.0f}  "
-            f"p95 {percentile(shown, 0.95):6.0f} | {percentile(values, 0.95):6.0f}  "
-            f"max {max(shown):6.0f} | {max(values):6.0f}"
+        columns = (from_shown.get(status) or [math.nan], from_answerable[status], values)
+        n, p50, p95, top = (
+            " | ".join(f"{f(c):6.0f}" for c in columns)
+            for f in (len, statistics.median, lambda c: percentile(c, 0.95), max)
         )
+        print(f"    {status:14} n {n}  p50 {p50}  p95 {p95}  max {top}")
     print("  (by window below: from scheduled)")
     print(f"  latency by when the status showed ({window:g} s real windows from the start):")
     for index, values in sorted(by_window.items()):
@@ -501,6 +503,7 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
     }
     latencies: list[float] = []
     shown_latencies: list[float] = []
+    answerable_latencies: list[float] = []
     rows: list[Row] = []
     sdk: list[int] = []
     sdk_lag: list[float] = []
@@ -516,10 +519,13 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
             at = seen.get(phase["status"])
             if at is not None:
                 shown = phase.get("shown")
+                answerable = max(phase["at"], phase.get("released") or phase["at"])
                 latencies.append(at.timestamp() - phase["at"])
+                answerable_latencies.append(at.timestamp() - answerable)
                 if shown is not None:
                     shown_latencies.append(at.timestamp() - shown)
-                rows.append((job_id, phase["status"], phase["at"], shown, at.timestamp()))
+                row = (job_id, phase["status"], phase["at"], answerable, shown, at.timestamp())
+                rows.append(row)
     shutil.rmtree(tmp, ignore_errors=True)
     ended = args.jobs - remaining
     total = sum(requests.values()) - requests["token"]
@@ -537,6 +543,7 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
         print(f"tile reads (file, outcome): {dict(sorted(TileMetrics.reads.items()))}")
     print(f"API requests: {total} ({dict(requests)}), {ours:.2f} per job")
     print_latency("shown", shown_latencies, speed)
+    print_latency("answerable", answerable_latencies, speed)
     print_latency("scheduled", latencies, speed)
     print(
         f"SDK monitoring at its defaults, same timelines: {baseline:.2f} requests per job; "
@@ -552,8 +559,9 @@ def run(args: argparse.Namespace, *, sweeps: bool) -> Counter[str]:
     if args.latencies is not None:
         with args.latencies.open("w", newline="") as out:
             writer = csv.writer(out)
-            writer.writerow(["job", "status", "api_at", "shown_at", "event_at", "seconds"])
-            writer.writerows((*row, f"{row[4] - row[2]:.3f}") for row in rows)
+            header = ["job", "status", "api_at", "answerable_at", "shown_at", "event_at"]
+            writer.writerow([*header, "seconds"])
+            writer.writerows((*row, f"{row[5] - row[2]:.3f}") for row in rows)
         print(f"transitions written to {args.latencies}")
     return Counter(list=requests["list"], get=requests["get"], total=total)
 
