@@ -47,8 +47,8 @@ class ReadsWith:
         return None
 
 
-def processing_job(pool: ConnectionPool, api: FakeApi) -> leases.Claim:
-    """A job processing at 10 %, its task known to ``api``, claimed by w1."""
+def processing_job(pool: ConnectionPool, api: FakeApi, status: str = "PROCESSING") -> leases.Claim:
+    """A job processing at 10 % (or in ``status``), its task known to ``api``, claimed by w1."""
     now = datetime.now(UTC)
     task = Task(
         id=str(uuid.uuid4()),
@@ -68,9 +68,9 @@ def processing_job(pool: ConnectionPool, api: FakeApi) -> leases.Claim:
         phase=Phase.TRACKING,
         batch_request_id=task.id,
         upstream_created=now,
-        status="PROCESSING",
-        upstream_status="PROCESSING",
-        furthest_rank=lifecycle.STATUS_RANK["PROCESSING"],
+        status=status,
+        upstream_status=status,
+        furthest_rank=lifecycle.STATUS_RANK[status],
         completion=10.0,
         cost_pu=1.0,
         tiles=Tiles(total=4, processed=0),
@@ -128,6 +128,33 @@ def test_a_status_read_and_the_tile_read_it_asks_for_are_saved_together(
     assert sent[-1]["data"]["tiles"] == {"total": 4, "processed": 2, "failed": 0}
     assert job.state.sequence == sent[-1]["data"]["sequence"]
     assert api.calls == []
+
+
+def test_a_status_change_is_saved_before_the_tile_read_it_asks_for(
+    pool: ConnectionPool,
+) -> None:
+    api = FakeApi()
+    claim = processing_job(pool, api, status="ANALYSIS_DONE")
+    during: list[list[str]] = []
+
+    def published() -> None:
+        during.append([e["data"]["status"] for e in events(pool) if e["type"].endswith(".status")])
+
+    tiles = ReadsWith(published, Tiles(total=4, processed=1))
+    engine = make_engine(pool, api, tiles=tiles)
+
+    engine.drive(claim, [seen_at(claim, 20.0)])
+
+    # The PROCESSING event was in the outbox while S3 was still being read...
+    assert tiles.reads == 1
+    assert during == [["PROCESSING"]]
+    # ...and the tiles came in with a save of their own.
+    job = record(pool)
+    assert job.state.status == "PROCESSING"
+    assert job.state.tiles == Tiles(total=4, processed=1)
+    assert job.lease_owner is None
+    sent = events(pool)
+    assert [e["data"]["sequence"] for e in sent] == list(range(4, 4 + len(sent)))
 
 
 def test_a_cancel_arriving_during_the_tile_read_is_decided_on_before_anything_is_saved(

@@ -396,10 +396,14 @@ class Engine:
         (a status, tile counts), so if it is lost the next read brings it back, and its
         actions only read again (the tiles, a status), so performing them before the save
         commits the job to nothing. Nothing else waits (what the reads answer is all the
-        drive steps on next; see _refold) and the drive is not stopping."""
+        drive steps on next; see _refold) and the drive is not stopping. A step that
+        publishes a status change is saved at once: its event must not wait for S3 (a
+        `PROCESSING` read asks for the execution database), while progress, which is most
+        steps, may."""
         return (
             bool(transition.actions)
             and not pending
+            and not any(emit.kind == "status" for emit in transition.emits)
             and not self._stopping(stop)
             and isinstance(observation, _READ_OBSERVATIONS)
             and all(isinstance(action, _READS) for action in transition.actions)
