@@ -125,8 +125,9 @@ class Settings(BaseSettings):
     fleet_id: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
     poll_interval: float = Field(default=30.0, ge=0.1, le=3600)
     # A processing job is read at least this often (its progress events are at most this
-    # old); between, only when its completion's rate says its end is near
-    # (worker/lifecycle/schedule.py). Unset: PROGRESS_FRESHNESS_POLLS poll intervals.
+    # old); between, only when its completion's rate says its end is near, and the short
+    # statuses around processing every half poll_interval (worker/lifecycle/schedule.py).
+    # Unset: PROGRESS_FRESHNESS_POLLS poll intervals.
     progress_freshness: float | None = Field(default=None, ge=0.1, le=86_400)
     max_in_flight: int = Field(default=10_000, ge=1, le=1_000_000)
     # Follow-up requests a job makes over its FATAL features, unless its request says.
