@@ -243,3 +243,43 @@ def test_a_processing_job_is_read_by_its_rate_not_every_interval(pool: Connectio
     seen(500, 90.0)  # 80 points in 500 s: 62.5 s to go
     assert not read_at(500 + 52)
     assert read_at(500 + 53)  # an interval before the predicted end
+
+
+class AtTheEnd(FakeApi):
+    """Processing tasks stay at 100 %, their DONE still to come (the API's lag, §3.3)."""
+
+    def _advance(self, task: Task) -> Task:
+        if task.status == "PROCESSING":
+            return self._put(task, completion_percentage=100.0)
+        return super()._advance(task)
+
+
+def test_a_read_at_100_percent_not_yet_stepped_is_followed_soon(pool: ConnectionPool) -> None:
+    api, driver = AtTheEnd(), RecordingDriver()
+    start = datetime.now(UTC) - timedelta(hours=1)
+    tracked(pool, api, "ending", "PROCESSING", start)
+    clock = [start]
+    policy = replace(
+        FAST,
+        poll_interval=timedelta(seconds=10),
+        progress_freshness=timedelta(seconds=120),
+        rest_poll_interval=timedelta(minutes=10),
+    )
+    loop = make_status(
+        pool, api, driver, clock=lambda: clock[0], policy=policy, sweep_every_polls=None
+    )
+    loop._progress_backlog = 0  # no room: the 100 % is read, not stepped (nor saved)
+
+    def read_at(after: float) -> bool:
+        clock[0] = start + timedelta(seconds=after)
+        calls = len(api.calls)
+        loop.poll_once()
+        return len(api.calls) > calls
+
+    assert read_at(10)  # due on the fixed clock
+    assert driver.driven == []
+    assert record(pool, "ending").state.completion == 0.0  # what was saved stays behind
+    # Every tile is done: DONE follows by the API's lag, so the next read comes at half an
+    # interval, not at the interval the saved 0 % would have given.
+    assert not read_at(10 + 4.9)
+    assert read_at(10 + 5)

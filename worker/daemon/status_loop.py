@@ -37,7 +37,7 @@ from worker.daemon.poller import (
     jobs_to_step,
 )
 from worker.daemon.timings import policy_from, utc_now
-from worker.lifecycle import Observation, Policy
+from worker.lifecycle import Observation, Policy, TaskSeen
 from worker.lifecycle.schedule import PROCESSING, Progress, next_read_at
 from worker.settings import Settings
 from worker.store import jobs, leases
@@ -135,6 +135,10 @@ class StatusLoop:
         # The first read of each processing job's run, for its completion's rate. In
         # memory: after a restart a job is read every interval until its rate shows again.
         self._progress_from: dict[str, Progress] = {}
+        # The completion last read of each processing job whose read was progress only, so
+        # not saved until its step (which may wait, or be left to the next read): what its
+        # next read is timed on (a 100 % not yet saved still calls for a read soon).
+        self._read_completion: dict[str, float] = {}
 
     def request_stop(self) -> None:
         """Stop reading; steps in hand finish their current action, save and release."""
@@ -204,6 +208,7 @@ class StatusLoop:
         )
         if sweep and sweeps is not None:
             sweeps.done(targets, started=now, complete=result.swept)
+        self._remember_completions(result)
         to_step = self._to_step(result, active)
         with self._pool.connection() as conn:
             jobs.touch_seen(conn, self._fleet, jobs_read(result, to_step), seen_at=now)
@@ -299,24 +304,27 @@ class StatusLoop:
         """When each job read before is next due (worker/lifecycle/schedule.py), keeping
         the first read of each processing run for its rate."""
         policy = self._policy
-        known = self._progress_from
-        self._progress_from = {}
+        known, read = self._progress_from, self._read_completion
+        self._progress_from, self._read_completion = {}, {}
         read_at: dict[str, datetime] = {}
         for t in active:
             if t.last_seen_at is None:
                 continue
             first = known.get(t.job_id)
-            # A job read with only progress and no room to step it keeps its old completion
-            # beside a new last_seen_at: its rate reads low, so it is read later, never past
-            # the freshness bound.
+            # A job read with only progress and no room to step it has its old completion
+            # saved beside a new last_seen_at: the completion read stands in for it.
+            completion = t.completion
             if t.status == PROCESSING:
-                if first is None or t.completion < first.completion:
-                    first = Progress(at=t.last_seen_at, completion=t.completion)
+                completion = max(completion, read.get(t.job_id, completion))
+                if t.job_id in read:
+                    self._read_completion[t.job_id] = completion
+                if first is None or completion < first.completion:
+                    first = Progress(at=t.last_seen_at, completion=completion)
                 self._progress_from[t.job_id] = first
             read_at[t.job_id] = next_read_at(
                 status=t.status,
                 seen_at=t.last_seen_at,
-                completion=t.completion,
+                completion=completion,
                 first=first if t.status == PROCESSING else None,
                 interval=policy.poll_interval,
                 freshness=policy.progress_freshness,
@@ -324,6 +332,15 @@ class StatusLoop:
                 resting=t.resting,
             )
         return read_at
+
+    def _remember_completions(self, result: PollResult) -> None:
+        for job_id in result.progress_only():
+            observation = result.observations[job_id][-1]
+            if isinstance(observation, TaskSeen) and observation.task.status == PROCESSING:
+                completion = observation.task.completion_percentage
+                self._read_completion[job_id] = max(
+                    completion, self._read_completion.get(job_id, completion)
+                )
 
     def _steps_finished(self, job_ids: Iterable[str]) -> None:
         with self._lock:
