@@ -17,7 +17,7 @@ clock of contract v1.0).
 
 The rate comes from two reads of the same processing run (``Progress``): the first read
 of the status, and the latest. A prediction that is late costs at most ``freshness`` of
-latency at the end; one that is early costs reads at ``interval`` until the end.
+latency at the end; one that is early costs reads every half ``interval`` until the end.
 """
 
 from __future__ import annotations
