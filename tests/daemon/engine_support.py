@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -296,6 +296,41 @@ def make_status(
         threads=4,
         **kw,
     )
+
+
+# Following jobs on a test's own clock: reads every 10 s, progress every 2 minutes.
+FOLLOWING = replace(
+    FAST,
+    poll_interval=timedelta(seconds=10),
+    progress_freshness=timedelta(seconds=120),
+    rest_poll_interval=timedelta(minutes=10),
+)
+
+
+class PollsOnAClock:
+    """A status loop (``FOLLOWING``, no sweeps) on the test's clock: ``read_at(after)`` runs
+    one round at ``start + after`` seconds and says whether it made an API request, as
+    ``requests`` counts them."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        api: Any,
+        driver: JobDriver,
+        *,
+        start: datetime,
+        requests: Callable[[], int],
+    ) -> None:
+        self.start, self.now, self._requests = start, start, requests
+        self.loop = make_status(
+            pool, api, driver, clock=lambda: self.now, policy=FOLLOWING, sweep_every_polls=None
+        )
+
+    def read_at(self, after: float) -> bool:
+        self.now = self.start + timedelta(seconds=after)
+        before = self._requests()
+        self.loop.poll_once()
+        return self._requests() > before
 
 
 def make_worker(

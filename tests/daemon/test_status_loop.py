@@ -16,6 +16,7 @@ from tests.daemon.engine_support import (
     FAST,
     PAYLOAD,
     FakeApi,
+    PollsOnAClock,
     add_job,
     make_status,
     make_worker,
@@ -207,19 +208,13 @@ def test_progress_with_no_room_to_step_counts_as_read(pool: ConnectionPool) -> N
 
 
 def test_a_processing_job_is_read_by_its_rate_not_every_interval(pool: ConnectionPool) -> None:
-    api, driver = FakeApi(), RecordingDriver()
+    api = FakeApi()
     start = datetime.now(UTC) - timedelta(hours=1)
     tracked(pool, api, "slow", "PROCESSING", start)
-    clock = [start + timedelta(seconds=1)]
-    policy = replace(
-        FAST,
-        poll_interval=timedelta(seconds=10),
-        progress_freshness=timedelta(seconds=120),
-        rest_poll_interval=timedelta(minutes=10),
+    polls = PollsOnAClock(
+        pool, api, RecordingDriver(), start=start, requests=lambda: len(api.calls)
     )
-    loop = make_status(
-        pool, api, driver, clock=lambda: clock[0], policy=policy, sweep_every_polls=None
-    )
+    read_at = polls.read_at
 
     def seen(after: float, completion: float) -> None:
         with pool.connection() as conn:
@@ -227,12 +222,6 @@ def test_a_processing_job_is_read_by_its_rate_not_every_interval(pool: Connectio
                 "UPDATE bw_jobs SET last_seen_at = %s, completion = %s",
                 (start + timedelta(seconds=after), completion),
             )
-
-    def read_at(after: float) -> bool:
-        clock[0] = start + timedelta(seconds=after)
-        calls = len(api.calls)
-        loop.poll_once()
-        return len(api.calls) > calls
 
     seen(0, 10.0)
     assert not read_at(1)  # the processing run's first read: no rate yet
@@ -258,28 +247,13 @@ def test_a_read_at_100_percent_not_yet_stepped_is_followed_soon(pool: Connection
     api, driver = AtTheEnd(), RecordingDriver()
     start = datetime.now(UTC) - timedelta(hours=1)
     tracked(pool, api, "ending", "PROCESSING", start)
-    clock = [start]
-    policy = replace(
-        FAST,
-        poll_interval=timedelta(seconds=10),
-        progress_freshness=timedelta(seconds=120),
-        rest_poll_interval=timedelta(minutes=10),
-    )
-    loop = make_status(
-        pool, api, driver, clock=lambda: clock[0], policy=policy, sweep_every_polls=None
-    )
-    loop._progress_backlog = 0  # no room: the 100 % is read, not stepped (nor saved)
+    polls = PollsOnAClock(pool, api, driver, start=start, requests=lambda: len(api.calls))
+    polls.loop._progress_backlog = 0  # no room: the 100 % is read, not stepped (nor saved)
 
-    def read_at(after: float) -> bool:
-        clock[0] = start + timedelta(seconds=after)
-        calls = len(api.calls)
-        loop.poll_once()
-        return len(api.calls) > calls
-
-    assert read_at(10)  # due on the fixed clock
+    assert polls.read_at(10)  # due on the fixed clock
     assert driver.driven == []
     assert record(pool, "ending").state.completion == 0.0  # what was saved stays behind
     # Every tile is done: DONE follows by the API's lag, so the next read comes at half an
     # interval, not at the interval the saved 0 % would have given.
-    assert not read_at(10 + 4.9)
-    assert read_at(10 + 5)
+    assert not polls.read_at(10 + 4.9)
+    assert polls.read_at(10 + 5)

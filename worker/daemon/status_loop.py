@@ -337,10 +337,7 @@ class StatusLoop:
         for job_id in result.progress_only():
             observation = result.observations[job_id][-1]
             if isinstance(observation, TaskSeen) and observation.task.status == PROCESSING:
-                completion = observation.task.completion_percentage
-                self._read_completion[job_id] = max(
-                    completion, self._read_completion.get(job_id, completion)
-                )
+                self._read_completion[job_id] = observation.task.completion_percentage
 
     def _steps_finished(self, job_ids: Iterable[str]) -> None:
         with self._lock:
